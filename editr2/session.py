@@ -1,0 +1,504 @@
+"""Multi-turn editing sessions: turns, persistent rules, and an atomic save / strict load.
+
+A `Session` is a value. `append`, `truncate` and `with_rule` return new sessions and never change the one they are
+called on; images and latent tensors are shared between the old and new session, never copied. Branching a session is
+therefore cheap, and two branches share the `Turn` objects of their common history.
+
+On disk a session is one directory:
+
+```
+session.json          format_version, size, rules, meta, per-turn text fields, seeds, timings, file names
+source.png            the source image
+turn_01.png ...       one PNG per turn that produced an image
+latents.safetensors   only when latents are present: keys "source", "turn_01", ... (dtype preserved bit-exactly)
+```
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import pathlib
+import shutil
+import uuid
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from PIL import Image
+
+FORMAT_VERSION = 1
+SESSION_FILE = "session.json"
+SOURCE_FILE = "source.png"
+LATENTS_FILE = "latents.safetensors"
+
+
+class SessionFormatError(ValueError):
+    """A saved session is corrupt, truncated or of an unknown format.
+
+    Args:
+        file: the file at fault (a path).
+        field: the JSON field or latent key at fault, e.g. `"turns[1].intent"` ("" when the whole file is bad).
+        reason: what is wrong, e.g. `"expected str, got int"`.
+    """
+
+    def __init__(self, file: str | os.PathLike, field: str, reason: str):
+        self.file, self.field, self.reason = str(file), field, reason
+        super().__init__(f"{self.file}: {field}: {reason}" if field else f"{self.file}: {reason}")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Validation helpers
+
+
+def _check_rgb(image: Any, name: str) -> None:
+    if not isinstance(image, Image.Image):
+        raise ValueError(f"{name} must be a PIL.Image.Image in RGB mode, got {type(image).__name__}")
+    if image.mode != "RGB":
+        raise ValueError(f"{name} must be an RGB image, got mode {image.mode!r}; pass image.convert('RGB')")
+
+
+def _is(value: Any, types: tuple[type, ...]) -> bool:
+    """isinstance, except that a bool is not accepted as an int or float (a seed of True is a bug)."""
+    return isinstance(value, types) and (bool in types or not isinstance(value, bool))
+
+
+def _type_error(types: tuple[type, ...], value: Any, optional: bool = False) -> str:
+    names = [t.__name__ for t in types] + (["null"] if optional else [])
+    return f"expected {' or '.join(names)}, got {type(value).__name__}"
+
+
+def _check_type(value: Any, types: type | tuple[type, ...], name: str) -> None:
+    types = types if isinstance(types, tuple) else (types,)
+    if not _is(value, types):
+        raise ValueError(f"{name}: {_type_error(types, value)}")
+
+
+def _check_timings(timings: Any, name: str) -> None:
+    _check_type(timings, dict, name)
+    for key, value in timings.items():
+        _check_type(key, str, f"{name} key")
+        _check_type(value, (int, float), f"{name}[{key!r}]")
+        if not math.isfinite(value):
+            raise ValueError(f"{name}[{key!r}]: expected a finite number of seconds, got {value}")
+
+
+def _check_meta(meta: Any, name: str) -> None:
+    _check_type(meta, dict, name)
+    try:
+        json.dumps(meta, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{name} must be JSON-serialisable (str, numbers, lists, dicts): {e}") from None
+
+
+def _same_tensor(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.cpu(), b.cpu())
+
+
+def _same_image(a: Image.Image | None, b: Image.Image | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return a.mode == b.mode and a.size == b.size and a.tobytes() == b.tobytes()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Turn and Session
+
+
+@dataclass(frozen=True, eq=False)
+class Turn:
+    """One editing turn.
+
+    Args:
+        instruction: the raw user text of this turn.
+        image: the produced image (RGB, the session's size), or None when the turn produced none.
+        intent: the operative intent that conditioned the edit (== instruction when no reasoning is used).
+        reasoning: the `<think>` trace ("" when none).
+        fallback_reason: why the reasoning answer was not used ("no_end_tag", "empty", "too_long", ...), or None.
+        seed: the sampling seed, or None.
+        timings: seconds per stage ("reasoning", "encode", "denoise", "decode", "total"); finite numbers.
+        latents: `(1, N, C)` packed, normalised latent of `image`, carried to the next turn; or None.
+        meta: JSON-serialisable extras (task_type, reasoning mode, ...). Treat as read-only: it is shared, not copied.
+    """
+
+    instruction: str
+    image: Image.Image | None
+    intent: str
+    reasoning: str = ""
+    fallback_reason: str | None = None
+    seed: int | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    latents: torch.Tensor | None = None
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        for name in ("instruction", "intent", "reasoning"):
+            _check_type(getattr(self, name), str, f"Turn.{name}")
+        if self.image is not None:
+            _check_rgb(self.image, "Turn.image")
+        if self.fallback_reason is not None:
+            _check_type(self.fallback_reason, str, "Turn.fallback_reason")
+        if self.seed is not None:
+            _check_type(self.seed, int, "Turn.seed")
+        if self.latents is not None:
+            _check_type(self.latents, torch.Tensor, "Turn.latents")
+        _check_timings(self.timings, "Turn.timings")
+        _check_meta(self.meta, "Turn.meta")
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Turn):
+            return NotImplemented
+        plain = ("instruction", "intent", "reasoning", "fallback_reason", "seed", "timings", "meta")
+        return (
+            all(getattr(self, k) == getattr(other, k) for k in plain)
+            and _same_image(self.image, other.image)
+            and _same_tensor(self.latents, other.latents)
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class Session:
+    """A multi-turn editing session: the source image, the turns so far and the persistent rules.
+
+    Args:
+        source_image: the image the session starts from (RGB). Every turn image must have its size.
+        turns: the turns so far, oldest first (a list is accepted and stored as a tuple).
+        rules: persistent rules given explicitly (rules stated inside instructions are found by `editr2.intent`).
+        source_latents: `(1, N, C)` packed, normalised latent of the source image, or None.
+        meta: JSON-serialisable extras. Treat as read-only: it is shared, not copied.
+    """
+
+    source_image: Image.Image
+    turns: tuple[Turn, ...] = ()
+    rules: tuple[str, ...] = ()
+    source_latents: torch.Tensor | None = None
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        _check_rgb(self.source_image, "Session.source_image")
+        object.__setattr__(self, "turns", tuple(self.turns))
+        object.__setattr__(self, "rules", tuple(self.rules))
+        for i, turn in enumerate(self.turns):
+            _check_type(turn, Turn, f"Session.turns[{i}]")
+            if turn.image is not None and turn.image.size != self.source_image.size:
+                raise ValueError(
+                    f"Session.turns[{i}].image has size {turn.image.size}, the source has {self.source_image.size}; "
+                    "resize the turn image to the source size"
+                )
+        for i, rule in enumerate(self.rules):
+            _check_type(rule, str, f"Session.rules[{i}]")
+        if self.source_latents is not None:
+            _check_type(self.source_latents, torch.Tensor, "Session.source_latents")
+        _check_meta(self.meta, "Session.meta")
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Session):
+            return NotImplemented
+        return (
+            _same_image(self.source_image, other.source_image)
+            and self.turns == other.turns
+            and self.rules == other.rules
+            and _same_tensor(self.source_latents, other.source_latents)
+            and self.meta == other.meta
+        )
+
+    # -- modifiers: each returns a new Session ---------------------------------------------------------------------
+
+    def append(self, turn: Turn) -> Session:
+        """Returns a new session with `turn` added at the end."""
+        return replace(self, turns=self.turns + (turn,))
+
+    def truncate(self, num_turns: int) -> Session:
+        """Returns a new session keeping only the first `num_turns` turns (undo)."""
+        if not 0 <= num_turns <= self.num_turns:
+            raise ValueError(f"num_turns must be in [0, {self.num_turns}], got {num_turns}")
+        return replace(self, turns=self.turns[:num_turns])
+
+    def with_rule(self, rule: str) -> Session:
+        """Returns a new session with the persistent `rule` added (unchanged if it is already there)."""
+        _check_type(rule, str, "rule")
+        return self if rule in self.rules else replace(self, rules=self.rules + (rule,))
+
+    # -- views -------------------------------------------------------------------------------------------------------
+
+    @property
+    def num_turns(self) -> int:
+        return len(self.turns)
+
+    @property
+    def instructions(self) -> list[str]:
+        return [t.instruction for t in self.turns]
+
+    @property
+    def intents(self) -> list[str]:
+        return [t.intent for t in self.turns]
+
+    @property
+    def images(self) -> list[Image.Image | None]:
+        """`[source, turn 1, ..., turn T]`; a turn that produced no image contributes None."""
+        return [self.source_image] + [t.image for t in self.turns]
+
+    @property
+    def current_image(self) -> Image.Image:
+        """The most recent turn image, or the source when no turn produced one."""
+        return next((t.image for t in reversed(self.turns) if t.image is not None), self.source_image)
+
+    @property
+    def current_latents(self) -> torch.Tensor | None:
+        """The latents paired with `current_image` (None when that image has none)."""
+        turn = next((t for t in reversed(self.turns) if t.image is not None), None)
+        return self.source_latents if turn is None else turn.latents
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) of the source image."""
+        return self.source_image.size
+
+    # -- persistence -------------------------------------------------------------------------------------------------
+
+    def save(self, directory: str | os.PathLike) -> pathlib.Path:
+        """Saves the session to `directory` atomically; returns its path.
+
+        Everything is written and fsynced into a temporary sibling directory, which is then swapped in with
+        `os.replace`. An existing session at `directory` is first renamed aside and deleted after the swap, so a crash
+        leaves either the old or the new session complete (in the instant between the two renames the old one sits at
+        `.<name>.old-*` next to it; `load` names it if it finds nothing else). An existing directory that is not a
+        saved session is refused rather than replaced.
+        """
+        target = pathlib.Path(directory)
+        if target.exists() and not (target / SESSION_FILE).is_file() and (target.is_file() or any(target.iterdir())):
+            raise ValueError(f"{target} exists and is not a saved session; pass a new or empty directory")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            _write_session(self, tmp)
+            _swap_in(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return target
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> Session:
+        """Loads a session saved by `save`; raises `SessionFormatError` naming the file and field on corrupt input."""
+        directory = pathlib.Path(directory)
+        if directory.name == SESSION_FILE and directory.is_file():
+            directory = directory.parent
+        if not directory.is_dir():
+            aside = sorted(directory.parent.glob(f".{directory.name}.old-*"))
+            hint = f" (an interrupted save left the previous version at {aside[-1]}; rename it back)" if aside else ""
+            raise FileNotFoundError(f"no saved session at {directory}{hint}")
+        return _read_session(directory)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Writing
+
+
+def _fsync_write(path: pathlib.Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _png_bytes(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _fsync_dir(path: pathlib.Path) -> None:
+    if os.name == "posix":  # directories cannot be opened for fsync on Windows
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _write_session(session: Session, directory: pathlib.Path) -> None:
+    from safetensors.torch import save as save_tensors
+
+    latents = {}
+    if session.source_latents is not None:
+        latents["source"] = session.source_latents
+    _fsync_write(directory / SOURCE_FILE, _png_bytes(session.source_image))
+    turns = []
+    for i, turn in enumerate(session.turns, start=1):
+        name = f"turn_{i:02d}"
+        if turn.image is not None:
+            _fsync_write(directory / f"{name}.png", _png_bytes(turn.image))
+        if turn.latents is not None:
+            latents[name] = turn.latents
+        turns.append(
+            {
+                "instruction": turn.instruction,
+                "intent": turn.intent,
+                "reasoning": turn.reasoning,
+                "fallback_reason": turn.fallback_reason,
+                "seed": turn.seed,
+                "timings": {k: float(v) for k, v in turn.timings.items()},
+                "meta": turn.meta,
+                "image": f"{name}.png" if turn.image is not None else None,
+                "latents": name if turn.latents is not None else None,
+            }
+        )
+    if latents:
+        # clone: safetensors refuses tensors that share memory, and a branch may reuse one tensor twice
+        cpu = {k: v.detach().to("cpu").clone().contiguous() for k, v in latents.items()}
+        _fsync_write(directory / LATENTS_FILE, save_tensors(cpu))
+    doc = {
+        "format_version": FORMAT_VERSION,
+        "size": list(session.size),
+        "source_image": SOURCE_FILE,
+        "source_latents": "source" if session.source_latents is not None else None,
+        "rules": list(session.rules),
+        "meta": session.meta,
+        "turns": turns,
+    }
+    text = json.dumps(doc, indent=2, ensure_ascii=False, allow_nan=False)
+    _fsync_write(directory / SESSION_FILE, text.encode("utf-8"))
+    _fsync_dir(directory)
+
+
+def _swap_in(tmp: pathlib.Path, target: pathlib.Path) -> None:
+    if not target.exists():
+        os.replace(tmp, target)
+    elif not any(target.iterdir()):
+        target.rmdir()
+        os.replace(tmp, target)
+    else:
+        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(target, old)
+        try:
+            os.replace(tmp, target)
+        except BaseException:
+            os.replace(old, target)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    _fsync_dir(target.parent)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Reading (strict: every field is checked and every error names its file and field)
+
+
+def _get(doc: dict, key: str, types: type | tuple[type, ...], where: str, file: pathlib.Path, optional=False) -> Any:
+    path = f"{where}.{key}" if where else key
+    if key not in doc:
+        raise SessionFormatError(file, path, "missing field")
+    value = doc[key]
+    if value is None and optional:
+        return None
+    types = types if isinstance(types, tuple) else (types,)
+    if not _is(value, types):
+        raise SessionFormatError(file, path, _type_error(types, value, optional))
+    return value
+
+
+def _read_image(directory: pathlib.Path, name: str, field: str, size: tuple[int, int] | None) -> Image.Image:
+    path = directory / name
+    if pathlib.Path(name).name != name:
+        raise SessionFormatError(directory / SESSION_FILE, field, f"image name {name!r} must be a plain file name")
+    if not path.is_file():
+        raise SessionFormatError(path, field, "missing image file")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            image = im.copy()
+    except Exception as e:  # PIL raises many types for truncated / non-image files
+        raise SessionFormatError(path, field, f"unreadable image ({e})") from None
+    if image.mode != "RGB":
+        raise SessionFormatError(path, field, f"expected an RGB image, got mode {image.mode!r}")
+    if size is not None and image.size != size:
+        raise SessionFormatError(path, field, f"image size {image.size} does not match the session size {size}")
+    return image
+
+
+def _read_latents(directory: pathlib.Path, doc: dict, file: pathlib.Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    names = [doc.get("source_latents")] + [t.get("latents") for t in doc["turns"] if isinstance(t, dict)]
+    if not any(isinstance(n, str) for n in names):
+        return {}
+    path = directory / LATENTS_FILE
+    if not path.is_file():
+        raise SessionFormatError(path, "", "missing latents file (session.json refers to latents)")
+    try:
+        return load_file(path)
+    except Exception as e:
+        raise SessionFormatError(path, "", f"unreadable safetensors file ({e})") from None
+
+
+def _latent(tensors: dict, key: str | None, field: str, directory: pathlib.Path) -> torch.Tensor | None:
+    if key is None:
+        return None
+    if key not in tensors:
+        raise SessionFormatError(directory / LATENTS_FILE, field, f"missing tensor {key!r}")
+    return tensors[key]
+
+
+def _read_session(directory: pathlib.Path) -> Session:
+    file = directory / SESSION_FILE
+    if not file.is_file():
+        raise SessionFormatError(file, "", "missing file")
+    try:
+        doc = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SessionFormatError(file, "", f"not valid JSON ({e}); the file is corrupt or truncated") from None
+    if not isinstance(doc, dict):
+        raise SessionFormatError(file, "", f"expected a JSON object, got {type(doc).__name__}")
+
+    version = _get(doc, "format_version", int, "", file)
+    if version > FORMAT_VERSION:
+        raise SessionFormatError(file, "format_version", f"{version} is newer than this editr2 reads ({FORMAT_VERSION}); "
+                                 "upgrade editr2")
+    size = _get(doc, "size", list, "", file)
+    if len(size) != 2 or not all(_is(s, (int,)) and s > 0 for s in size):
+        raise SessionFormatError(file, "size", f"expected [width, height] of positive ints, got {size}")
+    size = tuple(size)
+    source_name = _get(doc, "source_image", str, "", file)
+    _get(doc, "source_latents", str, "", file, optional=True)
+    rules = _get(doc, "rules", list, "", file)
+    for i, rule in enumerate(rules):
+        if not isinstance(rule, str):
+            raise SessionFormatError(file, f"rules[{i}]", f"expected str, got {type(rule).__name__}")
+    meta = _get(doc, "meta", dict, "", file)
+    turn_docs = _get(doc, "turns", list, "", file)
+
+    fields = {}  # per turn: validated JSON values
+    for i, t in enumerate(turn_docs):
+        where = f"turns[{i}]"
+        if not isinstance(t, dict):
+            raise SessionFormatError(file, where, f"expected object, got {type(t).__name__}")
+        fields[i] = dict(
+            instruction=_get(t, "instruction", str, where, file),
+            intent=_get(t, "intent", str, where, file),
+            reasoning=_get(t, "reasoning", str, where, file),
+            fallback_reason=_get(t, "fallback_reason", str, where, file, optional=True),
+            seed=_get(t, "seed", int, where, file, optional=True),
+            timings=_get(t, "timings", dict, where, file),
+            meta=_get(t, "meta", dict, where, file),
+            image=_get(t, "image", str, where, file, optional=True),
+            latents=_get(t, "latents", str, where, file, optional=True),
+        )
+        for key, value in fields[i]["timings"].items():
+            if not _is(value, (int, float)):
+                raise SessionFormatError(file, f"{where}.timings.{key}", _type_error((float,), value))
+
+    tensors = _read_latents(directory, doc, file)
+    source = _read_image(directory, source_name, "source_image", size)
+    turns = []
+    for i, f in fields.items():
+        image_name = f.pop("image")
+        image = None if image_name is None else _read_image(directory, image_name, f"turns[{i}].image", size)
+        latents = _latent(tensors, f.pop("latents"), f"turns[{i}].latents", directory)
+        turns.append(Turn(image=image, latents=latents, **f))
+    source_latents = _latent(tensors, doc["source_latents"], "source_latents", directory)
+    return Session(source, tuple(turns), tuple(rules), source_latents, meta)

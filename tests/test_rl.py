@@ -1,0 +1,161 @@
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from editr2.rl import (
+    clipped_surrogate,
+    frac_reward_zero_std,
+    gaussian_mean_kl,
+    group_advantages,
+    is_finite_loss,
+    trajectory_filter,
+)
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Advantages
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(0, 4), st.floats(-10, 10) | st.none()), min_size=1, max_size=24),
+    st.booleans(),
+)
+def test_advantages_zero_mean_per_group(entries, global_std):
+    groups, rewards = [g for g, _ in entries], [r for _, r in entries]
+    adv = group_advantages(rewards, groups, global_std=global_std, clip=None)
+    assert adv.shape == (len(entries),) and torch.isfinite(adv).all()
+    for g in set(groups):
+        kept = [a for a, gg, r in zip(adv.tolist(), groups, rewards) if gg == g and r is not None]
+        if kept:
+            assert abs(sum(kept) / len(kept)) < 1e-4 * max(1.0, max(abs(a) for a in kept))
+    for a, r in zip(adv.tolist(), rewards):
+        if r is None:
+            assert a == 0.0  # missing reward: no advantage, never a default score
+
+
+def test_advantages_numeric():
+    rewards = torch.tensor([1.0, 0.0, 0.5, 0.5])
+    adv = group_advantages(rewards, ["a", "a", "b", "b"], eps=0.0)
+    std = rewards.std(unbiased=False).item()  # global population std
+    assert torch.allclose(adv, torch.tensor([0.5 / std, -0.5 / std, 0.0, 0.0]))
+    per_group = group_advantages(rewards, torch.tensor([0, 0, 1, 1]), global_std=False, eps=1e-4)
+    assert torch.allclose(per_group, torch.tensor([0.5 / 0.5001, -0.5 / 0.5001, 0.0, 0.0]))
+    # a NaN reward is left out of the statistics: same advantages as without it
+    with_nan = group_advantages([1.0, float("nan"), 0.0, 0.5, 0.5], ["a", "a", "a", "b", "b"], eps=0.0)
+    assert torch.allclose(with_nan[[0, 2, 3, 4]], adv) and with_nan[1] == 0
+
+
+def test_advantages_clip_and_errors():
+    rewards = torch.tensor([100.0] + [0.0] * 99)
+    adv = group_advantages(rewards, [0] * 100)
+    assert adv.max().item() == 5.0 and adv.min().item() < 0
+    assert group_advantages([float("nan")] * 3, [0, 0, 1]).abs().sum() == 0
+    with pytest.raises(ValueError, match="one group id per reward"):
+        group_advantages([1.0, 2.0], [0])
+
+
+def test_frac_reward_zero_std():
+    rewards = [0.1, 0.1, 0.1, 1.0, 0.0, None, None, 2.0, 0.3, None]
+    groups = [0, 0, 0, 1, 1, 2, 2, 3, 4, 4]
+    assert frac_reward_zero_std(rewards, groups) == pytest.approx(4 / 5)  # groups 0, 2, 3, 4 carry no signal
+    assert frac_reward_zero_std([1.0, 2.0], [0, 0]) == 0.0
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Clipped surrogate
+
+
+def test_ratio_exactly_one_on_policy():
+    log_prob = torch.randn(4, 7, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    adv = torch.tensor([1.0, -2.0, 0.5, 0.0])
+    loss, clip_fraction, ratio = clipped_surrogate(log_prob, log_prob.detach().clone(), adv, 0.2)
+    assert torch.equal(ratio, torch.ones(4, 7)) and clip_fraction.item() == 0.0
+    assert loss.item() == pytest.approx(-adv.mean().item())
+    loss.backward()
+    assert torch.allclose(log_prob.grad, (-adv / 28).unsqueeze(1).expand(4, 7))  # d/dlp of -A r = -A r
+
+
+def test_clipping_numeric():
+    old = torch.zeros(4)
+    log_prob = torch.log(torch.tensor([1.5, 0.5, 0.5, 1.1])).requires_grad_()
+    adv = torch.tensor([1.0, 1.0, -1.0, -1.0])
+    loss, clip_fraction, ratio = clipped_surrogate(log_prob, old, adv, 0.2)
+    # per entry: -1.2 (clipped high, A>0), -0.5 (below, A>0: not clipped), 0.8 (clipped low, A<0), 1.1 (inside)
+    assert loss.item() == pytest.approx((-1.2 - 0.5 + 0.8 + 1.1) / 4)
+    assert clip_fraction.item() == pytest.approx(0.5)
+    loss.backward()
+    assert log_prob.grad[0] == 0 and log_prob.grad[2] == 0  # clipped entries: no gradient
+    assert log_prob.grad[1] == pytest.approx(-0.5 / 4) and log_prob.grad[3] == pytest.approx(1.1 / 4)
+    # asymmetric: (low 0.2, high 0.6) keeps ratio 1.5 unclipped
+    loss, clip_fraction, _ = clipped_surrogate(log_prob.detach(), old, adv, (0.2, 0.6))
+    assert loss.item() == pytest.approx((-1.5 - 0.5 + 0.8 + 1.1) / 4) and clip_fraction.item() == pytest.approx(0.25)
+    with pytest.raises(ValueError, match="clip_range"):
+        clipped_surrogate(log_prob, old, adv, -0.1)
+
+
+def test_masked_entries_have_exactly_zero_gradient():
+    gen = torch.Generator().manual_seed(1)
+    log_prob = torch.randn(3, 5, generator=gen).requires_grad_()
+    old = torch.randn(3, 5, generator=gen)
+    adv = torch.tensor([1.0, -1.0, 2.0])
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0]], dtype=torch.bool)
+    poisoned = torch.where(mask, old, torch.full_like(old, float("nan")))  # padding may hold garbage
+    loss, _, ratio = clipped_surrogate(log_prob, poisoned, adv, 0.2, mask=mask)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.equal(log_prob.grad[~mask], torch.zeros(7))
+    assert (log_prob.grad[mask] != 0).any() and torch.equal(ratio[~mask], torch.ones(7))
+    # equals the mean over kept tokens only
+    kept_loss, _, _ = clipped_surrogate(log_prob.detach()[mask], old[mask], adv[:, None].expand(3, 5)[mask], 0.2)
+    assert loss.item() == pytest.approx(kept_loss.item())
+
+
+def test_filter_mask_times_loss_gives_zero_gradient():
+    # image steps: (B,) log-probs, a trajectory-filter mask multiplies the per-sample loss
+    log_prob = torch.randn(4, generator=torch.Generator().manual_seed(2)).requires_grad_()
+    keep = torch.tensor([True, False, True, False])
+    loss, _, _ = clipped_surrogate(log_prob, log_prob.detach() - 0.1, torch.ones(4), 0.2, mask=keep)
+    loss.backward()
+    assert torch.equal(log_prob.grad[~keep], torch.zeros(2)) and (log_prob.grad[keep] != 0).all()
+    everything_filtered, _, _ = clipped_surrogate(log_prob, log_prob.detach(), torch.ones(4), 0.2, mask=torch.zeros(4))
+    assert everything_filtered.item() == 0.0
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# KL, filter, guard
+
+
+def test_gaussian_mean_kl():
+    mean = torch.randn(2, 3, 4)
+    assert torch.equal(gaussian_mean_kl(mean, mean.clone(), torch.tensor([0.5, 1.0])), torch.zeros(2))
+    ref = mean + torch.tensor([0.1, 0.2]).view(2, 1, 1)
+    kl = gaussian_mean_kl(mean, ref, torch.tensor([0.5, 1.0]))
+    assert torch.allclose(kl, torch.tensor([0.01 / 0.5, 0.04 / 2.0]))
+    # with |dt| = 1 it is the exact KL between the two Gaussians, averaged over elements
+    p, q = torch.distributions.Normal(mean[0], 0.5), torch.distributions.Normal(ref[0], 0.5)
+    assert kl[0].item() == pytest.approx(torch.distributions.kl_divergence(p, q).mean().item(), rel=1e-5)
+    assert gaussian_mean_kl(mean, ref, 1.0).shape == (2,)
+
+
+def test_trajectory_filter():
+    nan = math.nan
+    scores = torch.tensor([[1.0, 0.0, 1.0, 1.0], [0.0, 1.0, 1.0, 1.0], [1.0, nan, 0.5, 1.0], [1.0, 1.0, 1.0, 0.0]])
+    assert trajectory_filter(scores).tolist() == [
+        [True, True, False, False],  # turn 1 failed: it still trains, later turns do not
+        [True, False, False, False],
+        [True, True, True, True],  # missing IF never triggers the filter
+        [True, True, True, True],
+    ]
+    assert trajectory_filter(scores, "threshold", threshold=0.5).tolist()[2] == [True, True, True, False]
+    assert trajectory_filter(scores, "none").all()
+    with pytest.raises(ValueError, match="mode must be one of"):
+        trajectory_filter(scores, "first_fail")
+    with pytest.raises(ValueError, match=r"\(G, T\)"):
+        trajectory_filter(scores[0])
+
+
+def test_is_finite_loss():
+    assert is_finite_loss(torch.tensor(1.0)) and not is_finite_loss(torch.tensor(float("nan")))
+    assert not is_finite_loss(torch.tensor([1.0, float("inf")]))
