@@ -1,0 +1,356 @@
+"""The Edit-R2 nodes (ComfyUI V3 schema). They adapt `editr2.session` and `diffusers_editr2` to ComfyUI; no math here.
+
+A session travels between nodes on an EDITR2_SESSION wire as an `editr2.session.Session` value: a node that "changes"
+it returns a new one, so two Edit Turn nodes fed from the same wire branch the session without interfering.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from dataclasses import replace
+
+import comfy.model_management
+import comfy.utils
+import folder_paths
+import torch
+from comfy_api.latest import io, ui
+
+from editr2.filmstrip import filmstrip
+from editr2.session import SESSION_FILE, Session, SessionFormatError
+
+from .images import pil_to_tensor, tensor_to_pil
+from .model import DEVICES, DTYPES, EditR2Model, list_models, load_model, resolve_model
+
+CATEGORY = "Edit-R2"
+# EditR2Pipeline(reasoning=...): write the operative intent first / all instructions so far / this instruction only
+REASONING_MODES = ("intent", "history", "none")
+MAX_SEED = 0xFFFF_FFFF_FFFF_FFFF
+SESSION_SEARCH_DEPTH = 3  # how deep Load Session looks for session folders under input/ and output/
+
+EditR2SessionType = io.Custom("EDITR2_SESSION")
+EditR2ModelType = io.Custom("EDITR2_MODEL")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Model
+
+
+class EditR2LoadModel(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="EditR2LoadModel",
+            display_name="Load Edit-R2 Model",
+            category=CATEGORY,
+            description="Loads an Edit-R2 pipeline folder from models/editr2/ (or the shipped default).",
+            inputs=[
+                io.Combo.Input("model_name", options=list_models(), tooltip="A pipeline folder in models/editr2/."),
+                io.Combo.Input("dtype", options=list(DTYPES), default="auto",
+                               tooltip="auto: bfloat16 on a GPU that supports it, else float32."),
+                io.Combo.Input("device", options=list(DEVICES), default="auto",
+                               tooltip="auto: ComfyUI's device, offloaded when other models need the memory."),
+            ],
+            outputs=[EditR2ModelType.Output(display_name="model")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, model_name: str) -> bool | str:
+        try:
+            resolve_model(model_name)
+        except (FileNotFoundError, ValueError) as e:
+            return str(e)
+        return True
+
+    @classmethod
+    def execute(cls, model_name: str, dtype: str = "auto", device: str = "auto") -> io.NodeOutput:
+        return io.NodeOutput(load_model(model_name, dtype, device))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Sessions and turns
+
+
+class EditR2StartSession(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="EditR2StartSession",
+            display_name="Start Edit-R2 Session",
+            category=CATEGORY,
+            description="Starts a multi-turn editing session from one image, with optional persistent rules.",
+            inputs=[
+                io.Image.Input("image", tooltip="The source image (a batch of one)."),
+                io.String.Input("rules", multiline=True, default="", optional=True,
+                                tooltip="Persistent rules, one per line, that every turn must keep."),
+            ],
+            outputs=[EditR2SessionType.Output(display_name="session")],
+        )
+
+    @classmethod
+    def execute(cls, image: torch.Tensor, rules: str = "") -> io.NodeOutput:
+        source = tensor_to_pil(image, node="Start Edit-R2 Session")
+        rule_lines = tuple(line.strip() for line in rules.splitlines() if line.strip())
+        return io.NodeOutput(Session(source_image=source, rules=rule_lines))
+
+
+def _step_callback(total_steps: int):
+    """A diffusers `callback_on_step_end` that advances ComfyUI's progress bar and honours its interrupt."""
+    bar = comfy.utils.ProgressBar(total_steps)
+
+    def on_step_end(pipeline, step, timestep, callback_kwargs):
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        bar.update(1)
+        return callback_kwargs
+
+    return on_step_end
+
+
+def _negative_prompt(text: str, cfg: float) -> str | None:
+    """The pipeline runs true CFG only with a negative prompt: cfg > 1 means CFG is on, even with an empty one."""
+    if cfg <= 1:
+        return None
+    return text if text.strip() else " "
+
+
+def _at_working_size(pipeline, session: Session) -> Session:
+    """A fresh session at the pipeline's working size for its image (the image's own size, floored to the multiple the
+    model needs), keeping the rules; the pipeline decides the size and does the resizing."""
+    multiple_of = pipeline.vae_scale_factor * 2
+    width, height = session.size
+    if min(width, height) < multiple_of:
+        raise ValueError(
+            f"Edit Turn: the session's image is {width}x{height}; this model needs at least {multiple_of} pixels a "
+            "side; scale it up first (e.g. the 'Upscale Image' node)"
+        )
+    started = pipeline.start_session(session.source_image, height=height, width=width)
+    return replace(started, rules=session.rules, meta={**session.meta, **started.meta})
+
+
+class EditR2EditTurn(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="EditR2EditTurn",
+            display_name="Edit-R2 Edit Turn",
+            category=CATEGORY,
+            description="One editing turn: reconstructs the operative intent from the session, then edits the image.",
+            inputs=[
+                EditR2SessionType.Input("session"),
+                EditR2ModelType.Input("model"),
+                io.String.Input("instruction", multiline=True, default="",
+                                tooltip="What to change in this turn; it may refer to earlier turns."),
+                io.Combo.Input("reasoning", options=list(REASONING_MODES), default="intent",
+                               tooltip="intent: write the operative intent from the session first; history: all "
+                               "instructions so far; none: this instruction only."),
+                # min 2: with Qwen-Image's scheduler (shift_terminal) a single step divides 0 by 0 in diffusers
+                io.Int.Input("steps", default=20, min=2, max=200, tooltip="Denoising steps."),
+                io.Float.Input("cfg", default=4.0, min=1.0, max=20.0, step=0.1, round=0.01,
+                               tooltip="True classifier-free guidance scale (1 turns it off)."),
+                io.Int.Input("seed", default=0, min=0, max=MAX_SEED, control_after_generate=True),
+                io.String.Input("negative_prompt", multiline=True, default="", optional=True,
+                                tooltip="Used when cfg > 1 (guidance is on then, even with this left empty)."),
+            ],
+            outputs=[
+                EditR2SessionType.Output(display_name="session"),
+                io.Image.Output(display_name="image"),
+                io.String.Output(display_name="intent"),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, session: Session, model: EditR2Model, instruction: str, reasoning: str = "intent",
+                steps: int = 20, cfg: float = 4.0, seed: int = 0, negative_prompt: str = "") -> io.NodeOutput:
+        if not isinstance(session, Session):
+            raise ValueError("Edit Turn: connect 'session' to a Start Session, Edit Turn or Load Session output")
+        if not instruction.strip():
+            raise ValueError("Edit Turn: the instruction is empty; type what this turn should change")
+        if reasoning not in REASONING_MODES:
+            raise ValueError(f"Edit Turn: reasoning must be one of {list(REASONING_MODES)}, got {reasoning!r}")
+        if not isinstance(model, EditR2Model):
+            raise ValueError("Edit Turn: connect 'model' to a Load Edit-R2 Model output")
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        model.prepare()
+        if session.num_turns == 0 and session.source_latents is None:
+            session = _at_working_size(model.pipeline, session)
+        output = model.pipeline(
+            prompt=instruction,
+            session=session,
+            reasoning=reasoning,
+            num_inference_steps=steps,
+            true_cfg_scale=cfg,
+            negative_prompt=_negative_prompt(negative_prompt, cfg),
+            generator=torch.Generator("cpu").manual_seed(seed),
+            callback_on_step_end=_step_callback(steps),
+            output_type="pil",
+            reference_area=None,  # the source's reference latent at the session's size, not upstream's 1 MP
+        )
+        intent = output.intents[0]
+        return io.NodeOutput(output.session, pil_to_tensor(output.images[0]), intent, ui=ui.PreviewText(intent))
+
+
+class EditR2SessionImages(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="EditR2SessionImages",
+            display_name="Edit-R2 Session Images",
+            category=CATEGORY,
+            description="All images of a session as one IMAGE batch: the source (optional), then each turn.",
+            inputs=[
+                EditR2SessionType.Input("session"),
+                io.Boolean.Input("include_source", default=True),
+            ],
+            outputs=[io.Image.Output(display_name="images")],
+        )
+
+    @classmethod
+    def execute(cls, session: Session, include_source: bool = True) -> io.NodeOutput:
+        images = [im for im in session.images[(0 if include_source else 1):] if im is not None]
+        if not images:
+            raise ValueError("Session Images: the session has no turn images yet; add an Edit Turn or include_source")
+        return io.NodeOutput(pil_to_tensor(images))
+
+
+class EditR2SessionFilmstrip(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="EditR2SessionFilmstrip",
+            display_name="Edit-R2 Session Filmstrip",
+            category=CATEGORY,
+            description="One image showing every turn, with its instruction and operative intent underneath.",
+            inputs=[
+                EditR2SessionType.Input("session"),
+                io.Int.Input("tile", default=256, min=16, max=2048, step=16,
+                             tooltip="The longer side of each image in the strip, in pixels."),
+            ],
+            outputs=[io.Image.Output(display_name="filmstrip")],
+        )
+
+    @classmethod
+    def execute(cls, session: Session, tile: int = 256) -> io.NodeOutput:
+        return io.NodeOutput(pil_to_tensor(filmstrip(session, tile=tile)))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Save / load
+
+
+def _inside(base: str, relative: str) -> pathlib.Path:
+    """`base / relative`, refusing absolute paths and `..` that would leave `base`."""
+    base_path = pathlib.Path(base).resolve()
+    path = (base_path / relative).resolve()
+    if pathlib.PurePath(relative).is_absolute() or not path.is_relative_to(base_path):
+        raise ValueError(f"{relative!r} must be a relative path inside {base_path}")
+    return path
+
+
+class EditR2SaveSession(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="EditR2SaveSession",
+            display_name="Save Edit-R2 Session",
+            category=CATEGORY,
+            description="Saves the session (images, intents, latents) as a new folder in ComfyUI's output directory.",
+            inputs=[
+                EditR2SessionType.Input("session"),
+                io.String.Input("folder_prefix", default="editr2/session",
+                                tooltip="Relative to the output directory; _00001, _00002, ... is appended."),
+            ],
+            outputs=[io.String.Output(display_name="folder")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, session: Session, folder_prefix: str = "editr2/session") -> io.NodeOutput:
+        output_dir = folder_paths.get_output_directory()
+        prefix = _inside(output_dir, folder_prefix.strip() or "editr2/session")
+        counter = 1
+        while pathlib.Path(f"{prefix}_{counter:05d}").exists():
+            counter += 1
+        folder = session.save(f"{prefix}_{counter:05d}")
+        relative = folder.relative_to(pathlib.Path(output_dir).resolve()).as_posix()
+        text = f"Saved {session.num_turns} turn(s) to output/{relative} (load it as '{relative} [output]')"
+        return io.NodeOutput(relative, ui=ui.PreviewText(text))
+
+
+def _find_sessions(base: str) -> list[str]:
+    """Relative (posix) paths of the session folders under `base`, at most SESSION_SEARCH_DEPTH levels deep."""
+    found = []
+    for root, dirs, files in os.walk(base):
+        depth = len(pathlib.Path(root).relative_to(base).parts)
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".")) if depth < SESSION_SEARCH_DEPTH else []
+        if SESSION_FILE in files and depth > 0:
+            found.append(pathlib.Path(root).relative_to(base).as_posix())
+    return sorted(found)
+
+
+def list_sessions() -> list[str]:
+    """Session folders in the input directory, then those in the output directory marked ' [output]'."""
+    names = []
+    for directory, suffix in ((folder_paths.get_input_directory(), ""),
+                              (folder_paths.get_output_directory(), " [output]")):
+        if os.path.isdir(directory):
+            names += [name + suffix for name in _find_sessions(directory)]
+    return names
+
+
+def _session_path(folder: str) -> pathlib.Path:
+    name, base = folder_paths.annotated_filepath(folder)
+    return _inside(base or folder_paths.get_input_directory(), name)
+
+
+def _load_session(folder: str) -> Session:
+    """Loads `folder` (an entry of `list_sessions`), turning every failure into a one-line ValueError."""
+    if not folder:
+        raise ValueError("Load Session: no session folder picked; save one with Save Session or put one in input/")
+    try:
+        return Session.load(_session_path(folder))
+    except (SessionFormatError, OSError, ValueError) as e:
+        raise ValueError(f"Load Session: cannot load '{folder}': {e}") from None
+
+
+class EditR2LoadSession(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="EditR2LoadSession",
+            display_name="Load Edit-R2 Session",
+            category=CATEGORY,
+            description="Loads a saved session folder from ComfyUI's input (or output) directory to continue it.",
+            inputs=[io.Combo.Input("folder", options=list_sessions(), tooltip="A folder holding session.json.")],
+            outputs=[EditR2SessionType.Output(display_name="session"), io.Image.Output(display_name="image")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, folder: str) -> bool | str:
+        try:
+            _load_session(folder)
+        except ValueError as e:
+            return str(e)
+        return True
+
+    @classmethod
+    def fingerprint_inputs(cls, folder: str) -> float:
+        try:
+            return os.path.getmtime(_session_path(folder) / SESSION_FILE)
+        except (OSError, ValueError):
+            return float("nan")  # never equal to itself: run (and report the error) again
+
+    @classmethod
+    def execute(cls, folder: str) -> io.NodeOutput:
+        session = _load_session(folder)
+        return io.NodeOutput(session, pil_to_tensor(session.current_image))
+
+
+NODES: list[type[io.ComfyNode]] = [
+    EditR2LoadModel,
+    EditR2StartSession,
+    EditR2EditTurn,
+    EditR2SessionImages,
+    EditR2SessionFilmstrip,
+    EditR2SaveSession,
+    EditR2LoadSession,
+]
