@@ -1,0 +1,202 @@
+"""EditR2Config, the TRL-style script, save / resume, adapter formats and the Qwen-Image-Edit-2509 config."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from trl_editr2.config import PAPER_REWARD_WEIGHTS, EditR2Config
+
+REPO = Path(__file__).resolve().parents[1]
+SHAPES_TINY = REPO / "examples" / "configs" / "shapes_tiny.yaml"
+QWEN_YAML = REPO / "examples" / "configs" / "qwen_image_edit_2509_lora.yaml"
+
+TRL_METRICS = (
+    "loss", "reward", "reward_std", "frac_reward_zero_std", "kl", "clip_ratio/text", "clip_ratio/image",
+    "rewards/IF/mean", "rewards/CC/mean", "rewards/GA/mean", "rewards/turn_1/mean", "rewards/turn_2/mean",
+    "filter/frac_filtered", "reasoning/fallback_rate", "timing/rollout", "timing/reward", "timing/learn",
+    "skipped_steps",
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (and a shared, loaded CPU makes multi-threaded tiny ops crawl)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_config_defaults_are_the_papers(tmp_path):
+    args = EditR2Config(output_dir=str(tmp_path), report_to="none")
+    assert (args.num_generations, args.num_turns, args.num_inference_steps) == (6, 3, 15)
+    assert (args.sde_window_size, args.sde_window_range, args.noise_level, args.timestep_shift) == (2, [0, 7], 1.3, 3.0)
+    assert (args.clip_range_text, args.clip_range_image, args.beta) == (1e-5, 1e-5, 0.01)
+    assert (args.reasoning_temperature, args.max_reasoning_tokens) == (0.7, 150)
+    assert args.reward_weights == PAPER_REWARD_WEIGHTS and args.adv_clip_max == 5.0
+    assert (args.group_key, args.trajectory_filter, args.filter_text, args.same_initial_noise) == (
+        "session", "if_zero", False, True)
+    assert (args.lora_r, args.lora_alpha, args.text_lora_r, args.text_lora_alpha) == (64, 128, 64, 128)
+    assert args.train_reasoning and args.learning_rate == 1e-4 and not args.remove_unused_columns
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"group_key": "rollout"}, "group_key must be one of"),
+        ({"trajectory_filter": "if_one"}, "trajectory_filter must be one of"),
+        ({"num_generations": 1}, "num_generations must be >= 2"),
+        ({"sde_window_range": [0, 15]}, "lower sde_window_range's hi"),
+        ({"sde_window_range": [3, 3]}, "0 <= lo < hi"),
+        ({"reasoning": "none"}, "train_reasoning=True needs reasoning='intent'"),
+        ({"reward_weights": {"IF": "high"}}, "reward_weights must map reward names to numbers"),
+        ({"lora_dropout": 0.1}, "lora_dropout must be 0"),
+        ({"resolution": 500}, "multiple of 16"),
+        ({"reasoning_temperature": 0.0}, "reasoning_temperature must be > 0"),
+    ],
+)
+def test_config_rejects_bad_values_with_a_clear_error(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        EditR2Config(output_dir=str(tmp_path), report_to="none", **overrides)
+
+
+def test_config_reads_reward_weights_from_json(tmp_path):
+    args = EditR2Config(output_dir=str(tmp_path), report_to="none", reward_weights='{"IF": 1, "GA": 0.5}')
+    assert args.reward_weights == {"IF": 1, "GA": 0.5}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The script: TrlParser + --config, trainer_state.json, checkpoints, bit-for-bit resume
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _run_script(argv: list[str]):
+    from trl_editr2.scripts.editr2 import main, make_parser
+
+    script_args, training_args = make_parser().parse_args_and_config(argv)
+    main(script_args, training_args)
+    return training_args
+
+
+def _tiny_argv(output_dir: Path, *extra: str) -> list[str]:
+    return ["--config", str(SHAPES_TINY), "--output_dir", str(output_dir), "--max_steps", "2",
+            "--max_reasoning_tokens", "4", "--num_inference_steps", "3", "--shapes_num_sessions", "4",
+            "--disable_tqdm", "true", *extra]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    """Two steps of the tiny config through the script, with a checkpoint after each step."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    _run_script(_tiny_argv(out, "--save_steps", "1"))
+    return out
+
+
+def test_script_writes_trl_metrics_to_trainer_state(uninterrupted):
+    state = json.loads((uninterrupted / "trainer_state.json").read_text())
+    steps = [h for h in state["log_history"] if "reward" in h]
+    assert [h["step"] for h in steps] == [1, 2]
+    for key in TRL_METRICS:
+        assert key in steps[0], key
+    assert state["global_step"] == 2
+    for name in ("pytorch_lora_weights.safetensors", "reasoning_lora/adapter_model.safetensors",
+                 "reasoning_lora/adapter_config.json", "trainable_state.safetensors", "editr2_config.json"):
+        assert (uninterrupted / name).is_file(), name
+        assert (uninterrupted / "checkpoint-1" / name).is_file(), name
+    assert (uninterrupted / "checkpoint-1" / "rng_state.pth").is_file()
+
+
+def test_resume_continues_bit_for_bit(uninterrupted, tmp_path):
+    resumed = tmp_path / "resumed"
+    _run_script(_tiny_argv(resumed, "--resume_from_checkpoint", str(uninterrupted / "checkpoint-1")))
+    expected = load_file(uninterrupted / "trainable_state.safetensors")
+    got = load_file(resumed / "trainable_state.safetensors")
+    assert expected.keys() == got.keys()
+    first = load_file(uninterrupted / "checkpoint-1" / "trainable_state.safetensors")
+    assert any(not torch.equal(first[k], expected[k]) for k in expected)  # step 2 did change the adapters
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
+
+    def step_two(path: Path) -> dict:
+        history = json.loads((path / "trainer_state.json").read_text())["log_history"]
+        return next(h for h in history if h.get("step") == 2 and "reward" in h)
+
+    a, b = step_two(uninterrupted), step_two(resumed)
+    for key in ("loss", "reward", "rewards/CC/mean", "kl", "clip_ratio/image", "grad_norm", "learning_rate"):
+        assert a[key] == b[key], key
+
+
+def test_saved_adapters_load_into_the_pipeline_and_reproduce_the_policy(uninterrupted):
+    from diffusers_editr2.testing import tiny_pipeline
+    from trl_editr2.rollout import rollout_session
+    from trl_editr2.testing import tiny_dataset, tiny_trainer
+
+    # the trained policy, restored from its exact trainable state
+    trainer = tiny_trainer(uninterrupted / "scratch")
+    trainer._load_from_checkpoint(str(uninterrupted))
+    turn = rollout_session(trainer.policy, tiny_dataset()[0], trainer.args, seed=3).turns[1]
+    # a fresh pipeline with the adapters loaded in the pipeline's own formats
+    pipe = tiny_pipeline(0)
+    pipe.load_lora_weights(str(uninterrupted))
+    pipe.load_reasoning_lora(str(uninterrupted / "reasoning_lora"))
+    x, t = turn.latents[0], turn.step_timesteps[0].expand(2)
+    with torch.no_grad():
+        expected = trainer.policy.velocity(x, t, turn.conditioning)
+        base = trainer.policy.velocity(x, t, turn.conditioning, reference=True)
+        got = pipe.predict_velocity(x, t, turn.conditioning, 1.0)
+        assert not torch.allclose(expected, base)  # the adapter is not the identity any more
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+        text = turn.text
+        from trl_editr2.policy import completion_logps
+
+        torch.testing.assert_close(
+            completion_logps(pipe.text_encoder, text, 0.7), trainer.policy.token_logps(text), atol=1e-5, rtol=1e-5
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The Qwen-Image-Edit-2509 config, on a tiny folder with the real layout
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_qwen_image_edit_2509_config_builds_the_trainer_on_the_real_layout(tmp_path, monkeypatch):
+    from peft.tuners.lora import LoraLayer
+
+    from diffusers_editr2.testing import save_qwen_image_edit_plus_layout
+    from trl_editr2 import EditR2Trainer
+    from trl_editr2.scripts.editr2 import make_parser
+    from trl_editr2.testing import tiny_dataset
+
+    folder = save_qwen_image_edit_plus_layout(tmp_path / "Qwen-Image-Edit-2509")
+    judges = tmp_path / "judges.yaml"  # an OpenAI-compatible VLM judge (never called here)
+    judges.write_text("vlm: {backend: openai, model: judge, base_url: 'http://127.0.0.1:9/v1'}\nmetrics: [IF, GA]\n")
+    monkeypatch.setenv("EDITR2_JUDGE_CONFIG", str(judges))
+    script_args, args = make_parser().parse_args_and_config(
+        ["--config", str(QWEN_YAML), "--output_dir", str(tmp_path / "out"), "--use_cpu", "true", "--report_to", "none"]
+    )
+    monkeypatch.setenv("EDITR2_JUDGE_CONFIG", str(judges))  # the YAML's env: block set it to its own path
+    assert script_args.model_name_or_path == "Qwen/Qwen-Image-Edit-2509"
+    assert (args.num_generations, args.num_turns, args.noise_level, args.bf16) == (6, 3, 1.3, True)
+
+    trainer = EditR2Trainer(str(folder), script_args.reward_funcs, args=args, train_dataset=tiny_dataset())
+    assert trainer.reward_func_names == ["IF", "GA"]
+    assert trainer.reward_weights == {"IF": 0.3, "GA": 0.4}
+    policy = trainer.policy
+    assert policy.transformer.dtype == torch.bfloat16
+    lora = [n for n, m in policy.named_modules() if isinstance(m, LoraLayer)]
+    assert any(n.startswith("transformer.transformer_blocks.") and n.endswith("attn.to_q") for n in lora)
+    assert any(".language_model." in n and n.endswith("mlp.down_proj") for n in lora)
+    assert not any(".visual." in n for n in lora)  # the reasoning LoRA stays off the vision tower
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)
+    assert policy.transformer.peft_config["default"].r == 64

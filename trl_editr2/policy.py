@@ -1,0 +1,332 @@
+"""`EditR2Policy`: the trainable part of an `EditR2Pipeline`, as the `nn.Module` the Trainer optimises.
+
+It registers the pipeline's transformer and text encoder as submodules (with a LoRA adapter each; everything else
+frozen), and its `forward` is the Edit-R2 loss of one turn's G rollouts. Going through `forward` is what lets
+`accelerate` wrap the policy (DDP, FSDP) and synchronise gradients. All math comes from `editr2.flow` / `editr2.rl`
+and all model calls from the pipeline; the one addition here is the teacher-forced token log-probs of the reasoning
+(marked below), which the pipeline does not offer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+from editr2.flow import sde_step_with_logprob
+from editr2.rl import clipped_surrogate, gaussian_mean_kl
+
+if TYPE_CHECKING:
+    from .config import EditR2Config
+    from .rollout import TextSample, TurnRollout
+
+REASONING_ADAPTER = "reasoning"  # the name EditR2Pipeline.load_reasoning_lora / save_reasoning_lora use
+TRANSFORMER_ADAPTER = "default"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Adapters
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _has_adapters(model: nn.Module) -> bool:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return any(isinstance(m, BaseTunerLayer) for m in model.modules())
+
+
+def add_lora_adapters(pipeline, args: EditR2Config) -> None:
+    """Freeze the pipeline and add fresh LoRA adapters: one on the transformer, one ("reasoning") on the text encoder.
+
+    The adapters start as the identity (peft's Gaussian init zeroes `lora_B`), so the policy starts equal to the
+    adapter-off reference. Their random `lora_A` is drawn after seeding with `args.seed` inside `torch.random.fork_rng`
+    (every process and every run starts from the same adapters; the global RNG state is restored afterwards). Trainable weights are kept in float32
+    whatever the base dtype.
+
+    Raises:
+        ValueError: when the pipeline already carries adapters (the KL reference is "adapters off", so an earlier
+            adapter must be part of the base weights: `pipe.fuse_lora(); pipe.unload_lora_weights()` first).
+    """
+    for name in ("transformer", "text_encoder", "vae"):
+        getattr(pipeline, name).requires_grad_(False)
+    for name in ("transformer", "text_encoder"):
+        if _has_adapters(getattr(pipeline, name)):
+            raise ValueError(
+                f"The pipeline's {name} already has LoRA adapters. The trainer adds its own and uses 'adapters off' as "
+                "the KL reference, so fuse earlier adapters into the base weights first: pipe.fuse_lora(); "
+                "pipe.unload_lora_weights() (transformer) or text_encoder.merge_and_unload() (reasoning LoRA)."
+            )
+    devices = [pipeline.transformer.device] if pipeline.transformer.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(args.seed)
+        _add_adapters(pipeline, args)
+    for module in (pipeline.transformer, pipeline.text_encoder):
+        for param in module.parameters():
+            if param.requires_grad:
+                param.data = param.data.float()
+
+
+def _add_adapters(pipeline, args: EditR2Config) -> None:
+    from peft import LoraConfig
+
+    pipeline.transformer.add_adapter(
+        LoraConfig(
+            r=args.lora_r,
+            lora_alpha=args.lora_alpha,
+            lora_dropout=args.lora_dropout,
+            init_lora_weights=args.lora_init,
+            target_modules=list(args.lora_target_modules),
+        ),
+        adapter_name=TRANSFORMER_ADAPTER,
+    )
+    if args.train_reasoning:
+        targets = args.text_lora_target_modules
+        if "," in targets and not any(c in targets for c in "*\\|()"):
+            targets = [t.strip() for t in targets.split(",") if t.strip()]
+        pipeline.text_encoder.add_adapter(
+            LoraConfig(
+                r=args.text_lora_r,
+                lora_alpha=args.text_lora_alpha,
+                lora_dropout=args.lora_dropout,
+                init_lora_weights=args.lora_init,
+                target_modules=targets,
+            ),
+            adapter_name=REASONING_ADAPTER,
+        )
+
+
+def vision_token_ids(text_encoder: nn.Module) -> list[int]:
+    """The text encoder's vision placeholder tokens (image/video pads, vision start/end): never valid in an answer."""
+    config = text_encoder.config
+    names = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+    return sorted({int(getattr(config, n)) for n in names if getattr(config, n, None) is not None})
+
+
+def prepare_reasoning_sampling(pipeline) -> list[int]:
+    """Make the reasoning sampler draw from exactly the distribution the loss scores.
+
+    The loss scores tokens with `log_softmax(logits / temperature)` over the vocabulary minus the vision placeholder
+    tokens. So the text encoder's generation config is set to match: those tokens suppressed (a generated
+    `<|image_pad|>` would also break the teacher-forced pass, which counts image placeholders), and no repetition
+    penalty (real Qwen2.5-VL configs ship 1.05). `EditR2Pipeline.generate_reasoning` already sets temperature and
+    disables top-k / top-p.
+
+    Returns:
+        The suppressed token ids.
+    """
+    suppressed = vision_token_ids(pipeline.text_encoder)
+    config = pipeline.text_encoder.generation_config
+    config.suppress_tokens = suppressed
+    config.repetition_penalty = 1.0
+    return suppressed
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Set every dropout probability to 0 (on-policy ratios must be exactly 1; TRL's `disable_dropout_in_model`)."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reasoning log-probs (the one model call the pipeline does not offer)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def completion_logps(text_encoder: nn.Module, text: TextSample, temperature: float) -> Tensor:
+    """Teacher-forced token log-probs of the reasoning answers, at the sampling temperature.
+
+    Added here, wrapping the pipeline's text encoder: `log_softmax(logits / temperature)` of each completion token
+    over the vocabulary without the vision placeholders (the sampler suppresses them, see
+    [`prepare_reasoning_sampling`]), computed by one forward over `[prompt | completion]` (with the reasoning adapter
+    as it is set, normally active).
+    The rollout calls it without gradients for the old log-probs (the paper recomputes them this way rather than
+    keeping the sampler's: the same batch through the same kernels gives ratios of exactly 1) and the loss calls it
+    with gradients on the same batch.
+
+    Args:
+        text_encoder: the pipeline's `Qwen2_5_VLForConditionalGeneration`.
+        text: the batched prompts `(G, P)` (+ images) and completions `(G, L)`.
+        temperature: the reasoning temperature (> 0).
+
+    Returns:
+        `(G, L)` float32 log-probs (0 at padding; use `text.completion_mask`).
+    """
+    inputs = dict(text.prompt_inputs)
+    prompt_len = inputs["input_ids"].shape[1]
+    completion_ids = text.completion_ids  # (G, L)
+    inputs["input_ids"] = torch.cat([inputs["input_ids"], completion_ids], dim=1)  # (G, P + L)
+    inputs["attention_mask"] = torch.cat([inputs["attention_mask"], text.completion_mask.long()], dim=1)
+    if "mm_token_type_ids" in inputs:
+        inputs["mm_token_type_ids"] = torch.cat(
+            [inputs["mm_token_type_ids"], torch.zeros_like(completion_ids)], dim=1
+        )
+    logits = text_encoder(**inputs, use_cache=False).logits  # (G, P + L, V)
+    logits = logits[:, prompt_len - 1 : -1].float() / temperature  # (G, L, V): position k predicts token k + 1
+    suppressed = vision_token_ids(text_encoder)
+    logits[..., suppressed] = -float("inf")  # as the sampler (SuppressTokensLogitsProcessor)
+    logps = torch.log_softmax(logits, dim=-1).gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)  # (G, L)
+    return torch.where(text.completion_mask, logps, torch.zeros_like(logps))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The policy module
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LossWeights:
+    """Per-rollout inputs of the loss of one turn, all `(G,)`.
+
+    Args:
+        advantages: float32 advantages (one scalar per (rollout, turn), shared by the text and the image).
+        image_mask: True where the image steps train (False: filtered turn, or missing reward).
+        text_mask: True where the reasoning tokens train.
+        scale: the loss is `scale * sum over rollouts`; the trainer passes 1 / (samples in the local step).
+    """
+
+    advantages: Tensor
+    image_mask: Tensor
+    text_mask: Tensor
+    scale: float
+
+
+class EditR2Policy(nn.Module):
+    """The transformer and text encoder of an `EditR2Pipeline` (LoRA-adapted), with the Edit-R2 loss as `forward`.
+
+    Args:
+        pipeline: an `EditR2Pipeline` whose adapters were added by [`add_lora_adapters`]. It is kept as a plain
+            attribute (not a submodule): the policy's submodules are the same objects the pipeline uses.
+        args: the [`EditR2Config`].
+    """
+
+    def __init__(self, pipeline, args: EditR2Config):
+        super().__init__()
+        self.transformer = pipeline.transformer
+        self.text_encoder = pipeline.text_encoder
+        self.pipeline = pipeline
+        self.args = args
+        self.config = None  # read by some Trainer code paths; this module has no transformers config
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, every_n_layers: int = 1,
+                                        offload: bool = False) -> None:
+        """Recompute activations in the backward pass (called by the Trainer for `activation_checkpointing=True`)."""
+        self.transformer.enable_gradient_checkpointing()
+        self.text_encoder.activation_checkpointing_enable(
+            activation_checkpointing_kwargs=activation_checkpointing_kwargs, every_n_layers=every_n_layers,
+            offload=offload,
+        )
+
+    # -- model calls --------------------------------------------------------------------------------------------------
+
+    def velocity(self, latents: Tensor, timestep: Tensor, conditioning, reference: bool = False) -> Tensor:
+        """`(G, N, C)` velocity at `timestep` (scheduler units, `(G,)`), true CFG as configured.
+
+        With `reference=True`, the transformer's adapter is disabled (the KL reference: the base model).
+        """
+        from diffusers_editr2.pipeline_editr2 import adapters_disabled
+
+        cfg = self.args.true_cfg_scale if conditioning.negative_prompt_embeds is not None else 1.0
+        if not reference:
+            return self.pipeline.predict_velocity(latents, timestep, conditioning, cfg)
+        with adapters_disabled(self.transformer):
+            return self.pipeline.predict_velocity(latents, timestep, conditioning, cfg)
+
+    def token_logps(self, text: TextSample) -> Tensor:
+        """`(G, L)` reasoning log-probs with the reasoning adapter active (see [`completion_logps`])."""
+        return completion_logps(self.text_encoder, text, self.args.reasoning_temperature)
+
+    # -- the loss ------------------------------------------------------------------------------------------------------
+
+    def forward(self, turn: TurnRollout, weights: LossWeights) -> dict[str, Tensor]:
+        """The Edit-R2 loss of one turn's G rollouts.
+
+        Per rollout `g` (the paper's accounting, where the text loss rides on the first of the K window steps):
+
+            loss_g = (1 / K) * [ sum_j (L_img[g, j] + beta * KL[g, j]) * image_mask[g] + L_text[g] * text_mask[g] ]
+
+        with `L_img` and `L_text` (token mean) the clipped surrogates of `editr2.rl.clipped_surrogate` at
+        `clip_range_image` / `clip_range_text`, and `KL` `editr2.rl.gaussian_mean_kl` against the adapter-off model.
+        Masked terms are excluded with `where`, so they contribute exactly zero gradient even if not finite.
+
+        Returns:
+            `dict` with `loss` (`scale * sum_g loss_g`), and detached diagnostics: `ratio_image (G, K)`,
+            `ratio_text (G, L)` (1 at padding), `kl (G, K)`, `clip_image`/`clip_text` (sum of clip fractions over
+            kept entries) and `n_image`/`n_text` (how many entries were kept).
+        """
+        args = self.args
+        adv = weights.advantages.float()  # (G,)
+        num_rollouts = adv.shape[0]
+        num_steps = len(turn.sde_steps)
+        per_rollout = torch.zeros(num_rollouts, device=adv.device)  # (G,)
+        out = {"clip_image": adv.new_zeros(()), "clip_text": adv.new_zeros(()), "n_image": 0, "n_text": 0}
+
+        # Image: re-score each SDE-window step of the stored trajectory under the current policy
+        ratios_image, kls = [], []
+        for j in range(num_steps):
+            x, x_next = turn.latents[j], turn.next_latents[j]  # (G, N, C)
+            timestep = turn.step_timesteps[j].expand(num_rollouts).to(x.dtype)  # (G,)
+            sigma, sigma_next = turn.step_sigmas[j], turn.step_sigmas_next[j]
+            v = self.velocity(x, timestep, turn.conditioning)
+            _, log_prob, mean, std = sde_step_with_logprob(
+                v, x, sigma, sigma_next, args.noise_level, prev_sample=x_next, sigma_max=turn.sigma_max
+            )
+            step_loss, clip_sum, kept, ratio = _per_rollout_surrogate(
+                log_prob.unsqueeze(1), turn.old_log_probs[:, j : j + 1], adv, args.clip_range_image,
+                weights.image_mask.unsqueeze(1),
+            )
+            ratios_image.append(ratio[:, 0])
+            out["clip_image"], out["n_image"] = out["clip_image"] + clip_sum, out["n_image"] + kept
+            if args.beta > 0:
+                with torch.no_grad():
+                    v_ref = self.velocity(x, timestep, turn.conditioning, reference=True)
+                    _, _, ref_mean, _ = sde_step_with_logprob(
+                        v_ref, x, sigma, sigma_next, args.noise_level, prev_sample=x_next, sigma_max=turn.sigma_max
+                    )
+                kl = gaussian_mean_kl(mean, ref_mean, std)  # (G,)
+                kl = torch.where(weights.image_mask, kl, torch.zeros_like(kl))
+                step_loss = step_loss + args.beta * kl
+                kls.append(kl.detach())
+            per_rollout = per_rollout + step_loss
+        out["ratio_image"] = torch.stack(ratios_image, dim=1)  # (G, K)
+        out["kl"] = torch.stack(kls, dim=1) if kls else adv.new_zeros(num_rollouts, num_steps)
+
+        # Text: the reasoning tokens, one scalar advantage per rollout (the image's)
+        if turn.text is not None and args.train_reasoning:
+            logps = self.token_logps(turn.text)  # (G, L)
+            mask = turn.text.completion_mask & weights.text_mask.unsqueeze(1)  # (G, L)
+            text_loss, clip_sum, kept, ratio = _per_rollout_surrogate(
+                logps, turn.text.old_logps, adv, args.clip_range_text, mask
+            )
+            per_rollout = per_rollout + text_loss
+            out["ratio_text"] = ratio  # (G, L)
+            out["clip_text"], out["n_text"] = clip_sum, kept
+
+        out["loss"] = weights.scale * per_rollout.sum() / max(num_steps, 1)
+        return out
+
+
+def _per_rollout_surrogate(log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, clip_range: float, mask: Tensor):
+    """`editr2.rl.clipped_surrogate` row by row: each rollout's own mean over its kept entries.
+
+    Args:
+        log_prob, old_log_prob: `(G, M)` (M = 1 for an image step, L tokens for the text).
+        advantages: `(G,)`.
+        mask: `(G, M)` bool.
+
+    Returns:
+        `(loss (G,), sum of clip fractions over rows with a kept entry, number of such rows, ratio (G, M) detached)`.
+    """
+    losses, ratios = [], []
+    clip_sum, kept = log_prob.new_zeros(()), 0
+    for g in range(log_prob.shape[0]):
+        loss, clip_fraction, ratio = clipped_surrogate(
+            log_prob[g], old_log_prob[g], advantages[g], clip_range, mask=mask[g]
+        )
+        losses.append(loss)
+        ratios.append(ratio.detach())
+        if bool(mask[g].any()):
+            clip_sum, kept = clip_sum + clip_fraction.detach(), kept + 1
+    return torch.stack(losses), clip_sum, kept, torch.stack(ratios)
