@@ -1,0 +1,1243 @@
+# Copyright 2025 The editr2 authors. Built on diffusers' QwenImageEditPlusPipeline (Apache-2.0, the Qwen-Image Team
+# and The HuggingFace Team), whose prompt encoding, VAE encoding, latent packing and sampling it reuses unchanged.
+"""EditR2Pipeline: multi-turn, intent-first image editing over the Qwen-Image-Edit(-Plus) family.
+
+One call is one editing turn of a [`~editr2.session.Session`]. Before editing, the pipeline decides how the session's
+history reaches the editor (`reasoning=`):
+
+- `"none"`: the current instruction only, as plain diffusers does;
+- `"history"`: the instructions so far, concatenated, and earlier images as extra reference images (Edit-Plus takes
+  several), up to `max_history_images`: the long-context baseline;
+- `"intent"` (default): the text encoder, a generative VLM, first writes a short reasoning trace and one self-contained
+  *operative intent* (IC-CoT, `editr2.intent`), and that intent conditions the edit.
+
+The edited latent is kept in the new session's turn and is the next turn's reference latent, so the image is never
+decoded and re-encoded between turns.
+
+Public pieces, for callers that run their own sampler (the RL trainer):
+
+- [`EditR2Pipeline.reason`] / [`EditR2Pipeline.generate_reasoning`]: the intent (and its token ids) for a turn;
+- [`EditR2Pipeline.prepare_conditioning`]: text embeddings, reference latents and `img_shapes` of a turn;
+- [`EditR2Pipeline.prepare_latents`]: the initial noise, packed;
+- [`EditR2Pipeline.prepare_timesteps`]: the scheduler's timesteps and sigma schedule (`sigmas[i]` -> `sigmas[i + 1]`);
+- [`EditR2Pipeline.predict_velocity`]: the transformer's velocity for noisy latents, with true CFG
+  ([`EditR2Pipeline.velocity_fn`]: the same as `velocity_fn(x, sigma)` for `editr2.flow.sample`);
+- [`EditR2Pipeline.decode_latents`] and [`EditR2Pipeline.finish_turn`]: images, and the new session.
+"""
+
+import contextlib
+import time
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.loaders import QwenImageLoraLoaderMixin
+from diffusers.models import AutoencoderKLQwenImage, QwenImageTransformer2DModel
+from diffusers.pipelines.pipeline_utils import DiffusionPipeline
+from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import (
+    CONDITION_IMAGE_SIZE,
+    VAE_IMAGE_SIZE,
+    QwenImageEditPlusPipeline,
+    calculate_dimensions,
+    calculate_shift,
+    retrieve_timesteps,
+)
+from diffusers.schedulers import FlowMatchEulerDiscreteScheduler
+from diffusers.utils import logging, replace_example_docstring
+from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer, Qwen2VLProcessor
+
+from editr2.intent import Intent, build_messages, parse_answer
+from editr2.session import Session, Turn
+
+from .pipeline_output import EditR2PipelineOutput
+
+logger = logging.get_logger(__name__)  # pylint: disable=invalid-name
+
+EXAMPLE_DOC_STRING = """
+    Examples:
+        ```py
+        >>> import torch
+        >>> from PIL import Image
+        >>> from diffusers_editr2 import EditR2Pipeline
+
+        >>> pipe = EditR2Pipeline.from_pretrained("Qwen/Qwen-Image-Edit-2509", dtype=torch.bfloat16).to("cuda")
+        >>> out = pipe(image=Image.open("street.png").convert("RGB"), prompt="make the sign yellow")
+        >>> out = pipe(prompt="now make it black", session=out.session)  # turn 2 continues turn 1
+        >>> out.intents[0], out.images[0].save("turn2.png")
+        >>> out.session.save("my_session")
+        ```
+"""
+
+REASONING_MODES = ("intent", "history", "none")
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+MAX_INPUT_PIXELS = 8192 * 8192  # larger inputs are refused rather than resized (they are resized to ~1 MP anyway)
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+_CONVERTIBLE_MODES = ("L", "P", "1", "CMYK", "YCbCr", "LAB", "HSV")
+
+# The text-encoder prompt template of Qwen-Image-Edit(-2509), as diffusers' QwenImageEditPlusPipeline sets it.
+PROMPT_TEMPLATE_ENCODE = (
+    "<|im_start|>system\nDescribe the key features of the input image (color, shape, size, texture, objects, "
+    "background), then explain how the user's text instruction should alter or modify the image. Generate a new image "
+    "that meets the user's requirements while maintaining consistency with the original input where appropriate."
+    "<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+)
+
+
+@dataclass
+class TurnConditioning:
+    """Everything the denoiser needs for one turn, as built by [`EditR2Pipeline.prepare_conditioning`].
+
+    Args:
+        session: the session the turn continues (with the source resized to the working size and, after the first
+            turn's VAE encoding, its `source_latents` filled in).
+        text: the text that conditions the edit (the intent, the instruction, or the concatenated history).
+        condition_images: the images shown to the text encoder, each resized to `condition_area`.
+        prompt_embeds: `(1, L, D)` text-encoder hidden states; `prompt_embeds_mask` `(1, L)` or None (all valid).
+        negative_prompt_embeds, negative_prompt_embeds_mask: the same for the negative prompt (None without CFG).
+        image_latents: `(1, N_ref, C)` packed, normalised reference latents, concatenated along the sequence.
+        img_shapes: `[[(1, h, w) of the target, (1, h_i, w_i) of each reference]]` in packed-latent units.
+        height, width: the working size in pixels.
+    """
+
+    session: Session
+    text: str
+    condition_images: list[PIL.Image.Image]
+    prompt_embeds: torch.Tensor
+    prompt_embeds_mask: torch.Tensor | None
+    negative_prompt_embeds: torch.Tensor | None
+    negative_prompt_embeds_mask: torch.Tensor | None
+    image_latents: torch.Tensor
+    img_shapes: list[list[tuple[int, int, int]]]
+    height: int
+    width: int
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: torch.nn.Module):
+    """Run `model` without its PEFT adapters (a no-op for a model without adapters or with adapters already off).
+
+    Works for transformers' built-in PEFT integration (`model.load_adapter` / `add_adapter`) and for a `PeftModel`.
+    """
+    if hasattr(model, "disable_adapter") and hasattr(model, "peft_config") and hasattr(model, "base_model"):
+        with model.disable_adapter():  # a peft.PeftModel
+            yield
+        return
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    if not layers or layers[0].disable_adapters:
+        yield
+        return
+    model.disable_adapters()
+    try:
+        yield
+    finally:
+        model.enable_adapters()
+
+
+def _sync(device: torch.device) -> float:
+    """`time.perf_counter()` after the device's queued work is done (so stage timings are real on a GPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def history_prompt(instructions: Sequence[str], instruction: str) -> str:
+    """The `reasoning="history"` conditioning text: the earlier instructions, numbered, then the current one."""
+    if not instructions:
+        return instruction
+    earlier = " ".join(f"({k}) {text.strip()}" for k, text in enumerate(instructions, start=1))
+    return f"Earlier instructions: {earlier} Current instruction: {instruction.strip()}"
+
+
+def check_image(image: Any, name: str = "image") -> PIL.Image.Image:
+    """Validate an input image; return it as 8-bit RGB.
+
+    Fallback (documented): palette, greyscale, 1-bit, CMYK and other 8-bit colour modes are converted to RGB. Images
+    with an alpha channel and 16/32-bit images are refused, since converting them silently drops transparency or
+    clips values.
+    """
+    if not isinstance(image, PIL.Image.Image):
+        raise ValueError(
+            f"`{name}` must be a PIL.Image.Image, got {type(image).__name__}; convert arrays with "
+            "PIL.Image.fromarray(array) (uint8, HxWx3)."
+        )
+    width, height = image.size
+    if width == 0 or height == 0:
+        raise ValueError(f"`{name}` is empty (size {image.size}); pass an image of at least 1x1 pixels.")
+    if width * height > MAX_INPUT_PIXELS:
+        raise ValueError(
+            f"`{name}` is {width}x{height} ({width * height / 1e6:.0f} MP), above the {MAX_INPUT_PIXELS / 1e6:.0f} MP "
+            "limit; downscale it first (e.g. image.thumbnail((4096, 4096))), the pipeline works at about 1 MP."
+        )
+    if image.mode == "RGB":
+        return image
+    if image.mode in _ALPHA_MODES or (image.mode == "P" and "transparency" in image.info):
+        raise ValueError(
+            f"`{name}` has an alpha channel (mode {image.mode!r}); flatten it first, e.g. onto white: "
+            "PIL.Image.alpha_composite(PIL.Image.new('RGBA', image.size, 'white'), image.convert('RGBA'))"
+            ".convert('RGB')."
+        )
+    if image.mode in _CONVERTIBLE_MODES:
+        return image.convert("RGB")
+    raise ValueError(
+        f"`{name}` has mode {image.mode!r} (16/32-bit or float); convert it to 8-bit RGB first, e.g. "
+        "PIL.Image.fromarray((np.asarray(image) / 256).astype('uint8')).convert('RGB') for 16-bit."
+    )
+
+
+class EditR2Pipeline(DiffusionPipeline, QwenImageLoraLoaderMixin):
+    r"""Multi-turn, intent-first image editing with a Qwen-Image-Edit(-Plus) model.
+
+    The components are those of diffusers' [`QwenImageEditPlusPipeline`], registered the same way, so
+    `EditR2Pipeline.from_pretrained` loads a `Qwen/Qwen-Image-Edit-2509` folder unchanged. Transformer LoRAs load
+    through diffusers' loader (`load_lora_weights`); a *reasoning* LoRA on the text encoder through peft
+    ([`load_reasoning_lora`]) is active while the VLM writes the intent and disabled while it encodes the prompt.
+
+    Args:
+        scheduler ([`FlowMatchEulerDiscreteScheduler`]): the flow-matching scheduler (Qwen-Image's config).
+        vae ([`AutoencoderKLQwenImage`]): encodes reference images and decodes edited latents.
+        text_encoder ([`~transformers.Qwen2_5_VLForConditionalGeneration`]): writes intents and encodes prompts.
+        tokenizer ([`~transformers.Qwen2Tokenizer`]): the text encoder's tokenizer.
+        processor ([`~transformers.Qwen2VLProcessor`]): tokenizes text with images for the text encoder.
+        transformer ([`QwenImageTransformer2DModel`]): the MMDiT that predicts the velocity.
+    """
+
+    model_cpu_offload_seq = "text_encoder->transformer->vae"
+    _callback_tensor_inputs = ["latents", "prompt_embeds"]
+
+    # diffusers' own functions (not copies): identical prompt encoding, VAE encoding and latent packing are what make
+    # `reasoning="none"` equal to QwenImageEditPlusPipeline.
+    _extract_masked_hidden = QwenImageEditPlusPipeline._extract_masked_hidden
+    _get_qwen_prompt_embeds = QwenImageEditPlusPipeline._get_qwen_prompt_embeds
+    _encode_vae_image = QwenImageEditPlusPipeline._encode_vae_image
+    _pack_latents = staticmethod(QwenImageEditPlusPipeline._pack_latents)
+    _unpack_latents = staticmethod(QwenImageEditPlusPipeline._unpack_latents)
+
+    def __init__(
+        self,
+        scheduler: FlowMatchEulerDiscreteScheduler,
+        vae: AutoencoderKLQwenImage,
+        text_encoder: Qwen2_5_VLForConditionalGeneration,
+        tokenizer: Qwen2Tokenizer,
+        processor: Qwen2VLProcessor,
+        transformer: QwenImageTransformer2DModel,
+    ):
+        super().__init__()
+        self.register_modules(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            processor=processor,
+            transformer=transformer,
+            scheduler=scheduler,
+        )
+        self.vae_scale_factor = 2 ** len(self.vae.temperal_downsample) if getattr(self, "vae", None) else 8
+        self.latent_channels = self.vae.config.z_dim if getattr(self, "vae", None) else 16
+        # Packed latents are 2x2 patches of the VAE latent, so sizes are multiples of vae_scale_factor * 2.
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor * 2)
+        self.tokenizer_max_length = 1024
+        self.prompt_template_encode = PROMPT_TEMPLATE_ENCODE
+        self.prompt_template_encode_start_idx = 64
+        self.default_sample_size = 128
+        self.reasoning_prefix_cache = ReasoningPrefixCache()
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # Loading and saving
+    # ------------------------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        r"""Load from a diffusers folder or Hub id, e.g. a `Qwen/Qwen-Image-Edit-2509` layout, unchanged.
+
+        Like [`~DiffusionPipeline.from_pretrained`]. One addition: transformers' `Qwen2VLProcessor` needs a video
+        processor, which needs torchvision; where torchvision is not installed, the folder's `processor/` is loaded
+        with the image-only [`~diffusers_editr2.processing.Qwen2VLImageOnlyProcessor`] instead (same files, same
+        image and text processing).
+        """
+        from transformers.utils import is_torchvision_available
+
+        if "processor" not in kwargs and not is_torchvision_available():
+            config = cls.load_config(pretrained_model_name_or_path, **_hub_kwargs(kwargs))
+            library, class_name = config.get("processor", [None, None])
+            if library == "transformers" and class_name in ("Qwen2VLProcessor", "Qwen2_5_VLProcessor"):
+                from .processing import Qwen2VLImageOnlyProcessor
+
+                kwargs["processor"] = Qwen2VLImageOnlyProcessor.from_pretrained(
+                    pretrained_model_name_or_path, subfolder="processor", **_hub_kwargs(kwargs)
+                )
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    def save_pretrained(self, save_directory, **kwargs):
+        """Like [`~DiffusionPipeline.save_pretrained`]; refuses while a reasoning LoRA is loaded (transformers would
+        save the text encoder as adapter weights only). Save it with [`save_reasoning_lora`] and remove it first."""
+        if getattr(self.text_encoder, "_hf_peft_config_loaded", False):
+            raise ValueError(
+                "The text encoder has a reasoning LoRA loaded; `save_pretrained` would save only its adapter weights. "
+                "Save the LoRA with `pipe.save_reasoning_lora(dir)`, remove it with "
+                "`pipe.text_encoder.delete_adapter(name)`, then save the pipeline."
+            )
+        return super().save_pretrained(save_directory, **kwargs)
+
+    def save_transformer_lora(self, save_directory: str, adapter_name: str = "default") -> None:
+        """Save the transformer's LoRA `adapter_name` with diffusers' `save_lora_weights`, its config (rank, alpha)
+        included, so that `load_lora_weights(save_directory)` reproduces it exactly."""
+        from peft.utils import get_peft_model_state_dict
+
+        if adapter_name not in getattr(self.transformer, "peft_config", {}):
+            raise ValueError(f"The transformer has no adapter named {adapter_name!r}; add or load one first.")
+        self.save_lora_weights(
+            save_directory,
+            transformer_lora_layers=get_peft_model_state_dict(self.transformer, adapter_name=adapter_name),
+            transformer_lora_adapter_metadata=self.transformer.peft_config[adapter_name].to_dict(),
+        )
+
+    def load_reasoning_lora(self, pretrained_model_name_or_path: str, adapter_name: str = "reasoning", **kwargs):
+        """Load a peft LoRA (`adapter_config.json` + `adapter_model.safetensors`) onto the text encoder.
+
+        It is active while the text encoder writes intents ([`reason`]) and disabled while it encodes prompts
+        ([`encode_prompt`]), so the conditioning the transformer was trained on does not move.
+        """
+        self.text_encoder.load_adapter(pretrained_model_name_or_path, adapter_name=adapter_name, **kwargs)
+        self.reasoning_prefix_cache.clear()
+
+    def save_reasoning_lora(self, save_directory: str, adapter_name: str = "reasoning") -> None:
+        """Save the text encoder's LoRA `adapter_name` in peft's format (safetensors), for [`load_reasoning_lora`]."""
+        import json
+        import os
+
+        from safetensors.torch import save_file
+
+        model = self.text_encoder
+        if adapter_name not in getattr(model, "peft_config", {}):
+            raise ValueError(f"The text encoder has no adapter named {adapter_name!r}; load or add one first.")
+        os.makedirs(save_directory, exist_ok=True)
+        state_dict = model.get_adapter_state_dict(adapter_name=adapter_name)
+        state_dict = {f"base_model.model.{k}": v.detach().cpu().contiguous() for k, v in state_dict.items()}
+        save_file(state_dict, os.path.join(save_directory, "adapter_model.safetensors"))
+        config = model.peft_config[adapter_name].to_dict()
+        config = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
+        with open(os.path.join(save_directory, "adapter_config.json"), "w") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # Per-call state (as in diffusers' pipelines)
+    # ------------------------------------------------------------------------------------------------------------------
+
+    @property
+    def guidance_scale(self):
+        return self._guidance_scale
+
+    @property
+    def attention_kwargs(self):
+        return self._attention_kwargs
+
+    @property
+    def num_timesteps(self):
+        return self._num_timesteps
+
+    @property
+    def current_timestep(self):
+        return self._current_timestep
+
+    @property
+    def interrupt(self):
+        return self._interrupt
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # Inputs
+    # ------------------------------------------------------------------------------------------------------------------
+
+    def check_inputs(
+        self,
+        prompt,
+        image,
+        session,
+        reasoning,
+        height,
+        width,
+        negative_prompt=None,
+        output_type="pil",
+        callback_on_step_end_tensor_inputs=None,
+        max_sequence_length=None,
+        max_new_tokens=256,
+        temperature=0.0,
+        max_history_images=2,
+    ):
+        """Raise a `ValueError` that says what to pass instead for every invalid argument of [`__call__`]."""
+        if prompt is None:
+            raise ValueError("Pass `prompt=`: this turn's editing instruction (a non-empty string).")
+        if not isinstance(prompt, str):
+            raise ValueError(
+                f"`prompt` must be one string (one turn), got {type(prompt).__name__}; for several turns use "
+                "`pipe.edit_session(image, [prompt_1, prompt_2, ...])`."
+            )
+        if not prompt.strip():
+            raise ValueError("`prompt` is empty; pass this turn's editing instruction.")
+        if image is None and session is None:
+            raise ValueError("Pass `image=` to start a session, or `session=` (e.g. `out.session`) to continue one.")
+        if image is not None and session is not None:
+            raise ValueError(
+                "Pass either `image=` (to start a new session) or `session=` (to continue one), not both; to restart "
+                "from a session's image use `image=session.current_image`."
+            )
+        if session is not None and not isinstance(session, Session):
+            raise ValueError(f"`session` must be an editr2.session.Session (e.g. `out.session`), got {type(session)}.")
+        if session is not None:
+            self._check_session_latents(session)
+        if reasoning not in REASONING_MODES:
+            raise ValueError(f"`reasoning` must be one of {REASONING_MODES}, got {reasoning!r}.")
+        if negative_prompt is not None and not isinstance(negative_prompt, str):
+            raise ValueError(f"`negative_prompt` must be a string or None, got {type(negative_prompt).__name__}.")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
+        multiple_of = self.vae_scale_factor * 2
+        for name, value in (("height", height), ("width", width)):
+            if value is not None and (not isinstance(value, int) or value < multiple_of):
+                raise ValueError(
+                    f"`{name}` must be an int >= {multiple_of} (it is floored to a multiple of it), got {value!r}."
+                )
+        if session is not None and (height is not None or width is not None):
+            session_width, session_height = session.size
+            requested = (
+                (width or session_width) // multiple_of * multiple_of,
+                (height or session_height) // multiple_of * multiple_of,
+            )
+            if requested != session.size:
+                raise ValueError(
+                    f"This session works at {session_width}x{session_height} (width x height), but height={height}, "
+                    f"width={width} was requested; omit height/width to continue it, or start a new session with "
+                    f"`image=session.current_image.resize((width, height))`."
+                )
+        if callback_on_step_end_tensor_inputs is not None and not all(
+            k in self._callback_tensor_inputs for k in callback_on_step_end_tensor_inputs
+        ):
+            raise ValueError(
+                f"`callback_on_step_end_tensor_inputs` has to be in {self._callback_tensor_inputs}, but found "
+                f"{[k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]}"
+            )
+        if max_sequence_length is not None and max_sequence_length > 1024:
+            raise ValueError(f"`max_sequence_length` cannot be greater than 1024 but is {max_sequence_length}")
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"`max_new_tokens` must be a positive int, got {max_new_tokens!r}.")
+        if temperature < 0:
+            raise ValueError(f"`temperature` must be >= 0 (0 = greedy), got {temperature}.")
+        if not isinstance(max_history_images, int) or max_history_images < 0:
+            raise ValueError(f"`max_history_images` must be an int >= 0, got {max_history_images!r}.")
+
+    def _check_session_latents(self, session: Session) -> None:
+        """Refuse carried latents that do not fit this model at the session's size (another model or resolution)."""
+        scale, channels = self.vae_scale_factor * 2, self.latent_channels * 4
+        width, height = session.size
+        named = [(f"session.turns[{k}].latents", t.latents, (width, height)) for k, t in enumerate(session.turns)]
+        named.append(("session.source_latents", session.source_latents, session.meta.get("source_latents_size")))
+        for name, latents, size in named:
+            if latents is None:
+                continue
+            tokens = (size[0] // scale) * (size[1] // scale) if size else latents.shape[1]
+            if latents.ndim != 3 or latents.shape[0] != 1 or tuple(latents.shape[1:]) != (tokens, channels):
+                raise ValueError(
+                    f"{name} has shape {tuple(latents.shape)}, but this model expects (1, {tokens}, {channels}) for "
+                    f"the session's {width}x{height} images: the session was made by another model or at another "
+                    "resolution. Continue it with the model that made it, or rebuild it without latents (they are "
+                    "then re-encoded from the images)."
+                )
+
+    def start_session(
+        self, image: PIL.Image.Image, height: int | None = None, width: int | None = None, reference_area=VAE_IMAGE_SIZE
+    ) -> Session:
+        """A new session whose source is `image` at the working size.
+
+        The working size is `height` x `width` (floored to multiples of `vae_scale_factor * 2`); when not given, the
+        image's aspect ratio at `reference_area` pixels (upstream's default: 1024x1024). A source of another size is
+        resized once (its original size is kept in `session.meta["original_size"]`); every turn has the working size.
+        """
+        image = check_image(image)
+        if height is None or width is None:
+            area = reference_area or VAE_IMAGE_SIZE
+            default_width, default_height = calculate_dimensions(area, image.width / image.height)
+            height, width = height or default_height, width or default_width
+        multiple_of = self.vae_scale_factor * 2
+        height, width = height // multiple_of * multiple_of, width // multiple_of * multiple_of
+        if (width, height) == image.size:
+            return Session(source_image=image)
+        resized = self.image_processor.resize(image, height, width)
+        return Session(source_image=resized, meta={"original_size": list(image.size)})
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # Reasoning (IC-CoT)
+    # ------------------------------------------------------------------------------------------------------------------
+
+    def condition_image(self, image: PIL.Image.Image, condition_area: int = CONDITION_IMAGE_SIZE) -> PIL.Image.Image:
+        """`image` resized to `condition_area` pixels (aspect kept): what the text encoder sees (upstream: 384^2)."""
+        width, height = calculate_dimensions(condition_area, image.width / image.height)
+        return self.image_processor.resize(image, height, width)
+
+    def prepare_reasoning_inputs(
+        self,
+        session: Session,
+        prompt: str,
+        template: str | None = None,
+        condition_area: int = CONDITION_IMAGE_SIZE,
+        device: torch.device | None = None,
+    ):
+        """The text encoder's inputs for writing the intent of `prompt` in `session`.
+
+        The request is `editr2.intent.build_messages` (earlier instructions, persistent rules, this instruction) with
+        the current image appended to the user message, rendered with the processor's chat template.
+
+        Returns:
+            [`~transformers.BatchFeature`]: `input_ids`, `attention_mask`, `pixel_values`, `image_grid_thw`, ...
+        """
+        messages = build_messages(session.instructions, prompt, session.rules, template=template)
+        # The image goes last, so that consecutive turns share the longest possible text prefix (see the prefix cache).
+        messages[-1] = {
+            "role": messages[-1]["role"],
+            "content": [{"type": "text", "text": messages[-1]["content"]}, {"type": "image"}],
+        }
+        text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        image = self.condition_image(session.current_image, condition_area)
+        inputs = self.processor(text=[text], images=[image], padding=True, return_tensors="pt")
+        return inputs.to(device or self._execution_device)
+
+    def generate_reasoning(
+        self,
+        session: Session,
+        prompt: str,
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        template: str | None = None,
+        condition_area: int = CONDITION_IMAGE_SIZE,
+        generator: torch.Generator | None = None,
+        use_prefix_cache: bool = True,
+    ):
+        """Let the text encoder write the reasoning answer for `prompt` (reasoning LoRA, if any, active).
+
+        Args:
+            temperature (`float`, defaults to 0): 0 decodes greedily; above 0 samples, seeded from `generator`.
+            use_prefix_cache (`bool`, defaults to True): reuse the key/value cache of the text prefix shared with an
+                earlier request (system prompt and history), see [`ReasoningPrefixCache`].
+
+        Returns:
+            `tuple[str, BatchFeature, torch.LongTensor]`: the decoded answer (special tokens removed), the prompt
+            inputs and the new token ids `(1, T)` (what a policy-gradient step scores).
+        """
+        inputs = self.prepare_reasoning_inputs(session, prompt, template, condition_area)
+        # plain temperature sampling: the checkpoint's own top-k / top-p defaults are overridden
+        generate_kwargs = {"max_new_tokens": max_new_tokens, "do_sample": temperature > 0, "top_k": None, "top_p": None}
+        generate_kwargs["temperature"] = temperature if temperature > 0 else None
+        seed = None
+        if temperature > 0:  # transformers samples from the global RNG: seed it from `generator`, then restore it
+            seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=getattr(generator, "device", "cpu")))
+        devices = [self.text_encoder.device] if self.text_encoder.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices, enabled=seed is not None):
+            if seed is not None:
+                torch.manual_seed(seed)
+            past = self.reasoning_prefix_cache.lookup(self.text_encoder, inputs) if use_prefix_cache else None
+            output = self.text_encoder.generate(
+                **inputs, past_key_values=past, return_dict_in_generate=True, **generate_kwargs
+            )
+        if use_prefix_cache:
+            self.reasoning_prefix_cache.store(self.text_encoder, inputs, output.past_key_values)
+        new_ids = output.sequences[:, inputs["input_ids"].shape[1] :]
+        answer = self.processor.batch_decode(new_ids, skip_special_tokens=True)[0]
+        return answer, inputs, new_ids
+
+    def reason(
+        self,
+        session: Session,
+        prompt: str,
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        template: str | None = None,
+        condition_area: int = CONDITION_IMAGE_SIZE,
+        generator: torch.Generator | None = None,
+    ) -> Intent:
+        r"""Reconstruct the operative intent of `prompt` in `session` (IC-CoT; like FLUX.2's `upsample_prompt`).
+
+        The text encoder writes `<think>reasoning</think>intent`; [`editr2.intent.parse_answer`] extracts the intent,
+        or falls back to `prompt` and records why (`Intent.fallback_reason`, e.g. `"no_think_end_tag"`).
+
+        Args:
+            session ([`~editr2.session.Session`]): the session so far (its instructions, rules and current image).
+            prompt (`str`): this turn's raw instruction.
+            max_new_tokens (`int`, defaults to 256): the reasoning budget.
+            temperature (`float`, defaults to 0): 0 = greedy.
+            template (`str`, *optional*): the user-message template for `editr2.intent.build_messages`.
+            condition_area (`int`, defaults to 384*384): pixels of the image shown to the text encoder.
+            generator (`torch.Generator`, *optional*): seeds sampling when `temperature > 0`.
+
+        Returns:
+            [`~editr2.intent.Intent`]
+        """
+        answer, _, _ = self.generate_reasoning(
+            session, prompt, max_new_tokens, temperature, template, condition_area, generator
+        )
+        return parse_answer(answer, prompt)
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # Conditioning
+    # ------------------------------------------------------------------------------------------------------------------
+
+    def encode_prompt(
+        self,
+        prompt: str | list[str],
+        image: list[PIL.Image.Image] | None = None,
+        device: torch.device | None = None,
+        num_images_per_prompt: int = 1,
+        prompt_embeds: torch.Tensor | None = None,
+        prompt_embeds_mask: torch.Tensor | None = None,
+        max_sequence_length: int = 1024,
+    ):
+        r"""Encode `prompt` (with the condition `image`s) into the transformer's text conditioning.
+
+        diffusers' `QwenImageEditPlusPipeline.encode_prompt`, run with the text encoder's adapters disabled (a
+        reasoning LoRA changes what the VLM writes, never the conditioning). Not under `no_grad`: trainers may
+        differentiate through it.
+
+        Returns:
+            `tuple[torch.Tensor, torch.Tensor | None]`: `prompt_embeds` `(B, L, D)` and `prompt_embeds_mask` `(B, L)`
+            (None when every token is valid).
+        """
+        with adapters_disabled(self.text_encoder):
+            return QwenImageEditPlusPipeline.encode_prompt(
+                self,
+                prompt,
+                image,
+                device,
+                num_images_per_prompt,
+                prompt_embeds,
+                prompt_embeds_mask,
+                max_sequence_length,
+            )
+
+    def encode_image(
+        self,
+        image: PIL.Image.Image,
+        height: int,
+        width: int,
+        dtype: torch.dtype | None = None,
+        device: torch.device | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """VAE-encode `image` resized to `height` x `width`: packed, normalised latents `(1, N, C)` (as upstream)."""
+        device = device or self._execution_device
+        pixels = self.image_processor.preprocess(image, height, width).unsqueeze(2)  # (1, 3, 1, H, W)
+        pixels = pixels.to(device=device, dtype=dtype or self.vae.dtype)
+        latents = self._encode_vae_image(image=pixels, generator=generator)  # (1, C, 1, h, w)
+        latent_height, latent_width = latents.shape[3:]
+        return self._pack_latents(latents, 1, self.latent_channels, latent_height, latent_width)  # (1, h/2 * w/2, 4C)
+
+    def image_shapes(self, height: int, width: int, reference_sizes: Sequence[tuple[int, int]]):
+        """`img_shapes` for the transformer: the target, then each `(width, height)` reference, in packed units."""
+        scale = self.vae_scale_factor * 2
+        return [[(1, height // scale, width // scale), *[(1, h // scale, w // scale) for w, h in reference_sizes]]]
+
+    def prepare_conditioning(
+        self,
+        session: Session,
+        text: str,
+        reasoning: str = "intent",
+        negative_prompt: str | None = None,
+        reference_area: int | None = VAE_IMAGE_SIZE,
+        condition_area: int = CONDITION_IMAGE_SIZE,
+        max_history_images: int = 2,
+        max_sequence_length: int = 512,
+        device: torch.device | None = None,
+    ) -> TurnConditioning:
+        r"""Build the text embeddings and reference latents of one turn.
+
+        References: the current image (its carried latent, so no decode -> encode between turns; the source is encoded
+        once, at `reference_area` pixels, or at the working size when `reference_area=None`), and for
+        `reasoning="history"` up to `max_history_images` earlier images after it (oldest first).
+
+        Args:
+            session: the session the turn continues (see [`start_session`]).
+            text: what conditions the edit (the intent, the instruction, or the history text).
+            negative_prompt: encoded as well when given (true CFG).
+
+        Returns:
+            [`TurnConditioning`]
+        """
+        device = device or self._execution_device
+        height, width = session.size[1], session.size[0]
+        session, references = self._reference_latents(session, reasoning, reference_area, max_history_images, device)
+        condition_images = [self.condition_image(image, condition_area) for image, _, _ in references]
+        prompt_embeds, prompt_embeds_mask = self.encode_prompt(
+            text, condition_images, device, max_sequence_length=max_sequence_length
+        )
+        negative_prompt_embeds = negative_prompt_embeds_mask = None
+        if negative_prompt is not None:
+            negative_prompt_embeds, negative_prompt_embeds_mask = self.encode_prompt(
+                negative_prompt, condition_images, device, max_sequence_length=max_sequence_length
+            )
+        image_latents = torch.cat([latents for _, latents, _ in references], dim=1).to(prompt_embeds.dtype)
+        return TurnConditioning(
+            session=session,
+            text=text,
+            condition_images=condition_images,
+            prompt_embeds=prompt_embeds,
+            prompt_embeds_mask=prompt_embeds_mask,
+            negative_prompt_embeds=negative_prompt_embeds,
+            negative_prompt_embeds_mask=negative_prompt_embeds_mask,
+            image_latents=image_latents,
+            img_shapes=self.image_shapes(height, width, [size for _, _, size in references]),
+            height=height,
+            width=width,
+        )
+
+    def _reference_latents(self, session, reasoning, reference_area, max_history_images, device):
+        """`(session, [(image, latents (1, N, C), (width, height)), ...])`: the current image first, then history.
+
+        Only the references used are looked at: a turn's carried latent, or the source's latent (VAE-encoded once and
+        kept in the returned session). A turn without latents (a session built elsewhere) is encoded here.
+        """
+        # indices into [source, turn images...], oldest first; -1 is the current image
+        images = [session.source_image] + [t.image for t in session.turns if t.image is not None]
+        latents = [None] + [t.latents for t in session.turns if t.image is not None]
+        chosen = [len(images) - 1]
+        if reasoning == "history" and max_history_images > 0:
+            chosen += list(range(len(images) - 1))[-max_history_images:]
+
+        references = []
+        for index in chosen:
+            if index == 0:
+                session, source_latents, size = self._source_latents(session, reference_area, device)
+                references.append((session.source_image, source_latents, size))
+                continue
+            turn_latents = latents[index]
+            if turn_latents is None:
+                turn_latents = self.encode_image(images[index], session.size[1], session.size[0], device=device)
+            references.append((images[index], turn_latents, session.size))
+        return session, references
+
+    def _source_latents(self, session, reference_area, device):
+        """The source's reference latent at `reference_area` pixels (or the working size): reused when the session
+        holds it at that size, else encoded and stored in the returned session (`meta["source_latents_size"]`)."""
+        size = session.size
+        if reference_area is not None:
+            size = tuple(calculate_dimensions(reference_area, session.size[0] / session.size[1]))
+        stored = session.meta.get("source_latents_size")
+        if session.source_latents is not None and stored is not None and tuple(stored) == size:
+            return session, session.source_latents, size
+        source_latents = self.encode_image(session.source_image, size[1], size[0], device=device)
+        meta = {**session.meta, "source_latents_size": list(size)}
+        session = replace(session, source_latents=source_latents, meta=meta)
+        return session, source_latents, size
+
+    def prepare_latents(
+        self,
+        batch_size: int,
+        num_channels_latents: int,
+        height: int,
+        width: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        generator: torch.Generator | list[torch.Generator] | None,
+        latents: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The initial noise, packed: `(B, (H/16) * (W/16), 4C)` for the real VAE (upstream's `prepare_latents`)."""
+        latents, _ = QwenImageEditPlusPipeline.prepare_latents(
+            self, None, batch_size, num_channels_latents, height, width, dtype, device, generator, latents
+        )
+        return latents
+
+    def prepare_timesteps(
+        self,
+        num_inference_steps: int,
+        image_seq_len: int,
+        device: torch.device | None = None,
+        sigmas: Sequence[float] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Set the scheduler's timesteps as [`__call__`] does (resolution-dependent shift `mu`).
+
+        Returns:
+            `tuple[torch.Tensor, torch.Tensor]`: `timesteps` `(N,)` in the scheduler's units (`sigma * 1000`) and the
+            sigma schedule `(N + 1,)` from 1 to 0, i.e. step `i` moves from `sigmas[i]` to `sigmas[i + 1]`.
+        """
+        sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps) if sigmas is None else sigmas
+        mu = calculate_shift(
+            image_seq_len,
+            self.scheduler.config.get("base_image_seq_len", 256),
+            self.scheduler.config.get("max_image_seq_len", 4096),
+            self.scheduler.config.get("base_shift", 0.5),
+            self.scheduler.config.get("max_shift", 1.15),
+        )
+        timesteps, _ = retrieve_timesteps(self.scheduler, num_inference_steps, device, sigmas=sigmas, mu=mu)
+        return timesteps, self.scheduler.sigmas
+
+    def predict_velocity(
+        self,
+        latents: torch.Tensor,
+        timestep: torch.Tensor,
+        conditioning: TurnConditioning,
+        true_cfg_scale: float = 1.0,
+        guidance: torch.Tensor | None = None,
+        attention_kwargs: dict[str, Any] | None = None,
+    ) -> torch.Tensor:
+        r"""The transformer's velocity for the noisy target `latents` `(B, N, C)` at `timestep` `(B,)`.
+
+        `timestep` is in the scheduler's units (`sigma * 1000`). With `true_cfg_scale > 1` and negative embeddings in
+        `conditioning`, applies Qwen-Image's true CFG with norm rescaling: `v = v_neg + s (v_cond - v_neg)`, rescaled
+        to `|v_cond|` per token. The references ride along in the sequence and are sliced off the output.
+
+        Returns:
+            `torch.Tensor` `(B, N, C)`, in the transformer's dtype.
+        """
+        latent_model_input = torch.cat([latents, conditioning.image_latents.expand(latents.shape[0], -1, -1)], dim=1)
+        with self.transformer.cache_context("cond"):
+            noise_pred = self.transformer(
+                hidden_states=latent_model_input,
+                timestep=timestep / 1000,
+                guidance=guidance,
+                encoder_hidden_states_mask=conditioning.prompt_embeds_mask,
+                encoder_hidden_states=conditioning.prompt_embeds,
+                img_shapes=conditioning.img_shapes * latents.shape[0],
+                attention_kwargs=attention_kwargs,
+                return_dict=False,
+            )[0]
+            noise_pred = noise_pred[:, : latents.size(1)]
+        if true_cfg_scale <= 1 or conditioning.negative_prompt_embeds is None:
+            return noise_pred
+
+        with self.transformer.cache_context("uncond"):
+            neg_noise_pred = self.transformer(
+                hidden_states=latent_model_input,
+                timestep=timestep / 1000,
+                guidance=guidance,
+                encoder_hidden_states_mask=conditioning.negative_prompt_embeds_mask,
+                encoder_hidden_states=conditioning.negative_prompt_embeds,
+                img_shapes=conditioning.img_shapes * latents.shape[0],
+                attention_kwargs=attention_kwargs,
+                return_dict=False,
+            )[0]
+        neg_noise_pred = neg_noise_pred[:, : latents.size(1)]
+        comb_pred = neg_noise_pred + true_cfg_scale * (noise_pred - neg_noise_pred)
+        cond_norm = torch.norm(noise_pred, dim=-1, keepdim=True)  # (B, N, 1)
+        noise_norm = torch.norm(comb_pred, dim=-1, keepdim=True)
+        return comb_pred * (cond_norm / noise_norm)
+
+    def velocity_fn(
+        self,
+        conditioning: TurnConditioning,
+        true_cfg_scale: float = 1.0,
+        guidance: torch.Tensor | None = None,
+        attention_kwargs: dict[str, Any] | None = None,
+    ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """[`predict_velocity`] as `velocity_fn(x, sigma) -> v`, the contract of `editr2.flow.sample`.
+
+        `sigma` is a float or a 0-dim / `(B,)` tensor from [`prepare_timesteps`]'s sigmas; it is converted to the
+        transformer's timestep exactly as the scheduler does (`sigma * num_train_timesteps`), so `editr2.flow.sample`
+        with no SDE steps reproduces [`__call__`]'s latents.
+        """
+        num_train_timesteps = self.scheduler.config.num_train_timesteps
+
+        def velocity(x: torch.Tensor, sigma) -> torch.Tensor:
+            sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1).expand(x.shape[0])
+            timestep = (sigma * num_train_timesteps).to(x.dtype)  # (B,)
+            return self.predict_velocity(x, timestep, conditioning, true_cfg_scale, guidance, attention_kwargs)
+
+        return velocity
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # Output
+    # ------------------------------------------------------------------------------------------------------------------
+
+    def decode_latents(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Packed, normalised latents `(B, N, C)` -> images `(B, 3, H, W)` in [-1, 1]."""
+        latents = self._unpack_latents(latents, height, width, self.vae_scale_factor)  # (B, C, 1, h, w)
+        latents = latents.to(self.vae.dtype)
+        latents_mean = torch.tensor(self.vae.config.latents_mean).view(1, self.vae.config.z_dim, 1, 1, 1)
+        latents_std = 1.0 / torch.tensor(self.vae.config.latents_std).view(1, self.vae.config.z_dim, 1, 1, 1)
+        latents_mean = latents_mean.to(latents.device, latents.dtype)
+        latents_std = latents_std.to(latents.device, latents.dtype)
+        latents = latents / latents_std + latents_mean
+        return self.vae.decode(latents, return_dict=False)[0][:, :, 0]
+
+    def finish_turn(
+        self,
+        conditioning: TurnConditioning,
+        latents: torch.Tensor,
+        instruction: str,
+        intent: Intent,
+        decoded: torch.Tensor | None = None,
+        seed: int | None = None,
+        timings: dict[str, float] | None = None,
+        meta: dict | None = None,
+    ) -> Session:
+        """The new session: `conditioning.session` plus a [`Turn`] holding the image and its latent `(1, N, C)`."""
+        latents = latents.detach()
+        with torch.no_grad():
+            if decoded is None:
+                decoded = self.decode_latents(latents, conditioning.height, conditioning.width)
+            image = self.image_processor.postprocess(decoded.detach(), output_type="pil")[0]
+        turn = Turn(
+            instruction=instruction,
+            image=image,
+            intent=intent.text,
+            reasoning=intent.reasoning,
+            fallback_reason=intent.fallback_reason,
+            seed=seed,
+            timings=dict(timings or {}),
+            latents=latents,
+            meta=dict(meta or {}),
+        )
+        return conditioning.session.append(turn)
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # Calls
+    # ------------------------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    @replace_example_docstring(EXAMPLE_DOC_STRING)
+    def __call__(
+        self,
+        image: PIL.Image.Image | None = None,
+        prompt: str | None = None,
+        session: Session | None = None,
+        *,
+        reasoning: str = "intent",
+        negative_prompt: str | None = None,
+        true_cfg_scale: float = 4.0,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        sigmas: list[float] | None = None,
+        guidance_scale: float | None = None,
+        generator: torch.Generator | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        attention_kwargs: dict[str, Any] | None = None,
+        callback_on_step_end: Callable[[DiffusionPipeline, int, int, dict], dict] | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],
+        max_sequence_length: int = 512,
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        template: str | None = None,
+        max_history_images: int = 2,
+        reference_area: int | None = VAE_IMAGE_SIZE,
+        condition_area: int = CONDITION_IMAGE_SIZE,
+    ) -> EditR2PipelineOutput | tuple:
+        r"""Run one editing turn: start a session from `image`, or continue `session`.
+
+        Args:
+            image (`PIL.Image.Image`, *optional*):
+                The image to edit; starts a new session. RGB (greyscale/palette are converted; alpha and 16-bit are
+                refused). Pass either `image` or `session`.
+            prompt (`str`):
+                This turn's editing instruction.
+            session ([`~editr2.session.Session`], *optional*):
+                The session to continue (e.g. `out.session`). It is never modified: the call returns a new session, so
+                the same session can be continued in several ways (branching) or truncated (undo).
+            reasoning (`str`, defaults to `"intent"`):
+                How the history reaches the editor: `"intent"` (the VLM writes the operative intent first),
+                `"history"` (all instructions + up to `max_history_images` earlier images) or `"none"` (the current
+                instruction only, exactly diffusers' `QwenImageEditPlusPipeline`).
+            negative_prompt (`str`, *optional*):
+                Enables true classifier-free guidance together with `true_cfg_scale > 1` (`" "` is enough).
+            true_cfg_scale (`float`, defaults to 4.0):
+                True CFG scale. Without a `negative_prompt` CFG is off and a warning says so: a known cause of drift
+                over many turns.
+            height (`int`, *optional*), width (`int`, *optional*):
+                The working size of a new session (default: the image's aspect ratio at `reference_area` pixels).
+                A continued session keeps its size; passing another one is an error.
+            num_inference_steps (`int`, defaults to 50): denoising steps.
+            sigmas (`list[float]`, *optional*): custom sigmas for the scheduler.
+            guidance_scale (`float`, *optional*): for guidance-distilled transformers only.
+            generator (`torch.Generator`, *optional*): seeds the noise (and reasoning samples when `temperature > 0`).
+            latents (`torch.Tensor`, *optional*): pre-generated packed noise `(1, N, C)`.
+            output_type (`str`, defaults to `"pil"`): `"pil"`, `"np"`, `"pt"` or `"latent"` (packed latents; the
+                session's turn still holds the decoded image).
+            return_dict (`bool`, defaults to True): return an [`EditR2PipelineOutput`] rather than a tuple.
+            attention_kwargs (`dict`, *optional*): passed to the transformer's attention processors.
+            callback_on_step_end (`Callable`, *optional*): `callback(pipe, step, timestep, callback_kwargs) -> dict`,
+                called after every denoising step with the tensors named in `callback_on_step_end_tensor_inputs`.
+            callback_on_step_end_tensor_inputs (`list[str]`, defaults to `["latents"]`): from `_callback_tensor_inputs`.
+            max_sequence_length (`int`, defaults to 512): maximum prompt length (<= 1024).
+            max_new_tokens (`int`, defaults to 256): reasoning budget (`reasoning="intent"`).
+            temperature (`float`, defaults to 0): reasoning temperature; 0 decodes greedily.
+            template (`str`, *optional*): the reasoning request template (see `editr2.intent.build_messages`).
+            max_history_images (`int`, defaults to 2): earlier images given as references with `reasoning="history"`.
+            reference_area (`int` or None, defaults to 1024*1024): pixels of the source's VAE reference (upstream's
+                value); None encodes it at the working size. Later turns always use the carried latent.
+            condition_area (`int`, defaults to 384*384): pixels of the images shown to the text encoder.
+
+        Examples:
+
+        Returns:
+            [`EditR2PipelineOutput`] or `tuple`: `(images, intents, session)` when `return_dict` is False.
+        """
+        # 1. Check inputs. Raise error if not correct
+        self.check_inputs(
+            prompt,
+            image,
+            session,
+            reasoning,
+            height,
+            width,
+            negative_prompt=negative_prompt,
+            output_type=output_type,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            max_sequence_length=max_sequence_length,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            max_history_images=max_history_images,
+        )
+        if true_cfg_scale > 1 and negative_prompt is None:
+            logger.warning(
+                f"true_cfg_scale is passed as {true_cfg_scale}, but classifier-free guidance is not enabled since no "
+                "negative_prompt is provided (pass negative_prompt=' ' to enable it, or true_cfg_scale=1 to silence "
+                "this). Without CFG, Qwen-Image-Edit is known to drift over many turns."
+            )
+        elif true_cfg_scale <= 1 and negative_prompt is not None:
+            logger.warning("negative_prompt is passed but classifier-free guidance is off since true_cfg_scale <= 1")
+        do_true_cfg = true_cfg_scale > 1 and negative_prompt is not None
+
+        self._guidance_scale = guidance_scale
+        self._attention_kwargs = attention_kwargs or {}
+        self._current_timestep = None
+        self._interrupt = False
+        device = self._execution_device
+        timings = {}
+        start = _sync(device)
+
+        # 2. Define the session: a new one from `image` (at the working size), or the one to continue
+        if session is None:
+            session = self.start_session(image, height, width, reference_area)
+
+        # 3. Reconstruct the operative intent (or take the instruction / the history as it is)
+        if reasoning == "intent":
+            intent = self.reason(
+                session, prompt, max_new_tokens, temperature, template, condition_area, generator=generator
+            )
+            text = intent.text
+        else:
+            text = history_prompt(session.instructions, prompt) if reasoning == "history" else prompt
+            intent = Intent(text)
+        timings["reasoning"] = _sync(device) - start
+
+        # 4. Encode the prompt and prepare the reference latents (carried from the previous turn)
+        conditioning = self.prepare_conditioning(
+            session,
+            text,
+            reasoning,
+            negative_prompt if do_true_cfg else None,
+            reference_area,
+            condition_area,
+            max_history_images,
+            max_sequence_length,
+            device,
+        )
+        height, width = conditioning.height, conditioning.width
+        timings["encode"] = _sync(device) - start - timings["reasoning"]
+
+        # 5. Prepare latent variables
+        num_channels_latents = self.transformer.config.in_channels // 4
+        latents = self.prepare_latents(
+            1, num_channels_latents, height, width, conditioning.prompt_embeds.dtype, device, generator, latents
+        )
+
+        # 6. Prepare timesteps
+        timesteps, _ = self.prepare_timesteps(num_inference_steps, latents.shape[1], device, sigmas)
+        num_warmup_steps = max(len(timesteps) - num_inference_steps * self.scheduler.order, 0)
+        self._num_timesteps = len(timesteps)
+        if self.transformer.config.guidance_embeds and guidance_scale is None:
+            raise ValueError("guidance_scale is required for a guidance-distilled transformer; pass guidance_scale=.")
+        guidance = None
+        if self.transformer.config.guidance_embeds:
+            guidance = torch.full([1], guidance_scale, device=device, dtype=torch.float32).expand(latents.shape[0])
+        elif guidance_scale is not None:
+            logger.warning(
+                f"guidance_scale is passed as {guidance_scale}, but ignored since the model is not guidance-distilled."
+            )
+
+        # 7. Denoising loop (diffusers' scheduler integrates the ODE)
+        self.scheduler.set_begin_index(0)
+        prompt_embeds = conditioning.prompt_embeds
+        with self.progress_bar(total=num_inference_steps) as progress_bar:
+            for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    continue
+                self._current_timestep = t
+                timestep = t.expand(latents.shape[0]).to(latents.dtype)  # (B,)
+                noise_pred = self.predict_velocity(
+                    latents,
+                    timestep,
+                    conditioning,
+                    true_cfg_scale if do_true_cfg else 1.0,
+                    guidance,
+                    self.attention_kwargs,
+                )
+                latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+
+                if callback_on_step_end is not None:
+                    callback_kwargs = {}
+                    for k in callback_on_step_end_tensor_inputs:
+                        callback_kwargs[k] = locals()[k]
+                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
+                    latents = callback_outputs.pop("latents", latents)
+                    prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
+                    conditioning.prompt_embeds = prompt_embeds
+
+                if i == len(timesteps) - 1 or ((i + 1) > num_warmup_steps and (i + 1) % self.scheduler.order == 0):
+                    progress_bar.update()
+        self._current_timestep = None
+        timings["denoise"] = _sync(device) - start - timings["reasoning"] - timings["encode"]
+
+        # 8. Decode, and append the turn (image + latent) to a new session
+        decoded = self.decode_latents(latents, height, width)
+        if output_type == "latent":
+            images = latents
+        else:
+            images = self.image_processor.postprocess(decoded, output_type=output_type)
+        timings["decode"] = _sync(device) - start - sum(timings.values())
+        timings["total"] = _sync(device) - start
+        seed = generator.initial_seed() if isinstance(generator, torch.Generator) else None
+        meta = {"reasoning": reasoning, "num_inference_steps": num_inference_steps, "conditioning": text}
+        new_session = self.finish_turn(conditioning, latents, prompt, intent, decoded, seed, timings, meta)
+
+        # Offload all models
+        self.maybe_free_model_hooks()
+
+        if not return_dict:
+            return (images, [intent.text], new_session)
+        return EditR2PipelineOutput(images=images, intents=[intent.text], session=new_session)
+
+    def edit_session(
+        self,
+        image: PIL.Image.Image | None = None,
+        prompts: Sequence[str] = (),
+        session: Session | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        **kwargs,
+    ) -> EditR2PipelineOutput | tuple:
+        r"""Run a scripted multi-turn session: one [`__call__`] per prompt, each continuing the previous turn.
+
+        Gives the same results as chaining `__call__` by hand with the same arguments.
+
+        Args:
+            image (`PIL.Image.Image`, *optional*): the source image (or pass `session=` to continue one).
+            prompts (`Sequence[str]`): the instructions, one per turn.
+            session ([`~editr2.session.Session`], *optional*): a session to continue instead of starting from `image`.
+            generator (`torch.Generator` or `list[torch.Generator]`, *optional*): one generator shared by the turns in
+                order, or one generator per turn (so that a turn does not depend on how many came before).
+            kwargs: any other argument of [`__call__`], applied to every turn.
+
+        Returns:
+            [`EditR2PipelineOutput`]: every turn's image (a list, or stacked for `"np"`/`"pt"`/`"latent"`), every
+            turn's intent, and the final session.
+        """
+        if isinstance(prompts, str) or not prompts:
+            raise ValueError("`prompts` must be a non-empty list of instructions, one per turn, e.g. ['a', 'b'].")
+        generators = generator if isinstance(generator, list) else [generator] * len(prompts)
+        if len(generators) != len(prompts):
+            raise ValueError(f"Pass one generator per prompt ({len(prompts)}), got {len(generators)}.")
+        images, intents = [], []
+        for prompt, turn_generator in zip(prompts, generators):
+            out = self(
+                image=image if session is None else None,
+                prompt=prompt,
+                session=session,
+                generator=turn_generator,
+                output_type=output_type,
+                **kwargs,
+            )
+            session = out.session
+            images.append(out.images)
+            intents += out.intents
+        if output_type == "pil":
+            images = [im for turn_images in images for im in turn_images]
+        elif output_type == "np":
+            images = np.concatenate(images)
+        else:
+            images = torch.cat(images)
+        if not return_dict:
+            return (images, intents, session)
+        return EditR2PipelineOutput(images=images, intents=intents, session=session)
+
+
+def _hub_kwargs(kwargs: dict) -> dict:
+    keys = ("cache_dir", "force_download", "local_files_only", "token", "revision", "proxies")
+    return {k: kwargs[k] for k in keys if k in kwargs}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Reasoning prefix cache
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class ReasoningPrefixCache:
+    """Reuse of the reasoning prompt's key/value cache across turns.
+
+    Consecutive reasoning requests of a session share a long text prefix: the system prompt and the earlier turns'
+    instructions (`editr2.intent.build_messages`; the current image is placed after the text). After each request
+    this cache keeps the text encoder's key/value cache of the request's text up to its first vision token, cropped
+    from the cache `generate` returns (no extra forward pass). The next request reuses the longest common prefix and
+    prefills only the rest: its new history line, the instruction and the image.
+
+    It is exact where transformers allows it: Qwen2.5-VL's 3D (M-RoPE) positions of text *before* the first image are
+    plain token indices, so the cached keys are the ones a full prefill computes; everything from the first vision
+    token on is recomputed, and transformers' `generate` rebuilds the 3D positions of the uncached part from the full
+    `input_ids`. The cache is dropped when the text encoder's weights change in place (tensor version counters: an
+    optimizer step, `load_state_dict`), when its adapters are switched on or off, when it moves to another device or
+    dtype, or when another model is used.
+
+    Args:
+        min_tokens (`int`, defaults to 8): shorter common prefixes are not worth reusing.
+    """
+
+    def __init__(self, min_tokens: int = 8):
+        self.min_tokens = min_tokens
+        self.clear()
+
+    def clear(self) -> None:
+        self._ids, self._cache, self._key = None, None, None
+        self.last_reused = 0  # tokens the last lookup served from the cache (0: a full prefill)
+
+    @staticmethod
+    def _model_key(model: torch.nn.Module) -> tuple:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        adapters = tuple(
+            (m.disable_adapters, tuple(m.active_adapters)) for m in model.modules() if isinstance(m, BaseTunerLayer)
+        )[:1]
+        first = next(model.parameters())
+        return id(model), first.device, first.dtype, adapters, tuple(p._version for p in model.parameters())
+
+    @staticmethod
+    def _text_prefix(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+        ids = input_ids[0]  # (L,)
+        vision = (ids == model.config.vision_start_token_id).nonzero()
+        return ids[: int(vision[0])] if len(vision) else ids[:-1]
+
+    def lookup(self, model: torch.nn.Module, inputs) -> Any | None:
+        """A cache holding the longest reusable prefix of `inputs` (to pass to `generate`), or None."""
+        self.last_reused = 0
+        if self._cache is None or inputs["input_ids"].shape[0] != 1 or self._key != self._model_key(model):
+            self.clear()
+            return None
+        prefix = self._text_prefix(model, inputs["input_ids"])
+        length = min(len(prefix), len(self._ids))
+        mismatch = (prefix[:length] != self._ids[:length]).nonzero()
+        common = int(mismatch[0]) if len(mismatch) else length
+        if common < self.min_tokens:
+            return None
+        cache, self._cache, self._ids = self._cache, None, None  # handed over: generate extends it in place
+        cache.crop(common - cache.get_seq_length())
+        self.last_reused = common
+        return cache
+
+    def store(self, model: torch.nn.Module, inputs, past_key_values) -> None:
+        """Keep the text-prefix part of the cache `generate` returned for `inputs`."""
+        if past_key_values is None or inputs["input_ids"].shape[0] != 1:
+            self.clear()
+            return
+        prefix = self._text_prefix(model, inputs["input_ids"])
+        past_key_values.crop(len(prefix) - past_key_values.get_seq_length())
+        self._ids, self._cache, self._key = prefix.clone(), past_key_values, self._model_key(model)

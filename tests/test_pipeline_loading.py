@@ -1,0 +1,126 @@
+"""EditR2Pipeline loading: the real Qwen-Image-Edit-2509 layout, and LoRAs (transformer and reasoning)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+
+from diffusers_editr2.pipeline_editr2 import EditR2Pipeline
+from diffusers_editr2.processing import Qwen2VLImageOnlyProcessor
+from diffusers_editr2.testing import (
+    QWEN_IMAGE_EDIT_PLUS_MODEL_INDEX,
+    TINY_CALL_KWARGS,
+    save_qwen_image_edit_plus_layout,
+    tiny_image,
+    tiny_pipeline,
+)
+from editr2.session import Session
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run fastest on one thread, and several threads thrash on a shared 2-core machine (7x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+KWARGS = dict(TINY_CALL_KWARGS, reasoning="none", output_type="np")
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def test_real_qwen_image_edit_2509_layout_loads_unchanged(tmp_path):
+    folder = save_qwen_image_edit_plus_layout(tmp_path / "Qwen-Image-Edit-2509")
+    index_before = (folder / "model_index.json").read_text()
+    assert json.loads(index_before) == QWEN_IMAGE_EDIT_PLUS_MODEL_INDEX
+    files = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+    assert {f"transformer/diffusion_pytorch_model-0000{k}-of-00005.safetensors" for k in range(1, 6)} <= files
+    assert {f"text_encoder/model-0000{k}-of-00004.safetensors" for k in range(1, 5)} <= files
+    assert {"tokenizer/vocab.json", "tokenizer/merges.txt", "processor/preprocessor_config.json",
+            "processor/video_preprocessor_config.json", "vae/diffusion_pytorch_model.safetensors"} <= files  # fmt: skip
+    assert "tokenizer/tokenizer.json" not in files  # built from vocab.json + merges.txt, as upstream ships it
+
+    pipe = EditR2Pipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    assert (folder / "model_index.json").read_text() == index_before
+    assert isinstance(pipe.processor, Qwen2VLImageOnlyProcessor)  # torchvision is absent here
+    assert pipe.processor.image_processor.patch_size == 4
+
+    image = tiny_image(0)
+    loaded = pipe(image=image, prompt="make it red", generator=gen(0), **KWARGS)
+    built = tiny_pipeline(seed=0)(image=image, prompt="make it red", generator=gen(0), **KWARGS)
+    assert np.array_equal(loaded.images, built.images)
+    # intent mode runs too (generation through the loaded tokenizer, processor and chat template)
+    assert pipe(image=image, prompt="make it red", generator=gen(0), **{**KWARGS, "reasoning": "intent"}).intents
+
+
+def test_transformer_lora_save_load_reproduces_outputs(tmp_path):
+    pipe = tiny_pipeline(seed=0)
+    image = tiny_image(1)
+    base = pipe(image=image, prompt="make it red", generator=gen(0), **KWARGS).images
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        targets = ["to_q", "to_k", "to_v", "to_out.0"]
+        config = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=targets)
+        pipe.transformer.add_adapter(config)
+    with_lora = pipe(image=image, prompt="make it red", generator=gen(0), **KWARGS).images
+    assert np.abs(with_lora - base).max() > 1e-3
+
+    pipe.save_transformer_lora(tmp_path / "lora")
+    assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    fresh = tiny_pipeline(seed=0)
+    fresh.load_lora_weights(tmp_path / "lora")
+    reloaded = fresh(image=image, prompt="make it red", generator=gen(0), **KWARGS).images
+    assert np.abs(reloaded - with_lora).max() <= 1e-6
+    # diffusers' own call with the adapter config gives the same file
+    EditR2Pipeline.save_lora_weights(
+        tmp_path / "lora2",
+        transformer_lora_layers=get_peft_model_state_dict(pipe.transformer),
+        transformer_lora_adapter_metadata=config.to_dict(),
+    )
+    again = tiny_pipeline(seed=0)
+    again.load_lora_weights(tmp_path / "lora2")
+    assert np.abs(again(image=image, prompt="make it red", generator=gen(0), **KWARGS).images - with_lora).max() <= 1e-6
+    fresh.unload_lora_weights()
+    assert np.abs(fresh(image=image, prompt="make it red", generator=gen(0), **KWARGS).images - base).max() <= 1e-6
+
+
+def test_reasoning_lora_writes_but_does_not_encode(tmp_path):
+    pipe = tiny_pipeline(seed=0)
+    session = Session(source_image=tiny_image(2))
+    kwargs = dict(max_new_tokens=10, condition_area=32 * 32)
+    base_ids = pipe.generate_reasoning(session, "make it red", **kwargs)[2]
+    base_embeds, _ = pipe.encode_prompt("make it red", [tiny_image(2)])
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        targets = ["q_proj", "v_proj", "o_proj", "down_proj"]
+        config = LoraConfig(r=8, lora_alpha=64, init_lora_weights=False, target_modules=targets)
+        pipe.text_encoder.add_adapter(config, adapter_name="reasoning")
+    lora_ids = pipe.generate_reasoning(session, "make it red", **kwargs)[2]
+    assert not torch.equal(lora_ids, base_ids)  # active while writing
+    lora_embeds, _ = pipe.encode_prompt("make it red", [tiny_image(2)])
+    assert torch.equal(lora_embeds, base_embeds)  # disabled while encoding
+    with pytest.raises(ValueError, match="save_reasoning_lora"):
+        pipe.save_pretrained(tmp_path / "refused")
+
+    pipe.save_reasoning_lora(tmp_path / "reasoning")
+    files = sorted(p.name for p in (tmp_path / "reasoning").iterdir())
+    assert files == ["adapter_config.json", "adapter_model.safetensors"]
+    fresh = tiny_pipeline(seed=0)
+    fresh.load_reasoning_lora(tmp_path / "reasoning")
+    assert torch.equal(fresh.generate_reasoning(session, "make it red", **kwargs)[2], lora_ids)
+    assert torch.equal(fresh.encode_prompt("make it red", [tiny_image(2)])[0], base_embeds)
+    # the whole turn: same intent, same image as the pipeline that trained the adapter
+    a = pipe(image=tiny_image(2), prompt="make it red", generator=gen(0), **{**KWARGS, "reasoning": "intent"})
+    b = fresh(image=tiny_image(2), prompt="make it red", generator=gen(0), **{**KWARGS, "reasoning": "intent"})
+    assert a.session.turns[0].reasoning == b.session.turns[0].reasoning
+    assert np.array_equal(a.images, b.images)
+    with pytest.raises(ValueError, match="no adapter named"):
+        fresh.save_reasoning_lora(tmp_path / "x", adapter_name="other")
