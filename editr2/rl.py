@@ -38,7 +38,7 @@ def _group_stats(rewards: Tensor, group_ids) -> tuple[Tensor, Tensor, Tensor, Te
     inverse, num_groups = _group_index(group_ids, rewards.numel(), rewards.device)
     r = torch.where(valid, rewards, torch.zeros_like(rewards))
     zeros = rewards.new_zeros(num_groups)
-    count = zeros.index_add(0, inverse, valid.float()).clamp(min=1)  # (num_groups,)
+    count = zeros.index_add(0, inverse, valid.to(rewards.dtype)).clamp(min=1)  # (num_groups,)
     mean = zeros.index_add(0, inverse, r) / count
     sq = torch.where(valid, (r - mean[inverse]) ** 2, torch.zeros_like(r))
     std = (zeros.index_add(0, inverse, sq) / count).sqrt()  # population std, as Flow-GRPO's np.std
@@ -61,7 +61,7 @@ def group_advantages(rewards, group_ids, *, global_std: bool = True, eps: float 
     Returns:
         `(N,)` float32 advantages; within each group the valid ones have zero mean (up to the clipping).
     """
-    r = _as_rewards(rewards).reshape(-1)  # (N,)
+    r = _as_rewards(rewards).reshape(-1).double()  # (N,) float64: near-equal rewards would cancel badly in float32
     inverse, mean, group_std, valid = _group_stats(r, group_ids)
     if global_std:
         std = r[valid].std(unbiased=False) if valid.any() else r.new_zeros(())
@@ -70,7 +70,7 @@ def group_advantages(rewards, group_ids, *, global_std: bool = True, eps: float 
     adv = (r - mean[inverse]) / (std + eps)
     if clip is not None:
         adv = adv.clamp(-clip, clip)
-    return torch.where(valid, adv, torch.zeros_like(adv))
+    return torch.where(valid, adv, torch.zeros_like(adv)).float()
 
 
 def frac_reward_zero_std(rewards, group_ids) -> float:
