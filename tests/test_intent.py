@@ -110,3 +110,14 @@ def test_intent_scoring_separates_reconstructor_from_raw_instructions():
 def test_score_session_checks_lengths():
     with pytest.raises(ValueError, match="formatted_instruction"):
         score_session(["a", "b"], ["a"], RuleBasedReconstructor("mice"))
+
+
+def test_bench_intent_cli_scores_the_fixture(tmp_path, capsys):
+    from editr2.cli import main
+
+    out = tmp_path / "intent.json"
+    assert main(["bench", "intent", "--sessions", str(FIXTURE), "--out", str(out)]) == 0
+    summary = json.loads(out.read_text())
+    assert summary["reconstructor"] == "rule" and summary["sessions"] >= 10
+    assert summary["mean"]["rule_kept"] == 1.0
+    assert [row["turn"] for row in summary["per_turn"]] == [1, 2, 3]
