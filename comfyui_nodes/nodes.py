@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import pathlib
 from dataclasses import replace
+from typing import Callable
 
 import comfy.model_management
 import comfy.utils
@@ -32,6 +33,20 @@ EditR2SessionType = io.Custom("EDITR2_SESSION")
 EditR2ModelType = io.Custom("EDITR2_MODEL")
 
 
+def _schema(node_id: str, display_name: str, description: str, **fields) -> io.Schema:
+    """An `io.Schema` in the Edit-R2 category; `fields` are the node's inputs, outputs and other schema fields."""
+    return io.Schema(node_id=node_id, display_name=display_name, category=CATEGORY, description=description, **fields)
+
+
+def _validation_result(check: Callable[[], object], errors: tuple[type[Exception], ...] = (ValueError,)) -> bool | str:
+    """What `validate_inputs` returns: True when `check()` passes, else the message of its error (shown on the node)."""
+    try:
+        check()
+    except errors as e:
+        return str(e)
+    return True
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Model
 
@@ -39,10 +54,9 @@ EditR2ModelType = io.Custom("EDITR2_MODEL")
 class EditR2LoadModel(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return _schema(
             node_id="EditR2LoadModel",
             display_name="Load Edit-R2 Model",
-            category=CATEGORY,
             description="Loads an Edit-R2 pipeline folder from models/editr2/ (or the shipped default).",
             inputs=[
                 io.Combo.Input("model_name", options=list_models(), tooltip="A pipeline folder in models/editr2/."),
@@ -56,11 +70,7 @@ class EditR2LoadModel(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, model_name: str) -> bool | str:
-        try:
-            resolve_model(model_name)
-        except (FileNotFoundError, ValueError) as e:
-            return str(e)
-        return True
+        return _validation_result(lambda: resolve_model(model_name), (FileNotFoundError, ValueError))
 
     @classmethod
     def execute(cls, model_name: str, dtype: str = "auto", device: str = "auto") -> io.NodeOutput:
@@ -74,10 +84,9 @@ class EditR2LoadModel(io.ComfyNode):
 class EditR2StartSession(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return _schema(
             node_id="EditR2StartSession",
             display_name="Start Edit-R2 Session",
-            category=CATEGORY,
             description="Starts a multi-turn editing session from one image, with optional persistent rules.",
             inputs=[
                 io.Image.Input("image", tooltip="The source image (a batch of one)."),
@@ -130,10 +139,9 @@ def _at_working_size(pipeline, session: Session) -> Session:
 class EditR2EditTurn(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return _schema(
             node_id="EditR2EditTurn",
             display_name="Edit-R2 Edit Turn",
-            category=CATEGORY,
             description="One editing turn: reconstructs the operative intent from the session, then edits the image.",
             inputs=[
                 EditR2SessionType.Input("session"),
@@ -192,10 +200,9 @@ class EditR2EditTurn(io.ComfyNode):
 class EditR2SessionImages(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return _schema(
             node_id="EditR2SessionImages",
             display_name="Edit-R2 Session Images",
-            category=CATEGORY,
             description="All images of a session as one IMAGE batch: the source (optional), then each turn.",
             inputs=[
                 EditR2SessionType.Input("session"),
@@ -215,10 +222,9 @@ class EditR2SessionImages(io.ComfyNode):
 class EditR2SessionFilmstrip(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return _schema(
             node_id="EditR2SessionFilmstrip",
             display_name="Edit-R2 Session Filmstrip",
-            category=CATEGORY,
             description="One image showing every turn, with its instruction and operative intent underneath.",
             inputs=[
                 EditR2SessionType.Input("session"),
@@ -249,10 +255,9 @@ def _inside(base: str, relative: str) -> pathlib.Path:
 class EditR2SaveSession(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return _schema(
             node_id="EditR2SaveSession",
             display_name="Save Edit-R2 Session",
-            category=CATEGORY,
             description="Saves the session (images, intents, latents) as a new folder in ComfyUI's output directory.",
             inputs=[
                 EditR2SessionType.Input("session"),
@@ -315,10 +320,9 @@ def _load_session(folder: str) -> Session:
 class EditR2LoadSession(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return _schema(
             node_id="EditR2LoadSession",
             display_name="Load Edit-R2 Session",
-            category=CATEGORY,
             description="Loads a saved session folder from ComfyUI's input (or output) directory to continue it.",
             inputs=[io.Combo.Input("folder", options=list_sessions(), tooltip="A folder holding session.json.")],
             outputs=[EditR2SessionType.Output(display_name="session"), io.Image.Output(display_name="image")],
@@ -326,11 +330,7 @@ class EditR2LoadSession(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, folder: str) -> bool | str:
-        try:
-            _load_session(folder)
-        except ValueError as e:
-            return str(e)
-        return True
+        return _validation_result(lambda: _load_session(folder))
 
     @classmethod
     def fingerprint_inputs(cls, folder: str) -> float:

@@ -138,6 +138,27 @@ def adapters_disabled(model: torch.nn.Module):
         model.enable_adapters()
 
 
+def write_peft_adapter(save_directory: str, adapter_state_dict: dict[str, torch.Tensor], config) -> None:
+    """Write a LoRA in peft's format: `adapter_model.safetensors` + `adapter_config.json` (what `load_adapter` reads).
+
+    Args:
+        save_directory (`str`): the folder (created if missing).
+        adapter_state_dict (`dict[str, torch.Tensor]`): the adapter's tensors, named as peft's
+            `get_peft_model_state_dict` names them (contiguous CPU tensors).
+        config (`peft.LoraConfig`): the adapter's config.
+    """
+    import json
+    import os
+
+    from safetensors.torch import save_file
+
+    os.makedirs(save_directory, exist_ok=True)
+    state_dict = {f"base_model.model.{k}": v for k, v in adapter_state_dict.items()}
+    save_file(state_dict, os.path.join(save_directory, "adapter_model.safetensors"))
+    config = {k: sorted(v) if isinstance(v, set) else v for k, v in config.to_dict().items()}
+    with open(os.path.join(save_directory, "adapter_config.json"), "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+
 def _sync(device: torch.device) -> float:
     """`time.perf_counter()` after the device's queued work is done (so stage timings are real on a GPU)."""
     if device.type == "cuda":
@@ -306,22 +327,12 @@ class EditR2Pipeline(DiffusionPipeline, QwenImageLoraLoaderMixin):
 
     def save_reasoning_lora(self, save_directory: str, adapter_name: str = "reasoning") -> None:
         """Save the text encoder's LoRA `adapter_name` in peft's format (safetensors), for [`load_reasoning_lora`]."""
-        import json
-        import os
-
-        from safetensors.torch import save_file
-
         model = self.text_encoder
         if adapter_name not in getattr(model, "peft_config", {}):
             raise ValueError(f"The text encoder has no adapter named {adapter_name!r}; load or add one first.")
-        os.makedirs(save_directory, exist_ok=True)
         state_dict = model.get_adapter_state_dict(adapter_name=adapter_name)
-        state_dict = {f"base_model.model.{k}": v.detach().cpu().contiguous() for k, v in state_dict.items()}
-        save_file(state_dict, os.path.join(save_directory, "adapter_model.safetensors"))
-        config = model.peft_config[adapter_name].to_dict()
-        config = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
-        with open(os.path.join(save_directory, "adapter_config.json"), "w") as f:
-            json.dump(config, f, indent=2, sort_keys=True)
+        state_dict = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+        write_peft_adapter(save_directory, state_dict, model.peft_config[adapter_name])
 
     # ------------------------------------------------------------------------------------------------------------------
     # Per-call state (as in diffusers' pipelines)
@@ -787,38 +798,48 @@ class EditR2Pipeline(DiffusionPipeline, QwenImageLoraLoaderMixin):
         Returns:
             `torch.Tensor` `(B, N, C)`, in the transformer's dtype.
         """
-        latent_model_input = torch.cat([latents, conditioning.image_latents.expand(latents.shape[0], -1, -1)], dim=1)
-        with self.transformer.cache_context("cond"):
-            noise_pred = self.transformer(
-                hidden_states=latent_model_input,
-                timestep=timestep / 1000,
-                guidance=guidance,
-                encoder_hidden_states_mask=conditioning.prompt_embeds_mask,
-                encoder_hidden_states=conditioning.prompt_embeds,
-                img_shapes=conditioning.img_shapes * latents.shape[0],
-                attention_kwargs=attention_kwargs,
-                return_dict=False,
-            )[0]
-            noise_pred = noise_pred[:, : latents.size(1)]
+        noise_pred = self._transformer_velocity(latents, timestep, conditioning, guidance, attention_kwargs)
         if true_cfg_scale <= 1 or conditioning.negative_prompt_embeds is None:
             return noise_pred
 
-        with self.transformer.cache_context("uncond"):
-            neg_noise_pred = self.transformer(
-                hidden_states=latent_model_input,
-                timestep=timestep / 1000,
-                guidance=guidance,
-                encoder_hidden_states_mask=conditioning.negative_prompt_embeds_mask,
-                encoder_hidden_states=conditioning.negative_prompt_embeds,
-                img_shapes=conditioning.img_shapes * latents.shape[0],
-                attention_kwargs=attention_kwargs,
-                return_dict=False,
-            )[0]
-        neg_noise_pred = neg_noise_pred[:, : latents.size(1)]
+        neg_noise_pred = self._transformer_velocity(
+            latents, timestep, conditioning, guidance, attention_kwargs, negative=True
+        )
         comb_pred = neg_noise_pred + true_cfg_scale * (noise_pred - neg_noise_pred)
         cond_norm = torch.norm(noise_pred, dim=-1, keepdim=True)  # (B, N, 1)
         noise_norm = torch.norm(comb_pred, dim=-1, keepdim=True)
         return comb_pred * (cond_norm / noise_norm)
+
+    def _transformer_velocity(
+        self,
+        latents: torch.Tensor,
+        timestep: torch.Tensor,
+        conditioning: TurnConditioning,
+        guidance: torch.Tensor | None,
+        attention_kwargs: dict[str, Any] | None,
+        negative: bool = False,
+    ) -> torch.Tensor:
+        """One transformer pass of [`predict_velocity`]: conditioned on the prompt (`negative=False`, cache "cond") or
+        on the negative prompt (cache "uncond"); the reference tokens are sliced off the output `(B, N, C)`."""
+        prompt_embeds, prompt_embeds_mask = conditioning.prompt_embeds, conditioning.prompt_embeds_mask
+        if negative:
+            prompt_embeds = conditioning.negative_prompt_embeds
+            prompt_embeds_mask = conditioning.negative_prompt_embeds_mask
+        batch_size, num_latents = latents.shape[:2]
+        references = conditioning.image_latents.expand(batch_size, -1, -1)  # (B, N_ref, C)
+        latent_model_input = torch.cat([latents, references], dim=1)  # (B, N + N_ref, C)
+        with self.transformer.cache_context("uncond" if negative else "cond"):
+            noise_pred = self.transformer(
+                hidden_states=latent_model_input,
+                timestep=timestep / 1000,
+                guidance=guidance,
+                encoder_hidden_states_mask=prompt_embeds_mask,
+                encoder_hidden_states=prompt_embeds,
+                img_shapes=conditioning.img_shapes * batch_size,
+                attention_kwargs=attention_kwargs,
+                return_dict=False,
+            )[0]
+        return noise_pred[:, :num_latents]
 
     def velocity_fn(
         self,

@@ -274,12 +274,11 @@ def test_resume_after_kill(tmp_path):
     assert "| 3 | 8 |" in (out / "report.md").read_text()
 
 
-def test_cli_with_the_tiny_editr2_pipeline(tmp_path):
+def test_cli_with_the_tiny_editr2_pipeline(tmp_path, tiny_dir):
     pytest.importorskip("diffusers")
-    from diffusers_editr2.testing import TINY_CALL_KWARGS, tiny_pipeline
+    from diffusers_editr2.testing import TINY_CALL_KWARGS
 
-    model = tmp_path / "pipe"
-    tiny_pipeline(seed=0).save_pretrained(model)
+    model = tiny_dir
     sessions = load_sessions(FIXTURE, limit=1)
     images = placeholder_images(tmp_path / "images", sessions)
 

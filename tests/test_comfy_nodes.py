@@ -6,6 +6,7 @@ pipeline folder under the stand-in's models/editr2/ and loaded through the Load 
 
 import json
 import pathlib
+import shutil
 
 import pytest
 import torch
@@ -25,11 +26,9 @@ def comfy(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tiny_model(comfy):
-    """The tiny pipeline saved as models/editr2/<TINY_MODEL> and loaded by the Load Model node (CPU, float32)."""
-    from diffusers_editr2.testing import tiny_pipeline
-
-    tiny_pipeline(seed=0).save_pretrained(pathlib.Path(comfy.model.folder_paths.models_dir) / "editr2" / TINY_MODEL)
+def tiny_model(comfy, tiny_dir):
+    """The tiny pipeline copied to models/editr2/<TINY_MODEL> and loaded by the Load Model node (CPU, float32)."""
+    shutil.copytree(tiny_dir, pathlib.Path(comfy.model.folder_paths.models_dir) / "editr2" / TINY_MODEL)
     return comfy.nodes.EditR2LoadModel.execute(TINY_MODEL, "float32", "cpu")[0]
 
 

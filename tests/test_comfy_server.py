@@ -11,6 +11,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import shutil
 import socket
 import subprocess
 import sys
@@ -174,15 +175,13 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    from diffusers_editr2.testing import tiny_pipeline
-
+def server(tmp_path_factory, tiny_dir):
     root = tmp_path_factory.mktemp("comfy_server")
     packs = root / "packs"  # outside the ComfyUI tree, named in the extra paths file
     packs.mkdir()
     (packs / "editr2").symlink_to(REPO, target_is_directory=True)  # what a clone into custom_nodes/ looks like
     models = root / "models" / "editr2"
-    tiny_pipeline(seed=0).save_pretrained(models / TINY_MODEL)
+    shutil.copytree(tiny_dir, models / TINY_MODEL)
     for folder in ("custom_nodes", "input", "output", "user"):  # the --base-directory layout ComfyUI expects
         (root / "base" / folder).mkdir(parents=True)
     input_dir = root / "base" / "input"

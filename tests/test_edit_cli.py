@@ -4,27 +4,12 @@ import argparse
 import json
 
 import pytest
-import torch
 from PIL import Image
 
-from diffusers_editr2.testing import save_qwen_image_edit_plus_layout, tiny_image
+from diffusers_editr2.testing import tiny_image
 from diffusers_editr2 import cli as edit_cli
 from editr2.filmstrip import Frame, filmstrip
 from editr2.session import Session
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread, and several threads thrash on a shared 2-core machine (7x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_qwen_image_edit_plus_layout(tmp_path_factory.mktemp("cli") / "Qwen-Image-Edit-2509")
 
 
 def main(argv):
@@ -46,8 +31,8 @@ def run_cli(model_dir, tmp_path, *extra):
     return tmp_path / "out"
 
 
-def test_edit_writes_turns_session_and_filmstrip(model_dir, tmp_path, capsys):
-    out = run_cli(model_dir, tmp_path, "--reasoning", "intent")
+def test_edit_writes_turns_session_and_filmstrip(qwen_edit_plus_dir, tmp_path, capsys):
+    out = run_cli(qwen_edit_plus_dir, tmp_path, "--reasoning", "intent")
     files = {p.name for p in out.iterdir()}
     assert {"session.json", "source.png", "turn_01.png", "turn_02.png", "filmstrip.png", "latents.safetensors"} <= files
     session = Session.load(out)
@@ -62,13 +47,13 @@ def test_edit_writes_turns_session_and_filmstrip(model_dir, tmp_path, capsys):
     assert doc["turns"][0]["meta"]["reasoning"] == "intent"
 
     # running again into the same directory replaces the session (same seeds: same images)
-    again = run_cli(model_dir, tmp_path, "--reasoning", "intent")
+    again = run_cli(qwen_edit_plus_dir, tmp_path, "--reasoning", "intent")
     assert Session.load(again).turns[1].image.tobytes() == session.turns[1].image.tobytes()
 
 
-def test_edit_none_matches_history_first_turn(model_dir, tmp_path):
-    none = Session.load(run_cli(model_dir, tmp_path / "a", "--reasoning", "none"))
-    history = Session.load(run_cli(model_dir, tmp_path / "b", "--reasoning", "history"))
+def test_edit_none_matches_history_first_turn(qwen_edit_plus_dir, tmp_path):
+    none = Session.load(run_cli(qwen_edit_plus_dir, tmp_path / "a", "--reasoning", "none"))
+    history = Session.load(run_cli(qwen_edit_plus_dir, tmp_path / "b", "--reasoning", "history"))
     # turn 1 has no history, so both modes condition on the same text and image
     assert none.turns[0].image.tobytes() == history.turns[0].image.tobytes()
     assert history.turns[1].intent.startswith("Earlier instructions: (1) make the sign yellow")

@@ -12,29 +12,7 @@ from editr2.intent import Intent
 from editr2.session import Session
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread, and several threads thrash on a shared 2-core machine (7x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 PROMPTS = ["make the sign yellow", "now make it black", "add a red ball on the left", "undo that"]
-
-
-@pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-editr2")
-    tiny_pipeline(seed=0).save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="session")
-def pipe(tiny_dir):
-    pipe = EditR2Pipeline.from_pretrained(tiny_dir)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def gen(seed):

@@ -7,24 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusers_editr2.pipeline_editr2 import EditR2Pipeline, check_image
-from diffusers_editr2.testing import TINY_CALL_KWARGS, tiny_image, tiny_pipeline
+from diffusers_editr2.pipeline_editr2 import check_image
+from diffusers_editr2.testing import TINY_CALL_KWARGS, tiny_image
 from editr2.intent import parse_answer
 from editr2.session import Session
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread, and several threads thrash on a shared 2-core machine (7x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    return tiny_pipeline(seed=0)
 
 
 @pytest.fixture(scope="module")

@@ -13,20 +13,11 @@ from diffusers_editr2.processing import Qwen2VLImageOnlyProcessor
 from diffusers_editr2.testing import (
     QWEN_IMAGE_EDIT_PLUS_MODEL_INDEX,
     TINY_CALL_KWARGS,
-    save_qwen_image_edit_plus_layout,
     tiny_image,
     tiny_pipeline,
 )
 from editr2.session import Session
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread, and several threads thrash on a shared 2-core machine (7x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 KWARGS = dict(TINY_CALL_KWARGS, reasoning="none", output_type="np")
 
@@ -35,8 +26,8 @@ def gen(seed):
     return torch.Generator().manual_seed(seed)
 
 
-def test_real_qwen_image_edit_2509_layout_loads_unchanged(tmp_path):
-    folder = save_qwen_image_edit_plus_layout(tmp_path / "Qwen-Image-Edit-2509")
+def test_real_qwen_image_edit_2509_layout_loads_unchanged(qwen_edit_plus_dir):
+    folder = qwen_edit_plus_dir
     index_before = (folder / "model_index.json").read_text()
     assert json.loads(index_before) == QWEN_IMAGE_EDIT_PLUS_MODEL_INDEX
     files = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}

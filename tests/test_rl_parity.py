@@ -21,15 +21,6 @@ from trl_editr2.rollout import rollout_session, seeded_generator
 from trl_editr2.testing import TINY_IMAGE_SIZE, pixel_hash_reward, tiny_dataset, tiny_trainer
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and a shared, loaded CPU makes multi-threaded tiny ops crawl)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def trainer(tmp_path_factory):
     """Reasoning on and trained, beta > 0: every part of the loss is exercised."""

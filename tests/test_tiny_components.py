@@ -21,15 +21,6 @@ from diffusers_editr2.testing import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread, and several threads thrash on a shared 2-core machine (7x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_components_registered_like_qwen_image_edit_plus():
     pipe = tiny_pipeline(seed=0)
     upstream = inspect.signature(QwenImageEditPlusPipeline.__init__).parameters

@@ -23,15 +23,6 @@ TRL_METRICS = (
 )  # fmt: skip
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and a shared, loaded CPU makes multi-threaded tiny ops crawl)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Config
 # ---------------------------------------------------------------------------------------------------------------------
@@ -169,15 +160,14 @@ def test_saved_adapters_load_into_the_pipeline_and_reproduce_the_policy(uninterr
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def test_qwen_image_edit_2509_config_builds_the_trainer_on_the_real_layout(tmp_path, monkeypatch):
+def test_qwen_image_edit_2509_config_builds_the_trainer_on_the_real_layout(tmp_path, monkeypatch, qwen_edit_plus_dir):
     from peft.tuners.lora import LoraLayer
 
-    from diffusers_editr2.testing import save_qwen_image_edit_plus_layout
     from trl_editr2 import EditR2Trainer
     from trl_editr2.scripts.editr2 import make_parser
     from trl_editr2.testing import tiny_dataset
 
-    folder = save_qwen_image_edit_plus_layout(tmp_path / "Qwen-Image-Edit-2509")
+    folder = qwen_edit_plus_dir
     judges = tmp_path / "judges.yaml"  # an OpenAI-compatible VLM judge (never called here)
     judges.write_text("vlm: {backend: openai, model: judge, base_url: 'http://127.0.0.1:9/v1'}\nmetrics: [IF, GA]\n")
     monkeypatch.setenv("EDITR2_JUDGE_CONFIG", str(judges))

@@ -69,32 +69,22 @@ def add_lora_adapters(pipeline, args: EditR2Config) -> None:
 
 
 def _add_adapters(pipeline, args: EditR2Config) -> None:
-    from peft import LoraConfig
-
-    pipeline.transformer.add_adapter(
-        LoraConfig(
-            r=args.lora_r,
-            lora_alpha=args.lora_alpha,
-            lora_dropout=args.lora_dropout,
-            init_lora_weights=args.lora_init,
-            target_modules=list(args.lora_target_modules),
-        ),
-        adapter_name=TRANSFORMER_ADAPTER,
-    )
+    config = _lora_config(args, args.lora_r, args.lora_alpha, list(args.lora_target_modules))
+    pipeline.transformer.add_adapter(config, adapter_name=TRANSFORMER_ADAPTER)
     if args.train_reasoning:
         targets = args.text_lora_target_modules
         if "," in targets and not any(c in targets for c in "*\\|()"):
             targets = [t.strip() for t in targets.split(",") if t.strip()]
-        pipeline.text_encoder.add_adapter(
-            LoraConfig(
-                r=args.text_lora_r,
-                lora_alpha=args.text_lora_alpha,
-                lora_dropout=args.lora_dropout,
-                init_lora_weights=args.lora_init,
-                target_modules=targets,
-            ),
-            adapter_name=REASONING_ADAPTER,
-        )
+        config = _lora_config(args, args.text_lora_r, args.text_lora_alpha, targets)
+        pipeline.text_encoder.add_adapter(config, adapter_name=REASONING_ADAPTER)
+
+
+def _lora_config(args: EditR2Config, r: int, lora_alpha: int, target_modules):
+    """A peft `LoraConfig` with the dropout and initialisation both adapters share."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=args.lora_dropout, init_lora_weights=args.lora_init,
+                      target_modules=target_modules)
 
 
 def vision_token_ids(text_encoder: nn.Module) -> list[int]:

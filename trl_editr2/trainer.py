@@ -17,7 +17,6 @@ checkpoints with RNG state, `trainer_state.json`, callbacks and `report_to`. The
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -520,16 +519,11 @@ def _save_reasoning_lora(text_encoder, state: dict[str, Tensor], directory: str)
     """The reasoning LoRA in peft's format, as `EditR2Pipeline.save_reasoning_lora` writes it (and
     `load_reasoning_lora` reads it), from gathered tensors (so it also works when the live weights are sharded)."""
     from peft.utils import get_peft_model_state_dict
-    from safetensors.torch import save_file
 
-    os.makedirs(directory, exist_ok=True)
+    from diffusers_editr2.pipeline_editr2 import write_peft_adapter
+
     adapter = get_peft_model_state_dict(text_encoder, state_dict=state, adapter_name=REASONING_ADAPTER)
-    save_file({f"base_model.model.{k}": v for k, v in adapter.items()},
-              os.path.join(directory, "adapter_model.safetensors"))
-    config = text_encoder.peft_config[REASONING_ADAPTER].to_dict()
-    config = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
-    with open(os.path.join(directory, "adapter_config.json"), "w") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
+    write_peft_adapter(directory, adapter, text_encoder.peft_config[REASONING_ADAPTER])
 
 
 def _full_tensor(tensor: Tensor) -> Tensor:

@@ -48,17 +48,7 @@ REQUIRED_FIELDS: tuple[str, ...] = (
 )
 OPTIONAL_OBJECT_FIELDS: tuple[str, ...] = ("available_objects", "all_objects")
 # Order in which fields are written: the release's order.
-FIELD_ORDER: tuple[str, ...] = (
-    "image",
-    "instruction",
-    "task_type",
-    "formatted_instruction",
-    "bg_consistency",
-    "unchanged_objects",
-    "available_objects",
-    "all_objects",
-    "turns",
-)
+FIELD_ORDER: tuple[str, ...] = REQUIRED_FIELDS + OPTIONAL_OBJECT_FIELDS + ("turns",)
 
 
 class MiceFormatError(ValueError):

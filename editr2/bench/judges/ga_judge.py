@@ -23,6 +23,7 @@ from .protocol import (
     RetryPolicy,
     TurnRequest,
     aggregate_votes,
+    check_vote_counts,
     describe_error,
     judge_with_retries,
     map_bounded,
@@ -66,8 +67,7 @@ class GAConfig:
     max_tokens: int | None = None
 
     def __post_init__(self):
-        if self.num_votes < 1 or self.min_valid_votes < 1 or self.min_valid_votes > self.num_votes:
-            raise ValueError("need num_votes >= 1 and 1 <= min_valid_votes <= num_votes")
+        check_vote_counts(self.num_votes, self.min_valid_votes)
 
 
 def build_ga_prompt(instructions: Sequence[str]) -> str:

@@ -26,6 +26,7 @@ from .protocol import (
     RetryPolicy,
     TurnRequest,
     call_with_retries,
+    check_vote_counts,
     describe_error,
     judge_with_retries,
     parse_count,
@@ -95,8 +96,7 @@ class IFConfig:
     presence_threshold: float | None = None
 
     def __post_init__(self):
-        if self.num_votes < 1 or self.min_valid_votes < 1 or self.min_valid_votes > self.num_votes:
-            raise ValueError("need num_votes >= 1 and 1 <= min_valid_votes <= num_votes")
+        check_vote_counts(self.num_votes, self.min_valid_votes)
 
 
 def parse_formatted_instruction(task_type: str, text: str) -> dict[str, str] | None:

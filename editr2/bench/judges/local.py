@@ -17,6 +17,7 @@ from typing import Sequence
 import torch
 from PIL import Image
 
+from ...image_only_processor import ImageOnlyProcessorMixin
 from .backends import Detection, normalise_box
 from .protocol import JudgeError
 
@@ -26,6 +27,12 @@ def _torch_dtype(name: str) -> torch.dtype:
     if name not in dtypes:
         raise ValueError(f"dtype must be one of {sorted(dtypes)}, got {name!r}")
     return dtypes[name]
+
+
+def _load_model(model_class, config: LocalModelConfig):
+    """`model_class.from_pretrained(config.path)` in the configured dtype, on the configured device, in eval mode."""
+    model = model_class.from_pretrained(config.path, dtype=_torch_dtype(config.dtype))
+    return model.to(config.device).eval()
 
 
 @dataclass
@@ -82,8 +89,7 @@ class TransformersDetector:
 
         self.config = config
         self.processor = AutoProcessor.from_pretrained(config.path)
-        self.model = AutoModelForZeroShotObjectDetection.from_pretrained(config.path, dtype=_torch_dtype(config.dtype))
-        self.model.to(config.device).eval()
+        self.model = _load_model(AutoModelForZeroShotObjectDetection, config)
         self._lock = threading.Lock()
 
     @torch.no_grad()
@@ -121,8 +127,7 @@ class TransformersFeatures:
 
         self.config = config
         self.processor = AutoImageProcessor.from_pretrained(config.path)
-        self.model = AutoModel.from_pretrained(config.path, dtype=_torch_dtype(config.dtype))
-        self.model.to(config.device).eval()
+        self.model = _load_model(AutoModel, config)
         model_config = self.model.config
         self.patch_size = int(getattr(model_config, "patch_size", 14))
         self.num_prefix = 1 + int(getattr(model_config, "num_register_tokens", 0) or 0)
@@ -156,8 +161,7 @@ class TransformersVLM:
         from transformers import AutoModelForImageTextToText
 
         self.config = config
-        self.model = AutoModelForImageTextToText.from_pretrained(config.path, dtype=_torch_dtype(config.dtype))
-        self.model.to(config.device).eval()
+        self.model = _load_model(AutoModelForImageTextToText, config)
         self.processor = load_vlm_processor(config.path, self.model.config.model_type)
         self._lock = threading.Lock()
 
@@ -195,15 +199,9 @@ def image_only_qwen_vl_processor_class():
     global _image_only_class
     if _image_only_class is None:
         from transformers import Qwen2_5_VLProcessor
-        from transformers.processing_utils import ProcessorMixin
 
-        class ImageOnlyQwenVLProcessor(Qwen2_5_VLProcessor):
-            def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-                self.image_token = getattr(tokenizer, "image_token", None) or "<|image_pad|>"
-                self.video_token = getattr(tokenizer, "video_token", None) or "<|video_pad|>"
-                self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
-                self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
-                ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+        class ImageOnlyQwenVLProcessor(ImageOnlyProcessorMixin, Qwen2_5_VLProcessor):
+            pass
 
         _image_only_class = ImageOnlyQwenVLProcessor
     return _image_only_class

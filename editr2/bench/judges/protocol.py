@@ -282,6 +282,12 @@ def aggregate_votes(votes: Sequence[float | None], *, min_valid: int = 1, reason
     return Judgement(sum(valid) / len(valid), OK, reason, tuple(votes))
 
 
+def check_vote_counts(num_votes: int, min_valid_votes: int) -> None:
+    """Validate a judge config's vote settings (`num_votes` votes, `min_valid_votes` of them needed for a score)."""
+    if num_votes < 1 or min_valid_votes < 1 or min_valid_votes > num_votes:
+        raise ValueError("need num_votes >= 1 and 1 <= min_valid_votes <= num_votes")
+
+
 def run_votes(
     vote: Callable[[int], tuple[float, str]],
     num_votes: int,

@@ -25,7 +25,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from .render import cell_windows, templates, to_array, window_size
+from .render import cell_windows, grow_mask, templates, to_array, window_size
 from .world import CELLS, COLOR_NAMES, COLORS, SHAPES, SIZES, TONE_NAMES, TONES, Obj, Scene
 
 PALETTE = np.array([COLORS[c] for c in COLOR_NAMES], dtype=np.float32)  # (6, 3)
@@ -183,7 +183,7 @@ def analyze_batch(images: Sequence[Image.Image] | np.ndarray, backgrounds=None) 
             objects.append(Obj(SHAPES[shape_i], COLOR_NAMES[color_idx[i, k]], SIZES[size_i], cell))
             y0, x0 = windows[cell]
             mask[y0:y0 + w, x0:x0 + w] |= templates(size)[k, shape_i, size_i] > 0
-        mask = _dilate(mask, 1)
+        mask = grow_mask(mask, 1)
         background = np.where(mask[..., None], smooth[i], x[i])
         scene = Scene(tuple(objects), -1, TONE_NAMES[tone_idx[i]])
         results.append(ParseResult(scene, background, mask, t[i].reshape(size, size)))
@@ -203,17 +203,6 @@ def fill_holes(values: np.ndarray, known: np.ndarray, sigma: float = 3.0) -> np.
     num = _blur2d(values[None].astype(np.float32) * k, g)[0]
     den = _blur2d(k, g)[0]
     return np.where(known[..., None], values, num / np.maximum(den, 1e-6))
-
-
-def _dilate(mask: np.ndarray, steps: int) -> np.ndarray:
-    for _ in range(steps):
-        grown = mask.copy()
-        grown[1:] |= mask[:-1]
-        grown[:-1] |= mask[1:]
-        grown[:, 1:] |= mask[:, :-1]
-        grown[:, :-1] |= mask[:, 1:]
-        mask = grown
-    return mask
 
 
 def analyze(image: Image.Image | np.ndarray) -> ParseResult:

@@ -91,7 +91,12 @@ def object_mask(scene: Scene, size: int, dilate: int = 1) -> np.ndarray:
     for obj in scene.objects:
         (y0, x0), cov = coverage(obj, size)
         mask[y0:y0 + w, x0:x0 + w] |= cov > 0
-    for _ in range(dilate):
+    return grow_mask(mask, dilate)
+
+
+def grow_mask(mask: np.ndarray, steps: int) -> np.ndarray:
+    """Boolean `(H, W)` mask grown by `steps` pixels (4-neighbourhood: up, down, left, right)."""
+    for _ in range(steps):
         grown = mask.copy()
         grown[1:] |= mask[:-1]
         grown[:-1] |= mask[1:]
