@@ -53,6 +53,7 @@ from editr2.intent import Intent, build_messages, parse_answer
 from editr2.session import Session, Turn
 
 from .pipeline_output import EditR2PipelineOutput
+from .processing import Qwen2VLImageOnlyProcessor  # noqa: F401  (folders we save name this module: it must be imported)
 
 logger = logging.get_logger(__name__)  # pylint: disable=invalid-name
 
@@ -285,8 +286,6 @@ class EditR2Pipeline(DiffusionPipeline, QwenImageLoraLoaderMixin):
             config = cls.load_config(pretrained_model_name_or_path, **_hub_kwargs(kwargs))
             library, class_name = config.get("processor", [None, None])
             if library == "transformers" and class_name in ("Qwen2VLProcessor", "Qwen2_5_VLProcessor"):
-                from .processing import Qwen2VLImageOnlyProcessor
-
                 kwargs["processor"] = Qwen2VLImageOnlyProcessor.from_pretrained(
                     pretrained_model_name_or_path, subfolder="processor", **_hub_kwargs(kwargs)
                 )

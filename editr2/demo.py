@@ -66,7 +66,9 @@ def _run_model(args: argparse.Namespace) -> int:
     summary = {}
     for family in ("cm", "cu"):
         truth = generate_session(family, args.turns, args.seed)
-        out = pipe.edit_session(truth.source_image(), list(truth.instruction), generator=torch.manual_seed(args.seed))
+        # reference_area=None: the tiny model works at the image's own size, not upstream's 1-megapixel default
+        out = pipe.edit_session(truth.source_image(), list(truth.instruction), reference_area=None,
+                                generator=torch.manual_seed(args.seed))
         session = out.session
         scores = score_session(truth, [session.source_image, *session.images[1:]])
         folder = args.out / f"{family}_session"

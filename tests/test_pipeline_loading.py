@@ -115,3 +115,17 @@ def test_reasoning_lora_writes_but_does_not_encode(tmp_path):
     assert np.array_equal(a.images, b.images)
     with pytest.raises(ValueError, match="no adapter named"):
         fresh.save_reasoning_lora(tmp_path / "x", adapter_name="other")
+
+
+def test_a_saved_pipeline_loads_in_a_fresh_process(tiny_dir):
+    """Nothing but `from diffusers_editr2 import EditR2Pipeline` is needed to load a folder we saved."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from diffusers_editr2 import EditR2Pipeline; "
+        "pipe = EditR2Pipeline.from_pretrained(sys.argv[1]); print(type(pipe.processor).__name__)"
+    )
+    result = subprocess.run([sys.executable, "-c", code, str(tiny_dir)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().endswith("Processor")
