@@ -1,0 +1,422 @@
+"""Stage 3: editor SFT, flow matching of the tiny QwenImageTransformer2DModel through the pipeline's own code path.
+
+Each example is one turn of a generated cm/cu session: the reference is the turn's input image, the target its
+ground-truth output, the text its gold operative intent (sometimes the raw instruction when that is self-contained,
+sometimes empty for classifier-free guidance). The frozen stage-1 VAE and stage-2 text encoder build the conditioning
+with `EditR2Pipeline`'s methods (`encode_prompt`, `condition_image`, `_encode_vae_image`, `_pack_latents`,
+`image_shapes`), and the velocity comes from `EditR2Pipeline.predict_velocity`: reference tokens ride after the noisy
+target tokens, at the same (h, w) RoPE positions in the next frame, exactly as at sampling time.
+
+Designed for copying (the reference is the answer except where the edit acts):
+- the transformer's inner width is above the packed token width (`4 * z_dim`);
+- DiT-style zero initialisation (adaLN gates and the output projection), so every block starts as the identity;
+- an edit-region-weighted loss (tokens whose target latent differs from the reference weigh `1 + edit_weight`);
+- a curriculum on the number of objects in the reference scene.
+
+    python examples/train_default/train_editor.py --run-dir runs/editor \
+        --set vae_path=runs/vae/vae --set reasoner_path=runs/reasoner
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import common
+
+
+@dataclass
+class EditorConfig:
+    """Stage-3 settings.
+
+    Args:
+        seed: seeds the init, the data and the noise.
+        vae_path: the stage-1 VAE folder (`RUN_DIR/vae` of train_vae.py).
+        reasoner_path: the stage-2 run folder (its `text_encoder`, `tokenizer`, `processor`).
+        num_layers, num_heads, head_dim, axes_dims_rope: the QwenImageTransformer2DModel (inner width
+            `num_heads * head_dim` must be >= `4 * z_dim`; `sum(axes_dims_rope) == head_dim`).
+        zero_init: DiT-style zero initialisation of the modulation and output layers.
+        copy_head_temperature: > 0 initialises attention head 0 of block 0 as a *copy head*: constant query and key
+            vectors on the highest RoPE frequencies, so each target token attends to the reference token at the same
+            (h, w) in the next frame (sharpness set by this RMS-norm weight), and opens that block's attention gate.
+            0 disables it.
+        init_from: start from these transformer weights (a `transformer/` folder of an earlier run) instead of a
+            fresh init: the image-side skills carry over when the text encoder changes.
+        image_size, condition_size: working size and the VLM's view of the reference (pixels per side).
+        max_turns: sessions of 1..max_turns turns are drawn (one turn of each is an example).
+        curriculum: `[[fraction_of_max_steps, max_objects_in_reference], ...]`, in order; after the last, any scene.
+        raw_instruction_prob: probability to condition on the raw instruction instead of the intent when the
+            instruction is self-contained (explicit target, no rule colour, not an undo).
+        drop_text_prob: probability of the empty prompt `" "` (enables true CFG at sampling).
+        edit_weight, edit_threshold: tokens whose mean squared latent change exceeds the threshold weigh
+            `1 + edit_weight`.
+        logit_mean, logit_std: sigma ~ sigmoid(N(mean, std)) (logit-normal).
+        batch_size, lr, warmup, max_steps, weight_decay, grad_clip: optimisation.
+        eval_every, eval_sessions, eval_steps: single-turn evaluation through the pipeline's `__call__`.
+        save_every, keep, threads.
+    """
+
+    seed: int = 0
+    vae_path: str = "runs/vae/vae"
+    reasoner_path: str = "runs/reasoner"
+    num_layers: int = 4
+    num_heads: int = 2
+    head_dim: int = 64
+    axes_dims_rope: tuple = (16, 24, 24)
+    zero_init: bool = True
+    copy_head_temperature: float = 0.0
+    init_from: str = ""
+    image_size: int = 64
+    condition_size: int = 32
+    max_turns: int = 4
+    curriculum: tuple = ((0.15, 1), (0.35, 2))
+    raw_instruction_prob: float = 0.15
+    drop_text_prob: float = 0.1
+    edit_weight: float = 4.0
+    edit_threshold: float = 0.02
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    batch_size: int = 16
+    lr: float = 1e-3
+    warmup: int = 100
+    max_steps: int = 3000
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    eval_every: int = 500
+    eval_sessions: int = 32
+    eval_steps: int = 16
+    save_every: int = 100
+    keep: int = 2
+    threads: int = 1
+
+    FROZEN_FIELDS = ("seed", "num_layers", "num_heads", "head_dim", "axes_dims_rope", "image_size", "condition_size",
+                     "init_from", "copy_head_temperature")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def build_transformer(cfg: EditorConfig, z_dim: int, text_dim: int):
+    from diffusers import QwenImageTransformer2DModel
+
+    inner = cfg.num_heads * cfg.head_dim
+    if inner < 4 * z_dim:
+        raise ValueError(f"inner width {inner} < packed latent width {4 * z_dim}: part of the noise could never be "
+                         "recovered; raise num_heads or head_dim.")
+    if sum(cfg.axes_dims_rope) != cfg.head_dim:
+        raise ValueError(f"axes_dims_rope {cfg.axes_dims_rope} must sum to head_dim={cfg.head_dim}.")
+    model = QwenImageTransformer2DModel(
+        patch_size=2, in_channels=4 * z_dim, out_channels=z_dim, num_layers=cfg.num_layers,
+        attention_head_dim=cfg.head_dim, num_attention_heads=cfg.num_heads, joint_attention_dim=text_dim,
+        guidance_embeds=False, axes_dims_rope=tuple(cfg.axes_dims_rope))
+    if cfg.zero_init:
+        for block in model.transformer_blocks:
+            for mod in (block.img_mod, block.txt_mod):
+                torch.nn.init.zeros_(mod[-1].weight)
+                torch.nn.init.zeros_(mod[-1].bias)
+        torch.nn.init.zeros_(model.proj_out.weight)
+        torch.nn.init.zeros_(model.proj_out.bias)
+    return model
+
+
+@torch.no_grad()
+def init_copy_head(model, temperature: float, num_freqs: int = 3) -> None:
+    """Make head 0 of the first block attend from each target token to the reference token at the same (h, w).
+
+    Query and key of that head are constant (bias only) and non-zero only on the `num_freqs` highest RoPE frequency
+    pairs of the height and width axes (score `sum_p cos(theta_p dh) + cos(theta_p dw)`, maximal at dh = dw = 0)
+    and on the frame axis' highest pair, where the query is turned by +1 rad so that the score peaks one frame later
+    (the reference, not the token itself). Text keys of the head are zero. The block's attention gate is opened
+    (bias 1) so the head's output reaches the residual stream from the first step.
+    """
+    block = model.transformer_blocks[0]
+    attn = block.attn
+    head_dim = attn.inner_dim // attn.heads
+    frame, height, _ = model.config.axes_dims_rope
+    q = torch.zeros(head_dim)
+    k = torch.zeros(head_dim)
+    q[0], q[1], k[0] = math.cos(1.0), math.sin(1.0), 1.0  # frame axis, frequency 1 rad: peak at d(frame) = -1
+    for p in range(num_freqs):
+        for start in (frame, frame + height):  # height axis, width axis
+            q[start + 2 * p] = k[start + 2 * p] = 1.0
+    for proj, vector in ((attn.to_q, q), (attn.to_k, k), (attn.add_k_proj, torch.zeros(head_dim))):
+        proj.weight[:head_dim] = 0.0
+        proj.bias[:head_dim] = vector
+    used = (q != 0) | (k != 0)
+    attn.norm_q.weight[used] = temperature
+    attn.norm_k.weight[used] = temperature
+    dim = attn.inner_dim
+    block.img_mod[-1].bias[2 * dim:3 * dim] = 1.0  # gate of the attention output (shift, scale, gate, ...)
+
+
+def load_frozen_parts(cfg: EditorConfig) -> dict:
+    """The stage-1 VAE and the stage-2 text encoder, tokenizer and processor (frozen), plus the scheduler."""
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler
+    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
+
+    from diffusers_editr2.processing import Qwen2VLImageOnlyProcessor
+    from diffusers_editr2.testing import qwen_image_scheduler_config
+
+    reasoner = Path(cfg.reasoner_path)
+    parts = {
+        "vae": AutoencoderKLQwenImage.from_pretrained(cfg.vae_path).eval().requires_grad_(False),
+        "text_encoder": Qwen2_5_VLForConditionalGeneration.from_pretrained(reasoner / "text_encoder").eval()
+        .requires_grad_(False),
+        "tokenizer": Qwen2Tokenizer.from_pretrained(reasoner / "tokenizer"),
+        "processor": Qwen2VLImageOnlyProcessor.from_pretrained(reasoner / "processor"),
+        "scheduler": FlowMatchEulerDiscreteScheduler.from_config(qwen_image_scheduler_config()),
+    }
+    return parts
+
+
+def build_pipeline(cfg: EditorConfig, transformer=None, parts: dict | None = None):
+    from diffusers_editr2 import EditR2Pipeline
+
+    parts = parts or load_frozen_parts(cfg)
+    if transformer is None:
+        common.seed_everything(cfg.seed)
+        transformer = build_transformer(cfg, parts["vae"].config.z_dim, parts["text_encoder"].config.text_config
+                                        .hidden_size)
+        if cfg.copy_head_temperature > 0:
+            init_copy_head(transformer, cfg.copy_head_temperature)
+        if cfg.init_from:
+            from diffusers import QwenImageTransformer2DModel
+
+            transformer.load_state_dict(QwenImageTransformer2DModel.from_pretrained(cfg.init_from).state_dict())
+    pipe = EditR2Pipeline(transformer=transformer, **parts)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Conditioning through the pipeline's methods (batched)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def encode_images(pipe, images, size: int) -> torch.Tensor:
+    """VAE-encode PIL images as `EditR2Pipeline.encode_image` does, batched: packed, normalised `(B, N, 4z)`."""
+    pixels = pipe.image_processor.preprocess(images, size, size).unsqueeze(2)  # (B, 3, 1, H, W)
+    pixels = pixels.to(dtype=pipe.vae.dtype)
+    with common.single_frame_convs():
+        latents = pipe._encode_vae_image(image=pixels, generator=None)  # (B, z, 1, h, w)
+    h, w = latents.shape[3:]
+    return pipe._pack_latents(latents, latents.shape[0], pipe.latent_channels, h, w)
+
+
+@torch.no_grad()
+def encode_texts(pipe, texts, references, condition_area: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`pipe.encode_prompt(text, [condition image])` per example, padded like diffusers pads a batch:
+    `(B, L, D)` embeddings and a `(B, L)` mask."""
+    embeds = []
+    for text, image in zip(texts, references):
+        e, _ = pipe.encode_prompt(text, [pipe.condition_image(image, condition_area)], device="cpu")
+        embeds.append(e[0])  # (L_i, D)
+    length = max(e.shape[0] for e in embeds)
+    out = torch.zeros(len(embeds), length, embeds[0].shape[-1], dtype=embeds[0].dtype)
+    mask = torch.zeros(len(embeds), length, dtype=torch.long)
+    for i, e in enumerate(embeds):
+        out[i, : len(e)], mask[i, : len(e)] = e, 1
+    return out, mask
+
+
+def conditioning(pipe, references, texts, cfg: EditorConfig):
+    """A batched `TurnConditioning` (what `pipe.prepare_conditioning` builds for one turn with reasoning "none" or
+    "intent" and `reference_area=None`)."""
+    from diffusers_editr2.pipeline_editr2 import TurnConditioning
+
+    size = cfg.image_size
+    prompt_embeds, mask = encode_texts(pipe, texts, references, cfg.condition_size**2)
+    return TurnConditioning(
+        session=None, text="", condition_images=[], prompt_embeds=prompt_embeds, prompt_embeds_mask=mask,
+        negative_prompt_embeds=None, negative_prompt_embeds_mask=None,
+        image_latents=encode_images(pipe, references, size), img_shapes=pipe.image_shapes(size, size, [(size, size)]),
+        height=size, width=size)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def self_contained(session, turn: int) -> bool:
+    """The raw instruction says everything the edit needs (explicit target, no rule colour, not an undo)."""
+    cmd = session.commands[turn]
+    return (session.references[turn] in ("explicit", "none") and cmd.op != "undo" and not cmd.color_from_rule
+            and session.rule_color is None)
+
+
+def max_objects_at(cfg: EditorConfig, step: int) -> int:
+    for fraction, max_objects in cfg.curriculum:
+        if step < fraction * cfg.max_steps:
+            return int(max_objects)
+    return 5
+
+
+def draw_turn(rng: random.Random, cfg: EditorConfig, max_objects: int = 5):
+    """`(reference scene, target scene, text)` of a random turn of a random training session."""
+    from editr2.bench.shapes import generate_session
+
+    while True:
+        family = rng.choice(("cm", "cu"))
+        num_turns = rng.randint(1, cfg.max_turns)
+        session = generate_session(family, num_turns, common.TRAIN_SEED_OFFSET + rng.randrange(10**9), cfg.image_size)
+        turn = rng.randrange(num_turns)
+        if len(session.scenes[turn].objects) <= max_objects:
+            break
+    text = session.gold_intent[turn]
+    if self_contained(session, turn) and rng.random() < cfg.raw_instruction_prob:
+        text = session.instruction[turn]
+    if rng.random() < cfg.drop_text_prob:
+        text = " "
+    return session.scenes[turn], session.scenes[turn + 1], text
+
+
+def make_batch(pipe, cfg: EditorConfig, step: int):
+    from editr2.bench.shapes.render import render
+
+    rng = common.step_rng(cfg.seed, step)
+    turns = [draw_turn(rng, cfg, max_objects_at(cfg, step)) for _ in range(cfg.batch_size)]
+    references = [render(ref, cfg.image_size) for ref, _, _ in turns]
+    targets = [render(tgt, cfg.image_size) for _, tgt, _ in turns]
+    cond = conditioning(pipe, references, [text for _, _, text in turns], cfg)
+    return cond, encode_images(pipe, targets, cfg.image_size)
+
+
+def flow_loss(pipe, cond, x0: torch.Tensor, cfg: EditorConfig, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+    """Rectified flow: `x_s = (1 - s) x0 + s eps`, the velocity target `eps - x0` (the scheduler's convention),
+    weighted up on the tokens the edit changes."""
+    b = x0.shape[0]
+    sigma = torch.sigmoid(cfg.logit_mean + cfg.logit_std * torch.randn(b, generator=generator))  # (B,)
+    noise = torch.randn(x0.shape, generator=generator)
+    s = sigma[:, None, None]
+    noisy = (1 - s) * x0 + s * noise  # (B, N, C)
+    v = pipe.predict_velocity(noisy, sigma * 1000, cond)  # (B, N, C)
+    err = ((v.float() - (noise - x0)) ** 2).mean(-1)  # (B, N)
+    changed = ((x0 - cond.image_latents) ** 2).mean(-1) > cfg.edit_threshold  # (B, N)
+    weight = 1 + cfg.edit_weight * changed.float()
+    loss = (weight * err).mean()
+    stats = {"mse": err.mean().item(), "mse_edit": err[changed].mean().item() if changed.any() else float("nan"),
+             "edit_fraction": changed.float().mean().item()}
+    return loss, stats
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Evaluation through the pipeline's __call__
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def call_kwargs(cfg, steps: int | None = None, cfg_scale: float = 1.0) -> dict:
+    """The `EditR2Pipeline.__call__` arguments the shipped model runs with."""
+    kwargs = {"height": cfg.image_size, "width": cfg.image_size, "reference_area": None,
+              "condition_area": cfg.condition_size**2, "num_inference_steps": steps or cfg.eval_steps,
+              "true_cfg_scale": cfg_scale, "max_new_tokens": 96}
+    if cfg_scale > 1:
+        kwargs["negative_prompt"] = " "
+    return kwargs
+
+
+@torch.no_grad()
+def evaluate(pipe, cfg: EditorConfig, num_sessions: int | None = None, seed: int = 2_000_000,
+             cfg_scale: float = 1.0) -> dict:
+    """Single-turn edits conditioned on the gold intent (`reasoning="none"`, prompt = intent) on held-out
+    sessions: IF and CC per family, and IF per task type."""
+    from editr2.bench.metrics import score_session
+    from editr2.bench.shapes import generate_session
+
+    num_sessions = num_sessions or cfg.eval_sessions
+    pipe.transformer.eval()
+    out, per_op = {}, {}
+    for family in ("cm", "cu"):
+        rows = []
+        for k in range(num_sessions):
+            session = generate_session(family, 1, seed + k, cfg.image_size)
+            source = session.source_image()
+            result = pipe(image=source, prompt=session.gold_intent[0], reasoning="none",
+                          generator=torch.Generator().manual_seed(k), **call_kwargs(cfg, cfg_scale=cfg_scale))
+            score = score_session(session, [source, result.images[0]])[0]
+            rows.append(score)
+            per_op.setdefault(session.task_type[0], []).append(score.IF)
+        out[family] = {"IF": float(np.mean([r.IF for r in rows])), "CC": float(np.mean([r.CC for r in rows]))}
+    pipe.transformer.train()
+    out["IF"] = float(np.mean([out[f]["IF"] for f in ("cm", "cu")]))
+    out["CC"] = float(np.mean([out[f]["CC"] for f in ("cm", "cu")]))
+    out["IF_per_op"] = {op: float(np.mean(v)) for op, v in sorted(per_op.items())}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def train(cfg: EditorConfig, run_dir: str | Path, show_progress: bool = True, stop_after: int | None = None):
+    """Train (or resume) in `run_dir`; returns the last evaluation (None when stopped by `stop_after`, which
+    checkpoints and returns after that step, as an interruption would)."""
+    torch.set_num_threads(cfg.threads)
+    run_dir = common.prepare_run_dir(run_dir, cfg)
+    pipe = build_pipeline(cfg)
+    model = pipe.transformer.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
+    state = common.resume(run_dir, {"transformer": model}, optimizer)
+    start, seconds = state["step"], state.get("train_seconds", 0.0)
+    log = common.RunLog(run_dir)
+    log.truncate(start)
+    bar = common.progress(range(start, cfg.max_steps), cfg.max_steps, start, "editor", not show_progress)
+    tick = time.perf_counter()
+    for step in bar:
+        cond, x0 = make_batch(pipe, cfg, step)
+        loss, stats = flow_loss(pipe, cond, x0, cfg, common.step_generator(cfg.seed, step))
+        common.set_lr(optimizer, common.lr_at(step, cfg.lr, cfg.warmup, cfg.max_steps))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        done = step + 1
+        log.append({"kind": "train", "step": done, "loss": loss.item(), **stats, "grad_norm": float(grad_norm),
+                    "lr": optimizer.param_groups[0]["lr"], "max_objects": max_objects_at(cfg, step)})
+        bar.set_postfix(loss=f"{loss.item():.4f}", edit=f"{stats['mse_edit']:.3f}")
+        if done % cfg.eval_every == 0 or done == cfg.max_steps:
+            metrics = evaluate(pipe, cfg)
+            log.append({"kind": "eval", "step": done, **metrics})
+            bar.write(f"step {done}: IF {metrics['IF']:.3f} CC {metrics['CC']:.3f} {metrics['IF_per_op']}")
+        interrupt = stop_after is not None and done >= stop_after
+        if done % cfg.save_every == 0 or done == cfg.max_steps or interrupt:
+            seconds += time.perf_counter() - tick
+            tick = time.perf_counter()
+            common.save_checkpoint(run_dir, done, {"transformer": model}, optimizer, {"train_seconds": seconds},
+                                   cfg.keep)
+            log.plot(run_dir / "loss.png", ("loss", "mse", "mse_edit"), "Editor flow-matching loss")
+        if interrupt:
+            return None
+    model.eval()
+    model.save_pretrained(run_dir / "transformer")
+    evals = log.rows("eval")
+    metrics = evals[-1] if evals else {}
+    metrics.update(step=cfg.max_steps, train_seconds=seconds)
+    common.write_json(run_dir / "metrics.json", metrics)
+    return metrics
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    common.add_common_arguments(parser, "editor.yaml")
+    args = parser.parse_args(argv)
+    cfg = common.load_config(EditorConfig, args.config, args.overrides)
+    metrics = train(cfg, args.run_dir, not args.no_progress, args.stop_after)
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,414 @@
+"""Stage 2: reasoner SFT of the tiny Qwen2.5-VL text encoder (IC-CoT: a short trace, then the operative intent).
+
+The text encoder learns to answer `editr2.intent.build_messages(history, instruction)` (rendered with the chat
+template, the current image appended, exactly as `EditR2Pipeline.prepare_reasoning_inputs` builds it) with
+`format_answer(short trace, gold intent)` on generated cm and cu sessions (fresh sessions every step). The gold
+intent is `ShapesSession.gold_intent`; the trace is the shapes reconstructor's, shortened (`common.short_trace`).
+
+The model is trained fully and then frozen: it is also the conditioning encoder of stage 3 (at this size a LoRA has
+too little capacity to learn the reasoning, see docs/training.md). The evaluation runs the pipeline's own
+`reason()` (greedy) on held-out sessions: exact match of the intent and the text-side intent score.
+
+    python examples/train_default/train_reasoner.py --run-dir runs/reasoner       # resumes RUN_DIR if present
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import common
+
+
+@dataclass
+class ReasonerConfig:
+    """Stage-2 settings.
+
+    Args:
+        seed: seeds the init, the data and the evaluation sessions' order.
+        vocab_size, tokenizer_sessions: the shapes tokenizer (BPE trained on generated sessions; deterministic).
+        hidden_size, num_layers, num_heads, num_kv_heads, intermediate_size: the Qwen2.5-VL text model.
+        vision_hidden, vision_depth: its (tiny) vision tower.
+        condition_size: side in pixels of the image the VLM sees (`condition_area = condition_size ** 2`).
+        image_size: side of the rendered MICE-Shapes images.
+        max_turns: sessions of 1..max_turns turns are drawn.
+        curriculum: `[[fraction_of_max_steps, max_history_turns], ...]`, in order: until that fraction of the run,
+            only turns with at most that many earlier turns (fewer distracting objects to retrieve from); then any.
+        batch_size, lr, warmup, max_steps, weight_decay, grad_clip: optimisation.
+        eval_every, eval_sessions, eval_turns: greedy evaluation on held-out sessions (per family).
+        max_new_tokens: reasoning budget at evaluation.
+        save_every, keep, threads: checkpoints and CPU threads.
+        base_run: a finished full-SFT run of this script; when set, its text encoder (and tokenizer) is loaded and
+            frozen, and only a reasoning LoRA is trained on top (the base stays the conditioning encoder).
+        lora_rank, lora_alpha: the LoRA (on the language model's attention and MLP projections; alpha 0 = rank).
+        quote_edit: the trace starts by quoting the current edit clause (`common.reasoning_trace`).
+        short_template: `[[fraction_of_max_steps, probability], ...]`, in order: until that fraction of the run, an
+            example uses the short request template `SHORT_TEMPLATE` (no boilerplate) with that probability; after
+            the last entry, always the default template. Retrieval from a short prompt is learned much faster (the
+            attention to the slot words is not diluted over ~250 tokens of boilerplate) and carries over.
+        aux_copy: `[[fraction_of_max_steps, batch_size], ...]`: until that fraction of the run, each step also trains
+            on `batch_size` synthetic copy sequences (random tokens, a separator, the same tokens again), which form
+            the model's copy (induction) heads in ~100 steps; the real task alone sat on a plateau for 600 steps.
+        aux_copy_length: tokens per synthetic sequence half.
+    """
+
+    seed: int = 0
+    vocab_size: int = 2048
+    tokenizer_sessions: int = 3000
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 384
+    vision_hidden: int = 32
+    vision_depth: int = 1
+    condition_size: int = 32
+    image_size: int = 64
+    max_turns: int = 6
+    curriculum: tuple = ()
+    batch_size: int = 8
+    lr: float = 1e-3
+    warmup: int = 100
+    max_steps: int = 1200
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    eval_every: int = 400
+    eval_sessions: int = 16
+    eval_turns: int = 3
+    max_new_tokens: int = 96
+    save_every: int = 100
+    keep: int = 2
+    threads: int = 1
+    quote_edit: bool = True
+    short_template: tuple = ()
+    aux_copy: tuple = ()
+    aux_copy_length: int = 12
+    base_run: str = ""
+    lora_rank: int = 0
+    lora_alpha: float = 0.0
+
+    FROZEN_FIELDS = ("seed", "vocab_size", "tokenizer_sessions", "hidden_size", "num_layers", "num_heads",
+                     "num_kv_heads", "intermediate_size", "vision_hidden", "vision_depth", "base_run", "lora_rank")
+
+SHORT_TEMPLATE = 'History:\n{history}\nRules:\n{rules}\nInstruction: "{instruction}"'
+LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+ADAPTER_NAME = "reasoning"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def load_or_build_tokenizer(cfg: ReasonerConfig, run_dir: Path):
+    """The shapes tokenizer, trained once and kept in `RUN_DIR/tokenizer`."""
+    from transformers import Qwen2Tokenizer
+
+    if cfg.base_run:
+        return Qwen2Tokenizer.from_pretrained(Path(cfg.base_run) / "tokenizer")
+    path = run_dir / "tokenizer"
+    if not path.is_dir():
+        tokenizer = common.build_tokenizer(cfg.vocab_size, cfg.tokenizer_sessions)
+        staging = run_dir / ".tokenizer-staging"
+        tokenizer.save_pretrained(staging)
+        staging.rename(path)
+    return Qwen2Tokenizer.from_pretrained(path)
+
+
+def build_reasoning_pipeline(text_encoder, tokenizer):
+    """An EditR2Pipeline around `text_encoder` (its `reason()` is what the evaluation runs; the VAE and the
+    transformer are tiny placeholders that reasoning never calls)."""
+    from diffusers_editr2 import EditR2Pipeline
+    from diffusers_editr2.testing import tiny_components, tiny_processor
+
+    parts = tiny_components(0)
+    pipe = EditR2Pipeline(scheduler=parts["scheduler"], vae=parts["vae"], text_encoder=text_encoder,
+                          tokenizer=tokenizer, processor=tiny_processor(tokenizer), transformer=parts["transformer"])
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def max_history_at(cfg: ReasonerConfig, step: int) -> int:
+    for fraction, max_history in cfg.curriculum:
+        if step < fraction * cfg.max_steps:
+            return int(max_history)
+    return cfg.max_turns
+
+
+def draw_example(rng: random.Random, cfg: ReasonerConfig, max_history: int | None = None):
+    """A random (session, 0-based turn) from the training seeds, with at most `max_history` earlier turns."""
+    from editr2.bench.shapes import generate_session
+
+    family = rng.choice(("cm", "cu"))
+    num_turns = rng.randint(1, cfg.max_turns)
+    session = generate_session(family, num_turns, common.TRAIN_SEED_OFFSET + rng.randrange(10**9), cfg.image_size)
+    limit = num_turns if max_history is None else min(num_turns, max_history + 1)
+    return session, rng.randrange(limit)
+
+
+def session_state(session, turn: int):
+    """An `editr2.session.Session` as the pipeline sees it before 0-based `turn` (gold images)."""
+    from editr2.session import Session, Turn
+
+    state = Session(source_image=session.target_image(0))
+    for t in range(turn):
+        state = state.append(Turn(instruction=session.instruction[t], image=session.target_image(t + 1),
+                                  intent=session.gold_intent[t]))
+    return state
+
+
+def collate(pipe, examples, condition_area: int) -> dict:
+    """Prompt (the pipeline's reasoning inputs) + target answer, right-padded; labels mask the prompt.
+
+    `examples`: `(session state, instruction, answer)` or `(session state, instruction, answer, template)`."""
+    tokenizer = pipe.tokenizer
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids, labels, pixels, grids = [], [], [], []
+    for state, instruction, answer, *template in examples:
+        inputs = pipe.prepare_reasoning_inputs(state, instruction, template[0] if template else None,
+                                               condition_area=condition_area, device="cpu")
+        prompt = inputs["input_ids"][0]
+        target = torch.tensor(tokenizer(answer, add_special_tokens=False)["input_ids"] + [end])
+        ids.append(torch.cat([prompt, target]))
+        labels.append(torch.cat([torch.full_like(prompt, -100), target]))
+        pixels.append(inputs["pixel_values"])
+        grids.append(inputs["image_grid_thw"])
+    length = max(len(x) for x in ids)
+    input_ids = torch.full((len(ids), length), pad, dtype=torch.long)
+    label_ids = torch.full((len(ids), length), -100, dtype=torch.long)
+    mask = torch.zeros((len(ids), length), dtype=torch.long)
+    for i, (x, y) in enumerate(zip(ids, labels)):
+        input_ids[i, : len(x)], label_ids[i, : len(y)], mask[i, : len(x)] = x, y, 1
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": label_ids,
+            "pixel_values": torch.cat(pixels), "image_grid_thw": torch.cat(grids)}
+
+
+def short_template_prob(cfg: ReasonerConfig, step: int) -> float:
+    for fraction, probability in cfg.short_template:
+        if step < fraction * cfg.max_steps:
+            return float(probability)
+    return 0.0
+
+
+def aux_copy_size(cfg: ReasonerConfig, step: int) -> int:
+    for fraction, size in cfg.aux_copy:
+        if step < fraction * cfg.max_steps:
+            return int(size)
+    return 0
+
+
+def copy_batch(tokenizer, cfg: ReasonerConfig, step: int, size: int) -> dict:
+    """Synthetic copy sequences `filler x filler <sep> x` of ordinary tokens (random lengths, so only content-based
+    copy heads solve them, not a fixed positional offset); the loss is on the copied `x`."""
+    gen = common.step_generator(cfg.seed, step, "copy")
+    first = len(tokenizer.get_added_vocab())  # special and think tokens come first in this vocabulary
+    sep = tokenizer.convert_tokens_to_ids("<|im_start|>")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    rows, labels = [], []
+    for _ in range(size):
+        n, before, after = (int(v) for v in torch.randint(1, cfg.aux_copy_length + 1, (3,), generator=gen))
+        n = max(n, 3)
+        x = torch.randint(first, len(tokenizer), (n,), generator=gen)
+        filler = torch.randint(first, len(tokenizer), (before + after,), generator=gen)
+        row = torch.cat([filler[:before], x, filler[before:], torch.tensor([sep]), x])
+        rows.append(row)
+        labels.append(torch.cat([torch.full((len(row) - n,), -100), x]))
+    length = max(len(r) for r in rows)
+    ids = torch.full((size, length), pad)
+    label_ids = torch.full((size, length), -100)
+    mask = torch.zeros((size, length), dtype=torch.long)
+    for i, (r, y) in enumerate(zip(rows, labels)):
+        ids[i, : len(r)], label_ids[i, : len(y)], mask[i, : len(r)] = r, y, 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": label_ids}
+
+
+def make_batch(pipe, cfg: ReasonerConfig, step: int) -> dict:
+    rng = common.step_rng(cfg.seed, step)
+    examples = []
+    for _ in range(cfg.batch_size):
+        session, turn = draw_example(rng, cfg, max_history_at(cfg, step))
+        history, instruction, answer = common.reasoning_example(session, turn, cfg.quote_edit)
+        template = SHORT_TEMPLATE if rng.random() < short_template_prob(cfg, step) else None
+        examples.append((session_state(session, turn), instruction, answer, template))
+    return collate(pipe, examples, cfg.condition_size**2)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(pipe, cfg: ReasonerConfig, num_sessions: int | None = None, num_turns: int | None = None,
+             seed: int = 0, record: list | None = None) -> dict:
+    """Greedy `pipe.reason()` on held-out sessions (seeds `seed..seed+n-1` per family): exact match of the intent,
+    fallback rate, and the text-side intent score (`editr2.bench.intent_score`)."""
+    from editr2.bench.intent_score import score_turn
+    from editr2.bench.shapes import generate_session
+
+    num_sessions = num_sessions or cfg.eval_sessions
+    num_turns = num_turns or cfg.eval_turns
+    was_training = pipe.text_encoder.training
+    pipe.text_encoder.eval()
+    out = {}
+    for family in ("cm", "cu"):
+        exact, fallback, resolved, rule_kept = [], [], [], []
+        per_turn = [[] for _ in range(num_turns)]
+        for k in range(num_sessions):
+            session = generate_session(family, num_turns, seed + k, cfg.image_size)
+            for t in range(num_turns):
+                intent = pipe.reason(session_state(session, t), session.instruction[t],
+                                     max_new_tokens=cfg.max_new_tokens, condition_area=cfg.condition_size**2)
+                ok = intent.text == session.gold_intent[t]
+                exact.append(ok)
+                per_turn[t].append(ok)
+                fallback.append(intent.fallback_reason is not None)
+                score = score_turn(intent.text, session.formatted_instruction[t], session.rule_color, t + 1)
+                resolved.append(score.resolved)
+                if score.rule_kept is not None:
+                    rule_kept.append(score.rule_kept)
+                if record is not None:
+                    record.append({"family": family, "seed": seed + k, "turn": t + 1,
+                                   "instruction": session.instruction[t], "gold": session.gold_intent[t],
+                                   "intent": intent.text, "reasoning": intent.reasoning, "exact": ok,
+                                   "fallback": intent.fallback_reason})
+        out[family] = {"exact_match": float(np.mean(exact)), "fallback": float(np.mean(fallback)),
+                       "resolved": float(np.mean(resolved)),
+                       "rule_kept": float(np.mean(rule_kept)) if rule_kept else None,
+                       "exact_per_turn": [float(np.mean(x)) for x in per_turn]}
+    pipe.text_encoder.train(was_training)
+    out["exact_match"] = float(np.mean([out[f]["exact_match"] for f in ("cm", "cu")]))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def build(cfg: ReasonerConfig, run_dir: Path):
+    tokenizer = load_or_build_tokenizer(cfg, run_dir)
+    common.seed_everything(cfg.seed)
+    if cfg.base_run:
+        from peft import LoraConfig
+        from transformers import Qwen2_5_VLForConditionalGeneration
+
+        if cfg.lora_rank <= 0:
+            raise ValueError("base_run is set: pass lora_rank > 0 (the base stays frozen; only a LoRA trains).")
+        text_encoder = Qwen2_5_VLForConditionalGeneration.from_pretrained(Path(cfg.base_run) / "text_encoder")
+        text_encoder.requires_grad_(False)
+        text_encoder.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or cfg.lora_rank,
+                                            target_modules=LORA_TARGETS, lora_dropout=0.0),
+                                 adapter_name=ADAPTER_NAME)
+    else:
+        text_encoder = common.build_text_encoder(tokenizer, cfg.hidden_size, cfg.num_layers, cfg.num_heads,
+                                                 cfg.num_kv_heads, cfg.intermediate_size, cfg.vision_hidden,
+                                                 cfg.vision_depth)
+    return build_reasoning_pipeline(text_encoder, tokenizer)
+
+
+def export(run_dir: Path, cfg: ReasonerConfig, pipe=None, final_sessions: int | None = None) -> dict:
+    """Save `RUN_DIR/{text_encoder,tokenizer_final,processor}` and `RUN_DIR/metrics.json` (a larger evaluation)."""
+    if pipe is None:
+        pipe = build(cfg, run_dir)
+        if common.resume(run_dir, {"text_encoder": pipe.text_encoder})["step"] == 0:
+            raise ValueError(f"{run_dir} has no checkpoint to export: train first.")
+    pipe.text_encoder.eval()
+    if cfg.base_run:  # the base is unchanged: only the reasoning LoRA is new
+        pipe.save_reasoning_lora(run_dir / "reasoning_lora", ADAPTER_NAME)
+    else:
+        pipe.text_encoder.save_pretrained(run_dir / "text_encoder")
+        pipe.processor.save_pretrained(run_dir / "processor")
+    record: list = []
+    metrics = evaluate(pipe, cfg, num_sessions=final_sessions or 4 * cfg.eval_sessions, seed=0, record=record)
+    state = json.loads((common.latest_checkpoint(run_dir) / "trainer_state.json").read_text())
+    metrics.update(step=state["step"], train_seconds=state.get("train_seconds"))
+    common.write_json(run_dir / "metrics.json", metrics)
+    common.write_json(run_dir / "eval_samples.json", record)
+    return metrics
+
+
+def train(cfg: ReasonerConfig, run_dir: str | Path, show_progress: bool = True, final_sessions: int | None = None,
+          stop_after: int | None = None):
+    """Train (or resume) in `run_dir`, then export and evaluate; returns the final metrics (None when stopped by
+    `stop_after`, which checkpoints and returns after that step, as an interruption would)."""
+    torch.set_num_threads(cfg.threads)
+    run_dir = common.prepare_run_dir(run_dir, cfg)
+    pipe = build(cfg, run_dir)
+    model = pipe.text_encoder.train()
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in trainable if p.ndim >= 2]
+    no_decay = [p for n, p in trainable if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
+    state = common.resume(run_dir, {"text_encoder": model}, optimizer)
+    start, seconds = state["step"], state.get("train_seconds", 0.0)
+    log = common.RunLog(run_dir)
+    log.truncate(start)
+    bar = common.progress(range(start, cfg.max_steps), cfg.max_steps, start, "reasoner", not show_progress)
+    tick = time.perf_counter()
+    for step in bar:
+        batch = make_batch(pipe, cfg, step)
+        common.set_lr(optimizer, common.lr_at(step, cfg.lr, cfg.warmup, cfg.max_steps))
+        loss = model(**batch).loss
+        copy_size = aux_copy_size(cfg, step)
+        copy_loss = model(**copy_batch(pipe.tokenizer, cfg, step, copy_size)).loss if copy_size else None
+        if copy_loss is not None:
+            loss = loss + copy_loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in trainable], cfg.grad_clip)
+        optimizer.step()
+        done = step + 1
+        log.append({"kind": "train", "step": done, "loss": loss.item() - (copy_loss.item() if copy_size else 0.0),
+                    "copy_loss": copy_loss.item() if copy_size else None, "grad_norm": float(grad_norm),
+                    "lr": optimizer.param_groups[0]["lr"]})
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if done % cfg.eval_every == 0 and done != cfg.max_steps:
+            metrics = evaluate(pipe, cfg, seed=1_000_000)  # held-out seeds kept apart from the final evaluation
+            log.append({"kind": "eval", "step": done, **metrics})
+            bar.write(f"step {done}: exact {metrics['exact_match']:.3f} "
+                      f"(cm {metrics['cm']['exact_match']:.3f}, cu {metrics['cu']['exact_match']:.3f})")
+        interrupt = stop_after is not None and done >= stop_after
+        if done % cfg.save_every == 0 or done == cfg.max_steps or interrupt:
+            seconds += time.perf_counter() - tick
+            tick = time.perf_counter()
+            common.save_checkpoint(run_dir, done, {"text_encoder": model}, optimizer, {"train_seconds": seconds},
+                                   cfg.keep)
+            log.plot(run_dir / "loss.png", ("loss",), "Reasoner SFT loss (answer tokens)")
+        if interrupt:
+            return None
+    return export(run_dir, cfg, pipe, final_sessions)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    common.add_common_arguments(parser, "reasoner.yaml")
+    parser.add_argument("--export-only", action="store_true", help="only export and evaluate the last checkpoint")
+    parser.add_argument("--final-sessions", type=int, default=None, help="sessions per family of the final eval")
+    args = parser.parse_args(argv)
+    cfg = common.load_config(ReasonerConfig, args.config, args.overrides)
+    if args.export_only:
+        torch.set_num_threads(cfg.threads)
+        metrics = export(Path(args.run_dir), cfg, final_sessions=args.final_sessions)
+    else:
+        metrics = train(cfg, args.run_dir, not args.no_progress, args.final_sessions, args.stop_after)
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,289 @@
+"""Stage 1: train the tiny AutoencoderKLQwenImage to reconstruct MICE-Shapes images.
+
+A deterministic autoencoder (the posterior mean is the latent; a small L2 keeps its scale bounded, and Gaussian noise
+on the latent makes the decoder robust to the editor's imperfect outputs), trained on fresh random scenes every step
+with object pixels weighted up. At the end the per-channel latent statistics are measured and written into the
+saved VAE's `latents_mean` / `latents_std` (the pipeline normalises latents with them), in `RUN_DIR/vae/`.
+
+    python examples/train_default/train_vae.py --run-dir runs/vae            # resumes RUN_DIR if it exists
+    python examples/train_default/train_vae.py --run-dir runs/vae --export-only
+
+Gate (docs/training.md): the oracle parser reads >= 99% of reconstructed scenes exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import common
+
+
+@dataclass
+class VAEConfig:
+    """Stage-1 settings.
+
+    Args:
+        seed: seeds the model init, the data and the noise.
+        size: image side in pixels.
+        base_dim, z_dim, dim_mult, num_res_blocks: the AutoencoderKLQwenImage architecture; the spatial compression
+            is `2 ** (len(dim_mult) - 1)` (one temporal-downsample flag per down stage).
+        batch_size, lr, warmup, max_steps, weight_decay, grad_clip: optimisation.
+        object_weight: loss weight of object pixels (background pixels weigh 1).
+        latent_l2: weight of the mean squared latent (keeps the deterministic latent's scale bounded).
+        latent_noise: std of Gaussian noise added to the latent during training, relative to its batch std.
+        eval_every, eval_images: parser evaluation on held-out scenes.
+        stop_scene_accuracy, stop_background_kept: stop at the first evaluation that reaches both (the gate;
+            values above 1 disable early stopping).
+        stats_images: images used to measure the latent statistics.
+        save_every, keep: checkpoints.
+        threads: torch CPU threads (1 leaves a core to other work).
+        init_from: a VAE folder (`RUN_DIR/vae` of an earlier run) to start from instead of a random init.
+        train_encoder: False trains the decoder only: the latent space (and its statistics) stays exactly that of
+            `init_from`, so the editor can train on it while the decoder keeps improving.
+    """
+
+    seed: int = 0
+    size: int = 64
+    base_dim: int = 16
+    z_dim: int = 16
+    dim_mult: tuple = (1, 2, 2)
+    num_res_blocks: int = 1
+    batch_size: int = 8
+    lr: float = 1e-3
+    warmup: int = 100
+    max_steps: int = 2500
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    object_weight: float = 5.0
+    latent_l2: float = 1e-4
+    latent_noise: float = 0.05
+    eval_every: int = 250
+    eval_images: int = 256
+    stop_scene_accuracy: float = 2.0
+    stop_background_kept: float = 2.0
+    stats_images: int = 256
+    save_every: int = 250
+    keep: int = 2
+    threads: int = 1
+    init_from: str = ""
+    train_encoder: bool = True
+
+    FROZEN_FIELDS = ("seed", "size", "base_dim", "z_dim", "dim_mult", "num_res_blocks", "init_from", "train_encoder")
+
+
+def build_vae(cfg: VAEConfig, latents_mean=None, latents_std=None):
+    from diffusers import AutoencoderKLQwenImage
+
+    return AutoencoderKLQwenImage(
+        base_dim=cfg.base_dim,
+        z_dim=cfg.z_dim,
+        dim_mult=list(cfg.dim_mult),
+        num_res_blocks=cfg.num_res_blocks,
+        temperal_downsample=[False] + [True] * (len(cfg.dim_mult) - 2),
+        latents_mean=list(latents_mean) if latents_mean is not None else [0.0] * cfg.z_dim,
+        latents_std=list(latents_std) if latents_std is not None else [1.0] * cfg.z_dim,
+    )
+
+
+def random_scenes(rng: random.Random, n: int):
+    from editr2.bench.shapes.world import random_scene
+
+    return [random_scene(rng) for _ in range(n)]
+
+
+def encode_mean(vae, x: torch.Tensor) -> torch.Tensor:
+    """`(B, 3, H, W)` in [-1, 1] -> the posterior mean `(B, z, 1, h, w)` (unnormalised)."""
+    return vae.encode(x[:, :, None]).latent_dist.mode()
+
+
+def reconstruct(vae, x: torch.Tensor) -> torch.Tensor:
+    return vae.decode(encode_mean(vae, x)).sample[:, :, 0]
+
+
+def train_step(vae, optimizer, cfg: VAEConfig, step: int) -> dict:
+    rng = common.step_rng(cfg.seed, step)
+    gen = common.step_generator(cfg.seed, step)
+    scenes = random_scenes(rng, cfg.batch_size)
+    x = common.scenes_to_tensor(scenes, cfg.size)  # (B, 3, H, W)
+    weights = common.object_weights(scenes, cfg.size, cfg.object_weight)  # (B, 1, H, W)
+    with torch.set_grad_enabled(cfg.train_encoder):
+        z = encode_mean(vae, x)  # (B, z, 1, h, w)
+    z_in = z
+    if cfg.latent_noise > 0:
+        scale = z.detach().std(dim=(0, 2, 3, 4), keepdim=True)
+        z_in = z + cfg.latent_noise * scale * torch.randn(z.shape, generator=gen)
+    y = vae.decode(z_in).sample[:, :, 0]
+    err = y - x
+    recon = (weights * (err.abs() + err**2)).mean()
+    loss = recon + cfg.latent_l2 * (z**2).mean()
+    common.set_lr(optimizer, common.lr_at(step, cfg.lr, cfg.warmup, cfg.max_steps))
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_([p for p in vae.parameters() if p.requires_grad], cfg.grad_clip)
+    optimizer.step()
+    return {"loss": loss.item(), "recon": recon.item(), "grad_norm": float(grad_norm),
+            "lr": optimizer.param_groups[0]["lr"]}
+
+
+@torch.no_grad()
+def evaluate(vae, cfg: VAEConfig, num_images: int | None = None, batch: int = 32) -> dict:
+    """PSNR, background kept (CC's tolerance) and the oracle parser's accuracy on reconstructions of held-out scenes."""
+    from editr2.bench.metrics import BACKGROUND_TOLERANCE
+    from editr2.bench.shapes.parser import parse_batch
+    from editr2.bench.shapes.render import object_mask
+
+    num_images = num_images or cfg.eval_images
+    rng = random.Random(common.derive_seed(cfg.seed, "eval"))
+    scenes = random_scenes(rng, num_images)
+    was_training = vae.training
+    vae.eval()
+    psnr, kept, recs, origs = [], [], [], []
+    for start in range(0, num_images, batch):
+        chunk = scenes[start:start + batch]
+        x = common.scenes_to_tensor(chunk, cfg.size)
+        rec = common.tensor_to_arrays(reconstruct(vae, x))  # (b, H, W, 3), uint8-rounded
+        orig = common.tensor_to_arrays(x)
+        mse = ((rec - orig) ** 2).mean(axis=(1, 2, 3))
+        psnr += list(10 * np.log10(1.0 / np.maximum(mse, 1e-10)))
+        for s, r, o in zip(chunk, rec, orig):
+            bg = ~object_mask(s, cfg.size)
+            kept.append(float((np.abs(r - o).max(-1) <= BACKGROUND_TOLERANCE)[bg].mean()))
+        recs += list(rec)
+        origs += list(orig)
+    vae.train(was_training)
+    parsed = parse_batch(np.stack(recs))
+    parsed_orig = parse_batch(np.stack(origs))
+    exact = [common.scene_key(p) == common.scene_key(s) for p, s in zip(parsed, scenes)]
+    cells = [p.at(c) == s.at(c) for p, s in zip(parsed, scenes) for c in [(r, k) for r in range(3) for k in range(3)]]
+    objects = [p.at(o.cell) == o for p, s in zip(parsed, scenes) for o in s.objects]
+    return {
+        "psnr": float(np.mean(psnr)),
+        "background_kept": float(np.mean(kept)),
+        "scene_accuracy": float(np.mean(exact)),
+        "cell_accuracy": float(np.mean(cells)),
+        "object_accuracy": float(np.mean(objects)),
+        "tone_accuracy": float(np.mean([p.tone == s.tone for p, s in zip(parsed, scenes)])),
+        "scene_accuracy_originals": float(np.mean([common.scene_key(p) == common.scene_key(s)
+                                                   for p, s in zip(parsed_orig, scenes)])),
+        "images": num_images,
+    }
+
+
+@torch.no_grad()
+def latent_statistics(vae, cfg: VAEConfig) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of the posterior mean over held-out scenes."""
+    rng = random.Random(common.derive_seed(cfg.seed, "stats"))
+    zs = []
+    for start in range(0, cfg.stats_images, 32):
+        x = common.scenes_to_tensor(random_scenes(rng, min(32, cfg.stats_images - start)), cfg.size)
+        zs.append(encode_mean(vae, x))
+    z = torch.cat(zs).transpose(0, 1).reshape(cfg.z_dim, -1)  # (z, B * h * w)
+    return z.mean(1).tolist(), z.std(1).clamp_min(1e-3).tolist()
+
+
+def export(run_dir: Path, cfg: VAEConfig, vae=None) -> dict:
+    """Save `RUN_DIR/vae/` (diffusers folder with measured latent statistics) and `RUN_DIR/metrics.json`."""
+    if vae is None:
+        vae = build_vae(cfg)
+        state = common.resume(run_dir, {"vae": vae})
+        if state["step"] == 0:
+            raise ValueError(f"{run_dir} has no checkpoint to export: train first.")
+    vae.eval()
+    mean, std = latent_statistics(vae, cfg)
+    final = build_vae(cfg, mean, std)
+    final.load_state_dict(vae.state_dict())
+    final.save_pretrained(run_dir / "vae")
+    metrics = evaluate(final, cfg)
+    state = json.loads((common.latest_checkpoint(run_dir) / "trainer_state.json").read_text())
+    metrics.update(step=state["step"], train_seconds=state.get("train_seconds"), latents_mean=mean, latents_std=std)
+    common.write_json(run_dir / "metrics.json", metrics)
+    return metrics
+
+
+def train(cfg: VAEConfig, run_dir: str | Path, show_progress: bool = True, stop_after: int | None = None):
+    """Train (or resume) in `run_dir`, then export; returns the final metrics (None when stopped by `stop_after`,
+    which checkpoints and returns after that step, as an interruption would)."""
+    with common.single_frame_convs():  # exact, ~2-3x cheaper for one-frame images
+        return _train(cfg, run_dir, show_progress, stop_after)
+
+
+def _train(cfg: VAEConfig, run_dir, show_progress: bool, stop_after: int | None):
+    torch.set_num_threads(cfg.threads)
+    run_dir = common.prepare_run_dir(run_dir, cfg)
+    common.seed_everything(cfg.seed)
+    vae = build_vae(cfg).train()
+    if cfg.init_from:
+        from diffusers import AutoencoderKLQwenImage
+
+        vae.load_state_dict(AutoencoderKLQwenImage.from_pretrained(cfg.init_from).state_dict())
+    if not cfg.train_encoder:
+        vae.encoder.requires_grad_(False)
+        vae.quant_conv.requires_grad_(False)
+    params = [p for p in vae.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    state = common.resume(run_dir, {"vae": vae}, optimizer)
+    start, seconds = state["step"], state.get("train_seconds", 0.0)
+    if state.get("stopped_early"):
+        start = cfg.max_steps  # the gate was reached: nothing left to train
+    log = common.RunLog(run_dir)
+    log.truncate(start)
+    bar = common.progress(range(start, cfg.max_steps), cfg.max_steps, start, "vae", not show_progress)
+    tick = time.perf_counter()
+    for step in bar:
+        row = train_step(vae, optimizer, cfg, step)
+        log.append({"kind": "train", "step": step + 1, **row})
+        bar.set_postfix(loss=f"{row['loss']:.4f}")
+        done = step + 1
+        stop = False
+        if done % cfg.eval_every == 0 or done == cfg.max_steps:
+            metrics = evaluate(vae, cfg)
+            log.append({"kind": "eval", "step": done, **metrics})
+            bar.write(f"step {done}: {json.dumps({k: round(v, 4) for k, v in metrics.items()})}")
+            stop = (metrics["scene_accuracy"] >= cfg.stop_scene_accuracy
+                    and metrics["background_kept"] >= cfg.stop_background_kept)
+        interrupt = stop_after is not None and done >= stop_after
+        if done % cfg.save_every == 0 or done == cfg.max_steps or stop or interrupt:
+            seconds += time.perf_counter() - tick
+            tick = time.perf_counter()
+            common.save_checkpoint(run_dir, done, {"vae": vae}, optimizer,
+                                   {"train_seconds": seconds, "stopped_early": stop}, cfg.keep)
+            log.plot(run_dir / "loss.png", ("loss",), "VAE reconstruction loss")
+        if stop:
+            bar.write(f"step {done}: the gate is reached, stopping early")
+            break
+        if interrupt:
+            return None
+    if start >= cfg.max_steps and common.latest_checkpoint(run_dir) is None:
+        raise ValueError("max_steps is 0: nothing to train.")
+    return export(run_dir, cfg, vae)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    common.add_common_arguments(parser, "vae.yaml")
+    parser.add_argument("--export-only", action="store_true", help="only export RUN_DIR/vae from the last checkpoint")
+    args = parser.parse_args(argv)
+    cfg = common.load_config(VAEConfig, args.config, args.overrides)
+    if args.export_only:
+        torch.set_num_threads(cfg.threads)
+        with common.single_frame_convs():
+            metrics = export(Path(args.run_dir), cfg)
+    else:
+        metrics = train(cfg, args.run_dir, not args.no_progress, args.stop_after)
+        if metrics is None:
+            print(f"stopped after step {args.stop_after}; run the same command again to resume")
+            return 0
+    print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, list)}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
