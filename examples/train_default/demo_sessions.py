@@ -49,7 +49,8 @@ def main(argv=None) -> int:
         print(f"== {family} session (seed {args.seed}), {time.perf_counter() - tick:.1f} s")
         for k, (turn, score) in enumerate(zip(editor.session.turns, scores), start=1):
             print(f"turn {k}: {turn.instruction}")
-            print(f"   intent: {turn.intent}" + (f"  [fallback: {turn.fallback_reason}]" if turn.fallback_reason else ""))
+            note = f"  [fallback: {turn.fallback_reason}]" if turn.fallback_reason else ""
+            print(f"   intent: {turn.intent}{note}")
             print(f"   IF {score.IF:.0f}  CC {score.CC:.2f}  GA {score.GA:.0f}")
         directory = editor.session.save(Path(args.out) / family)
         filmstrip(editor.session).save(directory / "filmstrip.png")

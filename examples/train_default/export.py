@@ -126,6 +126,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="checkpoints/editr2-shapes-tiny", help="the folder to write")
     parser.add_argument("--bench-sessions", type=int, default=0, help="bench sessions per family (0: no bench)")
     parser.add_argument("--bench-turns", type=int, default=3)
+    parser.add_argument("--report", default="export_report.json", help="file name (in the editor run folder) of the report")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
@@ -143,8 +144,8 @@ def main(argv=None) -> int:
         results = bench(load(out), args.bench_sessions, args.bench_turns, progress=not args.no_progress)
         report["bench"] = results
         print(bench_table(results))
-    common.write_json(runs["editor"] / "export_report.json", report)
-    print(f"wrote {runs['editor'] / 'export_report.json'}")
+    common.write_json(runs["editor"] / args.report, report)
+    print(f"wrote {runs['editor'] / args.report}")
     return 0
 
 

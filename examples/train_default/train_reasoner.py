@@ -241,7 +241,8 @@ def make_batch(pipe, cfg: ReasonerConfig, step: int) -> dict:
     for _ in range(cfg.batch_size):
         session, turn = draw_example(rng, cfg, max_history_at(cfg, step))
         history, instruction, answer = common.reasoning_example(session, turn, cfg.quote_edit)
-        template = SHORT_TEMPLATE if rng.random() < short_template_prob(cfg, step) else None
+        probability = short_template_prob(cfg, step)
+        template = SHORT_TEMPLATE if probability > 0 and rng.random() < probability else None
         examples.append((session_state(session, turn), instruction, answer, template))
     return collate(pipe, examples, cfg.condition_size**2)
 
