@@ -223,6 +223,9 @@ CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "editr2-shape
 def shipped():
     from diffusers_editr2 import EditR2Pipeline
 
+    if not (CHECKPOINT / "model_index.json").is_file():
+        # Issue 4: the recipe's first checkpoint did not edit (IF ~0.03), so none is committed yet (docs/training.md).
+        pytest.skip("no shipped checkpoint at checkpoints/editr2-shapes-tiny yet (see docs/training.md)")
     pipe = EditR2Pipeline.from_pretrained(str(CHECKPOINT), dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     return pipe
