@@ -12,6 +12,8 @@ import json
 from pathlib import Path
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "checkpoints" / "editr2-shapes-tiny"
+# A model folder may carry the __call__ arguments it was trained for (size, steps, CFG, ...); the demo uses them.
+CALL_DEFAULTS_FILE = "editr2_call_defaults.json"
 SYMBOLIC_EDITORS = ("oracle", "literal", "identity")
 
 
@@ -22,6 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sessions", type=int, default=50, help="sessions per family for the symbolic run")
     parser.add_argument("--turns", type=int, default=3, help="turns per session (default 3)")
     parser.add_argument("--seed", type=int, default=1000, help="first session seed (held-out range by default)")
+    parser.add_argument("--reasoning", choices=("intent", "history", "none"), default="intent",
+                        help="how the history reaches the model (default: intent)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -61,24 +65,26 @@ def _run_model(args: argparse.Namespace) -> int:
     from editr2.bench.shapes.sessions import generate_session
     from editr2.filmstrip import filmstrip
 
-    pipe = EditR2Pipeline.from_pretrained(args.model, torch_dtype=torch.float32)
+    pipe = EditR2Pipeline.from_pretrained(args.model, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
+    defaults = args.model / CALL_DEFAULTS_FILE
+    # without the model's own defaults, at least work at the image's size, not upstream's 1-megapixel default
+    call_kwargs = json.loads(defaults.read_text()) if defaults.is_file() else {"reference_area": None}
     summary = {}
     for family in ("cm", "cu"):
         truth = generate_session(family, args.turns, args.seed)
-        # reference_area=None: the tiny model works at the image's own size, not upstream's 1-megapixel default
-        out = pipe.edit_session(truth.source_image(), list(truth.instruction), reference_area=None,
-                                generator=torch.manual_seed(args.seed))
+        out = pipe.edit_session(truth.source_image(), list(truth.instruction), reasoning=args.reasoning,
+                                generator=torch.manual_seed(args.seed), **call_kwargs)
         session = out.session
         scores = score_session(truth, [session.source_image, *session.images[1:]])
-        folder = args.out / f"{family}_session"
-        session.save(folder)
-        filmstrip(session).save(args.out / f"{family}_filmstrip.png")
         print(f"== {family} session (seed {args.seed}) ==")
         for turn, s in zip(session.turns, scores):
-            print(f"  instruction: {turn.instruction}\n  intent:      {turn.intent}\n"
+            note = f"  [fallback: {turn.fallback_reason}]" if turn.fallback_reason else ""
+            print(f"  instruction: {turn.instruction}\n  intent:      {turn.intent}{note}\n"
                   f"  IF={s.IF:.2f} CC={s.CC:.2f} GA={s.GA:.2f}")
+        directory = session.save(args.out / family)
+        filmstrip(session).save(directory / "filmstrip.png")
         summary[family] = [s.__dict__ for s in scores]
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    print(f"\nSession folders, filmstrips and summary.json under {args.out}/")
+    print(f"\nSession folders (with filmstrip.png) and summary.json under {args.out}/")
     return 0

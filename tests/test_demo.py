@@ -17,3 +17,23 @@ def test_demo_without_a_model_scores_the_symbolic_editors(tmp_path, capsys):
         oracle = json.loads((out / f"{family}_oracle" / "results.json").read_text())
         identity = json.loads((out / f"{family}_identity" / "results.json").read_text())
         assert oracle["mean"]["GA"] == 1.0 and identity["mean"]["IF"] == 0.0
+
+
+def test_demo_with_a_model_uses_its_call_defaults(tmp_path, tiny_dir, capsys):
+    import shutil
+
+    from editr2.demo import CALL_DEFAULTS_FILE
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dir, model)
+    defaults = {"height": 64, "width": 64, "reference_area": None, "num_inference_steps": 2, "max_new_tokens": 4}
+    (model / CALL_DEFAULTS_FILE).write_text(json.dumps(defaults))
+    out = tmp_path / "demo"
+    assert main(["demo", "--model", str(model), "--out", str(out), "--turns", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "== cm session" in printed and "== cu session" in printed and printed.count("IF=") == 4
+    summary = json.loads((out / "summary.json").read_text())
+    assert [len(summary[f]) for f in ("cm", "cu")] == [2, 2]
+    for family in ("cm", "cu"):
+        assert (out / family / "filmstrip.png").is_file()
+        assert json.loads((out / family / "session.json").read_text())["turns"][1]["meta"]["num_inference_steps"] == 2

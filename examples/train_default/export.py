@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 
 import common
+from editr2.demo import CALL_DEFAULTS_FILE  # the file `editr2 demo` reads its call arguments from
 
 MAX_BYTES = 40 * 1024 * 1024
-CALL_DEFAULTS_FILE = "editr2_call_defaults.json"
 
 
 def assemble(vae_dir: Path, reasoner_dir: Path, editor_dir: Path):
