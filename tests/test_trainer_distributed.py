@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -39,6 +40,19 @@ def _step_log(output_dir: Path) -> dict:
     return next(h for h in history if "reward" in h)
 
 
+def _run(argv: list[str], env: dict) -> subprocess.CompletedProcess:
+    """Run a command in its own process group; on a timeout kill the whole group (launcher and workers)."""
+    with subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as proc:
+        try:
+            stdout, stderr = proc.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            stdout, stderr = proc.communicate()
+            pytest.fail(f"{argv[:4]} timed out after 300 s:\n{stdout[-2000:]}\n{stderr[-2000:]}")
+    return subprocess.CompletedProcess(argv, proc.returncode, stdout, stderr)
+
+
 @pytest.fixture(scope="module")
 def initial_state(tmp_path_factory) -> dict[str, torch.Tensor]:
     """The adapters before any step (same seed, same initialisation in every run)."""
@@ -53,12 +67,11 @@ def test_two_processes_equal_one_process_on_the_same_global_batch(tmp_path, init
     two = tmp_path / "two"
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(TWO_CPUS),
               "--main_process_port", "29531", str(SCRIPT), *_argv(two, per_device=1)]
-    result = subprocess.run(launch, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    result = _run(launch, env)
     assert result.returncode == 0, result.stderr[-3000:]
 
     one = tmp_path / "one"
-    result = subprocess.run([sys.executable, str(SCRIPT), *_argv(one, per_device=2)], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=600)
+    result = _run([sys.executable, str(SCRIPT), *_argv(one, per_device=2)], env)
     assert result.returncode == 0, result.stderr[-3000:]
 
     a, b = _step_log(one), _step_log(two)

@@ -106,7 +106,8 @@ def load_dataset(script_args: EditR2ScriptArguments, num_turns: int):
     )
 
 
-def main(script_args: EditR2ScriptArguments, training_args) -> None:
+def main(script_args: EditR2ScriptArguments, training_args):
+    """Train, save the adapters and the trainer state, and return the trainer."""
     import transformers
     from packaging.version import Version
 
@@ -129,6 +130,23 @@ def main(script_args: EditR2ScriptArguments, training_args) -> None:
     trainer.accelerator.print(f"Adapters saved to {training_args.output_dir}.")
     if Version(transformers.__version__) >= Version("5.18.0"):
         trainer.end()
+    return trainer
+
+
+def exit_without_teardown() -> None:
+    """End a multi-process run once everything is saved, skipping the interpreter's teardown.
+
+    Freeing the DDP-wrapped model destroys torch's gloo process group under the GIL while one of its worker threads
+    may still have to release a finished all-gather's tensors, which needs the GIL: the process then hangs forever
+    (about one run in six on CPU with torch 2.13). The trainer is kept alive until here, so the process exits before
+    anything is freed; the outputs and trackers are already closed by `main`.
+    """
+    import logging
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def make_parser(subparsers: argparse._SubParsersAction | None = None, prog: str | None = None):
@@ -145,4 +163,6 @@ def make_parser(subparsers: argparse._SubParsersAction | None = None, prog: str 
 if __name__ == "__main__":
     parser = make_parser()
     script_args, training_args = parser.parse_args_and_config()
-    main(script_args, training_args)
+    trainer = main(script_args, training_args)
+    if training_args.world_size > 1:
+        exit_without_teardown()
