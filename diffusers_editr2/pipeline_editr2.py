@@ -376,6 +376,8 @@ class EditR2Pipeline(DiffusionPipeline, QwenImageLoraLoaderMixin):
         max_new_tokens=256,
         temperature=0.0,
         max_history_images=2,
+        num_inference_steps=2,
+        sigmas=None,
     ):
         """Raise a `ValueError` that says what to pass instead for every invalid argument of [`__call__`]."""
         if prompt is None:
@@ -437,6 +439,15 @@ class EditR2Pipeline(DiffusionPipeline, QwenImageLoraLoaderMixin):
             raise ValueError(f"`temperature` must be >= 0 (0 = greedy), got {temperature}.")
         if not isinstance(max_history_images, int) or max_history_images < 0:
             raise ValueError(f"`max_history_images` must be an int >= 0, got {max_history_images!r}.")
+        if sigmas is None and (not isinstance(num_inference_steps, int) or num_inference_steps < 1):
+            raise ValueError(f"`num_inference_steps` must be a positive int, got {num_inference_steps!r}.")
+        steps = len(sigmas) if sigmas is not None else num_inference_steps
+        if steps == 1 and self.scheduler.config.get("shift_terminal"):
+            # the scheduler stretches the schedule so it ends at shift_terminal, dividing by (1 - last sigma) = 0
+            raise ValueError(
+                "A one-step schedule gives NaN with this scheduler (its `shift_terminal` stretch needs at least two "
+                "sigmas); pass num_inference_steps >= 2 (or at least two `sigmas`)."
+            )
 
     def _check_session_latents(self, session: Session) -> None:
         """Refuse carried latents that do not fit this model at the session's size (another model or resolution)."""
@@ -1006,6 +1017,8 @@ class EditR2Pipeline(DiffusionPipeline, QwenImageLoraLoaderMixin):
             max_new_tokens=max_new_tokens,
             temperature=temperature,
             max_history_images=max_history_images,
+            num_inference_steps=num_inference_steps,
+            sigmas=sigmas,
         )
         if true_cfg_scale > 1 and negative_prompt is None:
             logger.warning(

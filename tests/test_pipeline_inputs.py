@@ -129,3 +129,20 @@ def test_unparsable_answers_fall_back_with_reason():
     assert parse_answer("<think>hmm", "make it red").fallback_reason == "no_think_end_tag"
     assert parse_answer("<think>hmm</think>  ", "make it red").fallback_reason == "empty_after_think"
     assert parse_answer("<think>a</think>" + "x" * 700, "make it red").text == "make it red"
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [({"num_inference_steps": 1}, "num_inference_steps >= 2"), ({"num_inference_steps": 0}, "positive int"),
+     ({"num_inference_steps": 1, "sigmas": [1.0]}, "at least two")],
+)
+def test_too_few_steps_are_refused(pipe, kwargs, match):
+    # one step: the Qwen-Image scheduler's shift_terminal stretch divides by zero (NaN latents in diffusers itself)
+    assert pipe.scheduler.config.get("shift_terminal")
+    with pytest.raises(ValueError, match=match):
+        call(pipe, image=tiny_image(0), prompt="make it red", **kwargs)
+
+
+def test_two_steps_are_finite(pipe):
+    out = call(pipe, image=tiny_image(0), prompt="make it red", num_inference_steps=2, output_type="pt")
+    assert torch.isfinite(out.images).all()
