@@ -61,15 +61,14 @@ def _run_model(args: argparse.Namespace) -> int:
     import torch
 
     from diffusers_editr2 import EditR2Pipeline
+    from diffusers_editr2.bench import load_call_defaults
     from editr2.bench.metrics import score_session
     from editr2.bench.shapes.sessions import generate_session
     from editr2.filmstrip import filmstrip
 
     pipe = EditR2Pipeline.from_pretrained(args.model, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
-    defaults = args.model / CALL_DEFAULTS_FILE
-    # without the model's own defaults, at least work at the image's size, not upstream's 1-megapixel default
-    call_kwargs = json.loads(defaults.read_text()) if defaults.is_file() else {"reference_area": None}
+    call_kwargs = load_call_defaults(args.model)  # the folder's CALL_DEFAULTS_FILE, else the image's own size
     summary = {}
     for family in ("cm", "cu"):
         truth = generate_session(family, args.turns, args.seed)

@@ -53,18 +53,24 @@ class PipelineEditor:
         path: the pipeline folder (`EditR2Pipeline.from_pretrained`).
         device: where to run it.
         seed: seeds one generator per session (the same session gets the same noise whatever ran before).
-        call_kwargs: passed to every turn (e.g. ``{"num_inference_steps": 28, "negative_prompt": " "}``).
+        call_kwargs: passed to every turn (e.g. ``{"num_inference_steps": 28, "negative_prompt": " "}``), over the
+            folder's own `editr2_call_defaults.json` when it has one (upstream's defaults otherwise).
     """
 
     def __init__(self, path: str, device: str = "cpu", seed: int = 0, call_kwargs: dict | None = None):
+        from pathlib import Path
+
         import torch
 
         from diffusers_editr2 import EditR2Pipeline
+        from diffusers_editr2.bench import load_call_defaults
+        from editr2.demo import CALL_DEFAULTS_FILE
 
         self.name = f"EditR2Pipeline({path})"
         self.pipe = EditR2Pipeline.from_pretrained(path).to(device)
         self.pipe.set_progress_bar_config(disable=True)
-        self.seed, self.call_kwargs, self._torch = seed, dict(call_kwargs or {}), torch
+        defaults = load_call_defaults(path) if (Path(path) / CALL_DEFAULTS_FILE).is_file() else {}
+        self.seed, self.call_kwargs, self._torch = seed, {**defaults, **(call_kwargs or {})}, torch
 
     def edit_session(self, source, instructions, session):
         generator = self._torch.Generator(device="cpu").manual_seed(self.seed)

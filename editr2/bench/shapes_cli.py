@@ -1,17 +1,28 @@
-"""Score a symbolic editor on generated MICE-Shapes sessions (IF / CC / GA / reward per turn).
+"""Score an editor on generated MICE-Shapes sessions (IF / CC / GA / reward per turn): a symbolic one or a model.
 
-Writes OUT/results.json ({"per_turn", "mean", "config"}), OUT/report.md and OUT/per_turn.png.
+    editr2 bench shapes --editor literal --family cm --sessions 200 --turns 3 --out runs/literal_cm
+    editr2 bench shapes --model checkpoints/editr2-shapes-tiny --reasoning intent --family cm --out runs/intent_cm
+
+Writes OUT/results.json ({"per_turn", "mean", "config"}), OUT/report.md and OUT/per_turn.png; with --model also
+OUT/intents.jsonl (per session: instructions, gold intents, the model's operative intents, reasoning fallbacks).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
 EDITOR_NAMES = ("oracle", "identity", "literal")
+REASONING_MODES = ("intent", "history", "none")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--editor", choices=EDITOR_NAMES, default="oracle", help="which symbolic editor to score")
+    editor = parser.add_mutually_exclusive_group()
+    editor.add_argument("--editor", choices=EDITOR_NAMES, default=None,
+                        help="which symbolic editor to score (default oracle)")
+    editor.add_argument("--model", default=None, metavar="PATH",
+                        help="score an EditR2Pipeline folder instead (needs the diffusers extra)")
     parser.add_argument("--family", choices=("cm", "cu"), default="cm",
                         help="cm: persistent rule in turn 1; cu: back-references and undo")
     parser.add_argument("--sessions", type=int, default=100, help="number of sessions (default 100)")
@@ -20,10 +31,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    model = parser.add_argument_group("--model options")
+    model.add_argument("--reasoning", choices=REASONING_MODES, default=None,
+                       help="how the history reaches the model (default intent)")
+    model.add_argument("--steps", type=int, default=None,
+                       help="denoising steps per turn (default: the model folder's call defaults)")
+    model.add_argument("--sample-seed", type=int, default=None,
+                       help="turn k of every session is sampled with seed S + k (default 0)")
+    model.add_argument("--threads", type=int, default=None,
+                       help="torch CPU threads (default 1: a tiny model runs fastest on one, and far slower on a "
+                            "busy machine with more)")
+    model.add_argument("--pipeline-kwargs", default=None, metavar="JSON",
+                       help='extra EditR2Pipeline arguments for every turn, e.g. \'{"true_cfg_scale": 2.0}\'')
 
 
 def run(args: argparse.Namespace) -> int:
-    from editr2.bench.editors import make_editor
     from editr2.bench.report import markdown_table, write_report
     from editr2.bench.shapes.runner import run_bench
 
@@ -31,10 +53,61 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"--turns {args.turns}: pass a value in 1..8.")
     if args.sessions < 1:
         raise SystemExit(f"--sessions {args.sessions}: pass at least 1.")
-    results = run_bench(make_editor(args.editor), family=args.family, num_sessions=args.sessions,
-                        num_turns=args.turns, seed=args.seed, size=args.size, progress=not args.no_progress,
-                        editor_name=args.editor)
+    if args.model is None:
+        given = [flag for flag, value in (("--reasoning", args.reasoning), ("--steps", args.steps),
+                                          ("--sample-seed", args.sample_seed), ("--threads", args.threads),
+                                          ("--pipeline-kwargs", args.pipeline_kwargs)) if value is not None]
+        if given:
+            raise SystemExit(f"{', '.join(given)} only apply to a model: pass --model PATH as well.")
+        from editr2.bench.editors import make_editor
+
+        name = args.editor or "oracle"
+        editor = make_editor(name)
+    else:
+        editor = _load_model_editor(args)
+        name = editor.name
+    results = run_bench(editor, family=args.family, num_sessions=args.sessions, num_turns=args.turns, seed=args.seed,
+                        size=args.size, progress=not args.no_progress, editor_name=name)
+    if args.model is not None:
+        results["config"].update(model=str(args.model), reasoning=editor.reasoning, sample_seed=editor.seed,
+                                 call_kwargs=editor.call_kwargs)
     paths = write_report(results, args.out)
     print(markdown_table(results))
-    print(f"wrote {paths['results']}, {paths['report']}, {paths['plot']}")
+    written = f"{paths['results']}, {paths['report']}, {paths['plot']}"
+    if args.model is not None:
+        intents = Path(args.out) / "intents.jsonl"
+        intents.write_text("".join(json.dumps(record) + "\n" for record in editor.records))
+        written += f", {intents}"
+    print(f"wrote {written}")
     return 0
+
+
+def _load_model_editor(args: argparse.Namespace):
+    """The `diffusers_editr2.bench.PipelineEditor` of `--model`, with the --model options applied."""
+    if not (Path(args.model) / "model_index.json").is_file():
+        raise SystemExit(f"--model {args.model}: no model_index.json there; pass a folder saved with "
+                         "EditR2Pipeline.save_pretrained (e.g. checkpoints/editr2-shapes-tiny).")
+    call_kwargs = {}
+    if args.pipeline_kwargs is not None:
+        try:
+            call_kwargs = json.loads(args.pipeline_kwargs)
+        except json.JSONDecodeError as err:
+            raise SystemExit(f"--pipeline-kwargs must be a JSON object: {err}") from None
+        if not isinstance(call_kwargs, dict):
+            raise SystemExit('--pipeline-kwargs must be a JSON object, e.g. \'{"num_inference_steps": 8}\'')
+    if args.steps is not None:
+        if args.steps < 1:
+            raise SystemExit(f"--steps {args.steps}: pass at least 1.")
+        call_kwargs["num_inference_steps"] = args.steps
+    threads = 1 if args.threads is None else args.threads
+    if threads < 1:
+        raise SystemExit(f"--threads {threads}: pass at least 1.")
+    try:
+        from diffusers_editr2.bench import load_bench_editor
+    except ImportError as err:
+        raise SystemExit(f"--model needs the diffusers integration: pip install 'editr2[diffusers]' ({err}).") from None
+    import torch
+
+    torch.set_num_threads(threads)
+    return load_bench_editor(args.model, args.reasoning or "intent", seed=args.sample_seed or 0,
+                             call_kwargs=call_kwargs)

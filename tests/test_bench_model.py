@@ -1,0 +1,142 @@
+"""`editr2 bench shapes --model`: a saved EditR2Pipeline scored on MICE-Shapes (diffusers_editr2.bench)."""
+
+import json
+import shutil
+import sys
+
+import pytest
+
+from editr2.cli import main
+
+pytest.importorskip("diffusers")
+
+DEFAULTS = {"height": 64, "width": 64, "reference_area": None, "condition_area": 32 * 32, "num_inference_steps": 2,
+            "true_cfg_scale": 1.0, "max_new_tokens": 4}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_dir, tmp_path_factory):
+    """The tiny pipeline folder with an `editr2_call_defaults.json` (2 steps, 64x64)."""
+    from editr2.demo import CALL_DEFAULTS_FILE
+
+    model = tmp_path_factory.mktemp("bench-model") / "model"
+    shutil.copytree(tiny_dir, model)
+    (model / CALL_DEFAULTS_FILE).write_text(json.dumps(DEFAULTS))
+    return model
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """The keyword arguments of every `EditR2Pipeline.__call__` (the real call still runs)."""
+    from diffusers_editr2.pipeline_editr2 import EditR2Pipeline
+
+    seen, original = [], EditR2Pipeline.__call__
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(EditR2Pipeline, "__call__", spy)
+    return seen
+
+
+@pytest.mark.parametrize("reasoning, family", [("intent", "cm"), ("history", "cu"), ("none", "cm")])
+def test_bench_shapes_scores_a_model(model_dir, tmp_path, calls, reasoning, family, capsys):
+    from diffusers_editr2.pipeline_editr2 import history_prompt
+
+    out = tmp_path / "bench"
+    assert main(["bench", "shapes", "--model", str(model_dir), "--reasoning", reasoning, "--family", family,
+                 "--sessions", "2", "--turns", "2", "--seed", "5", "--out", str(out), "--no-progress"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert set(results) == {"per_turn", "mean", "config"}
+    assert [row["turn"] for row in results["per_turn"]] == [1, 2]
+    for row in [*results["per_turn"], results["mean"]]:
+        assert {k for k in row if k != "turn"} == {"IF", "CC", "GA", "reward"}
+        assert all(0.0 <= row[k] <= 1.0 for k in ("IF", "CC", "GA", "reward"))
+    assert results["config"] == {"editor": f"editr2-{reasoning}", "family": family, "sessions": 2, "turns": 2,
+                                 "seed": 5, "size": 64, "model": str(model_dir), "reasoning": reasoning,
+                                 "sample_seed": 0, "call_kwargs": DEFAULTS}
+    assert "| turn | IF | CC | GA | reward |" in (out / "report.md").read_text()
+    assert f"editr2-{reasoning}" in capsys.readouterr().out
+
+    # Every turn ran with the folder's call defaults; turn 1 starts a session, turn 2 continues it, seeds 0 and 1.
+    assert len(calls) == 4
+    for k, kwargs in enumerate(calls):
+        assert {key: kwargs[key] for key in DEFAULTS} == DEFAULTS and kwargs["reasoning"] == reasoning
+        assert ("image" in kwargs, "session" in kwargs) == ((True, False) if k % 2 == 0 else (False, True))
+        assert kwargs["generator"].initial_seed() == k % 2
+        if k % 2:
+            assert len(kwargs["session"].turns) == 1  # the previous turn's session, carried latent and all
+
+    records = [json.loads(line) for line in (out / "intents.jsonl").read_text().splitlines()]
+    assert [(r["family"], r["seed"]) for r in records] == [(family, 5), (family, 6)]
+    for r in records:
+        assert len(r["intent"]) == len(r["instruction"]) == len(r["gold_intent"]) == len(r["fallback"]) == 2
+        assert all(isinstance(text, str) and text.strip() for text in r["intent"])
+        if reasoning == "none":
+            assert r["intent"] == r["instruction"] and r["fallback"] == [None, None]
+        if reasoning == "history":
+            assert r["intent"] == [r["instruction"][0], history_prompt(r["instruction"][:1], r["instruction"][1])]
+
+
+def test_bench_shapes_model_options_override_the_call_defaults(model_dir, tmp_path, calls):
+    out = tmp_path / "bench"
+    assert main(["bench", "shapes", "--model", str(model_dir), "--sessions", "1", "--turns", "1", "--steps", "3",
+                 "--sample-seed", "7", "--threads", "1", "--pipeline-kwargs", '{"max_new_tokens": 2}',
+                 "--out", str(out), "--no-progress"]) == 0
+    config = json.loads((out / "results.json").read_text())["config"]
+    assert config["editor"] == "editr2-intent" and config["sample_seed"] == 7  # reasoning defaults to intent
+    assert config["call_kwargs"] == {**DEFAULTS, "num_inference_steps": 3, "max_new_tokens": 2}
+    assert len(calls) == 1 and calls[0]["num_inference_steps"] == 3 and calls[0]["max_new_tokens"] == 2
+    assert calls[0]["reasoning"] == "intent" and calls[0]["generator"].initial_seed() == 7
+
+
+def test_bench_shapes_refuses_model_options_without_a_model(model_dir, tmp_path, monkeypatch, capsys):
+    out = str(tmp_path / "x")
+    for extra in (["--reasoning", "history"], ["--steps", "4"], ["--sample-seed", "1"], ["--threads", "2"]):
+        with pytest.raises(SystemExit, match="pass --model PATH"):
+            main(["bench", "shapes", "--editor", "literal", "--out", out, *extra])
+    with pytest.raises(SystemExit):  # argparse: --editor and --model are mutually exclusive
+        main(["bench", "shapes", "--editor", "oracle", "--model", str(model_dir), "--out", out])
+    assert "not allowed with argument" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="no model_index.json"):
+        main(["bench", "shapes", "--model", str(tmp_path), "--out", out])
+    with pytest.raises(SystemExit, match="JSON object"):
+        main(["bench", "shapes", "--model", str(model_dir), "--pipeline-kwargs", "[1]", "--out", out])
+    monkeypatch.setitem(sys.modules, "diffusers_editr2.bench", None)  # as if diffusers were not installed
+    with pytest.raises(SystemExit, match=r"pip install 'editr2\[diffusers\]'"):
+        main(["bench", "shapes", "--model", str(model_dir), "--out", out])
+    assert not (tmp_path / "x").exists()
+
+
+def test_call_defaults_and_editor_api(model_dir, tiny_dir, tmp_path):
+    import torch
+
+    from diffusers_editr2.bench import PipelineEditor, load_bench_editor, load_call_defaults
+    from diffusers_editr2.pipeline_editr2 import EditR2Pipeline
+    from editr2.bench.shapes import generate_session
+    from editr2.bench.shapes.runner import run_session
+    from editr2.demo import CALL_DEFAULTS_FILE
+
+    assert load_call_defaults(model_dir) == DEFAULTS
+    assert load_call_defaults(tiny_dir) == {"reference_area": None}  # no file: work at the image's own size
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / CALL_DEFAULTS_FILE).write_text("[64, 64]")
+    with pytest.raises(ValueError, match="JSON object"):
+        load_call_defaults(bad)
+
+    editor = load_bench_editor(model_dir, "none", seed=3, call_kwargs={"max_new_tokens": 1})
+    assert editor.name == "editr2-none" and editor.call_kwargs == {**DEFAULTS, "max_new_tokens": 1}
+    assert editor.pipe.transformer.dtype == torch.float32 and editor.pipe._progress_bar_config.get("disable") is True
+    # without explicit call arguments, the editor uses those of the folder the pipeline was loaded from
+    assert PipelineEditor(EditR2Pipeline.from_pretrained(str(model_dir)), "intent").call_kwargs == DEFAULTS
+    with pytest.raises(ValueError, match="pass one of"):
+        PipelineEditor(editor.pipe, "memory")
+
+    session = generate_session("cu", 2, seed=11)
+    images, scores = run_session(editor, session)
+    assert [im.size for im in images] == [(64, 64)] * 3 and len(scores) == 2
+    assert len(editor.session.turns) == 2 and [t.seed for t in editor.session.turns] == [3, 4]
+    assert [t.meta.get("num_inference_steps") for t in editor.session.turns] == [2, 2]
+    assert editor.intents == list(session.instruction) and len(editor.records) == 1
