@@ -1,9 +1,10 @@
-"""Scale-out through accelerate: `accelerate launch --num_processes 2` on CPU (gloo) runs the script, and one step on
-2 processes x 1 session equals one step on 1 process x 2 sessions (the same global batch).
+"""Scale-out through accelerate: `accelerate launch --num_processes 2` on CPU (gloo) runs the script, with DDP
+(multi_cpu_2proc.yaml) and with FSDP2 sharding (fsdp_cpu_2proc.yaml, the settings of the GPU fsdp.yaml), and one step
+on 2 processes x 1 session equals one step on 1 process x 2 sessions (the same global batch).
 
 Tolerance: the updated adapter weights agree to `atol=1e-6, rtol=1e-4` (plain SGD, so the update is the gradient
-itself: the rollouts are bit-identical, only the order of the gradient sums differs between DDP's all-reduce and one
-process's accumulation); the gathered rewards agree exactly.
+itself: the rollouts are bit-identical, only the order of the gradient sums differs between the all-reduce /
+reduce-scatter and one process's accumulation); the gathered rewards agree exactly.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from safetensors.torch import load_file
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "trl_editr2" / "scripts" / "editr2.py"
 SHAPES_TINY = REPO / "examples" / "configs" / "shapes_tiny.yaml"
-TWO_CPUS = REPO / "examples" / "accelerate_configs" / "multi_cpu_2proc.yaml"
+CONFIGS = REPO / "examples" / "accelerate_configs"
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
 
 
 def _argv(output_dir: Path, per_device: int) -> list[str]:
@@ -62,16 +64,21 @@ def initial_state(tmp_path_factory) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in trainer.policy.state_dict().items() if "lora_" in k}
 
 
-def test_two_processes_equal_one_process_on_the_same_global_batch(tmp_path, initial_state):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    two = tmp_path / "two"
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(TWO_CPUS),
-              "--main_process_port", "29531", str(SCRIPT), *_argv(two, per_device=1)]
-    result = _run(launch, env)
+@pytest.fixture(scope="module")
+def one(tmp_path_factory) -> Path:
+    """One step on one process with both sessions."""
+    output_dir = tmp_path_factory.mktemp("one")
+    result = _run([sys.executable, str(SCRIPT), *_argv(output_dir, per_device=2)], ENV)
     assert result.returncode == 0, result.stderr[-3000:]
+    return output_dir
 
-    one = tmp_path / "one"
-    result = _run([sys.executable, str(SCRIPT), *_argv(one, per_device=2)], env)
+
+@pytest.mark.parametrize("config, port", [("multi_cpu_2proc.yaml", 29531), ("fsdp_cpu_2proc.yaml", 29532)])
+def test_two_processes_equal_one_process_on_the_same_global_batch(tmp_path, initial_state, one, config, port):
+    two = tmp_path / "two"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / config),
+              "--main_process_port", str(port), str(SCRIPT), *_argv(two, per_device=1)]
+    result = _run(launch, ENV)
     assert result.returncode == 0, result.stderr[-3000:]
 
     a, b = _step_log(one), _step_log(two)
@@ -89,3 +96,29 @@ def test_two_processes_equal_one_process_on_the_same_global_batch(tmp_path, init
         if key is not None and not torch.equal(state_one[name], initial_state[key]):
             moved += 1
     assert moved > 0  # the step did update the adapters
+
+
+def test_fsdp_resume_continues_like_an_uninterrupted_run(tmp_path):
+    """Under FSDP2 the checkpoint's full tensors are distributed back onto the DTensor shards: a run resumed from step
+    1 ends where the uninterrupted 2-step run ends."""
+    import shutil
+
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "fsdp_cpu_2proc.yaml"),
+              "--main_process_port", "29533", str(SCRIPT)]
+    full = tmp_path / "full"
+    argv = [*_argv(full, per_device=1), "--max_steps", "2", "--save_strategy", "steps", "--save_steps", "1"]
+    result = _run([*launch, *argv], ENV)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(full / "checkpoint-1", resumed / "checkpoint-1")
+    argv = [*_argv(resumed, per_device=1), "--max_steps", "2", "--resume_from_checkpoint", str(resumed / "checkpoint-1")]
+    result = _run([*launch, *argv], ENV)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    end, step_1 = load_file(full / "trainable_state.safetensors"), load_file(full / "checkpoint-1" / "trainable_state.safetensors")
+    again = load_file(resumed / "trainable_state.safetensors")
+    assert any(not torch.equal(end[k], step_1[k]) for k in end)  # step 2 did change the adapters
+    for name in end:
+        torch.testing.assert_close(again[name], end[name], atol=1e-6, rtol=1e-4, msg=name)
