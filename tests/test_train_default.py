@@ -212,6 +212,16 @@ def test_editor_stage_resumes_exactly_and_export_loads(stages, tmp_path):
     assert [im.size for im in images] == [(64, 64)] * 3 and len(scores) == 2
 
 
+def test_export_call_defaults_carry_the_reasoners_template(tmp_path):
+    import train_reasoner
+
+    assert export.call_defaults(tmp_path) == common.CALL_KWARGS  # no run config: the recipe's defaults
+    (tmp_path / "config.json").write_text(json.dumps({"template": "short"}))
+    assert export.call_defaults(tmp_path) == {**common.CALL_KWARGS, "template": train_reasoner.SHORT_TEMPLATE}
+    (tmp_path / "config.json").write_text(json.dumps({"template": "default"}))
+    assert export.call_defaults(tmp_path) == common.CALL_KWARGS
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # The shipped checkpoint
 # ---------------------------------------------------------------------------------------------------------------------

@@ -12,6 +12,12 @@ Every stage script (`train_vae.py`, `train_reasoner.py`, `train_editor.py`) is a
 Data and noise are drawn from generators seeded by `(seed, step)`, so a run resumed from a checkpoint continues
 exactly as an uninterrupted one would. Checkpoints hold safetensors (model and optimizer tensors) and JSON (step,
 optimizer hyper-parameters, RNG states, config): nothing is pickled.
+
+Every stage config subclasses `TrainConfig` (optimisation, checkpoints, device, mixed precision, wall-clock cap, data
+workers). Data is generated on the CPU (numpy / PIL, in `data_workers` forked processes when > 0) and moved to the
+device; noise is drawn on the CPU from the step's generator and moved too, so a CUDA run sees the same data and noise
+as a CPU run. The defaults (`device="cpu"`, `mixed_precision="no"`, `data_workers=0`) run exactly the code path the
+CPU recipe was measured with.
 """
 
 from __future__ import annotations
@@ -43,6 +49,52 @@ CHECKPOINT_PREFIX = "step_"
 # ---------------------------------------------------------------------------------------------------------------------
 # Configs
 # ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """The optimisation and run settings every stage shares (`VAEConfig`, `ReasonerConfig` and `EditorConfig`
+    subclass it and set their own defaults; the YAML keys are the field names).
+
+    Args:
+        seed: seeds the model init, the data and the noise.
+        batch_size: examples per optimiser step.
+        lr: peak learning rate (AdamW).
+        warmup: linear warm-up steps, then cosine decay to 10% of `lr` at `max_steps` (`lr_at`).
+        max_steps: length of the run; it also sets the learning-rate schedule and the curricula (given as fractions
+            of it), so train longer in a new run folder rather than by raising it on a resumed one.
+        weight_decay: AdamW weight decay.
+        grad_clip: gradient-norm clipping.
+        eval_every: evaluate every this many steps.
+        save_every: checkpoint every this many steps (also at the end, at `--stop-after` and at `max_minutes`).
+        keep: checkpoints kept (the newest).
+        threads: torch CPU threads of the training process (1 leaves a core to other work on a small machine).
+        device: "cpu", "cuda" (or "cuda:N") or "auto" (CUDA when available, else CPU). Models, optimiser states and
+            batches live there; checkpoints are always written from CPU copies, so a run resumes on any device.
+        mixed_precision: "no" (fp32) or "bf16": the training forward passes run under `torch.autocast` in bfloat16
+            (weights and optimiser states stay fp32). CUDA only: ignored on the CPU. Evaluations run in fp32.
+        max_minutes: wall-clock cap of this invocation in minutes, counted from its start (0 = none). When reached,
+            the run checkpoints after the current step and finishes as at `max_steps` (final evaluation, export);
+            running the same command again resumes from that checkpoint.
+        data_workers: processes that generate batches ahead (0 = in the training process, as measured on the CPU).
+            Batches depend on `(seed, step)` only, so the result does not depend on this number.
+    """
+
+    seed: int = 0
+    batch_size: int = 8
+    lr: float = 1e-3
+    warmup: int = 100
+    max_steps: int = 1000
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    eval_every: int = 500
+    save_every: int = 100
+    keep: int = 2
+    threads: int = 1
+    device: str = "cpu"
+    mixed_precision: str = "no"
+    max_minutes: float = 0.0
+    data_workers: int = 0
 
 
 def _coerce(value: str, like: Any) -> Any:
@@ -126,6 +178,107 @@ def prepare_run_dir(run_dir: str | os.PathLike, cfg) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Devices, mixed precision, wall-clock caps and data workers
+# ---------------------------------------------------------------------------------------------------------------------
+
+MIXED_PRECISION = ("no", "bf16")
+
+
+def resolve_device(name: str) -> torch.device:
+    """The torch device of a config's `device`: "cpu", "cuda", "cuda:N", or "auto" (CUDA when available)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "cuda" or name.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={name!r}, but CUDA is not available here (torch {torch.__version__}, "
+                             f"CUDA build: {torch.version.cuda}): pass device=cpu, or device=auto to use CUDA only "
+                             f"where there is one.")
+        device = torch.device(name)
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device={name!r}, but there are {torch.cuda.device_count()} CUDA devices: pass "
+                             f"device=cuda or cuda:0..{torch.cuda.device_count() - 1}.")
+        return device
+    raise ValueError(f"device={name!r}: pass 'cpu', 'cuda', 'cuda:N' or 'auto'.")
+
+
+def setup_run(cfg: TrainConfig) -> torch.device:
+    """Check the run settings, set the CPU threads (and TF32 matmuls on CUDA) and return the training device."""
+    if cfg.mixed_precision not in MIXED_PRECISION:
+        raise ValueError(f"mixed_precision={cfg.mixed_precision!r}: pass one of {MIXED_PRECISION}.")
+    if cfg.max_minutes < 0:
+        raise ValueError(f"max_minutes={cfg.max_minutes}: pass 0 (no cap) or a positive number of minutes.")
+    if cfg.data_workers < 0:
+        raise ValueError(f"data_workers={cfg.data_workers}: pass 0 (in process) or a number of processes.")
+    device = resolve_device(cfg.device)
+    torch.set_num_threads(cfg.threads)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    elif cfg.mixed_precision != "no":
+        print(f"mixed_precision={cfg.mixed_precision!r} is ignored on the CPU (autocast runs on CUDA only)")
+    return device
+
+
+def autocast(device: torch.device, mixed_precision: str):
+    """`torch.autocast` in bfloat16 for "bf16" on CUDA; a no-op otherwise (fp32, the CPU path unchanged)."""
+    if mixed_precision == "bf16" and device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def to_device(batch, device: torch.device):
+    """Tensors of a (nested) dict / list / tuple moved to `device`; other values are kept."""
+    if torch.is_tensor(batch):
+        return batch.to(device)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+class Deadline:
+    """The wall-clock cap of a run (`TrainConfig.max_minutes`), counted from construction; 0 means none."""
+
+    def __init__(self, minutes: float):
+        self.end = time.monotonic() + 60.0 * minutes if minutes > 0 else None
+
+    def reached(self) -> bool:
+        return self.end is not None and time.monotonic() >= self.end
+
+
+class _Steps(torch.utils.data.Dataset):
+    def __init__(self, fn, start: int, stop: int):
+        self.fn, self.start, self.stop = fn, start, stop
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, index: int):
+        return self.fn(self.start + index)
+
+
+def step_batches(fn, start: int, stop: int, workers: int = 0):
+    """`fn(step)` for `step` in `range(start, stop)`, in order.
+
+    Args:
+        fn: the CPU part of a step's batch; it must depend on the step only (data drawn from `step_rng`).
+        workers: 0 computes each batch when it is needed, in this process; N > 0 computes them ahead in N forked
+            processes (`torch.utils.data.DataLoader`), which only run CPU code (numpy, PIL, tokenizers).
+    """
+    if workers <= 0:
+        return (fn(step) for step in range(start, stop))
+    import multiprocessing
+
+    loader = torch.utils.data.DataLoader(_Steps(fn, start, stop), batch_size=None, shuffle=False,
+                                         num_workers=workers, prefetch_factor=4,
+                                         multiprocessing_context=multiprocessing.get_context("fork"))
+    return iter(loader)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Seeding
 # ---------------------------------------------------------------------------------------------------------------------
 
@@ -155,11 +308,14 @@ def seed_everything(seed: int) -> None:
 def rng_state() -> dict:
     """The global RNG states as JSON-serialisable values."""
     version, internal, gauss = random.getstate()
-    return {
+    state = {
         "python": [version, list(internal), gauss],
         "numpy": _numpy_state(),
         "torch": torch.get_rng_state().tolist(),
     }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # a CUDA run: its generators too
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return state
 
 
 def _numpy_state() -> list:
@@ -173,6 +329,9 @@ def set_rng_state(state: dict) -> None:
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if state.get("cuda") and torch.cuda.is_available():  # saved on CUDA; a resume on the CPU ignores them
+        cuda = state["cuda"][: torch.cuda.device_count()]
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in cuda])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -278,7 +437,10 @@ def _is_tied(module: torch.nn.Module, name: str, state: dict) -> bool:
 
 def resume(run_dir: Path, modules: dict[str, torch.nn.Module], optimizer=None) -> dict:
     """Load the newest checkpoint of `run_dir` into `modules` / `optimizer`; returns its trainer state
-    (`{"step": 0}` when there is none)."""
+    (`{"step": 0}` when there is none).
+
+    The tensors are read on the CPU and copied into the modules wherever they live; the optimizer (built on the
+    modules' parameters) moves its state to their device, so a checkpoint written on one device resumes on another."""
     path = latest_checkpoint(run_dir)
     if path is None:
         return {"step": 0}
@@ -432,7 +594,7 @@ def images_to_tensor(images) -> torch.Tensor:
 
 def tensor_to_arrays(x: torch.Tensor) -> np.ndarray:
     """`(B, 3, H, W)` in [-1, 1] -> uint8-rounded float `(B, H, W, 3)` in [0, 1] (what a saved PNG holds)."""
-    a = ((x.detach().float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy()
+    a = ((x.detach().float().cpu().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy()
     return np.rint(a * 255.0) / 255.0
 
 
@@ -602,36 +764,11 @@ CALL_KWARGS = {"height": 64, "width": 64, "reference_area": None, "condition_are
                "num_inference_steps": 16, "true_cfg_scale": 1.0, "max_new_tokens": 96}
 
 
-class PipelineEditor:
-    """`editor(images, history, instruction) -> PIL image` backed by `EditR2Pipeline`, one pipeline session per bench
-    session (so each turn continues from the carried latent of the previous one, as in real use).
+def __getattr__(name: str):
+    # `PipelineEditor` lives in the diffusers integration (`diffusers_editr2.bench`); imported on first use, since it
+    # pulls in diffusers. Its default call arguments: the loaded folder's `editr2_call_defaults.json` (`CALL_KWARGS`).
+    if name == "PipelineEditor":
+        from diffusers_editr2.bench import PipelineEditor
 
-    Args:
-        pipe: the `EditR2Pipeline`.
-        reasoning (`str`): "intent", "history" or "none".
-        seed (`int`): turn k of a session is sampled with seed `seed + k`.
-        call_kwargs (`dict`, *optional*): `__call__` arguments (defaults to `CALL_KWARGS`).
-    """
-
-    def __init__(self, pipe, reasoning: str = "intent", seed: int = 0, call_kwargs: dict | None = None):
-        self.pipe, self.reasoning, self.seed = pipe, reasoning, seed
-        self.call_kwargs = dict(CALL_KWARGS if call_kwargs is None else call_kwargs)
-        self.name = f"editr2-{reasoning}"
-        self.session = None
-        self.intents: list[str] = []
-
-    def bind(self, session) -> "PipelineEditor":
-        """Start a new bench session (the runner calls this once per session); the editor keeps the last one's
-        pipeline session in `self.session` afterwards."""
-        self.session, self.intents = None, []
-        return self
-
-    @torch.no_grad()
-    def __call__(self, images, history, instruction):
-        turn = len(images) - 1
-        start = {"image": images[0]} if turn == 0 or self.session is None else {"session": self.session}
-        out = self.pipe(prompt=instruction, reasoning=self.reasoning,
-                        generator=torch.Generator().manual_seed(self.seed + turn), **start, **self.call_kwargs)
-        self.session = out.session
-        self.intents.append(out.intents[0])
-        return out.images[0]
+        return PipelineEditor
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -61,14 +61,29 @@ def folder_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def save(pipe, out: Path, dtype: torch.dtype = torch.float16) -> int:
-    """Save `pipe` in `dtype` to `out` (replaced atomically); returns the folder's size in bytes."""
+def call_defaults(reasoner_dir: Path) -> dict:
+    """The `__call__` arguments the exported model was trained for: `common.CALL_KWARGS`, plus the reasoning request
+    template when the reasoner was trained on the short one (`template: short`), so the pipeline asks as in training."""
+    from train_reasoner import ReasonerConfig, request_template
+
+    kwargs = dict(common.CALL_KWARGS)
+    config = reasoner_dir / "config.json"
+    template = json.loads(config.read_text()).get("template", "default") if config.is_file() else "default"
+    if request_template(ReasonerConfig(template=template)) is not None:
+        kwargs["template"] = request_template(ReasonerConfig(template=template))
+    return kwargs
+
+
+def save(pipe, out: Path, dtype: torch.dtype = torch.float16, call_kwargs: dict | None = None) -> int:
+    """Save `pipe` in `dtype` to `out` (replaced atomically) with its call defaults (`call_kwargs`, default
+    `common.CALL_KWARGS`); returns the folder's size in bytes."""
     staging = out.parent / f".{out.name}.staging"
     shutil.rmtree(staging, ignore_errors=True)
     pipe.to(dtype)
     pipe.save_pretrained(staging, safe_serialization=True)
     pipe.to(torch.float32)
-    (staging / CALL_DEFAULTS_FILE).write_text(json.dumps(common.CALL_KWARGS, indent=2) + "\n")
+    kwargs = common.CALL_KWARGS if call_kwargs is None else call_kwargs
+    (staging / CALL_DEFAULTS_FILE).write_text(json.dumps(kwargs, indent=2) + "\n")
     if out.exists():
         readme = out / "README.md"
         if readme.exists():
@@ -134,7 +149,7 @@ def main(argv=None) -> int:
     runs = {name: Path(getattr(args, name)) for name in ("vae", "reasoner", "editor")}
     out = Path(args.out)
     pipe = assemble(runs["vae"], runs["reasoner"], runs["editor"])
-    size = save(pipe, out)
+    size = save(pipe, out, call_kwargs=call_defaults(runs["reasoner"]))
     print(f"wrote {out} ({size / 2**20:.1f} MiB)")
     report = {"size_bytes": size, "stages": {}}
     for name, run in runs.items():

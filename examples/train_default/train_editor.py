@@ -34,11 +34,11 @@ import common
 
 
 @dataclass
-class EditorConfig:
-    """Stage-3 settings.
+class EditorConfig(common.TrainConfig):
+    """Stage-3 settings (optimisation, checkpoints, device, mixed precision, `max_minutes` and `data_workers`:
+    `common.TrainConfig`; under bf16 only the trained transformer runs in autocast, the frozen encoders in fp32).
 
     Args:
-        seed: seeds the init, the data and the noise.
         vae_path: the stage-1 VAE folder (`RUN_DIR/vae` of train_vae.py).
         reasoner_path: the stage-2 run folder (its `text_encoder`, `tokenizer`, `processor`).
         num_layers, num_heads, head_dim, axes_dims_rope: the QwenImageTransformer2DModel (inner width
@@ -62,12 +62,12 @@ class EditorConfig:
         high_sigma_prob, high_sigma_min: with this probability sigma ~ U(high_sigma_min, 1) instead. Sampling starts
             at sigma = 1 and the shifted schedule spends about a third of its steps above 0.85, where the layout of
             the edit is decided from the reference; logit-normal(0, 1) puts under 2% of the training there.
-        batch_size, lr, warmup, max_steps, weight_decay, grad_clip: optimisation.
-        eval_every, eval_sessions, eval_steps: single-turn evaluation through the pipeline's `__call__`.
-        save_every, keep, threads.
+        eval_sessions, eval_steps: single-turn evaluation through the pipeline's `__call__` (every `eval_every` steps).
+        batch_text_encoding: encode a batch's prompts in one padded text-encoder pass (`encode_text_inputs`) instead
+            of one `encode_prompt` call per example: the same embeddings up to float rounding (tested), many times
+            faster on a GPU. False keeps the per-example path the CPU recipe was measured with.
     """
 
-    seed: int = 0
     vae_path: str = "runs/vae/vae"
     reasoner_path: str = "runs/reasoner"
     num_layers: int = 4
@@ -90,17 +90,10 @@ class EditorConfig:
     high_sigma_prob: float = 0.0
     high_sigma_min: float = 0.85
     batch_size: int = 16
-    lr: float = 1e-3
-    warmup: int = 100
     max_steps: int = 3000
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    eval_every: int = 500
     eval_sessions: int = 32
     eval_steps: int = 16
-    save_every: int = 100
-    keep: int = 2
-    threads: int = 1
+    batch_text_encoding: bool = False
 
     FROZEN_FIELDS = ("seed", "num_layers", "num_heads", "head_dim", "axes_dims_rope", "image_size", "condition_size",
                      "init_from", "copy_head_temperature")
@@ -212,45 +205,99 @@ def build_pipeline(cfg: EditorConfig, transformer=None, parts: dict | None = Non
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+# diffusers' QwenImageEditPlus prompt prefix for one condition image (what `encode_prompt(text, [image])` writes)
+IMAGE_PROMPT = "Picture 1: <|vision_start|><|image_pad|><|vision_end|>"
+
+
+def preprocess_images(pipe, images, size: int) -> torch.Tensor:
+    """PIL images -> the VAE's input pixels `(B, 3, 1, H, W)` on the CPU, as `EditR2Pipeline.encode_image` makes
+    them."""
+    return pipe.image_processor.preprocess(images, size, size).unsqueeze(2)
+
+
 @torch.no_grad()
-def encode_images(pipe, images, size: int) -> torch.Tensor:
-    """VAE-encode PIL images as `EditR2Pipeline.encode_image` does, batched: packed, normalised `(B, N, 4z)`."""
-    pixels = pipe.image_processor.preprocess(images, size, size).unsqueeze(2)  # (B, 3, 1, H, W)
-    pixels = pixels.to(dtype=pipe.vae.dtype)
+def encode_pixels(pipe, pixels: torch.Tensor) -> torch.Tensor:
+    """`preprocess_images` output -> packed, normalised latents `(B, N, 4z)` (on the VAE's device)."""
+    pixels = pixels.to(device=pipe.vae.device, dtype=pipe.vae.dtype)
     with common.single_frame_convs():
         latents = pipe._encode_vae_image(image=pixels, generator=None)  # (B, z, 1, h, w)
     h, w = latents.shape[3:]
     return pipe._pack_latents(latents, latents.shape[0], pipe.latent_channels, h, w)
 
 
-@torch.no_grad()
-def encode_texts(pipe, texts, references, condition_area: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`pipe.encode_prompt(text, [condition image])` per example, padded like diffusers pads a batch:
-    `(B, L, D)` embeddings and a `(B, L)` mask."""
-    embeds = []
-    for text, image in zip(texts, references):
-        e, _ = pipe.encode_prompt(text, [pipe.condition_image(image, condition_area)], device="cpu")
-        embeds.append(e[0])  # (L_i, D)
+def encode_images(pipe, images, size: int) -> torch.Tensor:
+    """VAE-encode PIL images as `EditR2Pipeline.encode_image` does, batched: packed, normalised `(B, N, 4z)`."""
+    return encode_pixels(pipe, preprocess_images(pipe, images, size))
+
+
+def _pad(embeds: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(L_i, D)` embeddings -> zero-padded `(B, L, D)` and the `(B, L)` mask, as diffusers pads a batch."""
     length = max(e.shape[0] for e in embeds)
-    out = torch.zeros(len(embeds), length, embeds[0].shape[-1], dtype=embeds[0].dtype)
-    mask = torch.zeros(len(embeds), length, dtype=torch.long)
+    out = torch.zeros(len(embeds), length, embeds[0].shape[-1], dtype=embeds[0].dtype, device=embeds[0].device)
+    mask = torch.zeros(len(embeds), length, dtype=torch.long, device=embeds[0].device)
     for i, e in enumerate(embeds):
         out[i, : len(e)], mask[i, : len(e)] = e, 1
     return out, mask
 
 
-def conditioning(pipe, references, texts, cfg: EditorConfig):
+@torch.no_grad()
+def encode_texts(pipe, texts, references, condition_area: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`pipe.encode_prompt(text, [condition image])` per example, padded like diffusers pads a batch:
+    `(B, L, D)` embeddings and a `(B, L)` mask."""
+    device = pipe.text_encoder.device
+    embeds = []
+    for text, image in zip(texts, references):
+        e, _ = pipe.encode_prompt(text, [pipe.condition_image(image, condition_area)], device=device)
+        embeds.append(e[0])  # (L_i, D)
+    return _pad(embeds)
+
+
+def text_inputs(pipe, texts, references, condition_area: int) -> dict:
+    """The text encoder's inputs of `encode_prompt(text, [condition image])` for a whole batch, right-padded, on the
+    CPU (the processor only: data workers can build them)."""
+    prompts = [pipe.prompt_template_encode.format(IMAGE_PROMPT + text) for text in texts]
+    images = [pipe.condition_image(image, condition_area) for image in references]
+    return dict(pipe.processor(text=prompts, images=images, padding=True, return_tensors="pt"))
+
+
+@torch.no_grad()
+def encode_text_inputs(pipe, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """One padded text-encoder pass over `text_inputs`: what `encode_texts` returns, up to float rounding.
+
+    As diffusers' `_get_qwen_prompt_embeds`: the last hidden state of each prompt's valid tokens, without the
+    template's first `prompt_template_encode_start_idx` tokens (adapters off, as in `EditR2Pipeline.encode_prompt`).
+    """
+    from diffusers_editr2.pipeline_editr2 import adapters_disabled
+
+    inputs = common.to_device(inputs, pipe.text_encoder.device)
+    with adapters_disabled(pipe.text_encoder):
+        hidden = pipe.text_encoder(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                                   pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"],
+                                   output_hidden_states=True).hidden_states[-1]  # (B, L, D)
+    drop = pipe.prompt_template_encode_start_idx
+    return _pad([e[drop:] for e in pipe._extract_masked_hidden(hidden, inputs["attention_mask"])])
+
+
+def turn_conditioning(pipe, cfg: EditorConfig, prompt_embeds, mask, image_latents):
     """A batched `TurnConditioning` (what `pipe.prepare_conditioning` builds for one turn with reasoning "none" or
     "intent" and `reference_area=None`)."""
     from diffusers_editr2.pipeline_editr2 import TurnConditioning
 
     size = cfg.image_size
-    prompt_embeds, mask = encode_texts(pipe, texts, references, cfg.condition_size**2)
     return TurnConditioning(
         session=None, text="", condition_images=[], prompt_embeds=prompt_embeds, prompt_embeds_mask=mask,
-        negative_prompt_embeds=None, negative_prompt_embeds_mask=None,
-        image_latents=encode_images(pipe, references, size), img_shapes=pipe.image_shapes(size, size, [(size, size)]),
-        height=size, width=size)
+        negative_prompt_embeds=None, negative_prompt_embeds_mask=None, image_latents=image_latents,
+        img_shapes=pipe.image_shapes(size, size, [(size, size)]), height=size, width=size)
+
+
+def conditioning(pipe, references, texts, cfg: EditorConfig):
+    """The batched `TurnConditioning` of PIL `references` and prompt `texts`."""
+    area = cfg.condition_size**2
+    if cfg.batch_text_encoding:
+        prompt_embeds, mask = encode_text_inputs(pipe, text_inputs(pipe, texts, references, area))
+    else:
+        prompt_embeds, mask = encode_texts(pipe, texts, references, area)
+    return turn_conditioning(pipe, cfg, prompt_embeds, mask, encode_images(pipe, references, cfg.image_size))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -291,15 +338,36 @@ def draw_turn(rng: random.Random, cfg: EditorConfig, max_objects: int = 5):
     return session.scenes[turn], session.scenes[turn + 1], text
 
 
-def make_batch(pipe, cfg: EditorConfig, step: int):
+def example_batch(pipe, cfg: EditorConfig, step: int) -> dict:
+    """The CPU part of a step's batch (what data workers compute; only the pipeline's processors are used): the
+    drawn turns rendered and preprocessed for the VAE, and the text encoder's inputs (`batch_text_encoding`) or the
+    reference images and texts (per-example `encode_prompt`)."""
     from editr2.bench.shapes.render import render
 
     rng = common.step_rng(cfg.seed, step)
     turns = [draw_turn(rng, cfg, max_objects_at(cfg, step)) for _ in range(cfg.batch_size)]
     references = [render(ref, cfg.image_size) for ref, _, _ in turns]
     targets = [render(tgt, cfg.image_size) for _, tgt, _ in turns]
-    cond = conditioning(pipe, references, [text for _, _, text in turns], cfg)
-    return cond, encode_images(pipe, targets, cfg.image_size)
+    texts = [text for _, _, text in turns]
+    batch = {"reference_pixels": preprocess_images(pipe, references, cfg.image_size),  # (B, 3, 1, H, W)
+             "target_pixels": preprocess_images(pipe, targets, cfg.image_size)}
+    if cfg.batch_text_encoding:
+        batch["text_inputs"] = text_inputs(pipe, texts, references, cfg.condition_size**2)
+    else:
+        batch["references"], batch["texts"] = references, texts
+    return batch
+
+
+def make_batch(pipe, cfg: EditorConfig, step: int, examples: dict | None = None):
+    """`(conditioning, x0)` of a step on the pipeline's device, from `examples` (`example_batch(pipe, cfg, step)`
+    when None)."""
+    ex = example_batch(pipe, cfg, step) if examples is None else examples
+    if "text_inputs" in ex:
+        prompt_embeds, mask = encode_text_inputs(pipe, ex["text_inputs"])
+    else:
+        prompt_embeds, mask = encode_texts(pipe, ex["texts"], ex["references"], cfg.condition_size**2)
+    cond = turn_conditioning(pipe, cfg, prompt_embeds, mask, encode_pixels(pipe, ex["reference_pixels"]))
+    return cond, encode_pixels(pipe, ex["target_pixels"])
 
 
 def flow_loss(pipe, cond, x0: torch.Tensor, cfg: EditorConfig, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
@@ -312,9 +380,11 @@ def flow_loss(pipe, cond, x0: torch.Tensor, cfg: EditorConfig, generator: torch.
         uniform = cfg.high_sigma_min + (1 - cfg.high_sigma_min) * torch.rand(b, generator=generator)
         sigma = torch.where(high, uniform, sigma)
     noise = torch.randn(x0.shape, generator=generator)
+    sigma, noise = sigma.to(x0.device), noise.to(x0.device)  # drawn on the CPU: the same on every device
     s = sigma[:, None, None]
     noisy = (1 - s) * x0 + s * noise  # (B, N, C)
-    v = pipe.predict_velocity(noisy, sigma * 1000, cond)  # (B, N, C)
+    with common.autocast(x0.device, cfg.mixed_precision):
+        v = pipe.predict_velocity(noisy, sigma * 1000, cond)  # (B, N, C)
     err = ((v.float() - (noise - x0)) ** 2).mean(-1)  # (B, N)
     changed = ((x0 - cond.image_latents) ** 2).mean(-1) > cfg.edit_threshold  # (B, N)
     weight = 1 + cfg.edit_weight * changed.float()
@@ -376,9 +446,10 @@ def evaluate(pipe, cfg: EditorConfig, num_sessions: int | None = None, seed: int
 def train(cfg: EditorConfig, run_dir: str | Path, show_progress: bool = True, stop_after: int | None = None):
     """Train (or resume) in `run_dir`; returns the last evaluation (None when stopped by `stop_after`, which
     checkpoints and returns after that step, as an interruption would)."""
-    torch.set_num_threads(cfg.threads)
+    deadline = common.Deadline(cfg.max_minutes)
+    device = common.setup_run(cfg)
     run_dir = common.prepare_run_dir(run_dir, cfg)
-    pipe = build_pipeline(cfg)
+    pipe = build_pipeline(cfg).to(device)  # built on the CPU (the same init everywhere), then moved
     model = pipe.transformer.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
     state = common.resume(run_dir, {"transformer": model}, optimizer)
@@ -386,9 +457,11 @@ def train(cfg: EditorConfig, run_dir: str | Path, show_progress: bool = True, st
     log = common.RunLog(run_dir)
     log.truncate(start)
     bar = common.progress(range(start, cfg.max_steps), cfg.max_steps, start, "editor", not show_progress)
+    batches = common.step_batches(lambda step: example_batch(pipe, cfg, step), start, cfg.max_steps,
+                                  cfg.data_workers)
     tick = time.perf_counter()
-    for step in bar:
-        cond, x0 = make_batch(pipe, cfg, step)
+    for step, examples in zip(bar, batches):
+        cond, x0 = make_batch(pipe, cfg, step, examples)
         loss, stats = flow_loss(pipe, cond, x0, cfg, common.step_generator(cfg.seed, step))
         common.set_lr(optimizer, common.lr_at(step, cfg.lr, cfg.warmup, cfg.max_steps))
         optimizer.zero_grad(set_to_none=True)
@@ -399,12 +472,13 @@ def train(cfg: EditorConfig, run_dir: str | Path, show_progress: bool = True, st
         log.append({"kind": "train", "step": done, "loss": loss.item(), **stats, "grad_norm": float(grad_norm),
                     "lr": optimizer.param_groups[0]["lr"], "max_objects": max_objects_at(cfg, step)})
         bar.set_postfix(loss=f"{loss.item():.4f}", edit=f"{stats['mse_edit']:.3f}")
-        if done % cfg.eval_every == 0 or done == cfg.max_steps:
+        out_of_time = deadline.reached()
+        if done % cfg.eval_every == 0 or done == cfg.max_steps or out_of_time:
             metrics = evaluate(pipe, cfg)
             log.append({"kind": "eval", "step": done, **metrics})
             bar.write(f"step {done}: IF {metrics['IF']:.3f} CC {metrics['CC']:.3f} {metrics['IF_per_op']}")
         interrupt = stop_after is not None and done >= stop_after
-        if done % cfg.save_every == 0 or done == cfg.max_steps or interrupt:
+        if done % cfg.save_every == 0 or done == cfg.max_steps or interrupt or out_of_time:
             seconds += time.perf_counter() - tick
             tick = time.perf_counter()
             common.save_checkpoint(run_dir, done, {"transformer": model}, optimizer, {"train_seconds": seconds},
@@ -412,11 +486,17 @@ def train(cfg: EditorConfig, run_dir: str | Path, show_progress: bool = True, st
             log.plot(run_dir / "loss.png", ("loss", "mse", "mse_edit"), "Editor flow-matching loss")
         if interrupt:
             return None
+        if out_of_time and done < cfg.max_steps:
+            bar.write(f"step {done}: max_minutes={cfg.max_minutes} reached; checkpointed (run again to continue)")
+            break
+    del batches  # stops the data workers, if any
     model.eval()
     model.save_pretrained(run_dir / "transformer")
     evals = log.rows("eval")
     metrics = evals[-1] if evals else {}
-    metrics.update(step=cfg.max_steps, train_seconds=seconds)
+    last = common.latest_checkpoint(run_dir)
+    step = json.loads((last / "trainer_state.json").read_text())["step"] if last else 0
+    metrics.update(step=step, train_seconds=seconds)
     common.write_json(run_dir / "metrics.json", metrics)
     return metrics
 

@@ -28,11 +28,11 @@ import common
 
 
 @dataclass
-class ReasonerConfig:
-    """Stage-2 settings.
+class ReasonerConfig(common.TrainConfig):
+    """Stage-2 settings (optimisation, checkpoints, device, mixed precision, `max_minutes` and `data_workers`:
+    `common.TrainConfig`).
 
     Args:
-        seed: seeds the init, the data and the evaluation sessions' order.
         vocab_size, tokenizer_sessions: the shapes tokenizer (BPE trained on generated sessions; deterministic).
         hidden_size, num_layers, num_heads, num_kv_heads, intermediate_size: the Qwen2.5-VL text model.
         vision_hidden, vision_depth: its (tiny) vision tower.
@@ -41,10 +41,8 @@ class ReasonerConfig:
         max_turns: sessions of 1..max_turns turns are drawn.
         curriculum: `[[fraction_of_max_steps, max_history_turns], ...]`, in order: until that fraction of the run,
             only turns with at most that many earlier turns (fewer distracting objects to retrieve from); then any.
-        batch_size, lr, warmup, max_steps, weight_decay, grad_clip: optimisation.
-        eval_every, eval_sessions, eval_turns: greedy evaluation on held-out sessions (per family).
+        eval_sessions, eval_turns: greedy evaluation on held-out sessions (per family), every `eval_every` steps.
         max_new_tokens: reasoning budget at evaluation.
-        save_every, keep, threads: checkpoints and CPU threads.
         base_run: a finished full-SFT run of this script; when set, its text encoder (and tokenizer) is loaded and
             frozen, and only a reasoning LoRA is trained on top (the base stays the conditioning encoder).
         lora_rank, lora_alpha: the LoRA (on the language model's attention and MLP projections; alpha 0 = rank).
@@ -57,9 +55,11 @@ class ReasonerConfig:
             on `batch_size` synthetic copy sequences (random tokens, a separator, the same tokens again), which form
             the model's copy (induction) heads in ~100 steps; the real task alone sat on a plateau for 600 steps.
         aux_copy_length: tokens per synthetic sequence half.
+        template: the request template outside the `short_template` schedule and at evaluation: "default" (the
+            pipeline's `DEFAULT_TEMPLATE`) or "short" (`SHORT_TEMPLATE`; export then writes it into the model's call
+            defaults, so the pipeline asks the model the way it was trained).
     """
 
-    seed: int = 0
     vocab_size: int = 2048
     tokenizer_sessions: int = 3000
     hidden_size: int = 128
@@ -73,23 +73,17 @@ class ReasonerConfig:
     image_size: int = 64
     max_turns: int = 6
     curriculum: tuple = ()
-    batch_size: int = 8
-    lr: float = 1e-3
-    warmup: int = 100
     max_steps: int = 1200
     weight_decay: float = 0.01
-    grad_clip: float = 1.0
     eval_every: int = 400
     eval_sessions: int = 16
     eval_turns: int = 3
     max_new_tokens: int = 96
-    save_every: int = 100
-    keep: int = 2
-    threads: int = 1
     quote_edit: bool = True
     short_template: tuple = ()
     aux_copy: tuple = ()
     aux_copy_length: int = 12
+    template: str = "default"
     base_run: str = ""
     lora_rank: int = 0
     lora_alpha: float = 0.0
@@ -98,6 +92,13 @@ class ReasonerConfig:
                      "num_kv_heads", "intermediate_size", "vision_hidden", "vision_depth", "base_run", "lora_rank")
 
 SHORT_TEMPLATE = 'History:\n{history}\nRules:\n{rules}\nInstruction: "{instruction}"'
+
+
+def request_template(cfg: ReasonerConfig) -> str | None:
+    """The template used outside the `short_template` schedule and at evaluation (None = the pipeline's default)."""
+    if cfg.template not in ("default", "short"):
+        raise ValueError(f"template={cfg.template!r}: pass 'default' or 'short'.")
+    return SHORT_TEMPLATE if cfg.template == "short" else None
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 ADAPTER_NAME = "reasoning"
 
@@ -236,15 +237,23 @@ def copy_batch(tokenizer, cfg: ReasonerConfig, step: int, size: int) -> dict:
 
 
 def make_batch(pipe, cfg: ReasonerConfig, step: int) -> dict:
+    """The step's SFT batch (CPU tensors; only the pipeline's processor is used, so data workers can build it)."""
     rng = common.step_rng(cfg.seed, step)
     examples = []
     for _ in range(cfg.batch_size):
         session, turn = draw_example(rng, cfg, max_history_at(cfg, step))
         history, instruction, answer = common.reasoning_example(session, turn, cfg.quote_edit)
         probability = short_template_prob(cfg, step)
-        template = SHORT_TEMPLATE if probability > 0 and rng.random() < probability else None
+        template = SHORT_TEMPLATE if probability > 0 and rng.random() < probability else request_template(cfg)
         examples.append((session_state(session, turn), instruction, answer, template))
     return collate(pipe, examples, cfg.condition_size**2)
+
+
+def make_batches(pipe, cfg: ReasonerConfig, step: int) -> tuple[dict, dict | None]:
+    """The step's SFT batch and its synthetic copy batch (None when the `aux_copy` schedule has ended)."""
+    copy_size = aux_copy_size(cfg, step)
+    copies = copy_batch(pipe.tokenizer, cfg, step, copy_size) if copy_size else None
+    return make_batch(pipe, cfg, step), copies
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -272,7 +281,8 @@ def evaluate(pipe, cfg: ReasonerConfig, num_sessions: int | None = None, num_tur
             session = generate_session(family, num_turns, seed + k, cfg.image_size)
             for t in range(num_turns):
                 intent = pipe.reason(session_state(session, t), session.instruction[t],
-                                     max_new_tokens=cfg.max_new_tokens, condition_area=cfg.condition_size**2)
+                                     max_new_tokens=cfg.max_new_tokens, condition_area=cfg.condition_size**2,
+                                     template=request_template(cfg))
                 ok = intent.text == session.gold_intent[t]
                 exact.append(ok)
                 per_turn[t].append(ok)
@@ -321,12 +331,15 @@ def build(cfg: ReasonerConfig, run_dir: Path):
     return build_reasoning_pipeline(text_encoder, tokenizer)
 
 
-def export(run_dir: Path, cfg: ReasonerConfig, pipe=None, final_sessions: int | None = None) -> dict:
-    """Save `RUN_DIR/{text_encoder,tokenizer_final,processor}` and `RUN_DIR/metrics.json` (a larger evaluation)."""
+def export(run_dir: Path, cfg: ReasonerConfig, pipe=None, final_sessions: int | None = None,
+           device: torch.device | None = None) -> dict:
+    """Save `RUN_DIR/{text_encoder,tokenizer_final,processor}` and `RUN_DIR/metrics.json` (a larger evaluation, on
+    the device of `pipe`, or on `device` when the pipeline is loaded from the last checkpoint)."""
     if pipe is None:
         pipe = build(cfg, run_dir)
         if common.resume(run_dir, {"text_encoder": pipe.text_encoder})["step"] == 0:
             raise ValueError(f"{run_dir} has no checkpoint to export: train first.")
+        pipe.to(device or "cpu")
     pipe.text_encoder.eval()
     if cfg.base_run:  # the base is unchanged: only the reasoning LoRA is new
         pipe.save_reasoning_lora(run_dir / "reasoning_lora", ADAPTER_NAME)
@@ -346,9 +359,10 @@ def train(cfg: ReasonerConfig, run_dir: str | Path, show_progress: bool = True, 
           stop_after: int | None = None):
     """Train (or resume) in `run_dir`, then export and evaluate; returns the final metrics (None when stopped by
     `stop_after`, which checkpoints and returns after that step, as an interruption would)."""
-    torch.set_num_threads(cfg.threads)
+    deadline = common.Deadline(cfg.max_minutes)
+    device = common.setup_run(cfg)
     run_dir = common.prepare_run_dir(run_dir, cfg)
-    pipe = build(cfg, run_dir)
+    pipe = build(cfg, run_dir).to(device)  # built on the CPU (the same init everywhere), then moved
     model = pipe.text_encoder.train()
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     decay = [p for n, p in trainable if p.ndim >= 2]
@@ -360,13 +374,14 @@ def train(cfg: ReasonerConfig, run_dir: str | Path, show_progress: bool = True, 
     log = common.RunLog(run_dir)
     log.truncate(start)
     bar = common.progress(range(start, cfg.max_steps), cfg.max_steps, start, "reasoner", not show_progress)
+    batches = common.step_batches(lambda step: make_batches(pipe, cfg, step), start, cfg.max_steps, cfg.data_workers)
     tick = time.perf_counter()
-    for step in bar:
-        batch = make_batch(pipe, cfg, step)
+    for step, (batch, copies) in zip(bar, batches):
+        batch, copies = common.to_device((batch, copies), device)
         common.set_lr(optimizer, common.lr_at(step, cfg.lr, cfg.warmup, cfg.max_steps))
-        loss = model(**batch).loss
-        copy_size = aux_copy_size(cfg, step)
-        copy_loss = model(**copy_batch(pipe.tokenizer, cfg, step, copy_size)).loss if copy_size else None
+        with common.autocast(device, cfg.mixed_precision):
+            loss = model(**batch).loss
+            copy_loss = model(**copies).loss if copies is not None else None
         if copy_loss is not None:
             loss = loss + copy_loss
         optimizer.zero_grad(set_to_none=True)
@@ -374,9 +389,9 @@ def train(cfg: ReasonerConfig, run_dir: str | Path, show_progress: bool = True, 
         grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in trainable], cfg.grad_clip)
         optimizer.step()
         done = step + 1
-        log.append({"kind": "train", "step": done, "loss": loss.item() - (copy_loss.item() if copy_size else 0.0),
-                    "copy_loss": copy_loss.item() if copy_size else None, "grad_norm": float(grad_norm),
-                    "lr": optimizer.param_groups[0]["lr"]})
+        copy_value = copy_loss.item() if copy_loss is not None else None
+        log.append({"kind": "train", "step": done, "loss": loss.item() - (copy_value or 0.0), "copy_loss": copy_value,
+                    "grad_norm": float(grad_norm), "lr": optimizer.param_groups[0]["lr"]})
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if done % cfg.eval_every == 0 and done != cfg.max_steps:
             metrics = evaluate(pipe, cfg, seed=1_000_000)  # held-out seeds kept apart from the final evaluation
@@ -384,7 +399,8 @@ def train(cfg: ReasonerConfig, run_dir: str | Path, show_progress: bool = True, 
             bar.write(f"step {done}: exact {metrics['exact_match']:.3f} "
                       f"(cm {metrics['cm']['exact_match']:.3f}, cu {metrics['cu']['exact_match']:.3f})")
         interrupt = stop_after is not None and done >= stop_after
-        if done % cfg.save_every == 0 or done == cfg.max_steps or interrupt:
+        out_of_time = deadline.reached()
+        if done % cfg.save_every == 0 or done == cfg.max_steps or interrupt or out_of_time:
             seconds += time.perf_counter() - tick
             tick = time.perf_counter()
             common.save_checkpoint(run_dir, done, {"text_encoder": model}, optimizer, {"train_seconds": seconds},
@@ -392,6 +408,10 @@ def train(cfg: ReasonerConfig, run_dir: str | Path, show_progress: bool = True, 
             log.plot(run_dir / "loss.png", ("loss",), "Reasoner SFT loss (answer tokens)")
         if interrupt:
             return None
+        if out_of_time and done < cfg.max_steps:
+            bar.write(f"step {done}: max_minutes={cfg.max_minutes} reached; checkpointed (run again to continue)")
+            break
+    del batches  # stops the data workers, if any
     return export(run_dir, cfg, pipe, final_sessions)
 
 
@@ -403,8 +423,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     cfg = common.load_config(ReasonerConfig, args.config, args.overrides)
     if args.export_only:
-        torch.set_num_threads(cfg.threads)
-        metrics = export(Path(args.run_dir), cfg, final_sessions=args.final_sessions)
+        device = common.setup_run(cfg)
+        metrics = export(Path(args.run_dir), cfg, final_sessions=args.final_sessions, device=device)
     else:
         metrics = train(cfg, args.run_dir, not args.no_progress, args.final_sessions, args.stop_after)
     print(json.dumps(metrics, indent=2))

@@ -27,41 +27,32 @@ import common
 
 
 @dataclass
-class VAEConfig:
-    """Stage-1 settings.
+class VAEConfig(common.TrainConfig):
+    """Stage-1 settings (optimisation, checkpoints, device, mixed precision, `max_minutes` and `data_workers`:
+    `common.TrainConfig`).
 
     Args:
-        seed: seeds the model init, the data and the noise.
         size: image side in pixels.
         base_dim, z_dim, dim_mult, num_res_blocks: the AutoencoderKLQwenImage architecture; the spatial compression
             is `2 ** (len(dim_mult) - 1)` (one temporal-downsample flag per down stage).
-        batch_size, lr, warmup, max_steps, weight_decay, grad_clip: optimisation.
         object_weight: loss weight of object pixels (background pixels weigh 1).
         latent_l2: weight of the mean squared latent (keeps the deterministic latent's scale bounded).
         latent_noise: std of Gaussian noise added to the latent during training, relative to its batch std.
-        eval_every, eval_images: parser evaluation on held-out scenes.
+        eval_images: held-out scenes of the parser evaluation (every `eval_every` steps).
         stop_scene_accuracy, stop_background_kept: stop at the first evaluation that reaches both (the gate;
             values above 1 disable early stopping).
         stats_images: images used to measure the latent statistics.
-        save_every, keep: checkpoints.
-        threads: torch CPU threads (1 leaves a core to other work).
         init_from: a VAE folder (`RUN_DIR/vae` of an earlier run) to start from instead of a random init.
         train_encoder: False trains the decoder only: the latent space (and its statistics) stays exactly that of
             `init_from`, so the editor can train on it while the decoder keeps improving.
     """
 
-    seed: int = 0
     size: int = 64
     base_dim: int = 16
     z_dim: int = 16
     dim_mult: tuple = (1, 2, 2)
     num_res_blocks: int = 1
-    batch_size: int = 8
-    lr: float = 1e-3
-    warmup: int = 100
     max_steps: int = 2500
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
     object_weight: float = 5.0
     latent_l2: float = 1e-4
     latent_noise: float = 0.05
@@ -71,8 +62,6 @@ class VAEConfig:
     stop_background_kept: float = 2.0
     stats_images: int = 256
     save_every: int = 250
-    keep: int = 2
-    threads: int = 1
     init_from: str = ""
     train_encoder: bool = True
 
@@ -108,22 +97,32 @@ def reconstruct(vae, x: torch.Tensor) -> torch.Tensor:
     return vae.decode(encode_mean(vae, x)).sample[:, :, 0]
 
 
-def train_step(vae, optimizer, cfg: VAEConfig, step: int) -> dict:
-    rng = common.step_rng(cfg.seed, step)
+def make_batch(cfg: VAEConfig, step: int) -> dict:
+    """The CPU part of a step: fresh random scenes rendered to `x` `(B, 3, H, W)` and their pixel weights
+    `(B, 1, H, W)` (what data workers compute)."""
+    scenes = random_scenes(common.step_rng(cfg.seed, step), cfg.batch_size)
+    return {"x": common.scenes_to_tensor(scenes, cfg.size),
+            "weights": common.object_weights(scenes, cfg.size, cfg.object_weight)}
+
+
+def train_step(vae, optimizer, cfg: VAEConfig, step: int, batch: dict | None = None,
+               device: torch.device | None = None) -> dict:
+    """One optimiser step on `batch` (`make_batch(cfg, step)` when None), on `device` (the CPU when None)."""
+    device = device or torch.device("cpu")
     gen = common.step_generator(cfg.seed, step)
-    scenes = random_scenes(rng, cfg.batch_size)
-    x = common.scenes_to_tensor(scenes, cfg.size)  # (B, 3, H, W)
-    weights = common.object_weights(scenes, cfg.size, cfg.object_weight)  # (B, 1, H, W)
-    with torch.set_grad_enabled(cfg.train_encoder):
-        z = encode_mean(vae, x)  # (B, z, 1, h, w)
-    z_in = z
-    if cfg.latent_noise > 0:
-        scale = z.detach().std(dim=(0, 2, 3, 4), keepdim=True)
-        z_in = z + cfg.latent_noise * scale * torch.randn(z.shape, generator=gen)
-    y = vae.decode(z_in).sample[:, :, 0]
-    err = y - x
+    batch = common.to_device(make_batch(cfg, step) if batch is None else batch, device)
+    x, weights = batch["x"], batch["weights"]  # (B, 3, H, W), (B, 1, H, W)
+    with common.autocast(device, cfg.mixed_precision):
+        with torch.set_grad_enabled(cfg.train_encoder):
+            z = encode_mean(vae, x)  # (B, z, 1, h, w)
+        z_in = z
+        if cfg.latent_noise > 0:
+            scale = z.detach().std(dim=(0, 2, 3, 4), keepdim=True)
+            z_in = z + cfg.latent_noise * scale * torch.randn(z.shape, generator=gen).to(device)  # noise drawn on CPU
+        y = vae.decode(z_in).sample[:, :, 0]
+    err = y.float() - x
     recon = (weights * (err.abs() + err**2)).mean()
-    loss = recon + cfg.latent_l2 * (z**2).mean()
+    loss = recon + cfg.latent_l2 * (z.float() ** 2).mean()
     common.set_lr(optimizer, common.lr_at(step, cfg.lr, cfg.warmup, cfg.max_steps))
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -143,13 +142,14 @@ def evaluate(vae, cfg: VAEConfig, num_images: int | None = None, batch: int = 32
     num_images = num_images or cfg.eval_images
     rng = random.Random(common.derive_seed(cfg.seed, "eval"))
     scenes = random_scenes(rng, num_images)
+    device = next(vae.parameters()).device
     was_training = vae.training
     vae.eval()
     psnr, kept, recs, origs = [], [], [], []
     for start in range(0, num_images, batch):
         chunk = scenes[start:start + batch]
         x = common.scenes_to_tensor(chunk, cfg.size)
-        rec = common.tensor_to_arrays(reconstruct(vae, x))  # (b, H, W, 3), uint8-rounded
+        rec = common.tensor_to_arrays(reconstruct(vae, x.to(device)))  # (b, H, W, 3), uint8-rounded
         orig = common.tensor_to_arrays(x)
         mse = ((rec - orig) ** 2).mean(axis=(1, 2, 3))
         psnr += list(10 * np.log10(1.0 / np.maximum(mse, 1e-10)))
@@ -181,27 +181,31 @@ def evaluate(vae, cfg: VAEConfig, num_images: int | None = None, batch: int = 32
 def latent_statistics(vae, cfg: VAEConfig) -> tuple[list[float], list[float]]:
     """Per-channel mean and std of the posterior mean over held-out scenes."""
     rng = random.Random(common.derive_seed(cfg.seed, "stats"))
+    device = next(vae.parameters()).device
     zs = []
     for start in range(0, cfg.stats_images, 32):
         x = common.scenes_to_tensor(random_scenes(rng, min(32, cfg.stats_images - start)), cfg.size)
-        zs.append(encode_mean(vae, x))
+        zs.append(encode_mean(vae, x.to(device)).cpu())
     z = torch.cat(zs).transpose(0, 1).reshape(cfg.z_dim, -1)  # (z, B * h * w)
     return z.mean(1).tolist(), z.std(1).clamp_min(1e-3).tolist()
 
 
-def export(run_dir: Path, cfg: VAEConfig, vae=None) -> dict:
-    """Save `RUN_DIR/vae/` (diffusers folder with measured latent statistics) and `RUN_DIR/metrics.json`."""
+def export(run_dir: Path, cfg: VAEConfig, vae=None, device: torch.device | None = None) -> dict:
+    """Save `RUN_DIR/vae/` (diffusers folder with measured latent statistics) and `RUN_DIR/metrics.json`; the
+    statistics and the evaluation run on `device` (that of `vae` when given, else the CPU)."""
     if vae is None:
         vae = build_vae(cfg)
         state = common.resume(run_dir, {"vae": vae})
         if state["step"] == 0:
             raise ValueError(f"{run_dir} has no checkpoint to export: train first.")
+        vae.to(device or "cpu")
+    device = next(vae.parameters()).device
     vae.eval()
     mean, std = latent_statistics(vae, cfg)
     final = build_vae(cfg, mean, std)
     final.load_state_dict(vae.state_dict())
     final.save_pretrained(run_dir / "vae")
-    metrics = evaluate(final, cfg)
+    metrics = evaluate(final.to(device), cfg)
     state = json.loads((common.latest_checkpoint(run_dir) / "trainer_state.json").read_text())
     metrics.update(step=state["step"], train_seconds=state.get("train_seconds"), latents_mean=mean, latents_std=std)
     common.write_json(run_dir / "metrics.json", metrics)
@@ -216,10 +220,11 @@ def train(cfg: VAEConfig, run_dir: str | Path, show_progress: bool = True, stop_
 
 
 def _train(cfg: VAEConfig, run_dir, show_progress: bool, stop_after: int | None):
-    torch.set_num_threads(cfg.threads)
+    deadline = common.Deadline(cfg.max_minutes)
+    device = common.setup_run(cfg)
     run_dir = common.prepare_run_dir(run_dir, cfg)
     common.seed_everything(cfg.seed)
-    vae = build_vae(cfg).train()
+    vae = build_vae(cfg).train()  # built on the CPU (the same init everywhere), then moved
     if cfg.init_from:
         from diffusers import AutoencoderKLQwenImage
 
@@ -227,6 +232,7 @@ def _train(cfg: VAEConfig, run_dir, show_progress: bool, stop_after: int | None)
     if not cfg.train_encoder:
         vae.encoder.requires_grad_(False)
         vae.quant_conv.requires_grad_(False)
+    vae.to(device)
     params = [p for p in vae.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     state = common.resume(run_dir, {"vae": vae}, optimizer)
@@ -236,9 +242,10 @@ def _train(cfg: VAEConfig, run_dir, show_progress: bool, stop_after: int | None)
     log = common.RunLog(run_dir)
     log.truncate(start)
     bar = common.progress(range(start, cfg.max_steps), cfg.max_steps, start, "vae", not show_progress)
+    batches = common.step_batches(lambda step: make_batch(cfg, step), start, cfg.max_steps, cfg.data_workers)
     tick = time.perf_counter()
-    for step in bar:
-        row = train_step(vae, optimizer, cfg, step)
+    for step, batch in zip(bar, batches):
+        row = train_step(vae, optimizer, cfg, step, batch, device)
         log.append({"kind": "train", "step": step + 1, **row})
         bar.set_postfix(loss=f"{row['loss']:.4f}")
         done = step + 1
@@ -250,7 +257,8 @@ def _train(cfg: VAEConfig, run_dir, show_progress: bool, stop_after: int | None)
             stop = (metrics["scene_accuracy"] >= cfg.stop_scene_accuracy
                     and metrics["background_kept"] >= cfg.stop_background_kept)
         interrupt = stop_after is not None and done >= stop_after
-        if done % cfg.save_every == 0 or done == cfg.max_steps or stop or interrupt:
+        out_of_time = deadline.reached()
+        if done % cfg.save_every == 0 or done == cfg.max_steps or stop or interrupt or out_of_time:
             seconds += time.perf_counter() - tick
             tick = time.perf_counter()
             common.save_checkpoint(run_dir, done, {"vae": vae}, optimizer,
@@ -261,6 +269,10 @@ def _train(cfg: VAEConfig, run_dir, show_progress: bool, stop_after: int | None)
             break
         if interrupt:
             return None
+        if out_of_time and done < cfg.max_steps:
+            bar.write(f"step {done}: max_minutes={cfg.max_minutes} reached; checkpointed (run again to continue)")
+            break
+    del batches  # stops the data workers, if any
     if start >= cfg.max_steps and common.latest_checkpoint(run_dir) is None:
         raise ValueError("max_steps is 0: nothing to train.")
     return export(run_dir, cfg, vae)
@@ -273,9 +285,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     cfg = common.load_config(VAEConfig, args.config, args.overrides)
     if args.export_only:
-        torch.set_num_threads(cfg.threads)
+        device = common.setup_run(cfg)
         with common.single_frame_convs():
-            metrics = export(Path(args.run_dir), cfg)
+            metrics = export(Path(args.run_dir), cfg, device=device)
     else:
         metrics = train(cfg, args.run_dir, not args.no_progress, args.stop_after)
         if metrics is None:

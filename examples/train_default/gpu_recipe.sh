@@ -1,0 +1,140 @@
+#!/usr/bin/env bash
+# The default-model recipe on one CUDA GPU, in one command (<= 9 minutes on an H100): VAE, reasoner and editor with
+# configs/gpu/*.yaml, each under a wall-clock cap (max_minutes: it checkpoints, stops and exports when reached), then
+# export.py (fp16 folder) and its MICE-Shapes bench. See docs/training.md, "On a GPU".
+#
+#   bash examples/train_default/gpu_recipe.sh             # from the repository root, on the GPU machine
+#   bash examples/train_default/gpu_recipe.sh --prepare   # here, with PyPI: the wheels the GPU machine lacks -> .whl/
+#
+# Python: $PYTHON if set; else .venv/bin/python if its torch sees CUDA; else python3. Wheels in .whl/ (diffusers and
+# transformers at the versions of requirements-ci.txt, from --prepare) are installed into a scratch folder first, and
+# the repository goes on PYTHONPATH, so a machine with CUDA torch but without this project's packages runs it.
+#
+# Results go to $OUT (default runs/gpu/out), kept to a few files: recipe.log (everything printed), runs.tar.gz (every
+# stage's config, log.jsonl, loss.png, metrics; rewritten after each stage), loss_editor.png, export_report.json (the
+# bench) and the exported model as editr2-shapes-tiny.tar.part-* (`cat editr2-shapes-tiny.tar.part-* | tar x`).
+#
+# Environment: VAE_MINUTES (1), REASONER_MINUTES (1.75), EDITOR_MINUTES (3.5), BENCH_SESSIONS (10, per family),
+# REASONER_FINAL_SESSIONS (4, per family), RUN_ROOT (runs/gpu), VAE_ARGS / REASONER_ARGS / EDITOR_ARGS (more flags
+# for a stage, e.g. EDITOR_ARGS="--set max_steps=2400"), PREFLIGHT (1: first run the CUDA tests of
+# tests/test_train_default_device.py, ~30 s, and stop on a failure), DEVICE (cuda; "cpu" only to smoke-test this
+# script at micro size). Run again to resume every stage from its checkpoints.
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+cd "$REPO"
+D=examples/train_default
+C=$D/configs/gpu
+
+if [ "${1:-}" = "--prepare" ]; then  # on a machine with PyPI: fetch the pure-Python wheels the GPU image lacks
+    mkdir -p .whl
+    for package in diffusers transformers; do
+        version="$(grep -i "^$package==" requirements-ci.txt | cut -d= -f3)"
+        "${PYTHON:-python3}" -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+            --implementation cp --platform manylinux2014_x86_64 -d .whl "$package==$version"
+    done
+    echo "wheels in .whl/ (git-ignored); carry it: run(command=\"bash $D/gpu_recipe.sh\", carry=[\".whl\"])"
+    exit 0
+fi
+
+OUT="${OUT:-runs/gpu/out}"
+W="${RUN_ROOT:-runs/gpu}"
+mkdir -p "$OUT" "$W"
+LOG="$OUT/recipe.log"
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+
+if [ -z "${PYTHON:-}" ]; then
+    if [ -x .venv/bin/python ] && .venv/bin/python -c \
+        'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' >/dev/null 2>&1; then
+        PYTHON=.venv/bin/python
+    else
+        PYTHON=python3
+    fi
+fi
+log() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$LOG"; }
+
+for wheel in .whl/*.whl; do  # each carried wheel in its own folder, used only if it imports with what is installed
+    [ -f "$wheel" ] || continue
+    name="$(basename "$wheel" | cut -d- -f1)"
+    site="/tmp/editr2-site/$name"
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" "$wheel"
+    if PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -c "import $name" >>"$LOG" 2>&1; then
+        export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+        log "using $(basename "$wheel")"
+    else
+        log "$(basename "$wheel") does not import here (see above): using the installed $name"
+    fi
+done
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+
+pack_runs() {  # the small outputs of every stage so far, in one file
+    local files=()
+    for stage in vae reasoner editor; do
+        for name in config.json log.jsonl loss.png metrics.json eval_samples.json export_report.json; do
+            [ -f "$W/$stage/$name" ] && files+=("$stage/$name")
+        done
+    done
+    [ ${#files[@]} -gt 0 ] && tar -czf "$OUT/runs.tar.gz" -C "$W" "${files[@]}"
+    [ -f "$W/editor/loss.png" ] && cp "$W/editor/loss.png" "$OUT/loss_editor.png"
+    return 0
+}
+
+stage() {  # stage NAME COMMAND...: run it, log its output and time, pack the outputs
+    local name=$1 start=$SECONDS
+    shift
+    log "stage $name: $*"
+    "$@" 2>&1 | tee -a "$LOG"
+    log "stage $name: done in $((SECONDS - start)) s"
+    pack_runs
+}
+
+log "python: $PYTHON; OUT=$OUT; runs in $W"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee -a "$LOG" || true
+DEVICE="${DEVICE:-cuda}"
+DEVICE="$DEVICE" "$PYTHON" - 2>&1 <<'EOF' | tee -a "$LOG"
+import os
+import sys
+
+try:
+    import diffusers
+    import torch
+    import transformers
+
+    import diffusers_editr2  # noqa: F401
+    import editr2  # noqa: F401
+except ImportError as error:
+    sys.exit(f"{error} (python {sys.executable}): set PYTHON, or run `bash examples/train_default/gpu_recipe.sh "
+             f"--prepare` where PyPI is reachable and carry .whl/")
+
+print(f"python {sys.version.split()[0]}, torch {torch.__version__}, diffusers {diffusers.__version__}, "
+      f"transformers {transformers.__version__}")
+if os.environ["DEVICE"].startswith("cuda") and not torch.cuda.is_available():
+    sys.exit("torch sees no CUDA device: run this on a GPU machine (or set PYTHON to a CUDA build of torch)")
+print(f"device: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu'}")
+EOF
+
+if [ "${PREFLIGHT:-1}" = 1 ]; then  # ~30 s: every stage at micro size on this device, before the real run
+    stage preflight "$PYTHON" -m pytest -q -x -p no:cacheprovider tests/test_train_default_device.py -k cuda
+fi
+
+GPU=(--no-progress --set device="$DEVICE" --set mixed_precision=bf16)
+# shellcheck disable=SC2086  # *_ARGS are word-split on purpose
+stage vae "$PYTHON" $D/train_vae.py --config $C/vae.yaml --run-dir "$W/vae" "${GPU[@]}" \
+    --set max_minutes="${VAE_MINUTES:-1}" ${VAE_ARGS:-}
+# shellcheck disable=SC2086
+stage reasoner "$PYTHON" $D/train_reasoner.py --config $C/reasoner.yaml --run-dir "$W/reasoner" "${GPU[@]}" \
+    --set max_minutes="${REASONER_MINUTES:-1.75}" --final-sessions "${REASONER_FINAL_SESSIONS:-4}" ${REASONER_ARGS:-}
+# shellcheck disable=SC2086
+stage editor "$PYTHON" $D/train_editor.py --config $C/editor.yaml --run-dir "$W/editor" "${GPU[@]}" \
+    --set max_minutes="${EDITOR_MINUTES:-3.5}" --set vae_path="$W/vae/vae" --set reasoner_path="$W/reasoner" \
+    ${EDITOR_ARGS:-}
+
+MODEL="$OUT/editr2-shapes-tiny"
+EXPORT=("$PYTHON" $D/export.py --vae "$W/vae" --reasoner "$W/reasoner" --editor "$W/editor" --out "$MODEL"
+        --threads 8 --no-progress)
+stage export "${EXPORT[@]}"
+tar -cf - -C "$OUT" editr2-shapes-tiny | split -b 15m - "$OUT/editr2-shapes-tiny.tar.part-"  # <= 16 MiB a file
+stage bench "${EXPORT[@]}" --bench-sessions "${BENCH_SESSIONS:-10}"
+cp "$W/editor/export_report.json" "$OUT/export_report.json"
+rm -rf "$MODEL"  # shipped as the tar parts above (what comes back from $OUT is a few files)
+log "done: $(ls "$OUT" | tr '\n' ' ')"

@@ -1,0 +1,221 @@
+"""The default-model recipe's run settings (examples/train_default/common.TrainConfig): device resolution, the
+wall-clock cap, data workers, batched text encoding, the shipped YAML configs and the GPU recipe script. The CPU
+path itself (bit-exact resume of every stage) is tested in tests/test_train_default.py."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+RECIPE = Path(__file__).resolve().parents[1] / "examples" / "train_default"
+sys.path.insert(0, str(RECIPE))
+
+import common  # noqa: E402
+import train_editor  # noqa: E402
+import train_reasoner  # noqa: E402
+import train_vae  # noqa: E402
+
+MICRO_VAE = dict(base_dim=4, z_dim=4, batch_size=2, eval_every=100, eval_images=4, stats_images=4, save_every=100,
+                 threads=1)
+STAGES = {"vae": train_vae.VAEConfig, "reasoner": train_reasoner.ReasonerConfig, "editor": train_editor.EditorConfig}
+YAMLS = sorted((RECIPE / "configs").glob("*.yaml")) + sorted((RECIPE / "configs" / "gpu").glob("*.yaml"))
+
+
+def _weights(run_dir: Path, name: str = "vae") -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(common.latest_checkpoint(run_dir) / f"{name}.safetensors"))
+
+
+def _assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def _stage_of(path: Path):
+    return STAGES[next(name for name in STAGES if path.stem.startswith(name))]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Configs
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_every_stage_config_shares_the_base_fields():
+    base = {f.name for f in dataclasses.fields(common.TrainConfig)}
+    assert {"device", "mixed_precision", "max_minutes", "data_workers", "batch_size", "lr", "max_steps"} <= base
+    for cls in STAGES.values():
+        assert issubclass(cls, common.TrainConfig) and base <= {f.name for f in dataclasses.fields(cls)}
+        cfg = cls()
+        assert (cfg.device, cfg.mixed_precision, cfg.max_minutes, cfg.data_workers) == ("cpu", "no", 0.0, 0)
+        assert "seed" in cls.FROZEN_FIELDS
+
+
+@pytest.mark.parametrize("path", YAMLS, ids=lambda p: str(p.relative_to(RECIPE / "configs")))
+def test_shipped_yaml_configs_load(path):
+    import yaml
+
+    cls = _stage_of(path)
+    keys = set(yaml.safe_load(path.read_text()))
+    assert keys <= {f.name for f in dataclasses.fields(cls)}, keys - {f.name for f in dataclasses.fields(cls)}
+    cfg = common.load_config(cls, path, ["device=auto"])
+    assert cfg.device == "auto" and cfg.mixed_precision in common.MIXED_PRECISION
+    if path.parent.name == "gpu":
+        assert cfg.max_minutes > 0 and cfg.mixed_precision == "bf16" and cfg.data_workers > 0
+
+
+def test_gpu_recipe_caps_fit_one_device_command():
+    """The stage caps leave room for set-up, exports and the bench inside the device's 10-minute command."""
+    caps = {p.stem: common.load_config(_stage_of(p), p).max_minutes for p in (RECIPE / "configs" / "gpu").glob("*")}
+    assert set(caps) == {"vae", "reasoner", "editor"} and sum(caps.values()) <= 7.5
+    script = (RECIPE / "gpu_recipe.sh").read_text()
+    for stage, minutes in caps.items():  # the script's defaults agree with the YAMLs
+        assert f'{stage.upper()}_MINUTES:-{minutes:g}' in script
+
+
+def test_run_folders_written_before_the_base_config_still_resume(tmp_path):
+    cfg = train_vae.VAEConfig(**MICRO_VAE)
+    old = {k: v for k, v in common.config_to_dict(cfg).items()
+           if k not in ("device", "mixed_precision", "max_minutes", "data_workers")}
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    common.prepare_run_dir(tmp_path, dataclasses.replace(cfg, device="auto", max_minutes=1.0, lr=5e-4))
+    with pytest.raises(ValueError, match="base_dim"):
+        common.prepare_run_dir(tmp_path, dataclasses.replace(cfg, base_dim=8))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Devices and mixed precision
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_device_resolution():
+    assert common.resolve_device("cpu") == torch.device("cpu")
+    assert common.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match="pass 'cpu', 'cuda'"):
+        common.resolve_device("gpu")
+
+
+def test_cuda_without_cuda_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert common.resolve_device("auto") == torch.device("cpu")
+    for name in ("cuda", "cuda:0"):
+        with pytest.raises(ValueError, match="CUDA is not available.*pass device=cpu"):
+            common.resolve_device(name)
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        train_vae.train(train_vae.VAEConfig(**MICRO_VAE, max_steps=1, device="cuda"), tmp_path / "run", False)
+    assert not (tmp_path / "run").exists()  # refused before anything is written
+
+
+def test_run_settings_are_checked():
+    for bad in ({"mixed_precision": "fp16"}, {"max_minutes": -1.0}, {"data_workers": -1}):
+        with pytest.raises(ValueError, match="pass"):
+            common.setup_run(train_vae.VAEConfig(**bad))
+    cpu = torch.device("cpu")
+    with common.autocast(cpu, "bf16"):  # autocast is CUDA-only: the CPU path stays fp32
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+
+
+def test_cuda_rng_state_of_a_gpu_checkpoint_is_ignored_on_the_cpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    state = common.rng_state()
+    assert "cuda" not in state  # a CPU run writes the same JSON as before
+    expected = torch.rand(3)
+    common.set_rng_state({**state, "cuda": [[0] * 16]})
+    assert torch.equal(torch.rand(3), expected)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Wall-clock cap and data workers (VAE stage at micro size)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_max_minutes_checkpoints_exports_and_resumes_exactly(tmp_path):
+    full, capped = tmp_path / "full", tmp_path / "capped"
+    train_vae.train(train_vae.VAEConfig(**MICRO_VAE, max_steps=3), full, show_progress=False)
+    cfg = train_vae.VAEConfig(**MICRO_VAE, max_steps=3, max_minutes=1e-6)  # reached during the first step
+    metrics = train_vae.train(cfg, capped, show_progress=False)
+    assert metrics["step"] == 1 and (capped / "vae" / "config.json").exists()  # checkpointed, then exported
+    assert train_vae.train(cfg, capped, show_progress=False)["step"] == 2  # the same command continues
+    train_vae.train(dataclasses.replace(cfg, max_minutes=0.0), capped, show_progress=False)
+    assert [r["step"] for r in common.RunLog(capped).rows("train")] == [1, 2, 3]
+    _assert_same(_weights(full), _weights(capped))  # = the uninterrupted run, bit for bit
+
+
+def test_data_workers_do_not_change_the_run(tmp_path):
+    for workers in (0, 2):
+        train_vae.train(train_vae.VAEConfig(**MICRO_VAE, max_steps=2, data_workers=workers), tmp_path / str(workers),
+                        show_progress=False)
+    _assert_same(_weights(tmp_path / "0"), _weights(tmp_path / "2"))
+    batches = list(common.step_batches(lambda step: train_vae.make_batch(train_vae.VAEConfig(**MICRO_VAE), step),
+                                       3, 6, workers=2))
+    assert len(batches) == 3
+    assert torch.equal(batches[1]["x"], train_vae.make_batch(train_vae.VAEConfig(**MICRO_VAE), 4)["x"])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Batched text encoding (editor)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_batched_text_encoding_matches_encode_prompt_per_example():
+    from diffusers_editr2.testing import tiny_pipeline
+    from editr2.bench.shapes import generate_session
+
+    pipe = tiny_pipeline(0)
+    sessions = [generate_session(family, 1, seed) for family in ("cm", "cu") for seed in (0, 1)]
+    images = [s.source_image() for s in sessions]
+    texts = [sessions[0].gold_intent[0], "Remove it", " ", sessions[3].instruction[0]]  # different lengths
+    single, single_mask = train_editor.encode_texts(pipe, texts, images, 32 * 32)
+    inputs = train_editor.text_inputs(pipe, texts, images, 32 * 32)
+    batched, batched_mask = train_editor.encode_text_inputs(pipe, inputs)
+    assert torch.equal(batched_mask, single_mask) and batched_mask.sum(1).unique().numel() > 1
+    torch.testing.assert_close(batched, single, atol=1e-5, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The GPU recipe script
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_gpu_recipe_script_parses():
+    subprocess.run(["bash", "-n", str(RECIPE / "gpu_recipe.sh")], check=True)
+
+
+MICRO_REASONER = dict(tokenizer_sessions=40, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
+                      intermediate_size=64, vision_hidden=16, batch_size=2, eval_every=100, eval_sessions=1,
+                      eval_turns=1, max_new_tokens=4, save_every=1, threads=1, aux_copy=((1.0, 2),))
+MICRO_EDITOR = dict(num_layers=1, num_heads=2, head_dim=16, axes_dims_rope=(4, 6, 6), batch_size=2, eval_every=100,
+                    eval_sessions=1, eval_steps=2, save_every=1, threads=1, max_turns=2, copy_head_temperature=3.0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_micro_recipe(tmp_path):
+    """On a GPU machine (gpu_recipe.sh runs this first): every stage trains on CUDA in bf16 with data workers, the
+    checkpoints hold CPU tensors and the CUDA RNG, a CUDA run resumes on the CPU, and the export loads."""
+    import export
+
+    gpu = dict(device="cuda", mixed_precision="bf16", data_workers=2)
+    vae_cfg = train_vae.VAEConfig(**{**MICRO_VAE, "save_every": 1}, max_steps=2, **gpu)
+    assert train_vae.train(vae_cfg, tmp_path / "vae", show_progress=False, stop_after=1) is None
+    state = json.loads((common.latest_checkpoint(tmp_path / "vae") / "trainer_state.json").read_text())
+    assert "cuda" in state["rng"]
+    metrics = train_vae.train(dataclasses.replace(vae_cfg, device="cpu"), tmp_path / "vae", show_progress=False)
+    assert metrics["step"] == 2 and all(torch.isfinite(t).all() for t in _weights(tmp_path / "vae").values())
+
+    train_reasoner.train(train_reasoner.ReasonerConfig(**MICRO_REASONER, max_steps=2, **gpu), tmp_path / "reasoner",
+                         show_progress=False, final_sessions=1)
+    editor_cfg = train_editor.EditorConfig(**MICRO_EDITOR, max_steps=2, batch_text_encoding=True, **gpu,
+                                           vae_path=str(tmp_path / "vae" / "vae"),
+                                           reasoner_path=str(tmp_path / "reasoner"))
+    metrics = train_editor.train(editor_cfg, tmp_path / "editor", show_progress=False)
+    assert metrics["step"] == 2 and 0.0 <= metrics["CC"] <= 1.0
+    assert all(t.device.type == "cpu" for t in _weights(tmp_path / "editor", "transformer").values())
+    export.save(export.assemble(tmp_path / "vae", tmp_path / "reasoner", tmp_path / "editor"), tmp_path / "out")
+    assert (tmp_path / "out" / "model_index.json").exists()
