@@ -166,6 +166,16 @@ def _editor_cfg(stages, **overrides):
                                      reasoner_path=str(reasoner_dir))
 
 
+def test_editor_ops_restrict_the_drawn_turns():
+    import random
+
+    cfg = train_editor.EditorConfig(ops=("color_alter",), raw_instruction_prob=0.0, drop_text_prob=0.0)
+    rng = random.Random(0)
+    for _ in range(5):
+        reference, target, text = train_editor.draw_turn(rng, cfg)
+        assert text.startswith("Change the color of") and reference.objects != target.objects
+
+
 def test_batched_conditioning_matches_the_pipeline(stages):
     from editr2.bench.shapes import generate_session
     from editr2.session import Session

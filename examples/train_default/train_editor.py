@@ -53,6 +53,7 @@ class EditorConfig(common.TrainConfig):
         image_size, condition_size: working size and the VLM's view of the reference (pixels per side).
         max_turns: sessions of 1..max_turns turns are drawn (one turn of each is an example).
         curriculum: `[[fraction_of_max_steps, max_objects_in_reference], ...]`, in order; after the last, any scene.
+        ops: train only on turns of these task types (`editr2.bench.shapes.grammar.TASK_TYPES`); empty = all.
         raw_instruction_prob: probability to condition on the raw instruction instead of the intent when the
             instruction is self-contained (explicit target, no rule colour, not an undo).
         drop_text_prob: probability of the empty prompt `" "` (enables true CFG at sampling).
@@ -81,6 +82,7 @@ class EditorConfig(common.TrainConfig):
     condition_size: int = 32
     max_turns: int = 4
     curriculum: tuple = ((0.15, 1), (0.35, 2))
+    ops: tuple = ()
     raw_instruction_prob: float = 0.15
     drop_text_prob: float = 0.1
     edit_weight: float = 4.0
@@ -328,7 +330,7 @@ def draw_turn(rng: random.Random, cfg: EditorConfig, max_objects: int = 5):
         num_turns = rng.randint(1, cfg.max_turns)
         session = generate_session(family, num_turns, common.TRAIN_SEED_OFFSET + rng.randrange(10**9), cfg.image_size)
         turn = rng.randrange(num_turns)
-        if len(session.scenes[turn].objects) <= max_objects:
+        if len(session.scenes[turn].objects) <= max_objects and (not cfg.ops or session.task_type[turn] in cfg.ops):
             break
     text = session.gold_intent[turn]
     if self_contained(session, turn) and rng.random() < cfg.raw_instruction_prob:
