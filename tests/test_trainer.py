@@ -54,6 +54,7 @@ def test_config_defaults_are_the_papers(tmp_path):
         ({"lora_dropout": 0.1}, "lora_dropout must be 0"),
         ({"resolution": 500}, "multiple of 16"),
         ({"reasoning_temperature": 0.0}, "reasoning_temperature must be > 0"),
+        ({"reasoning_template": "History: {history}"}, "reasoning_template must contain {instruction}"),
     ],
 )
 def test_config_rejects_bad_values_with_a_clear_error(tmp_path, overrides, message):
@@ -190,3 +191,23 @@ def test_qwen_image_edit_2509_config_builds_the_trainer_on_the_real_layout(tmp_p
     trainable = [p for p in policy.parameters() if p.requires_grad]
     assert trainable and all(p.dtype == torch.float32 for p in trainable)
     assert policy.transformer.peft_config["default"].r == 64
+
+
+def test_rollouts_ask_with_the_configured_reasoning_template(tmp_path, monkeypatch):
+    from diffusers_editr2.pipeline_editr2 import EditR2Pipeline
+    from trl_editr2.testing import tiny_dataset, tiny_trainer
+
+    template = 'History:\n{history}\nRules:\n{rules}\nInstruction: "{instruction}"'
+    trainer = tiny_trainer(tmp_path, num_turns=1, max_reasoning_tokens=2, reasoning_template=template)
+    seen = []
+    original = EditR2Pipeline.prepare_reasoning_inputs
+
+    def spy(self, session, prompt, template=None, condition_area=1024, device=None):
+        seen.append(template)
+        inputs = original(self, session, prompt, template, condition_area, device)
+        seen.append(self.processor.tokenizer.decode(inputs["input_ids"][0]))
+        return inputs
+
+    monkeypatch.setattr(EditR2Pipeline, "prepare_reasoning_inputs", spy)
+    trainer.rollout([tiny_dataset(num_turns=1)[0]])
+    assert seen and seen[0] == template and 'Instruction: "' in seen[1]

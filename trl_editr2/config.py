@@ -93,6 +93,10 @@ class EditR2Config(TrainingArguments):
             Paper: 0.7.
         max_reasoning_tokens (`int`, *optional*, defaults to `150`):
             Most new tokens of one reasoning answer. Paper: 150 (300 at evaluation).
+        reasoning_template (`str`, *optional*, defaults to `None`):
+            The user-message template of the reasoning request (`editr2.intent.build_messages`; `None` = its default
+            IC-CoT template). Set it to the template the model was trained with, e.g. the `template` of a model
+            folder's `editr2_call_defaults.json`, so rollouts ask as inference does.
 
         > Parameters that control rewards, advantages and filtering
 
@@ -205,6 +209,10 @@ class EditR2Config(TrainingArguments):
     )
     reasoning_temperature: float = field(default=0.7, metadata={"help": "Reasoning temperature. Paper: 0.7."})
     max_reasoning_tokens: int = field(default=150, metadata={"help": "Most reasoning tokens. Paper: 150."})
+    reasoning_template: str | None = field(
+        default=None,
+        metadata={"help": "Reasoning request template with {history}, {rules}, {instruction} (None = the default)."},
+    )
 
     # --- Rewards, advantages, filtering ---
     reward_weights: dict | str | None = field(
@@ -289,6 +297,9 @@ class EditR2Config(TrainingArguments):
              f"resolution must be a positive multiple of 16 (VAE x patch size) or None, got {self.resolution}.")
         need(self.reasoning in REASONING_MODES, f"reasoning must be one of {REASONING_MODES}, got "
              f"{self.reasoning!r}.")
+        need(self.reasoning_template is None or "{instruction}" in self.reasoning_template,
+             "reasoning_template must contain {instruction} (and usually {history} and {rules}), or be None for the "
+             "default template.")
         need(not (self.reasoning == "none" and self.train_reasoning),
              "train_reasoning=True needs reasoning='intent': with reasoning='none' there is no text to train; set "
              "train_reasoning=False.")

@@ -223,7 +223,8 @@ def generate_answers(pipe, sessions: Sequence[Any], instruction: str, args, gene
     """
     text_encoder = pipe.text_encoder
     device = pipe._execution_device
-    inputs = [pipe.prepare_reasoning_inputs(s, instruction, condition_area=args.condition_area) for s in sessions]
+    inputs = [pipe.prepare_reasoning_inputs(s, instruction, args.reasoning_template, args.condition_area)
+              for s in sessions]
     pad = pipe.tokenizer.pad_token_id if pipe.tokenizer.pad_token_id is not None else 0
     prompt, _, _ = batch_text(inputs, [x["input_ids"][:, :1] for x in inputs], pad)
     prompt = {k: v.to(device) for k, v in prompt.items()}
