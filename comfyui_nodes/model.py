@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import pathlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import comfy.model_management
@@ -22,6 +22,9 @@ import torch
 
 MODEL_FOLDER = "editr2"  # folder_paths key and the folder name under ComfyUI's models/
 DEFAULT_MODEL = "editr2-shapes-tiny"
+# Call defaults of a model folder that Edit Turn applies (it has inputs for steps and CFG; the session's size follows
+# the image, and the reference latent is always the session's own).
+NODE_CALL_DEFAULTS = ("condition_area", "template", "max_new_tokens", "max_history_images", "max_sequence_length")
 SHIPPED_CHECKPOINTS = pathlib.Path(__file__).resolve().parent.parent / "checkpoints"
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEVICES = ("auto", "cpu")
@@ -105,11 +108,19 @@ class EditR2Model:
         name: the model name picked in the loader.
         pipeline: the loaded `diffusers_editr2.EditR2Pipeline`.
         patcher: a `comfy.model_patcher.ModelPatcher` over the pipeline's torch modules.
+        call_defaults: the model folder's `editr2_call_defaults.json` (the `__call__` arguments it was trained for);
+            Edit Turn passes those it has no input for (`NODE_CALL_DEFAULTS`).
     """
 
     name: str
     pipeline: Any
     patcher: Any
+    call_defaults: dict = field(default_factory=dict)
+
+    def call_kwargs(self) -> dict:
+        """The folder's call defaults that Edit Turn does not expose as inputs (e.g. the VLM's view of the image and
+        the reasoning request template the model was trained with)."""
+        return {k: v for k, v in self.call_defaults.items() if k in NODE_CALL_DEFAULTS}
 
     def prepare(self) -> None:
         """Moves the pipeline to its load device through ComfyUI (which may offload other models first)."""
@@ -122,10 +133,14 @@ def load_model(name: str, dtype: str = "auto", device: str = "auto") -> EditR2Mo
     # model_index.json may name this module, and diffusers loads components only from already-imported libraries
     import diffusers_editr2.processing  # noqa: F401
     from diffusers_editr2 import EditR2Pipeline
+    from diffusers_editr2.bench import load_call_defaults
+    from editr2.demo import CALL_DEFAULTS_FILE
 
     load_device, offload_device = _pick_devices(device)
     torch_dtype = _pick_dtype(dtype, load_device)
     pipeline = EditR2Pipeline.from_pretrained(path, dtype=torch_dtype, use_safetensors=True)
     pipeline.set_progress_bar_config(disable=True)  # ComfyUI shows its own progress bar
     patcher = comfy.model_patcher.ModelPatcher(_PipelineModules(pipeline), load_device, offload_device)
-    return EditR2Model(name=name, pipeline=pipeline, patcher=patcher)
+    defaults = path / CALL_DEFAULTS_FILE
+    call_defaults = load_call_defaults(path) if defaults.is_file() else {}
+    return EditR2Model(name=name, pipeline=pipeline, patcher=patcher, call_defaults=call_defaults)

@@ -192,6 +192,7 @@ class EditR2EditTurn(io.ComfyNode):
             callback_on_step_end=_step_callback(steps),
             output_type="pil",
             reference_area=None,  # the source's reference latent at the session's size, not upstream's 1 MP
+            **model.call_kwargs(),  # what the model folder was trained with (VLM image size, request template)
         )
         intent = output.intents[0]
         return io.NodeOutput(output.session, pil_to_tensor(output.images[0]), intent, ui=ui.PreviewText(intent))

@@ -258,3 +258,32 @@ def test_session_size_follows_the_model(comfy, tiny_model):
     assert new_session.rules == ("keep the background white",)
     with pytest.raises(ValueError, match=f"at least {multiple} pixels"):
         turn(comfy, start(comfy, comfy_image(size=multiple - 1)), tiny_model, "add a red circle")
+
+
+def test_edit_turn_applies_the_model_folders_call_defaults(comfy, tiny_dir, monkeypatch):
+    """A model folder's editr2_call_defaults.json reaches the pipeline for what the node has no input for."""
+    import json
+
+    from diffusers_editr2 import EditR2Pipeline
+
+    name = "editr2-with-defaults"
+    folder = pathlib.Path(comfy.model.folder_paths.models_dir) / "editr2" / name
+    shutil.copytree(tiny_dir, folder)
+    template = 'History:\n{history}\nRules:\n{rules}\nInstruction: "{instruction}"'
+    defaults = {"condition_area": 32 * 32, "template": template, "max_new_tokens": 3, "num_inference_steps": 50}
+    (folder / "editr2_call_defaults.json").write_text(json.dumps(defaults))
+    model = comfy.nodes.EditR2LoadModel.execute(name, "float32", "cpu")[0]
+    assert model.call_defaults == defaults
+
+    calls = []
+    original = EditR2Pipeline.__call__
+
+    def spy(self, *args, **kwargs):
+        calls.append(kwargs)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(EditR2Pipeline, "__call__", spy)
+    turn(comfy, start(comfy), model, "make it red", steps=2, reasoning="intent")
+    (kwargs,) = calls
+    assert kwargs["condition_area"] == 1024 and kwargs["template"] == template and kwargs["max_new_tokens"] == 3
+    assert kwargs["num_inference_steps"] == 2  # the node's own input wins over the folder's steps

@@ -65,3 +65,25 @@ def test_filmstrip_layout():
     assert strip.mode == "RGB" and strip.width == 3 * (64 + 8) + 8
     with pytest.raises(ValueError, match="at least one frame"):
         filmstrip([])
+
+
+def test_settings_come_from_the_command_line_then_the_model_folder_then_upstream(tmp_path):
+    import argparse
+    import json
+
+    from diffusers_editr2.cli import UPSTREAM_DEFAULTS, add_arguments, call_kwargs
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    base = ["x", "--image", "in.png", "--out", "out"]
+    assert call_kwargs(parser.parse_args([*base, "--model", str(tmp_path)])) == UPSTREAM_DEFAULTS  # no defaults file
+
+    template = 'History:\n{history}\nInstruction: "{instruction}"'
+    (tmp_path / "editr2_call_defaults.json").write_text(json.dumps(
+        {"height": 64, "width": 64, "reference_area": None, "condition_area": 1024, "num_inference_steps": 16,
+         "true_cfg_scale": 1.0, "template": template}))
+    kwargs = call_kwargs(parser.parse_args([*base, "--model", str(tmp_path), "--steps", "4"]))
+    assert kwargs["num_inference_steps"] == 4 and kwargs["condition_area"] == 1024 and kwargs["template"] == template
+    assert kwargs["reference_area"] is None and kwargs["height"] == 64 and kwargs["max_new_tokens"] == 256
+    kwargs = call_kwargs(parser.parse_args([*base, "--model", str(tmp_path), "--reference-area", "4096"]))
+    assert kwargs["reference_area"] == 4096
