@@ -219,3 +219,13 @@ def test_cuda_micro_recipe(tmp_path):
     assert all(t.device.type == "cpu" for t in _weights(tmp_path / "editor", "transformer").values())
     export.save(export.assemble(tmp_path / "vae", tmp_path / "reasoner", tmp_path / "editor"), tmp_path / "out")
     assert (tmp_path / "out" / "model_index.json").exists()
+
+
+def test_text_fields_keep_their_text(tmp_path):
+    # YAML reads `no` as False: a --set value of a text field stays text; an unquoted one in a file is refused
+    cfg = common.load_config(train_vae.VAEConfig, overrides=["mixed_precision=no", "device=cpu"])
+    assert cfg.mixed_precision == "no" and cfg.device == "cpu"
+    path = tmp_path / "c.yaml"
+    path.write_text("mixed_precision: no\n")
+    with pytest.raises(ValueError, match="quote it"):
+        common.load_config(train_vae.VAEConfig, path)

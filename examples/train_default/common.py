@@ -98,9 +98,12 @@ class TrainConfig:
 
 
 def _coerce(value: str, like: Any) -> Any:
-    """Parse a `--set` value with YAML, then to the type of the field's default."""
+    """Parse a `--set` value with YAML, then to the type of the field's default (a text field keeps the raw text, so
+    `--set mixed_precision=no` stays "no" instead of YAML's False)."""
     import yaml
 
+    if isinstance(like, str):
+        return value
     parsed = yaml.safe_load(value)
     if isinstance(like, bool):
         return bool(parsed)
@@ -142,6 +145,9 @@ def load_config(cls, path: str | os.PathLike | None = None, overrides: list[str]
     for key, value in list(values.items()):
         if isinstance(getattr(defaults, key), tuple) and isinstance(value, list):
             values[key] = tuple(value)
+        if isinstance(getattr(defaults, key), str) and not isinstance(value, str):
+            raise ValueError(f"{key}: {value!r} in {path} is not text (YAML reads no/yes/on/off as booleans): quote "
+                             f'it, e.g. {key}: "{str(value).lower() if isinstance(value, bool) else value}".')
     return cls(**values)
 
 

@@ -14,6 +14,9 @@
 # stage's config, log.jsonl, loss.png, metrics; rewritten after each stage), loss_editor.png, export_report.json (the
 # bench) and the exported model as editr2-shapes-tiny.tar.part-* (`cat editr2-shapes-tiny.tar.part-* | tar x`).
 #
+# Carried stages: VAE_RUN / REASONER_RUN name finished stage folders (e.g. runs/vae_decoder and runs/reasoner_short,
+# carried with run(carry=[...])); those stages are then not trained, and the editor gets their time (EDITOR_MINUTES).
+#
 # Environment: VAE_MINUTES (1), REASONER_MINUTES (1.75), EDITOR_MINUTES (3.5), BENCH_SESSIONS (10, per family),
 # REASONER_FINAL_SESSIONS (4, per family), RUN_ROOT (runs/gpu), VAE_ARGS / REASONER_ARGS / EDITOR_ARGS (more flags
 # for a stage, e.g. EDITOR_ARGS="--set max_steps=2400"), PREFLIGHT (1: first run the CUDA tests of
@@ -119,18 +122,29 @@ fi
 
 GPU=(--no-progress --set device="$DEVICE" --set mixed_precision=bf16)
 # shellcheck disable=SC2086  # *_ARGS are word-split on purpose
-stage vae "$PYTHON" $D/train_vae.py --config $C/vae.yaml --run-dir "$W/vae" "${GPU[@]}" \
-    --set max_minutes="${VAE_MINUTES:-1}" ${VAE_ARGS:-}
+VAE_DIR="${VAE_RUN:-$W/vae}"
+if [ -n "${VAE_RUN:-}" ]; then
+    log "stage vae: using the carried $VAE_RUN"
+else
+    stage vae "$PYTHON" $D/train_vae.py --config $C/vae.yaml --run-dir "$W/vae" "${GPU[@]}" \
+        --set max_minutes="${VAE_MINUTES:-1}" ${VAE_ARGS:-}
+fi
 # shellcheck disable=SC2086
-stage reasoner "$PYTHON" $D/train_reasoner.py --config $C/reasoner.yaml --run-dir "$W/reasoner" "${GPU[@]}" \
-    --set max_minutes="${REASONER_MINUTES:-1.75}" --final-sessions "${REASONER_FINAL_SESSIONS:-4}" ${REASONER_ARGS:-}
+REASONER_DIR="${REASONER_RUN:-$W/reasoner}"
+if [ -n "${REASONER_RUN:-}" ]; then
+    log "stage reasoner: using the carried $REASONER_RUN"
+else
+    stage reasoner "$PYTHON" $D/train_reasoner.py --config $C/reasoner.yaml --run-dir "$W/reasoner" "${GPU[@]}" \
+        --set max_minutes="${REASONER_MINUTES:-1.75}" --final-sessions "${REASONER_FINAL_SESSIONS:-4}" \
+        ${REASONER_ARGS:-}
+fi
 # shellcheck disable=SC2086
 stage editor "$PYTHON" $D/train_editor.py --config $C/editor.yaml --run-dir "$W/editor" "${GPU[@]}" \
-    --set max_minutes="${EDITOR_MINUTES:-3.5}" --set vae_path="$W/vae/vae" --set reasoner_path="$W/reasoner" \
+    --set max_minutes="${EDITOR_MINUTES:-3.5}" --set vae_path="$VAE_DIR/vae" --set reasoner_path="$REASONER_DIR" \
     ${EDITOR_ARGS:-}
 
 MODEL="$OUT/editr2-shapes-tiny"
-EXPORT=("$PYTHON" $D/export.py --vae "$W/vae" --reasoner "$W/reasoner" --editor "$W/editor" --out "$MODEL"
+EXPORT=("$PYTHON" $D/export.py --vae "$VAE_DIR" --reasoner "$REASONER_DIR" --editor "$W/editor" --out "$MODEL"
         --threads 8 --no-progress)
 stage export "${EXPORT[@]}"
 tar -cf - -C "$OUT" editr2-shapes-tiny | split -b 15m - "$OUT/editr2-shapes-tiny.tar.part-"  # <= 16 MiB a file
