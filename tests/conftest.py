@@ -28,6 +28,25 @@ def tiny_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def model_folder(tiny_dir, tmp_path_factory):
+    """A factory: `model_folder(call_defaults=None)` copies the tiny pipeline folder to a new folder and writes
+    `call_defaults` (a dict) as its `editr2_call_defaults.json`; returns the folder."""
+    import json
+    import shutil
+
+    from editr2.demo import CALL_DEFAULTS_FILE
+
+    def make(call_defaults: dict | None = None):
+        folder = tmp_path_factory.mktemp("model") / "model"
+        shutil.copytree(tiny_dir, folder)
+        if call_defaults is not None:
+            (folder / CALL_DEFAULTS_FILE).write_text(json.dumps(call_defaults))
+        return folder
+
+    return make
+
+
+@pytest.fixture(scope="session")
 def qwen_edit_plus_dir(tmp_path_factory):
     """Tiny components in the folder layout of the real `Qwen/Qwen-Image-Edit-2509` repository."""
     pytest.importorskip("diffusers")

@@ -1,7 +1,6 @@
 """`editr2 bench shapes --model`: a saved EditR2Pipeline scored on MICE-Shapes (diffusers_editr2.bench)."""
 
 import json
-import shutil
 import sys
 
 import pytest
@@ -15,14 +14,9 @@ DEFAULTS = {"height": 64, "width": 64, "reference_area": None, "condition_area":
 
 
 @pytest.fixture(scope="module")
-def model_dir(tiny_dir, tmp_path_factory):
+def model_dir(model_folder):
     """The tiny pipeline folder with an `editr2_call_defaults.json` (2 steps, 64x64)."""
-    from editr2.demo import CALL_DEFAULTS_FILE
-
-    model = tmp_path_factory.mktemp("bench-model") / "model"
-    shutil.copytree(tiny_dir, model)
-    (model / CALL_DEFAULTS_FILE).write_text(json.dumps(DEFAULTS))
-    return model
+    return model_folder(DEFAULTS)
 
 
 @pytest.fixture

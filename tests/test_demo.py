@@ -19,15 +19,9 @@ def test_demo_without_a_model_scores_the_symbolic_editors(tmp_path, capsys):
         assert oracle["mean"]["GA"] == 1.0 and identity["mean"]["IF"] == 0.0
 
 
-def test_demo_with_a_model_uses_its_call_defaults(tmp_path, tiny_dir, capsys):
-    import shutil
-
-    from editr2.demo import CALL_DEFAULTS_FILE
-
-    model = tmp_path / "model"
-    shutil.copytree(tiny_dir, model)
+def test_demo_with_a_model_uses_its_call_defaults(tmp_path, model_folder, capsys):
     defaults = {"height": 64, "width": 64, "reference_area": None, "num_inference_steps": 2, "max_new_tokens": 4}
-    (model / CALL_DEFAULTS_FILE).write_text(json.dumps(defaults))
+    model = model_folder(defaults)
     out = tmp_path / "demo"
     assert main(["demo", "--model", str(model), "--out", str(out), "--turns", "2"]) == 0
     printed = capsys.readouterr().out

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -28,14 +27,9 @@ results = load_script()
 
 
 @pytest.fixture(scope="module")
-def model_dir(tiny_dir, tmp_path_factory):
+def model_dir(model_folder):
     """The tiny pipeline folder with 2-step, 64x64 call defaults."""
-    from editr2.demo import CALL_DEFAULTS_FILE
-
-    model = tmp_path_factory.mktemp("results-model") / "model"
-    shutil.copytree(tiny_dir, model)
-    (model / CALL_DEFAULTS_FILE).write_text(json.dumps(DEFAULTS))
-    return model
+    return model_folder(DEFAULTS)
 
 
 def grid_args(model_dir, out_dir) -> list[str]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -61,12 +60,9 @@ dataloader_num_workers: 0
 
 
 @pytest.fixture(scope="module")
-def model_dir(tiny_dir, tmp_path_factory):
+def model_dir(model_folder):
     """The tiny pipeline folder with call defaults for 32 px, 2 steps, 4 reasoning tokens."""
-    path = tmp_path_factory.mktemp("rl-demo") / "sft"
-    shutil.copytree(tiny_dir, path)
-    (path / "editr2_call_defaults.json").write_text(json.dumps(TINY_CALL_DEFAULTS))
-    return path
+    return model_folder(TINY_CALL_DEFAULTS)
 
 
 @pytest.fixture(scope="module")
