@@ -134,13 +134,11 @@ def load_model(name: str, dtype: str = "auto", device: str = "auto") -> EditR2Mo
     import diffusers_editr2.processing  # noqa: F401
     from diffusers_editr2 import EditR2Pipeline
     from diffusers_editr2.bench import load_call_defaults
-    from editr2.demo import CALL_DEFAULTS_FILE
 
     load_device, offload_device = _pick_devices(device)
     torch_dtype = _pick_dtype(dtype, load_device)
     pipeline = EditR2Pipeline.from_pretrained(path, dtype=torch_dtype, use_safetensors=True)
     pipeline.set_progress_bar_config(disable=True)  # ComfyUI shows its own progress bar
     patcher = comfy.model_patcher.ModelPatcher(_PipelineModules(pipeline), load_device, offload_device)
-    defaults = path / CALL_DEFAULTS_FILE
-    call_defaults = load_call_defaults(path) if defaults.is_file() else {}
+    call_defaults = load_call_defaults(path, fallback={})
     return EditR2Model(name=name, pipeline=pipeline, patcher=patcher, call_defaults=call_defaults)

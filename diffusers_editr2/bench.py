@@ -24,16 +24,18 @@ from .pipeline_editr2 import REASONING_MODES, EditR2Pipeline
 FALLBACK_CALL_KWARGS = {"reference_area": None}
 
 
-def load_call_defaults(path) -> dict:
+def load_call_defaults(path, fallback: dict = FALLBACK_CALL_KWARGS) -> dict:
     """The `__call__` arguments a model folder was trained for: its `editr2_call_defaults.json` (size, steps, CFG, ...),
-    or `FALLBACK_CALL_KWARGS` when the folder has none.
+    or a copy of `fallback` when the folder has none.
 
     Args:
         path (`str` or `os.PathLike`): the pipeline folder.
+        fallback (`dict`, defaults to `FALLBACK_CALL_KWARGS`): what a folder without the file gets; `{}` keeps the
+            pipeline's own (upstream) defaults, as for real Qwen-Image-Edit folders.
     """
     file = Path(path) / CALL_DEFAULTS_FILE
     if not file.is_file():
-        return dict(FALLBACK_CALL_KWARGS)
+        return dict(fallback)
     defaults = json.loads(file.read_text())
     if not isinstance(defaults, dict):
         raise ValueError(f"{file} holds {type(defaults).__name__}: it must be a JSON object of `__call__` arguments, "

@@ -90,17 +90,13 @@ def run(args: argparse.Namespace) -> int:
 
 def call_kwargs(args: argparse.Namespace) -> dict:
     """The `__call__` settings: the command line's, then the model folder's call defaults, then upstream's."""
-    import pathlib
-
     from .bench import load_call_defaults
 
-    folder = pathlib.Path(args.model)
-    defaults = load_call_defaults(folder) if (folder / "editr2_call_defaults.json").is_file() else {}
     given = {"num_inference_steps": args.steps, "height": args.height, "width": args.width,
              "true_cfg_scale": args.true_cfg_scale, "condition_area": args.condition_area,
-             "max_new_tokens": args.max_new_tokens,
-             "reference_area": None if args.reference_area is None else (args.reference_area or "working size")}
-    kwargs = {**UPSTREAM_DEFAULTS, **defaults, **{k: v for k, v in given.items() if v is not None}}
-    if kwargs["reference_area"] == "working size":
-        kwargs["reference_area"] = None
+             "max_new_tokens": args.max_new_tokens}
+    kwargs = {**UPSTREAM_DEFAULTS, **load_call_defaults(args.model, fallback={}),
+              **{k: v for k, v in given.items() if v is not None}}
+    if args.reference_area is not None:  # 0 means the working size
+        kwargs["reference_area"] = args.reference_area or None
     return kwargs

@@ -114,6 +114,8 @@ def test_call_defaults_and_editor_api(model_dir, tiny_dir, tmp_path):
 
     assert load_call_defaults(model_dir) == DEFAULTS
     assert load_call_defaults(tiny_dir) == {"reference_area": None}  # no file: work at the image's own size
+    assert load_call_defaults(tiny_dir, fallback={}) == {}  # no file, upstream's defaults (real Qwen folders)
+    assert load_call_defaults(model_dir, fallback={}) == DEFAULTS
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / CALL_DEFAULTS_FILE).write_text("[64, 64]")

@@ -58,18 +58,15 @@ class PipelineEditor:
     """
 
     def __init__(self, path: str, device: str = "cpu", seed: int = 0, call_kwargs: dict | None = None):
-        from pathlib import Path
-
         import torch
 
         from diffusers_editr2 import EditR2Pipeline
         from diffusers_editr2.bench import load_call_defaults
-        from editr2.demo import CALL_DEFAULTS_FILE
 
         self.name = f"EditR2Pipeline({path})"
         self.pipe = EditR2Pipeline.from_pretrained(path).to(device)
         self.pipe.set_progress_bar_config(disable=True)
-        defaults = load_call_defaults(path) if (Path(path) / CALL_DEFAULTS_FILE).is_file() else {}
+        defaults = load_call_defaults(path, fallback={})
         self.seed, self.call_kwargs, self._torch = seed, {**defaults, **(call_kwargs or {})}, torch
 
     def edit_session(self, source, instructions, session):

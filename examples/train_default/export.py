@@ -69,8 +69,9 @@ def call_defaults(reasoner_dir: Path) -> dict:
     kwargs = dict(common.CALL_KWARGS)
     config = reasoner_dir / "config.json"
     template = json.loads(config.read_text()).get("template", "default") if config.is_file() else "default"
-    if request_template(ReasonerConfig(template=template)) is not None:
-        kwargs["template"] = request_template(ReasonerConfig(template=template))
+    request = request_template(ReasonerConfig(template=template))
+    if request is not None:
+        kwargs["template"] = request
     return kwargs
 
 
