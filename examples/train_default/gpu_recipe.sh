@@ -17,7 +17,14 @@
 # Carried stages: VAE_RUN / REASONER_RUN name finished stage folders (e.g. runs/vae_decoder and runs/reasoner_short,
 # carried with run(carry=[...])); those stages are then not trained, and the editor gets their time (EDITOR_MINUTES).
 #
-# Environment: VAE_MINUTES (1), REASONER_MINUTES (1.75), EDITOR_MINUTES (3.5), BENCH_SESSIONS (10, per family),
+# Editor steps fitted to its time (FIT_EDITOR=1, the default): a short calibration run (CALIBRATION_STEPS, 120) in
+# $RUN_ROOT/editor_calibration measures this machine's steps per second with the stage's own config and flags, and
+# the editor then gets max_steps = that rate x 80% of EDITOR_MINUTES (evaluations at 1/4, 2/4, 3/4 and the end), so
+# its learning-rate schedule and curricula run to completion inside the cap instead of being cut by it.
+# The editor's run folder (fp32 transformer, config, log, loss curve, metrics; no optimizer) comes back as
+# editor_run.tar.part-* as soon as the stage ends; EXPORT=0 stops there (export and bench it where you are).
+#
+# Environment: VAE_MINUTES (1), REASONER_MINUTES (1.75), EDITOR_MINUTES (3.5), BENCH_SESSIONS (10, per family; 0: none),
 # REASONER_FINAL_SESSIONS (4, per family), RUN_ROOT (runs/gpu), VAE_ARGS / REASONER_ARGS / EDITOR_ARGS (more flags
 # for a stage, e.g. EDITOR_ARGS="--set max_steps=2400"), PREFLIGHT (1: first run the CUDA tests of
 # tests/test_train_default_device.py, ~30 s, and stop on a failure), DEVICE (cuda; "cpu" only to smoke-test this
@@ -60,8 +67,10 @@ for wheel in .whl/*.whl; do  # each carried wheel in its own folder, used only i
     [ -f "$wheel" ] || continue
     name="$(basename "$wheel" | cut -d- -f1)"
     site="/tmp/editr2-site/$name"
-    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" "$wheel"
-    if PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -c "import $name" >>"$LOG" 2>&1; then
+    if ! "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" \
+        "$wheel" >>"$LOG" 2>&1; then
+        log "$(basename "$wheel") does not install here (see above): using the installed $name"
+    elif PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -c "import $name" >>"$LOG" 2>&1; then
         export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
         log "using $(basename "$wheel")"
     else
@@ -138,17 +147,46 @@ else
         --set max_minutes="${REASONER_MINUTES:-1.75}" --final-sessions "${REASONER_FINAL_SESSIONS:-4}" \
         ${REASONER_ARGS:-}
 fi
-# shellcheck disable=SC2086
-stage editor "$PYTHON" $D/train_editor.py --config $C/editor.yaml --run-dir "$W/editor" "${GPU[@]}" \
-    --set max_minutes="${EDITOR_MINUTES:-3.5}" --set vae_path="$VAE_DIR/vae" --set reasoner_path="$REASONER_DIR" \
-    ${EDITOR_ARGS:-}
+EDITOR=("$PYTHON" $D/train_editor.py --config $C/editor.yaml "${GPU[@]}" --set vae_path="$VAE_DIR/vae"
+        --set reasoner_path="$REASONER_DIR")
+# shellcheck disable=SC2206  # EDITOR_ARGS is word-split on purpose
+EDITOR+=(${EDITOR_ARGS:-})
+FIT=()
+if [ "${FIT_EDITOR:-1}" = 1 ] && [ ! -d "$W/editor/checkpoints" ]; then  # a resumed run keeps its schedule
+    CAL="$W/editor_calibration"
+    rm -rf "$CAL"
+    stage calibration "${EDITOR[@]}" --run-dir "$CAL" --set max_steps=1000000 --set eval_every=1000000 \
+        --set save_every=1000000 --stop-after "${CALIBRATION_STEPS:-120}"
+    read -r -a FIT < <("$PYTHON" - "$CAL/log.jsonl" "${EDITOR_MINUTES:-3.5}" <<'EOF' 2> >(tee -a "$LOG" >&2)
+import json
+import sys
+
+rows = [json.loads(line) for line in open(sys.argv[1]) if '"train"' in line]
+first, last = rows[len(rows) // 3], rows[-1]  # skip the start-up steps (CUDA kernels, data workers)
+rate = (last["step"] - first["step"]) / (last["seconds"] - first["seconds"])
+steps = max(100, int(rate * 60 * float(sys.argv[2]) * 0.8))
+print(f"--set max_steps={steps} --set eval_every={max(1, steps // 4)} --set save_every={max(1, steps // 8)} "
+      f"--set warmup={min(200, steps // 10)}")
+print(f"calibration: {rate:.2f} steps/s -> max_steps={steps}", file=sys.stderr)
+EOF
+    )
+    [ ${#FIT[@]} -gt 0 ] || { log "calibration failed (see above)"; exit 1; }
+    log "editor fitted to ${EDITOR_MINUTES:-3.5} minutes: ${FIT[*]}"
+fi
+stage editor "${EDITOR[@]}" --run-dir "$W/editor" --set max_minutes="${EDITOR_MINUTES:-3.5}" "${FIT[@]}"
+# the editor's result, before anything else can fail: fp32 transformer and the small files, no optimizer state
+(cd "$W/editor" && tar -cf - transformer $(ls config.json log.jsonl loss.png metrics.json 2>/dev/null)) \
+    | split -b 15m - "$OUT/editor_run.tar.part-"
+[ "${EXPORT:-1}" = 1 ] || { log "done (EXPORT=0): $(ls "$OUT" | tr '\n' ' ')"; exit 0; }
 
 MODEL="$OUT/editr2-shapes-tiny"
 EXPORT=("$PYTHON" $D/export.py --vae "$VAE_DIR" --reasoner "$REASONER_DIR" --editor "$W/editor" --out "$MODEL"
         --threads 8 --no-progress)
 stage export "${EXPORT[@]}"
 tar -cf - -C "$OUT" editr2-shapes-tiny | split -b 15m - "$OUT/editr2-shapes-tiny.tar.part-"  # <= 16 MiB a file
-stage bench "${EXPORT[@]}" --bench-sessions "${BENCH_SESSIONS:-10}"
-cp "$W/editor/export_report.json" "$OUT/export_report.json"
+if [ "${BENCH_SESSIONS:-10}" -gt 0 ]; then
+    stage bench "${EXPORT[@]}" --bench-sessions "${BENCH_SESSIONS:-10}"
+    cp "$W/editor/export_report.json" "$OUT/export_report.json"
+fi
 rm -rf "$MODEL"  # shipped as the tar parts above (what comes back from $OUT is a few files)
 log "done: $(ls "$OUT" | tr '\n' ' ')"

@@ -472,7 +472,8 @@ def train(cfg: EditorConfig, run_dir: str | Path, show_progress: bool = True, st
         optimizer.step()
         done = step + 1
         log.append({"kind": "train", "step": done, "loss": loss.item(), **stats, "grad_norm": float(grad_norm),
-                    "lr": optimizer.param_groups[0]["lr"], "max_objects": max_objects_at(cfg, step)})
+                    "lr": optimizer.param_groups[0]["lr"], "max_objects": max_objects_at(cfg, step),
+                    "seconds": round(seconds + time.perf_counter() - tick, 3)})  # training time so far
         bar.set_postfix(loss=f"{loss.item():.4f}", edit=f"{stats['mse_edit']:.3f}")
         out_of_time = deadline.reached()
         if done % cfg.eval_every == 0 or done == cfg.max_steps or out_of_time:
