@@ -229,3 +229,17 @@ def test_text_fields_keep_their_text(tmp_path):
     path.write_text("mixed_precision: no\n")
     with pytest.raises(ValueError, match="quote it"):
         common.load_config(train_vae.VAEConfig, path)
+
+
+def test_numbers_in_exponent_notation_and_wrong_types(tmp_path):
+    # YAML 1.1 reads `5e-4` as text (only `5.0e-4` as a number): a number field takes it as a number, from a file or
+    # from --set (a GPU run was lost to `--set lr=5e-4` reaching AdamW as text)
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: 5e-4\nmax_steps: 1e3\n")
+    cfg = common.load_config(train_vae.VAEConfig, path, ["weight_decay=1e-2"])
+    assert (cfg.lr, cfg.max_steps, cfg.weight_decay) == (5e-4, 1000, 0.01)
+    assert type(cfg.lr) is float and type(cfg.max_steps) is int
+    for bad, message in (("lr=fast", "not a number"), ("max_steps=1.5", "not a whole number"),
+                         ("max_steps=true", "not a whole number"), ("threads=[1]", "not a whole number")):
+        with pytest.raises(ValueError, match=message):
+            common.load_config(train_vae.VAEConfig, overrides=[bad])

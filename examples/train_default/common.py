@@ -104,16 +104,27 @@ def _coerce(value: str, like: Any) -> Any:
 
     if isinstance(like, str):
         return value
-    parsed = yaml.safe_load(value)
+    return _as_field_type(yaml.safe_load(value), like)
+
+
+def _as_field_type(value: Any, like: Any) -> Any:
+    """`value` as the type of the field's default `like`: numbers that YAML 1.1 leaves as text (`5e-4`, which it
+    reads only as `5.0e-4`) become numbers; a value that is not a number for a number field is returned unchanged and
+    refused by `load_config`."""
     if isinstance(like, bool):
-        return bool(parsed)
-    if isinstance(like, int) and not isinstance(like, bool) and isinstance(parsed, (int, float)):
-        return int(parsed)
-    if isinstance(like, float) and isinstance(parsed, (int, float)):
-        return float(parsed)
-    if isinstance(like, tuple) and isinstance(parsed, list):
-        return tuple(parsed)
-    return parsed
+        return value
+    if isinstance(like, (int, float)) and isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return value
+    if isinstance(like, int) and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(like, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(like, tuple) and isinstance(value, list):
+        return tuple(value)
+    return value
 
 
 def load_config(cls, path: str | os.PathLike | None = None, overrides: list[str] | None = None):
@@ -143,9 +154,15 @@ def load_config(cls, path: str | os.PathLike | None = None, overrides: list[str]
             raise ValueError(f"Unknown config key {key!r}: valid keys are {sorted(names)}.")
         values[key] = _coerce(value, getattr(defaults, key))
     for key, value in list(values.items()):
-        if isinstance(getattr(defaults, key), tuple) and isinstance(value, list):
-            values[key] = tuple(value)
-        if isinstance(getattr(defaults, key), str) and not isinstance(value, str):
+        like = getattr(defaults, key)
+        values[key] = value = _as_field_type(value, like)
+        if isinstance(like, (bool, int, float)) and (isinstance(value, bool) != isinstance(like, bool)
+                                                     or not isinstance(value, (bool, int, float))
+                                                     or (type(like) is int and isinstance(value, float))):
+            kind = "true or false" if isinstance(like, bool) else "a whole number" if type(like) is int else "a number"
+            raise ValueError(f"{key}: {value!r} (config file or --set) is not {kind}: pass e.g. "
+                             f"--set {key}={str(like).lower() if isinstance(like, bool) else like}.")
+        if isinstance(like, str) and not isinstance(value, str):
             raise ValueError(f"{key}: {value!r} in {path} is not text (YAML reads no/yes/on/off as booleans): quote "
                              f'it, e.g. {key}: "{str(value).lower() if isinstance(value, bool) else value}".')
     return cls(**values)
