@@ -25,7 +25,8 @@
 # editor_run.tar.part-* as soon as the stage ends; EXPORT=0 stops there (export and bench it where you are).
 #
 # Environment: VAE_MINUTES (1), REASONER_MINUTES (1.75), EDITOR_MINUTES (3.5), BENCH_SESSIONS (10, per family; 0: none),
-# REASONER_FINAL_SESSIONS (4, per family), RUN_ROOT (runs/gpu), VAE_ARGS / REASONER_ARGS / EDITOR_ARGS (more flags
+# REASONER_FINAL_SESSIONS (4, per family), RUN_ROOT (runs/gpu), EDITOR_CONFIG (configs/gpu/editor.yaml; e.g.
+# configs/gpu/editor_polish.yaml to continue a finished run), VAE_ARGS / REASONER_ARGS / EDITOR_ARGS (more flags
 # for a stage, e.g. EDITOR_ARGS="--set max_steps=2400"), PREFLIGHT (1: first run the CUDA tests of
 # tests/test_train_default_device.py, ~30 s, and stop on a failure), DEVICE (cuda; "cpu" only to smoke-test this
 # script at micro size). Run again to resume every stage from its checkpoints.
@@ -147,8 +148,8 @@ else
         --set max_minutes="${REASONER_MINUTES:-1.75}" --final-sessions "${REASONER_FINAL_SESSIONS:-4}" \
         ${REASONER_ARGS:-}
 fi
-EDITOR=("$PYTHON" $D/train_editor.py --config $C/editor.yaml "${GPU[@]}" --set vae_path="$VAE_DIR/vae"
-        --set reasoner_path="$REASONER_DIR")
+EDITOR=("$PYTHON" $D/train_editor.py --config "${EDITOR_CONFIG:-$C/editor.yaml}" "${GPU[@]}"
+        --set vae_path="$VAE_DIR/vae" --set reasoner_path="$REASONER_DIR")
 # shellcheck disable=SC2206  # EDITOR_ARGS is word-split on purpose
 EDITOR+=(${EDITOR_ARGS:-})
 FIT=()
