@@ -58,10 +58,14 @@ def _fit(text: str, font: ImageFont.ImageFont, width: int) -> str:
     return text + "…"
 
 
+# Typographic punctuation that Pillow's default font has no glyph for (it would print a box), as plain ASCII.
+_PLAIN = str.maketrans({"\u2014": "-", "\u2013": "-", "\u2018": "'", "\u2019": "'", "\u201c": '"', "\u201d": '"'})
+
+
 def _wrap(text: str, font: ImageFont.ImageFont, width: int, max_lines: int) -> list[str]:
     """Greedy word wrap to `width` pixels, at most `max_lines` lines (the last one ends with an ellipsis if cut)."""
     lines, line = [], ""
-    for word in text.split():
+    for word in text.translate(_PLAIN).split():
         candidate = f"{line} {word}" if line else word
         if line and font.getlength(candidate) > width:
             lines.append(line)

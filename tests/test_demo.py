@@ -31,3 +31,19 @@ def test_demo_with_a_model_uses_its_call_defaults(tmp_path, model_folder, capsys
     for family in ("cm", "cu"):
         assert (out / family / "filmstrip.png").is_file()
         assert json.loads((out / family / "session.json").read_text())["turns"][1]["meta"]["num_inference_steps"] == 2
+
+
+def test_filmstrip_captions_have_no_missing_glyph_boxes():
+    # MICE-Shapes rules use an em dash; Pillow's default font has no glyph for it and would print a box
+    from editr2.filmstrip import _font, _wrap
+
+    font = _font(11)
+    def glyph(ch):
+        mask = font.getmask(ch)
+        return mask.size, bytes(mask)
+
+    box = glyph("\uffff")  # what a missing glyph renders as
+    assert glyph("\u2014") == box  # the font still lacks the em dash (else this test and _PLAIN can go)
+    lines = _wrap("only on the object \u2014 leave \u201cthe rest\u201d as it\u2019s \u2013 unchanged", font, 600, 3)
+    assert lines == ["only on the object - leave \"the rest\" as it's - unchanged"]
+    assert all(glyph(ch) != box for ch in lines[0])
