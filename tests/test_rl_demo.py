@@ -208,3 +208,42 @@ def test_shipped_config_parses_with_the_papers_settings():
     assert config.reward_weights == {"IF": 0.3, "CC": 0.3, "GA": 0.4} and config.trajectory_filter == "if_zero"
     assert (config.num_inference_steps, config.condition_area, config.reference_area) == (16, 1024, None)
     assert config.logging_steps == 1 and config.save_steps == 25 and config.train_reasoning
+
+
+def test_killing_the_script_stops_its_training_processes(tmp_path):
+    # A `kill` of run.py once left an arm's trainer running unseen beside a rerun that trained the same arm again.
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    pid_file = tmp_path / "child.pid"
+    driver = f"""
+import importlib.util, sys, types
+from pathlib import Path
+spec = importlib.util.spec_from_file_location("rl_demo_run", {str(RUN_PY)!r})
+run = importlib.util.module_from_spec(spec); spec.loader.exec_module(run)
+run.finished_steps = lambda output_dir: 0
+run.train_command = lambda *a: [sys.executable, "-c",
+    "import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(120)"]
+run.stop_on_sigterm()
+run.train_arms(["rl"], types.SimpleNamespace(threads=1, jobs=1, max_steps=5), None, None, 5, Path({str(tmp_path)!r}))
+"""
+    parent = subprocess.Popen([sys.executable, "-c", driver])
+    deadline = time.monotonic() + 60
+    while not (pid_file.is_file() and pid_file.read_text()) and time.monotonic() < deadline:
+        assert parent.poll() is None, "the driver failed before starting its training process"
+        time.sleep(0.1)
+    child = int(pid_file.read_text())
+    parent.send_signal(signal.SIGTERM)
+    assert parent.wait(timeout=60) == 128 + signal.SIGTERM
+    for _ in range(100):  # the child is terminated and reaped by the parent before it exits
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(child, signal.SIGKILL)
+        raise AssertionError("the training process outlived the killed script")

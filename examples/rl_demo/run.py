@@ -25,6 +25,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -133,6 +134,16 @@ def train_command(arm: str, config: Path, model: Path, output_dir: Path, max_ste
     return cmd
 
 
+def stop_on_sigterm() -> None:
+    """Make `kill` (SIGTERM) of this script unwind like Ctrl-C, so `train_arms` stops the training processes it
+    started; otherwise they would train on unseen, and a rerun would train the same arm again beside them."""
+
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def train_arms(arms: list[str], args, config_path: Path, model: Path, max_steps: int, run_dir: Path) -> None:
     """Train every unfinished arm, `args.jobs` at a time; a finished arm (>= max_steps) is skipped."""
     todo = []
@@ -157,11 +168,21 @@ def train_arms(arms: list[str], args, config_path: Path, model: Path, max_steps:
             procs.append((arm, subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT if log else None),
                           log))
         failed = []
-        for arm, proc, log in procs:
-            if proc.wait() != 0:
-                failed.append(f"{arm} (exit {proc.returncode})")
-            if log is not None:
-                log.close()
+        try:
+            for arm, proc, log in procs:
+                if proc.wait() != 0:
+                    failed.append(f"{arm} (exit {proc.returncode})")
+        finally:  # interrupted (Ctrl-C, or `kill`: see stop_on_sigterm): stop the arms too, not leave them training
+            for arm, proc, log in procs:
+                if proc.poll() is None:
+                    print(f"[{arm}] stopping its training process {proc.pid} (rerun to continue from its checkpoints)")
+                    proc.terminate()
+                    try:
+                        proc.wait(timeout=30)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
+                if log is not None:
+                    log.close()
         if failed:
             raise RuntimeError(f"Training failed: {', '.join(failed)}. Rerun the same command to continue from the "
                                "newest checkpoints.")
@@ -539,6 +560,7 @@ def main(argv: list[str] | None = None) -> int:
     # 1. SFT bench; 2. training; 3. arm benches (each step reuses finished work)
     benches = {"sft": bench_arm("sft", model, args, run_dir)}
     if not args.skip_train:
+        stop_on_sigterm()
         train_arms(arms, args, config_path, model, max_steps, run_dir)
     for arm in arms:
         result = bench_arm(arm, model, args, run_dir)
