@@ -132,6 +132,14 @@ def test_results_grid_resumes_and_regenerates(model_dir, tmp_path, count_runs):
     assert again.read_text() == md_path.read_text()
     assert (again.parent / "results_per_turn.png").is_file()
 
+    # --notes appends a section after the targets and is kept in the JSON, so a later --from-json keeps it.
+    notes = tmp_path / "notes.md"
+    notes.write_text("## What limits it\n\nCompounding errors.\n")
+    assert results.main(["--json", str(json_path), "--out", str(again), "--from-json", "--notes", str(notes)]) == 0
+    assert again.read_text().rstrip().endswith("## What limits it\n\nCompounding errors.")
+    assert results.main(["--json", str(json_path), "--out", str(again), "--from-json"]) == 0
+    assert "Compounding errors." in again.read_text() and count_runs["n"] == 17
+
 
 def cells_of(values: dict, turns: int = 3) -> dict:
     """Hand-made cells: `values[(family, editor)] = {metric: value at turn 3}` (at the last turn of shorter sessions;

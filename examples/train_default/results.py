@@ -307,6 +307,8 @@ def markdown(data: dict, plot_name: str) -> str:
                       + ", ".join(rates) + ".", ""]
     lines += [f"![Per-turn IF / CC / GA / reward per editor and family]({plot_name})", "",
               "## Targets (issue #4)", "", targets_section(check_targets(cells)), ""]
+    if data.get("notes"):
+        lines += [data["notes"].strip(), ""]
     return "\n".join(lines)
 
 
@@ -379,6 +381,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES))
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--notes", default=None, metavar="MD",
+                        help="a markdown file appended after the targets (e.g. what limits the model); kept in --json")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
@@ -399,6 +403,9 @@ def main(argv=None) -> int:
 
         torch.set_num_threads(args.threads)
         data = run_grid(args, data, json_path)
+    if args.notes is not None:
+        data["notes"] = Path(args.notes).read_text()
+        save_json(data, json_path)
     md, png = write_outputs(data, out)
     print(f"wrote {md} and {png} (raw results: {json_path})")
     return 0
