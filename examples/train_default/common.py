@@ -97,14 +97,12 @@ class TrainConfig:
     data_workers: int = 0
 
 
-def _coerce(value: str, like: Any) -> Any:
-    """Parse a `--set` value with YAML, then to the type of the field's default (a text field keeps the raw text, so
-    `--set mixed_precision=no` stays "no" instead of YAML's False)."""
+def _parse_override(value: str, like: Any) -> Any:
+    """Parse a `--set` value as YAML, as if it stood in the config file (`load_config` then types it like the file's
+    values); a text field keeps the raw text, so `--set mixed_precision=no` stays "no" instead of YAML's False."""
     import yaml
 
-    if isinstance(like, str):
-        return value
-    return _as_field_type(yaml.safe_load(value), like)
+    return value if isinstance(like, str) else yaml.safe_load(value)
 
 
 def _as_field_type(value: Any, like: Any) -> Any:
@@ -152,7 +150,7 @@ def load_config(cls, path: str | os.PathLike | None = None, overrides: list[str]
         key, value = item.split("=", 1)
         if key not in names:
             raise ValueError(f"Unknown config key {key!r}: valid keys are {sorted(names)}.")
-        values[key] = _coerce(value, getattr(defaults, key))
+        values[key] = _parse_override(value, getattr(defaults, key))
     for key, value in list(values.items()):
         like = getattr(defaults, key)
         values[key] = value = _as_field_type(value, like)
