@@ -140,23 +140,26 @@ def test_editor_exception_is_a_session_error(tmp_path):
 
     class Exploding:
         name = "exploding"
+        fire = True
 
         def edit_session(self, source, instructions, session):
-            if session.line == 1:
+            if session.line == 1 and self.fire:
                 raise RuntimeError("GPU on fire")
             return [source] * len(instructions)
 
-    summary = mice_cli.run_bench(FIXTURE, images, Exploding(), scripted_judges(), tmp_path / "out", limit=2,
+    editor = Exploding()
+    summary = mice_cli.run_bench(FIXTURE, images, editor, scripted_judges(), tmp_path / "out", limit=2,
                                  filmstrips=False, log=lambda text: None)
     records = read_results(summary.results_path)
     assert records[0]["status"] == "error" and "GPU on fire" in records[0]["error"]
     assert records[1]["status"] == "ok"
     assert not (tmp_path / "out" / "filmstrips").exists()
     # A second call skips both; --rerun-errors runs the failed one again.
-    again = mice_cli.run_bench(FIXTURE, images, mice_cli.IdentityEditor(), scripted_judges(), tmp_path / "out",
+    editor.fire = False  # the same editor (same name, so the same recorded configuration), now working
+    again = mice_cli.run_bench(FIXTURE, images, editor, scripted_judges(), tmp_path / "out",
                                limit=2, filmstrips=False, log=lambda text: None)
     assert (again.finished, again.skipped) == (0, 2)
-    rerun = mice_cli.run_bench(FIXTURE, images, mice_cli.IdentityEditor(), scripted_judges(), tmp_path / "out",
+    rerun = mice_cli.run_bench(FIXTURE, images, editor, scripted_judges(), tmp_path / "out",
                                limit=2, filmstrips=False, rerun_errors=True, log=lambda text: None)
     assert (rerun.finished, rerun.skipped, rerun.errors) == (1, 1, 0)
 

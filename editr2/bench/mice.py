@@ -11,17 +11,19 @@ Every per-turn field holds one entry per turn. ``available_objects`` and ``all_o
 turn when absent; the release always has them); fields this module does not know are kept in ``MiceSession.extra`` and
 written back, so MICE-Shapes sessions (which add ground-truth scenes) round-trip too.
 
-This module also holds the append-only ``results.jsonl`` helpers the bench runner uses to resume an interrupted run.
+``read_results`` and ``append_result`` (the append-only ``results.jsonl`` the bench runner resumes from) are those of
+`editr2.bench.resume`, with a bad line reported as a `MiceFormatError`.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
+
+from . import resume as _resume
 
 # The nine EdiVal task types of the real release, plus "size_change" that only MICE-Shapes uses.
 TASK_TYPES: tuple[str, ...] = (
@@ -279,17 +281,7 @@ def write_sessions(path: str | os.PathLike, sessions: Iterable[MiceSession | dic
     return path
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+_atomic_write_text = _resume.write_text_atomic
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -298,42 +290,17 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 
 def read_results(path: str | os.PathLike, *, repair: bool = True) -> list[dict]:
-    """Read the records of an append-only ``results.jsonl``.
+    """Read the records of an append-only ``results.jsonl`` (`editr2.bench.resume.read_results`).
 
     A run killed while writing can leave a last line that is cut short. With `repair`, that line is dropped from the
     file (the session is simply run again); any other unreadable line raises `MiceFormatError`.
     """
-    path = Path(path)
-    if not path.exists():
-        return []
-    data = path.read_bytes()
-    records, offset = [], 0
-    for number, raw in enumerate(data.splitlines(keepends=True), start=1):
-        is_last = offset + len(raw) == len(data)
-        try:
-            record = json.loads(raw)
-            if not isinstance(record, dict) or "session_id" not in record:
-                raise ValueError("no session_id")
-        except ValueError as err:
-            if is_last and repair:
-                with open(path, "r+b") as handle:
-                    handle.truncate(offset)
-                break
-            raise MiceFormatError(str(path), number, f"is not a results record ({err})") from None
-        if is_last and not raw.endswith(b"\n") and repair:
-            with open(path, "ab") as handle:
-                handle.write(b"\n")
-        records.append(record)
-        offset += len(raw)
-    return records
+    try:
+        return _resume.read_results(path, repair=repair)
+    except _resume.ResultsFileError as err:
+        where, _, reason = str(err).partition(": ")
+        source, _, line = where.rpartition(":")
+        raise MiceFormatError(source, int(line), reason) from None
 
 
-def append_result(path: str | os.PathLike, record: dict) -> None:
-    """Append one finished session's record as one JSON line, flushed and fsynced before returning."""
-    if "session_id" not in record:
-        raise ValueError("a results record needs a 'session_id'")
-    line = json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n"
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write(line)
-        handle.flush()
-        os.fsync(handle.fileno())
+append_result = _resume.append_result

@@ -2,11 +2,20 @@
 
     editr2 bench mice --sessions cm_test.jsonl --images DIR --editor identity --judge judge.yaml --out runs/mice
 
-Each finished session is appended to ``OUT/results.jsonl`` at once, so an interrupted run started again with the same
-``--out`` skips the sessions already there. A bad session (missing or unreadable image, a malformed line, an editor
+Each finished session is appended to ``OUT/results.jsonl`` at once (its turn images go to
+``OUT/turns/<session_id>/turn_<k>.png``), so an interrupted run started again with the same ``--out`` skips the
+sessions already there. ``OUT/bench_config.json`` records what the results were made with (editor, model fingerprint,
+call settings, judges, metrics); a rerun with another configuration stops with the differences named, unless
+``--force`` (start over) or another ``--out``. A bad session (missing or unreadable image, a malformed line, an editor
 that fails) is recorded with its error and the run goes on; a judgement that fails is recorded as missing, never as a
-made-up score. At the end (and from the results file alone) ``report.md``, ``per_turn.png`` and one side-by-side
-filmstrip per session (``filmstrips/<session_id>.png``) are written.
+made-up score, and ``--rejudge-missing`` judges those again from the saved turn images, without editing. At the end
+(and from the results file alone) ``report.md``, ``per_turn.png`` and one side-by-side filmstrip per session
+(``filmstrips/<session_id>.png``) are written.
+
+The run ends with one line: sessions run now, already done, re-judged, then over the whole results file the sessions
+done, errored and the missing judgements. Exit status: 0 when no session is recorded with an error (judgements may
+still be missing: the line counts them), 1 when any is; bad arguments and a configuration mismatch stop before any work
+with a one-line message (also non-zero).
 """
 
 from __future__ import annotations
@@ -22,6 +31,11 @@ from typing import Callable, Protocol, Sequence
 from PIL import Image
 
 from .mice import MiceFormatError, MiceSession, append_result, iter_session_lines, read_results
+from .resume import ConfigMismatchError, model_fingerprint, open_run
+
+TURNS_DIR = "turns"
+# What a run writes into --out (what `--force` deletes).
+OUTPUTS = ("results.jsonl", "report.md", "summary.json", "per_turn.png", "filmstrips", TURNS_DIR)
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Editors
@@ -111,8 +125,12 @@ def _turn_reward(scores: dict[str, float | None], weights: dict[str, float]) -> 
 
 
 def evaluate_session(session: MiceSession, images_dir: Path, editor: Editor, judges, weights: dict[str, float],
-                     filmstrip_dir: Path | None = None) -> dict:
-    """Edit one session and judge every turn. Never raises for a bad session: the error goes into the record."""
+                     filmstrip_dir: Path | None = None, turns_dir: Path | None = None) -> dict:
+    """Edit one session and judge every turn. Never raises for a bad session: the error goes into the record.
+
+    With `turns_dir`, the edited images are saved as ``turns_dir/<session_id>/turn_<k>.png`` (lossless) before they
+    are judged, so `rejudge_missing` can judge them again later without editing.
+    """
     record: dict = {"session_id": session.session_id, "line": session.line, "image": session.image,
                     "num_turns": session.num_turns, "status": "ok", "error": None, "turns": [], "seconds": {}}
     try:
@@ -127,6 +145,8 @@ def evaluate_session(session: MiceSession, images_dir: Path, editor: Editor, jud
             raise SessionError(f"editor {editor.name} returned {len(outputs)} item(s) for {session.num_turns} turns; "
                                "it must return one PIL image per turn")
         images = [source] + [im.convert("RGB") for im in outputs]
+        if turns_dir is not None:
+            save_turn_images(images[1:], turns_dir / session.session_id)
         start = time.perf_counter()
         results = judges.judge_session(session, images)
         record["seconds"]["judge"] = round(time.perf_counter() - start, 3)
@@ -145,12 +165,78 @@ def evaluate_session(session: MiceSession, images_dir: Path, editor: Editor, jud
             turn["judgements"][metric] = judgements[t].to_dict()
         turn["reward"] = _turn_reward({m: turn.get(m) for m in weights}, weights)
         record["turns"].append(turn)
-    if filmstrip_dir is not None:
-        try:
-            save_filmstrip(images, session, record, filmstrip_dir / f"{session.session_id}.png")
-        except Exception as err:  # noqa: BLE001 - a drawing problem must not lose the scores
-            record["filmstrip_error"] = f"{type(err).__name__}: {err}"
+    _draw_filmstrip(images, session, record, filmstrip_dir)
     return record
+
+
+def _draw_filmstrip(images, session: MiceSession, record: dict, filmstrip_dir: Path | None) -> None:
+    if filmstrip_dir is None:
+        return
+    try:
+        save_filmstrip(images, session, record, filmstrip_dir / f"{session.session_id}.png")
+        record.pop("filmstrip_error", None)
+    except Exception as err:  # noqa: BLE001 - a drawing problem must not lose the scores
+        record["filmstrip_error"] = f"{type(err).__name__}: {err}"
+
+
+def save_turn_images(images: Sequence[Image.Image], folder: Path) -> None:
+    """``folder/turn_<k>.png`` for k = 1..T (PNG: what is judged again is exactly what was judged)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for k, image in enumerate(images, start=1):
+        image.save(folder / f"turn_{k}.png")
+
+
+def load_turn_images(folder: Path, num_turns: int) -> list[Image.Image]:
+    """The images `save_turn_images` wrote; `SessionError` naming the first one that is absent or unreadable."""
+    paths = [folder / f"turn_{k}.png" for k in range(1, num_turns + 1)]
+    absent = [str(p) for p in paths if not p.is_file()]
+    if absent:
+        raise SessionError(f"no saved turn image {absent[0]} (sessions run before turn images were saved cannot be "
+                           "judged again: run them again with --rerun-errors after --force, or in a new --out)")
+    return [load_image(path) for path in paths]
+
+
+def missing_metrics(record: dict) -> list[str]:
+    """The metrics with at least one missing judgement in an ``ok`` record (in IF, CC, GA order)."""
+    found = {metric for turn in record.get("turns", []) for metric, judgement in turn.get("judgements", {}).items()
+             if judgement.get("status") == "missing"}
+    return [m for m in ("IF", "CC", "GA") if m in found]
+
+
+def rejudge_missing(record: dict, session: MiceSession, images_dir: Path, turns_dir: Path, judges,
+                    weights: dict[str, float], filmstrip_dir: Path | None = None) -> dict:
+    """Judge again the missing judgements of a finished session, from its saved turn images (no editing).
+
+    IF and CC judge again only the turns whose judgement is missing; GA judges the whole sequence at once, so a
+    session with a missing GA judgement gets all its GA judgements anew (GA is cumulative: its turns go together).
+    Judgements that have a score are kept. Returns the new record (the rewards recomputed);
+    raises `SessionError` when the source or a saved turn image cannot be read.
+    """
+    from .judges.protocol import TurnRequest
+
+    metrics = [m for m in missing_metrics(record) if m in judges.metrics]
+    source = load_image(resolve_image(images_dir, session.image))
+    images = [source] + load_turn_images(turns_dir / session.session_id, session.num_turns)
+    new = json.loads(json.dumps(record))
+    turns = new["turns"]
+    start = time.perf_counter()
+    for metric in metrics:
+        if metric == "GA":
+            fresh = dict(enumerate(judges.ga_judge.judge_session(images, list(session.instruction))))
+        else:
+            judge = judges.if_judge if metric == "IF" else judges.cc_judge
+            wanted = [t for t, turn in enumerate(turns)
+                      if turn["judgements"].get(metric, {}).get("status") == "missing"]
+            requests = [TurnRequest.from_session(session, images, t) for t in wanted]
+            fresh = dict(zip(wanted, judge.judge_many(requests)))
+        for t, judgement in fresh.items():
+            turns[t][metric] = judgement.score
+            turns[t]["judgements"][metric] = judgement.to_dict()
+    for turn in turns:
+        turn["reward"] = _turn_reward({m: turn.get(m) for m in weights}, weights)
+    new["seconds"] = {**new.get("seconds", {}), "rejudge": round(time.perf_counter() - start, 3)}
+    _draw_filmstrip(images, session, new, filmstrip_dir)
+    return new
 
 
 def error_record(line: int, error: MiceFormatError) -> dict:
@@ -169,31 +255,61 @@ class BenchSummary:
     report_path: Path
     finished: int  # sessions run in this call
     skipped: int  # sessions already in results.jsonl
-    errors: int  # error records in the whole results file
+    errors: int  # sessions recorded with an error (whole results file)
+    done: int = 0  # sessions recorded as edited and judged (whole results file)
+    missing: int = 0  # missing judgements in those sessions
+    rejudged: int = 0  # sessions judged again in this call (`rejudge_missing`)
+    pending: int = 0  # sessions of the file not run yet (left for a normal run by `rejudge_missing`)
+
+    def line(self) -> str:
+        """The one-line account a run ends with."""
+        text = (f"{self.finished} session(s) run, {self.skipped} already done"
+                + (f", {self.rejudged} re-judged" if self.rejudged else "")
+                + (f", {self.pending} not run yet" if self.pending else "")
+                + f"; results: {self.done} done, {self.errors} errored, {self.missing} missing judgement(s)")
+        hints = (["--rerun-errors runs the errored sessions again"] if self.errors else []) + \
+            (["--rejudge-missing judges the missing ones again"] if self.missing else [])
+        return text + (f" ({'; '.join(hints)})" if hints else "") + f"; report: {self.report_path}"
 
 
-def run_bench(sessions_path: str | Path, images_dir: str | Path, editor: Editor, judges, out_dir: str | Path, *,
-              limit: int | None = None, filmstrips: bool = True, rerun_errors: bool = False,
+def bench_config(editor: Editor | None, judges) -> dict:
+    """The configuration `run_bench` records when none is given: the editor's name and the metrics."""
+    if editor is None:
+        raise ValueError("pass `config` (what the results in out_dir were made with) when `editor` is None")
+    return {"editor": editor.name, "metrics": list(judges.metrics)}
+
+
+def run_bench(sessions_path: str | Path, images_dir: str | Path, editor: Editor | None, judges,
+              out_dir: str | Path, *, limit: int | None = None, filmstrips: bool = True, rerun_errors: bool = False,
+              rejudge: bool = False, config: dict | None = None, force: bool = False,
               log: Callable[[str], None] | None = None) -> BenchSummary:
     """Run `editor` over the sessions of `sessions_path`, judge them, append results, then write the report.
 
     Args:
         sessions_path: MICE-format JSONL.
         images_dir: folder the sessions' ``image`` paths are relative to.
-        editor: an `Editor`.
+        editor: an `Editor`; None only with `rejudge` (nothing is edited then).
         judges: a `JudgeSet` (from `editr2.bench.judges.build_judges`).
         out_dir: output folder; ``results.jsonl`` there is resumed.
         limit: only the first `limit` lines with sessions.
         filmstrips: draw ``filmstrips/<session_id>.png``.
         rerun_errors: run sessions whose earlier record is an error again.
+        rejudge: only judge again the missing judgements of finished sessions, from their saved turn images; sessions
+            not run yet are left for a normal run (counted as pending).
+        config: what the results depend on, recorded in ``out_dir/bench_config.json``; a folder recorded with another
+            configuration raises `editr2.bench.resume.ConfigMismatchError` (defaults to `bench_config`).
+        force: delete the folder's earlier results and start over.
         log: progress sink (default: stderr).
     """
     from .judges.rewards import REWARD_WEIGHTS
 
+    if editor is None and not rejudge:
+        raise ValueError("editor is None: pass an Editor (None is only allowed with rejudge=True)")
     log = log or (lambda text: print(text, file=sys.stderr, flush=True))
     out_dir, images_dir = Path(out_dir), Path(images_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    open_run(out_dir, config if config is not None else bench_config(editor, judges), outputs=OUTPUTS, force=force)
     results_path = out_dir / "results.jsonl"
+    turns_dir = out_dir / TURNS_DIR
     filmstrip_dir = out_dir / "filmstrips" if filmstrips else None
     if filmstrip_dir is not None:
         filmstrip_dir.mkdir(exist_ok=True)
@@ -203,7 +319,7 @@ def run_bench(sessions_path: str | Path, images_dir: str | Path, editor: Editor,
     if rerun_errors:
         done = {sid: r for sid, r in done.items() if r.get("status") != "error"}
     items = list(iter_session_lines(sessions_path))[:limit] if limit else list(iter_session_lines(sessions_path))
-    finished = skipped = 0
+    finished = skipped = rejudged = pending = 0
     for position, (line, item) in enumerate(items, start=1):
         if isinstance(item, MiceFormatError):
             record = error_record(line, item)
@@ -211,19 +327,38 @@ def run_bench(sessions_path: str | Path, images_dir: str | Path, editor: Editor,
             record = None
         session_id = record["session_id"] if record else item.session_id
         if session_id in done:
-            skipped += 1
+            earlier = done[session_id]
+            if rejudge and record is None and earlier.get("status") == "ok" and missing_metrics(earlier):
+                try:
+                    record = rejudge_missing(earlier, item, images_dir, turns_dir, judges, weights, filmstrip_dir)
+                except SessionError as err:
+                    log(f"[{position}/{len(items)}] {session_id}: not judged again: {err}")
+                    skipped += 1
+                    continue
+                append_result(results_path, record)
+                rejudged += 1
+                log(f"[{position}/{len(items)}] {session_id}: re-judged {_one_line(record)}")
+            else:
+                skipped += 1
+            continue
+        if rejudge:
+            pending += 1
             continue
         if record is None:
-            record = evaluate_session(item, images_dir, editor, judges, weights, filmstrip_dir)
+            record = evaluate_session(item, images_dir, editor, judges, weights, filmstrip_dir, turns_dir)
         append_result(results_path, record)
         finished += 1
         log(f"[{position}/{len(items)}] {session_id}: {_one_line(record)}")
 
     records = latest_records(read_results(results_path))
+    recorded = json.loads((out_dir / "bench_config.json").read_text(encoding="utf-8"))
     report_path = write_report(out_dir, records, {"sessions": str(sessions_path), "images": str(images_dir),
-                                                  "editor": editor.name, "metrics": judges.metrics})
+                                                  **recorded, "metrics": judges.metrics})
     errors = sum(r.get("status") == "error" for r in records)
-    return BenchSummary(results_path, report_path, finished, skipped, errors)
+    ok = [r for r in records if r.get("status") == "ok"]
+    missing = sum(j.get("status") == "missing" for r in ok for t in r["turns"] for j in t.get("judgements", {}).values())
+    return BenchSummary(results_path, report_path, finished, skipped, errors, done=len(ok), missing=missing,
+                        rejudged=rejudged, pending=pending)
 
 
 def _one_line(record: dict) -> str:
@@ -282,6 +417,28 @@ def per_turn_table(records: list[dict], metrics: Sequence[str]) -> list[dict]:
     return table
 
 
+def reward_label(metrics: Sequence[str]) -> str:
+    """What the reward column is, for the metrics computed: their paper weights, not renormalised.
+
+    With all three metrics: ``Reward = 0.3 IF + 0.3 CC + 0.4 GA``. With a subset the weights stay the paper's (as in
+    `editr2.rewards.combine`), so the reward is on another scale, and the label says so: with IF and GA only it is
+    ``0.3 IF + 0.4 GA``, at most 0.7.
+    """
+    from .judges.rewards import REWARD_WEIGHTS
+
+    present = [m for m in ("IF", "CC", "GA") if m in metrics]
+    if not present:
+        return "No reward: no metric was computed."
+    formula = " + ".join(f"{REWARD_WEIGHTS[m]:g} {m}" for m in present)
+    text = f"Reward = {formula}, only where all parts have a score."
+    absent = [m for m in ("IF", "CC", "GA") if m not in present]
+    if absent:
+        top = sum(REWARD_WEIGHTS[m] for m in present)
+        text += (f" {', '.join(absent)} not computed: the weights are the paper's, not renormalised, so this reward "
+                 f"lies in [0, {top:g}] and is not comparable with the full 0.3 IF + 0.3 CC + 0.4 GA.")
+    return text
+
+
 def write_report(out_dir: Path, records: list[dict], config: dict) -> Path:
     """``report.md`` (per-turn table, missing judgements, per-session errors, session list) and ``per_turn.png``."""
     metrics = [m for m in ("IF", "CC", "GA") if m in config.get("metrics", ("IF", "CC", "GA"))]
@@ -298,8 +455,7 @@ def write_report(out_dir: Path, records: list[dict], config: dict) -> Path:
         "## Per turn",
         "",
         "Means over the judgements that have a score; missing (judge failed after retries) and skipped (not "
-        "applicable) judgements are excluded and counted. Reward = 0.3 IF + 0.3 CC + 0.4 GA, only where all parts "
-        "have a score.",
+        f"applicable) judgements are excluded and counted. {reward_label(metrics)}",
         "",
         "| turn | sessions | " + " | ".join(metrics) + " | reward | " + " | ".join(f"{m} missing" for m in metrics)
         + " | " + " | ".join(f"{m} skipped" for m in metrics) + " |",
@@ -345,6 +501,7 @@ def write_report(out_dir: Path, records: list[dict], config: dict) -> Path:
     report = out_dir / "report.md"
     report.write_text("\n".join(lines) + "\n", encoding="utf-8")
     (out_dir / "summary.json").write_text(json.dumps({"per_turn": table, "config": config,
+                                                      "reward": reward_label(metrics),
                                                       "errors": len(errors), "scored": len(ok)}, indent=2))
     return report
 
@@ -357,9 +514,11 @@ def plot_per_turn(table: list[dict], metrics: Sequence[str], path: Path) -> Path
 
     figure, axes = plt.subplots(figsize=(5, 3.2), dpi=120)
     turns = [row["turn"] for row in table]
+    present = [m for m in ("IF", "CC", "GA") if m in metrics]
+    reward = "reward" if len(present) == 3 else f"reward ({' + '.join(present)} only)"
     for metric in list(metrics) + ["reward"]:
         values = [row[metric] if row[metric] is not None else float("nan") for row in table]
-        axes.plot(turns, values, marker="o", label=metric)
+        axes.plot(turns, values, marker="o", label=reward if metric == "reward" else metric)
     axes.set_xlabel("turn")
     axes.set_ylabel("mean score")
     axes.set_xticks(turns)
@@ -409,9 +568,77 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='extra EditR2Pipeline arguments for every turn, e.g. \'{"negative_prompt": " "}\'')
     parser.add_argument("--no-filmstrips", action="store_true", help="do not draw per-session filmstrips")
     parser.add_argument("--rerun-errors", action="store_true", help="run sessions recorded with an error again")
+    parser.add_argument("--rejudge-missing", action="store_true",
+                        help="judge again the missing judgements (e.g. after a judge outage) of the finished "
+                             "sessions, from their saved turn images OUT/turns/: nothing is edited (--model is not "
+                             "loaded) and sessions not run yet are left for a normal run")
+    parser.add_argument("--force", action="store_true",
+                        help="start over: delete the results in --out (needed when --out holds results made with "
+                             "another editor, model, call settings or judges)")
+
+
+def judge_settings(config) -> dict:
+    """What in a `JudgeConfig` decides the scores, for ``bench_config.json``.
+
+    Kept: the metrics, the VLM's model (server model name, or local folder with its `model_fingerprint`), dtype and
+    answer length, the detector and feature models (folder, fingerprint, dtype, thresholds) and the IF / CC / GA
+    settings. Left out, because they change how fast or how patiently the judges work, not what they answer: server
+    URL and key variables, timeouts, concurrency, retries, devices, CC's batch size.
+    """
+    import dataclasses
+
+    def model(section, drop: Sequence[str]) -> dict | None:
+        if section is None:
+            return None
+        values = {k: v for k, v in dataclasses.asdict(section).items() if k not in drop}
+        path = values.get("path")
+        if path and Path(path).is_dir():
+            values["fingerprint"] = model_fingerprint(path)
+        return values
+
+    transport = ("base_url", "base_url_env", "api_key_env", "timeout_s", "max_attempts", "backoff_s",
+                 "max_backoff_s", "max_concurrency", "device")
+    vlm = model(config.vlm, transport)
+    if vlm is not None:
+        vlm["backend"] = "openai" if "path" not in vlm else "transformers"
+    cc = {k: v for k, v in dataclasses.asdict(config.cc).items() if k != "batch_pairs"}
+    return {"metrics": list(config.metrics), "vlm": vlm, "detector": model(config.detector, ("device",)),
+            "features": model(config.features, ("device",)), "if": dataclasses.asdict(config.if_judge), "cc": cc,
+            "ga": dataclasses.asdict(config.ga)}
+
+
+def _call_kwargs(args: argparse.Namespace) -> dict:
+    try:
+        call_kwargs = json.loads(args.pipeline_kwargs) if args.pipeline_kwargs else {}
+    except json.JSONDecodeError as err:
+        raise SystemExit(f"--pipeline-kwargs must be a JSON object: {err}") from None
+    if not isinstance(call_kwargs, dict):
+        raise SystemExit("--pipeline-kwargs must be a JSON object, e.g. '{\"num_inference_steps\": 28}'")
+    if args.steps is not None:
+        call_kwargs["num_inference_steps"] = args.steps
+    return call_kwargs
+
+
+def run_config(args: argparse.Namespace, judge_config, call_kwargs: dict) -> dict:
+    """``bench_config.json`` of a command line: editor, model fingerprint and call settings, judges, metrics.
+
+    The model folder is fingerprinted (`editr2.bench.resume.model_fingerprint`: its files' names, sizes and sampled
+    bytes, the folder's call defaults included), not loaded. ``--device`` is not part of it: a run may resume on
+    another device.
+    """
+    config = {"metrics": list(judge_config.metrics), "judges": judge_settings(judge_config)}
+    if args.editor:
+        return {**config, "editor": args.editor}
+    if not Path(args.model).is_dir():
+        raise SystemExit(f"--model {args.model}: no such folder; pass a folder saved with "
+                         "EditR2Pipeline.save_pretrained")
+    return {**config, "editor": f"EditR2Pipeline({args.model})", "model_fingerprint": model_fingerprint(args.model),
+            "reasoning": call_kwargs.get("reasoning", "intent"), "seed": args.seed, "call_kwargs": call_kwargs}
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run the bench from parsed arguments; prints the summary line and returns the exit status (1: any session
+    recorded with an error). Bad arguments and a configuration mismatch raise `SystemExit` with one clear line."""
     from .judges import build_judges, load_judge_config
 
     if args.limit is not None and args.limit < 1:
@@ -420,28 +647,31 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"--sessions: no such file {args.sessions}")
     if not Path(args.images).is_dir():
         raise SystemExit(f"--images: no such folder {args.images}")
+    if args.force and args.rejudge_missing:
+        raise SystemExit("--force deletes the results that --rejudge-missing would judge again: pass one of them")
     try:
-        config = load_judge_config(args.judge)
+        judge_config = load_judge_config(args.judge)
     except (OSError, ValueError) as err:
         raise SystemExit(f"--judge: {err}") from None
-    if args.editor:
+    call_kwargs = _call_kwargs(args) if args.model else {}
+    config = run_config(args, judge_config, call_kwargs)
+    try:  # before loading the editor or the judges: a wrong --out costs nothing
+        open_run(args.out, config, outputs=OUTPUTS, force=args.force)
+    except (ConfigMismatchError, ValueError) as err:
+        raise SystemExit(f"--out: {err}") from None
+    editor = None
+    if args.rejudge_missing:
+        pass  # nothing is edited
+    elif args.editor:
         editor = EDITORS[args.editor]()
     else:
-        try:
-            call_kwargs = json.loads(args.pipeline_kwargs) if args.pipeline_kwargs else {}
-        except json.JSONDecodeError as err:
-            raise SystemExit(f"--pipeline-kwargs must be a JSON object: {err}") from None
-        if not isinstance(call_kwargs, dict):
-            raise SystemExit("--pipeline-kwargs must be a JSON object, e.g. '{\"num_inference_steps\": 28}'")
-        if args.steps is not None:
-            call_kwargs["num_inference_steps"] = args.steps
         editor = PipelineEditor(args.model, args.device, args.seed, call_kwargs)
-    judges = build_judges(config)
+    judges = build_judges(judge_config)
     summary = run_bench(args.sessions, args.images, editor, judges, args.out, limit=args.limit,
-                        filmstrips=not args.no_filmstrips, rerun_errors=args.rerun_errors)
-    print(f"{summary.finished} session(s) run, {summary.skipped} already done, {summary.errors} with errors; "
-          f"report: {summary.report_path}")
-    return 0
+                        filmstrips=not args.no_filmstrips, rerun_errors=args.rerun_errors,
+                        rejudge=args.rejudge_missing, config=config)
+    print(summary.line())
+    return 1 if summary.errors else 0
 
 
 if __name__ == "__main__":  # `python -m editr2.bench.mice_cli ...` == `editr2 bench mice ...`
