@@ -301,3 +301,194 @@ def test_cli_with_the_tiny_editr2_pipeline(tmp_path, tiny_dir):
     assert [t["GA"] for t in record["turns"]] == [1.0, 0.0, 0.0]
     strip = Image.open(tmp_path / "out" / "filmstrips" / f"{sessions[0].session_id}.png")
     assert strip.width > strip.height
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Exit status, recorded configuration, re-judging, reward label
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def http_judge_yaml(path: Path, base_url="http://127.0.0.1:9/v1", num_votes=1) -> Path:
+    """IF + GA through an HTTP judge (nothing connects until a session is judged)."""
+    path.write_text(f'vlm: {{backend: openai, model: tiny, base_url: "{base_url}", max_attempts: 1}}\n'
+                    f"metrics: [IF, GA]\nif: {{num_votes: {num_votes}}}\nga: {{num_votes: {num_votes}}}\n"
+                    "retry: {max_attempts: 1, initial_backoff_s: 0}\n")
+    return path
+
+
+def test_cli_exits_nonzero_when_sessions_errored(tmp_path, capsys):
+    empty = tmp_path / "images"
+    empty.mkdir()  # no image files: every session errors
+    judge = http_judge_yaml(tmp_path / "judge.yaml")
+    args = parse_cli(["--sessions", str(FIXTURE), "--images", str(empty), "--editor", "identity", "--judge",
+                      str(judge), "--out", str(tmp_path / "out"), "--limit", "3", "--no-filmstrips"])
+    assert mice_cli.run(args) == 1
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "3 session(s) run, 0 already done; results: 0 done, 3 errored, 0 missing judgement(s)" in line
+    assert "--rerun-errors" in line
+    # Resumed, nothing left to run: still 1, the errors are still recorded.
+    assert mice_cli.run(args) == 1
+
+
+def test_resume_refuses_another_configuration(tmp_path, capsys):
+    sessions = load_sessions(FIXTURE, limit=2)
+    images = placeholder_images(tmp_path / "images", sessions)
+    judge = http_judge_yaml(tmp_path / "judge.yaml")
+    out = tmp_path / "out"
+    base = ["--sessions", str(FIXTURE), "--images", str(images), "--judge", str(judge), "--out", str(out),
+            "--limit", "2", "--no-filmstrips"]
+    assert mice_cli.run(parse_cli([*base, "--editor", "identity"])) == 0  # judge unreachable: missing, not errors
+    results = (out / "results.jsonl").read_text()
+    recorded = json.loads((out / "bench_config.json").read_text())
+    assert recorded["editor"] == "identity" and recorded["metrics"] == ["IF", "GA"]
+    assert recorded["judges"]["vlm"] == {"backend": "openai", "model": "tiny", "max_tokens": 512,
+                                         "image_format": "PNG"}  # no URL, timeout or concurrency
+
+    # Another editor into the same folder: a clear error before the model is loaded (the folder is no model).
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model_index.json").write_text("{}")
+    with pytest.raises(SystemExit, match=r'(?s)another configuration.*editor: "identity" \(recorded\) vs '
+                                         r'"EditR2Pipeline\(.*--force'):
+        mice_cli.run(parse_cli([*base, "--model", str(model)]))
+    # Other judge settings: named too.
+    http_judge_yaml(judge, num_votes=2)
+    with pytest.raises(SystemExit, match="judges: "):
+        mice_cli.run(parse_cli([*base, "--editor", "identity"]))
+    assert (out / "results.jsonl").read_text() == results  # nothing was run, nothing relabelled
+    # Transport settings are not part of it: another URL resumes.
+    http_judge_yaml(judge, base_url="http://127.0.0.1:10/v1")
+    capsys.readouterr()
+    assert mice_cli.run(parse_cli([*base, "--editor", "identity"])) == 0
+    assert "0 session(s) run, 2 already done" in capsys.readouterr().out
+    # --force starts over with the new configuration.
+    http_judge_yaml(judge, num_votes=2)
+    assert mice_cli.run(parse_cli([*base, "--editor", "identity", "--force"])) == 0
+    assert "2 session(s) run, 0 already done" in capsys.readouterr().out
+    assert json.loads((out / "bench_config.json").read_text())["judges"]["if"]["num_votes"] == 2
+    assert len(read_results(out / "results.jsonl")) == 2
+
+    # A folder with results but no recorded configuration (an older run): refused as well.
+    (out / "bench_config.json").unlink()
+    with pytest.raises(SystemExit, match="no bench_config.json"):
+        mice_cli.run(parse_cli([*base, "--editor", "identity"]))
+
+
+def test_model_fingerprint_sees_retrained_weights(tmp_path):
+    from editr2.bench.resume import model_fingerprint
+
+    model = tmp_path / "model"
+    (model / "transformer").mkdir(parents=True)
+    weights = np.random.default_rng(0).integers(0, 255, 9 * 2**20, dtype=np.uint8)
+    (model / "transformer" / "model.safetensors").write_bytes(weights.tobytes())
+    (model / "model_index.json").write_text("{}")
+    first = model_fingerprint(model)
+    assert model_fingerprint(model) == first
+    weights[-5] ^= 1  # same size, other weights (a fine-tune changes every block)
+    (model / "transformer" / "model.safetensors").write_bytes(weights.tobytes())
+    assert model_fingerprint(model) != first
+    second = model_fingerprint(model)
+    (model / "editr2_call_defaults.json").write_text('{"num_inference_steps": 8}')
+    assert model_fingerprint(model) != second
+
+
+def test_rejudge_missing_after_a_judge_outage(tmp_path):
+    sessions = load_sessions(FIXTURE, limit=3)
+    images = placeholder_images(tmp_path / "images", sessions)
+    ga = "<turn_1>yes</turn_1><turn_2>no</turn_2><final>no</final>"
+    outage = [True]
+
+    def answer(images_, prompt, index):
+        if outage[0]:
+            return ConnectionError("judge server down")
+        return ga if "<turn_i>" in prompt else "yes"
+
+    def judges():
+        vlm = ScriptedVLM(answer)
+        return JudgeSet(IFJudge(vlm, None, IFConfig(num_votes=1), FAST), None, GAJudge(vlm, GAConfig(num_votes=1),
+                                                                                       FAST))
+
+    class Counting(mice_cli.IdentityEditor):
+        calls = 0
+
+        def edit_session(self, source, instructions, session):
+            Counting.calls += 1
+            return super().edit_session(source, instructions, session)
+
+    out = tmp_path / "out"
+    first = mice_cli.run_bench(FIXTURE, images, Counting(), judges(), out, limit=3, log=lambda text: None)
+    assert (first.done, first.errors, first.missing) == (3, 0, 18)  # 3 sessions x 3 turns x (IF, GA)
+    assert sorted(p.name for p in (out / "turns" / sessions[0].session_id).iterdir()) == \
+        ["turn_1.png", "turn_2.png", "turn_3.png"]
+    outage[0] = False
+    # --rerun-errors does not touch them: they are not errors.
+    again = mice_cli.run_bench(FIXTURE, images, Counting(), judges(), out, limit=3, rerun_errors=True,
+                               log=lambda text: None)
+    assert (again.finished, again.missing) == (0, 18)
+    # Re-judging: no editing, every missing judgement judged again, the rewards recomputed.
+    rejudged = mice_cli.run_bench(FIXTURE, images, None, judges(), out, limit=3, rejudge=True,
+                                  config={"editor": "identity", "metrics": ["IF", "GA"]}, log=lambda text: None)
+    assert (rejudged.rejudged, rejudged.finished, rejudged.errors) == (3, 0, 0)
+    assert Counting.calls == 3
+    fresh = mice_cli.run_bench(FIXTURE, images, mice_cli.IdentityEditor(), judges(), tmp_path / "fresh", limit=3,
+                               filmstrips=False, log=lambda text: None)
+    # What is still missing is what an uninterrupted run leaves missing ("yes" is not a count).
+    assert rejudged.missing == fresh.missing == 1
+
+    def scores(path):
+        return [[(t["IF"], t["GA"], t["reward"]) for t in r["turns"]]
+                for r in mice_cli.latest_records(read_results(path))]
+
+    assert scores(rejudged.results_path) == scores(fresh.results_path)
+    assert scores(rejudged.results_path)[0][1][1] == 0.0
+    assert "judge server down" not in (out / "report.md").read_text()
+
+
+def test_rejudge_missing_on_the_command_line(tmp_path, capsys):
+    sessions = load_sessions(FIXTURE, limit=2)
+    images = placeholder_images(tmp_path / "images", sessions)
+    out = tmp_path / "out"
+    judge = http_judge_yaml(tmp_path / "judge.yaml")  # nothing listens there: every judgement missing
+    base = ["--sessions", str(FIXTURE), "--images", str(images), "--editor", "identity", "--judge", str(judge),
+            "--out", str(out), "--no-filmstrips"]
+    assert mice_cli.run(parse_cli([*base, "--limit", "1"])) == 0
+    assert "1 done, 0 errored, 6 missing judgement(s) (--rejudge-missing" in capsys.readouterr().out
+
+    def answer(payload):
+        return "<turn_1>yes</turn_1><turn_2>yes</turn_2><turn_3>yes</turn_3>" if "<turn_i>" in prompt_of(payload) \
+            else "yes"
+
+    with FakeChatServer(answer) as server:
+        http_judge_yaml(judge, base_url=server.base_url)  # another URL: the same configuration
+        assert mice_cli.run(parse_cli([*base, "--limit", "2", "--rejudge-missing"])) == 0
+    line = capsys.readouterr().out
+    assert "0 session(s) run, 0 already done, 1 re-judged, 1 not run yet; results: 1 done, 0 errored, 1 missing" \
+        in line
+    (record,) = mice_cli.latest_records(read_results(out / "results.jsonl"))  # 1 missing: "yes" is no count
+    assert [t["GA"] for t in record["turns"]] == [1.0, 1.0, 1.0]
+    with pytest.raises(SystemExit, match="pass one of them"):
+        mice_cli.run(parse_cli([*base, "--rejudge-missing", "--force"]))
+
+
+def test_help_and_docs_explain_rejudge_missing():
+    parser = argparse.ArgumentParser()
+    mice_cli.add_arguments(parser)
+    text = " ".join(parser.format_help().split())
+    assert "--rejudge-missing" in text and "saved turn images" in text and "--force" in text
+    docs = (ROOT / "docs" / "mice_bench.md").read_text()
+    assert "--rejudge-missing" in docs and "bench_config.json" in docs and "--force" in docs
+
+
+def test_report_labels_the_reward_of_the_metrics_computed(tmp_path):
+    sessions = load_sessions(FIXTURE, limit=1)
+    images = placeholder_images(tmp_path / "images", sessions)
+    full = scripted_judges()
+    judges = JudgeSet(full.if_judge, None, full.ga_judge)  # IF and GA only
+    mice_cli.run_bench(FIXTURE, images, mice_cli.IdentityEditor(), judges, tmp_path / "out", limit=1,
+                       filmstrips=False, log=lambda text: None)
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "Reward = 0.3 IF + 0.4 GA, only where all parts have a score. CC not computed" in report
+    assert "Reward = 0.3 IF + 0.3 CC + 0.4 GA" not in report
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["reward"].startswith("Reward = 0.3 IF + 0.4 GA")
+    assert mice_cli.reward_label(["IF", "CC", "GA"]) == ("Reward = 0.3 IF + 0.3 CC + 0.4 GA, only where all parts "
+                                                         "have a score.")
