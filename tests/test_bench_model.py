@@ -136,3 +136,30 @@ def test_call_defaults_and_editor_api(model_dir, tiny_dir, tmp_path):
     assert len(editor.session.turns) == 2 and [t.seed for t in editor.session.turns] == [3, 4]
     assert [t.meta.get("num_inference_steps") for t in editor.session.turns] == [2, 2]
     assert editor.intents == list(session.instruction) and len(editor.records) == 1
+
+
+def test_bench_shapes_model_run_resumes_and_refuses_another_model(model_dir, model_folder, tmp_path, calls):
+    args = ["bench", "shapes", "--model", str(model_dir), "--family", "cu", "--turns", "2", "--seed", "4",
+            "--no-progress"]
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    assert main([*args, "--sessions", "3", "--out", str(whole)]) == 0
+    assert main([*args, "--sessions", "1", "--out", str(resumed)]) == 0  # "killed" after one session
+    del calls[:]
+    assert main([*args, "--sessions", "3", "--out", str(resumed)]) == 0
+    assert len(calls) == 4  # only the two sessions left ran, two turns each
+    for name in ("results.json", "report.md", "intents.jsonl", "session_results.jsonl"):
+        assert (resumed / name).read_text() == (whole / name).read_text(), name
+    assert len((resumed / "intents.jsonl").read_text().splitlines()) == 3
+
+    recorded = json.loads((resumed / "bench_config.json").read_text())
+    assert recorded["reasoning"] == "intent" and len(recorded["model_fingerprint"]) == 64
+    del calls[:]
+    with pytest.raises(SystemExit, match=r'reasoning: "intent" \(recorded\) vs "none" \(now\)'):
+        main([*args, "--reasoning", "none", "--sessions", "3", "--out", str(resumed)])
+    with pytest.raises(SystemExit, match=r"(?s)call_kwargs: .*--force"):
+        main([*args, "--steps", "3", "--sessions", "3", "--out", str(resumed)])
+    other = model_folder({**DEFAULTS, "num_inference_steps": 3})  # same weights, other call defaults
+    with pytest.raises(SystemExit, match="model_fingerprint: "):
+        main([*args[:3], str(other), *args[4:], "--sessions", "3", "--out", str(resumed)])
+    assert calls == []  # refused before any model ran
+    assert (resumed / "results.json").read_text() == (whole / "results.json").read_text()

@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import re
 
 import pytest
 
@@ -43,3 +44,61 @@ def test_cli_is_registered_and_validates():
         _run(["--turns", "9", "--out", "x"])
     with pytest.raises(SystemExit):
         _run(["--editor", "magic", "--out", "x"])
+
+
+def _files(out):
+    return {name: (out / name).read_text() for name in ("results.json", "report.md")}
+
+
+def test_a_killed_run_resumes_to_the_same_report(tmp_path, capsys):
+    args = ["--editor", "literal", "--family", "cu", "--turns", "3", "--seed", "3", "--no-progress"]
+    whole = tmp_path / "whole"
+    assert _run([*args, "--sessions", "6", "--out", str(whole)]) == 0
+    lines = (whole / "session_results.jsonl").read_text().splitlines()
+    assert len(lines) == 6 and json.loads(lines[0])["session_id"] == "cu_3"
+
+    # "Killed" after 2 sessions (a run with fewer), then the full command again: only the 4 others run.
+    resumed = tmp_path / "resumed"
+    assert _run([*args, "--sessions", "2", "--out", str(resumed)]) == 0
+    assert _run([*args, "--sessions", "6", "--out", str(resumed)]) == 0
+    assert (resumed / "session_results.jsonl").read_text().splitlines() == lines
+    assert _files(resumed) == _files(whole)
+
+    # Killed mid-write after 4 sessions (the tail deleted, a cut last line): the same report again.
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    for name in ("session_results.jsonl", "bench_config.json"):
+        (cut / name).write_text((whole / name).read_text())
+    (cut / "session_results.jsonl").write_text("\n".join(lines[:4]) + "\n" + lines[4][:30])
+    assert _run([*args, "--sessions", "6", "--out", str(cut)]) == 0
+    assert (cut / "session_results.jsonl").read_text().splitlines() == lines
+    assert _files(cut) == _files(whole)
+
+    # Fewer sessions than recorded: the report covers the ones asked for, as an uninterrupted run of 2 would.
+    two = tmp_path / "two"
+    assert _run([*args, "--sessions", "2", "--out", str(two)]) == 0
+    assert _run([*args, "--sessions", "2", "--out", str(whole)]) == 0
+    assert _files(whole) == _files(two)
+    capsys.readouterr()
+
+
+def test_another_configuration_is_refused_unless_forced(tmp_path):
+    out = tmp_path / "bench"
+    assert _run(["--editor", "literal", "--sessions", "2", "--turns", "2", "--out", str(out), "--no-progress"]) == 0
+    recorded = json.loads((out / "bench_config.json").read_text())
+    assert recorded == {"bench": "shapes", "editor": "literal", "family": "cm", "turns": 2, "seed": 0, "size": 64}
+    before = (out / "session_results.jsonl").read_text()
+    for other, named in ((["--editor", "oracle"], 'editor: "literal" (recorded) vs "oracle" (now)'),
+                         (["--editor", "literal", "--turns", "3"], "turns: 2 (recorded) vs 3 (now)"),
+                         (["--editor", "literal", "--family", "cu"], "family:")):
+        with pytest.raises(SystemExit, match=r"(?s)another configuration.*" + re.escape(named) + ".*--force"):
+            _run(["--sessions", "2", "--turns", "2", *other, "--out", str(out), "--no-progress"])
+    assert (out / "session_results.jsonl").read_text() == before
+    assert _run(["--editor", "oracle", "--sessions", "2", "--turns", "2", "--out", str(out), "--no-progress",
+                 "--force"]) == 0
+    assert json.loads((out / "results.json").read_text())["mean"]["reward"] == 1.0
+    assert json.loads((out / "bench_config.json").read_text())["editor"] == "oracle"
+    # A results folder written before the configuration was recorded is refused as well.
+    (out / "bench_config.json").unlink()
+    with pytest.raises(SystemExit, match="no bench_config.json"):
+        _run(["--editor", "oracle", "--sessions", "2", "--turns", "2", "--out", str(out), "--no-progress"])

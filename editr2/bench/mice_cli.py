@@ -276,7 +276,7 @@ def bench_config(editor: Editor | None, judges) -> dict:
     """The configuration `run_bench` records when none is given: the editor's name and the metrics."""
     if editor is None:
         raise ValueError("pass `config` (what the results in out_dir were made with) when `editor` is None")
-    return {"editor": editor.name, "metrics": list(judges.metrics)}
+    return {"bench": "mice", "editor": editor.name, "metrics": list(judges.metrics)}
 
 
 def run_bench(sessions_path: str | Path, images_dir: str | Path, editor: Editor | None, judges,
@@ -626,7 +626,7 @@ def run_config(args: argparse.Namespace, judge_config, call_kwargs: dict) -> dic
     bytes, the folder's call defaults included), not loaded. ``--device`` is not part of it: a run may resume on
     another device.
     """
-    config = {"metrics": list(judge_config.metrics), "judges": judge_settings(judge_config)}
+    config = {"bench": "mice", "metrics": list(judge_config.metrics), "judges": judge_settings(judge_config)}
     if args.editor:
         return {**config, "editor": args.editor}
     if not Path(args.model).is_dir():

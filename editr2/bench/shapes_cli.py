@@ -5,6 +5,12 @@
 
 Writes OUT/results.json ({"per_turn", "mean", "config"}), OUT/report.md and OUT/per_turn.png; with --model also
 OUT/intents.jsonl (per session: instructions, gold intents, the model's operative intents, reasoning fallbacks).
+
+Resumable like `editr2 bench mice`: each finished session's scores are appended to OUT/session_results.jsonl at once,
+and OUT/bench_config.json records the editor, model fingerprint, reasoning mode, sample seed, call settings, family,
+turns, first seed and size. The same command started again skips the sessions already recorded, and its report equals
+an uninterrupted run's; a larger --sessions extends a run. Another configuration into the same --out stops with the
+differences named, before the model is loaded: pass --force to start over, or another --out.
 """
 
 from __future__ import annotations
@@ -15,6 +21,9 @@ from pathlib import Path
 
 EDITOR_NAMES = ("oracle", "identity", "literal")
 REASONING_MODES = ("intent", "history", "none")
+SESSION_RESULTS = "session_results.jsonl"
+# What a run writes into --out (what `--force` deletes).
+OUTPUTS = (SESSION_RESULTS, "results.json", "report.md", "per_turn.png", "intents.jsonl")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,6 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument("--force", action="store_true",
+                        help="start over: delete the results in --out (needed when --out holds results made with "
+                             "another editor, model or settings)")
     model = parser.add_argument_group("--model options")
     model.add_argument("--reasoning", choices=REASONING_MODES, default=None,
                        help="how the history reaches the model (default intent)")
@@ -47,7 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from editr2.bench.report import markdown_table, write_report
-    from editr2.bench.shapes.runner import run_bench
+    from editr2.bench.resume import ConfigMismatchError, open_run, read_results
+    from editr2.bench.shapes.runner import run_bench, session_id
 
     if not 1 <= args.turns <= 8:
         raise SystemExit(f"--turns {args.turns}: pass a value in 1..8.")
@@ -62,12 +75,24 @@ def run(args: argparse.Namespace) -> int:
         from editr2.bench.editors import make_editor
 
         name = args.editor or "oracle"
+        config = {"editor": name}
+    else:
+        options = _model_options(args)
+        config = _model_config(args, options)
+    config = {"bench": "shapes", **config, "family": args.family, "turns": args.turns, "seed": args.seed,
+              "size": args.size}
+    try:  # before loading a model: a wrong --out costs nothing
+        out = open_run(args.out, config, outputs=OUTPUTS, force=args.force)
+    except (ConfigMismatchError, ValueError) as err:
+        raise SystemExit(f"--out: {err}") from None
+    if args.model is None:
         editor = make_editor(name)
     else:
-        editor = _load_model_editor(args)
+        editor = _load_model_editor(args, options)
         name = editor.name
     results = run_bench(editor, family=args.family, num_sessions=args.sessions, num_turns=args.turns, seed=args.seed,
-                        size=args.size, progress=not args.no_progress, editor_name=name)
+                        size=args.size, progress=not args.no_progress, editor_name=name,
+                        results_path=out / SESSION_RESULTS)
     if args.model is not None:
         results["config"].update(model=str(args.model), reasoning=editor.reasoning, sample_seed=editor.seed,
                                  call_kwargs=editor.call_kwargs)
@@ -75,15 +100,17 @@ def run(args: argparse.Namespace) -> int:
     print(markdown_table(results))
     written = f"{paths['results']}, {paths['report']}, {paths['plot']}"
     if args.model is not None:
-        intents = Path(args.out) / "intents.jsonl"
-        intents.write_text("".join(json.dumps(record) + "\n" for record in editor.records))
+        recorded = {r["session_id"]: r for r in read_results(out / SESSION_RESULTS)}
+        wanted = [recorded[session_id(args.family, args.seed + i)] for i in range(args.sessions)]
+        intents = out / "intents.jsonl"
+        intents.write_text("".join(json.dumps(r.get("editor_record")) + "\n" for r in wanted))
         written += f", {intents}"
     print(f"wrote {written}")
     return 0
 
 
-def _load_model_editor(args: argparse.Namespace):
-    """The `diffusers_editr2.bench.PipelineEditor` of `--model`, with the --model options applied."""
+def _model_options(args: argparse.Namespace) -> dict:
+    """Check the --model options (before anything is written or loaded): the call arguments and thread count."""
     if not (Path(args.model) / "model_index.json").is_file():
         raise SystemExit(f"--model {args.model}: no model_index.json there; pass a folder saved with "
                          "EditR2Pipeline.save_pretrained (e.g. checkpoints/editr2-shapes-tiny).")
@@ -103,11 +130,27 @@ def _load_model_editor(args: argparse.Namespace):
     if threads < 1:
         raise SystemExit(f"--threads {threads}: pass at least 1.")
     try:
-        from diffusers_editr2.bench import load_bench_editor
+        from diffusers_editr2.bench import load_bench_editor  # noqa: F401 - checked here, used once --out is ready
     except ImportError as err:
         raise SystemExit(f"--model needs the diffusers integration: pip install 'editr2[diffusers]' ({err}).") from None
+    return {"call_kwargs": call_kwargs, "threads": threads}
+
+
+def _model_config(args: argparse.Namespace, options: dict) -> dict:
+    """What a --model run's results depend on: the model folder's fingerprint (its call defaults included), reasoning
+    mode, sample seed and the call arguments given (thread count excluded: it changes the speed, not the images)."""
+    from editr2.bench.resume import model_fingerprint
+
+    return {"editor": f"editr2-{args.reasoning or 'intent'}", "model_fingerprint": model_fingerprint(args.model),
+            "reasoning": args.reasoning or "intent", "sample_seed": args.sample_seed or 0,
+            "call_kwargs": options["call_kwargs"]}
+
+
+def _load_model_editor(args: argparse.Namespace, options: dict):
+    """The `diffusers_editr2.bench.PipelineEditor` of `--model`, with the --model options applied."""
+    from diffusers_editr2.bench import load_bench_editor
     import torch
 
-    torch.set_num_threads(threads)
+    torch.set_num_threads(options["threads"])
     return load_bench_editor(args.model, args.reasoning or "intent", seed=args.sample_seed or 0,
-                             call_kwargs=call_kwargs)
+                             call_kwargs=options["call_kwargs"])

@@ -6,15 +6,22 @@
 `my_editor(images, history, instruction) -> PIL image` (see `editr2.bench.editors`); an editor with a
 `bind(session)` method is bound to each session first. The result is the `results.json` structure:
 `{"per_turn": [{"turn", "IF", "CC", "GA", "reward"}, ...], "mean": {...}, "config": {...}}`.
+
+With `results_path`, every finished session's scores are appended to that JSON-lines file as it finishes, and the
+sessions already there are read back instead of run again: a run killed after k sessions and started again gives the
+same result as an uninterrupted one (`editr2 bench shapes` resumes this way; `editr2.bench.resume` has the file format
+and the configuration check).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable, Sequence
 
 from PIL import Image
 
 from ..metrics import METRICS, TurnScore, mean_scores, score_session
+from ..resume import append_result, latest_by_id, read_results
 from .render import DEFAULT_SIZE
 from .sessions import ShapesSession, generate_session
 
@@ -31,9 +38,25 @@ def run_session(editor: Callable, session: ShapesSession) -> tuple[list[Image.Im
     return images, score_session(session, images)
 
 
+def session_id(family: str, seed: int) -> str:
+    """The id of the generated session `family` / `seed` in a results file (``cm_1005``)."""
+    return f"{family}_{seed}"
+
+
+def session_record(sid: str, session: ShapesSession, scores: Sequence[TurnScore], editor: Callable) -> dict:
+    """One finished session for the results file: its id, family, seed and per-turn scores; with an editor that keeps
+    per-session `records` (e.g. `diffusers_editr2.bench.PipelineEditor`: intents and fallbacks), the last of them."""
+    record = {"session_id": sid, "family": session.family, "seed": session.seed,
+              "turns": [score.to_dict() for score in scores]}
+    records = getattr(editor, "records", None)
+    if isinstance(records, list) and records:
+        record["editor_record"] = records[-1]
+    return record
+
+
 def run_bench(editor: Callable, family: str = "cm", num_sessions: int = 100, num_turns: int = 3, seed: int = 0,
               size: int = DEFAULT_SIZE, progress: bool = True, sessions: Sequence[ShapesSession] | None = None,
-              editor_name: str | None = None) -> dict:
+              editor_name: str | None = None, results_path: str | Path | None = None) -> dict:
     """Score `editor` on `num_sessions` generated sessions (seeds `seed, seed + 1, ...`).
 
     Args:
@@ -43,6 +66,10 @@ def run_bench(editor: Callable, family: str = "cm", num_sessions: int = 100, num
         progress (`bool`): show a tqdm progress bar.
         sessions: pre-generated sessions to use instead (then family/num_sessions/num_turns/seed are only recorded).
         editor_name (`str`, *optional*): recorded in the config (defaults to the editor's `name` attribute).
+        results_path (`str` or `Path`, *optional*): a JSON-lines file of per-session results (`session_record`):
+            sessions recorded there are read back, the others run and appended as they finish. Only the sessions
+            asked for are reported. The caller makes sure the file was written with the same editor and settings
+            (`editr2.bench.resume.open_run`).
 
     Returns:
         `{"per_turn": [...], "mean": {...}, "config": {...}}`.
@@ -50,6 +77,7 @@ def run_bench(editor: Callable, family: str = "cm", num_sessions: int = 100, num
     if sessions is None and num_sessions < 1:
         raise ValueError(f"num_sessions={num_sessions}: pass at least 1.")
     count = num_sessions if sessions is None else len(sessions)
+    done = latest_by_id(read_results(results_path)) if results_path is not None else {}
     iterator = range(count)
     if progress:
         from tqdm.auto import tqdm
@@ -58,8 +86,15 @@ def run_bench(editor: Callable, family: str = "cm", num_sessions: int = 100, num
                         unit="session")
     per_turn: dict[int, list[TurnScore]] = {}
     for i in iterator:
-        session = generate_session(family, num_turns, seed + i, size) if sessions is None else sessions[i]
-        _, scores = run_session(editor, session)
+        given = sessions[i] if sessions is not None else None
+        sid = session_id(given.family, given.seed) if given is not None else session_id(family, seed + i)
+        if sid in done and len(done[sid]["turns"]) == (given.num_turns if given is not None else num_turns):
+            scores = [TurnScore(**turn) for turn in done[sid]["turns"]]
+        else:
+            session = given if given is not None else generate_session(family, num_turns, seed + i, size)
+            _, scores = run_session(editor, session)
+            if results_path is not None:
+                append_result(results_path, session_record(sid, session, scores, editor))
         for row in scores:
             per_turn.setdefault(row.turn, []).append(row)
     rows = [{"turn": t, **mean_scores(per_turn[t])} for t in sorted(per_turn)]
