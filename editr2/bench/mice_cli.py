@@ -559,7 +559,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     editor.add_argument("--editor", choices=sorted(EDITORS), help="a built-in symbolic editor")
     editor.add_argument("--model", help="folder of an EditR2Pipeline (diffusers_editr2) to edit with")
     parser.add_argument("--judge", required=True, help="judge config YAML (see docs/mice_bench.md)")
-    parser.add_argument("--out", required=True, help="output folder (resumed if it holds results.jsonl)")
+    parser.add_argument("--out", required=True, help="output folder (resumed when it holds results of the same configuration)")
     parser.add_argument("--limit", type=int, default=None, help="only the first N sessions")
     parser.add_argument("--device", default="cpu", help="device for --model (cpu, cuda, ...)")
     parser.add_argument("--seed", type=int, default=0, help="seed for --model")
@@ -656,7 +656,7 @@ def run(args: argparse.Namespace) -> int:
     call_kwargs = _call_kwargs(args) if args.model else {}
     config = run_config(args, judge_config, call_kwargs)
     try:  # before loading the editor or the judges: a wrong --out costs nothing
-        open_run(args.out, config, outputs=OUTPUTS, force=args.force)
+        open_run(args.out, config, outputs=OUTPUTS, force=args.force, force_hint="--force")
     except (ConfigMismatchError, ValueError) as err:
         raise SystemExit(f"--out: {err}") from None
     editor = None

@@ -68,7 +68,7 @@ def config_differences(recorded: dict, current: dict) -> list[str]:
 
 
 def open_run(out_dir: str | os.PathLike, config: dict, *, outputs: Sequence[str] = ("results.jsonl",),
-             force: bool = False) -> Path:
+             force: bool = False, force_hint: str = "force=True") -> Path:
     """Make `out_dir` ready for a run with `config`, and record `config` there.
 
     - A new or empty folder: `config` is written to ``bench_config.json``.
@@ -82,6 +82,7 @@ def open_run(out_dir: str | os.PathLike, config: dict, *, outputs: Sequence[str]
         outputs: the folder's result files and sub-folders, relative to `out_dir`: what counts as "holding results"
             and what `force` deletes.
         force: start over in this folder.
+        force_hint: how the caller's user asks for `force`, for the error message (a CLI passes ``"--force"``).
 
     Returns:
         `out_dir` as a `Path`.
@@ -98,20 +99,20 @@ def open_run(out_dir: str | os.PathLike, config: dict, *, outputs: Sequence[str]
         try:
             recorded = json.loads(record.read_text(encoding="utf-8"))
         except ValueError as err:
-            raise ConfigMismatchError(f"{record} is not readable JSON ({err}); start over with --force (force=True) "
-                                      "or use another output folder") from None
+            raise ConfigMismatchError(f"{record} is not readable JSON ({err}); start over with {force_hint} or pass "
+                                      "another output folder") from None
         differences = config_differences(recorded, config) if isinstance(recorded, dict) else ["<not an object>"]
         if differences:
             raise ConfigMismatchError(
                 f"{out_dir} holds results made with another configuration:\n  " + "\n  ".join(differences)
-                + "\nStart over in this folder with --force (force=True), or pass another output folder.")
+                + f"\nStart over in this folder with {force_hint}, or pass another output folder.")
         return out_dir
     else:
         present = [name for name in outputs if (out_dir / name).exists()]
         if present:
             raise ConfigMismatchError(
                 f"{out_dir} holds results ({', '.join(present)}) but no {CONFIG_FILE}, so what made them is unknown. "
-                "Start over in this folder with --force (force=True), or pass another output folder.")
+                f"Start over in this folder with {force_hint}, or pass another output folder.")
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(record, json.dumps(config, indent=2, sort_keys=True) + "\n")
     return out_dir

@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     config = {"bench": "shapes", **config, "family": args.family, "turns": args.turns, "seed": args.seed,
               "size": args.size}
     try:  # before loading a model: a wrong --out costs nothing
-        out = open_run(args.out, config, outputs=OUTPUTS, force=args.force)
+        out = open_run(args.out, config, outputs=OUTPUTS, force=args.force, force_hint="--force")
     except (ConfigMismatchError, ValueError) as err:
         raise SystemExit(f"--out: {err}") from None
     if args.model is None:
