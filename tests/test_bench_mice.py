@@ -427,7 +427,8 @@ def test_rejudge_missing_after_a_judge_outage(tmp_path):
     assert (again.finished, again.missing) == (0, 18)
     # Re-judging: no editing, every missing judgement judged again, the rewards recomputed.
     rejudged = mice_cli.run_bench(FIXTURE, images, None, judges(), out, limit=3, rejudge=True,
-                                  config={"bench": "mice", "editor": "identity", "metrics": ["IF", "GA"]}, log=lambda text: None)
+                                  config={"bench": "mice", "editor": "identity", "metrics": ["IF", "GA"]},
+                                  log=lambda text: None)
     assert (rejudged.rejudged, rejudged.finished, rejudged.errors) == (3, 0, 0)
     assert Counting.calls == 3
     fresh = mice_cli.run_bench(FIXTURE, images, mice_cli.IdentityEditor(), judges(), tmp_path / "fresh", limit=3,

@@ -356,7 +356,8 @@ def run_bench(sessions_path: str | Path, images_dir: str | Path, editor: Editor 
                                                   **recorded, "metrics": judges.metrics})
     errors = sum(r.get("status") == "error" for r in records)
     ok = [r for r in records if r.get("status") == "ok"]
-    missing = sum(j.get("status") == "missing" for r in ok for t in r["turns"] for j in t.get("judgements", {}).values())
+    missing = sum(judgement.get("status") == "missing" for r in ok for turn in r["turns"]
+                  for judgement in turn.get("judgements", {}).values())
     return BenchSummary(results_path, report_path, finished, skipped, errors, done=len(ok), missing=missing,
                         rejudged=rejudged, pending=pending)
 
@@ -559,7 +560,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     editor.add_argument("--editor", choices=sorted(EDITORS), help="a built-in symbolic editor")
     editor.add_argument("--model", help="folder of an EditR2Pipeline (diffusers_editr2) to edit with")
     parser.add_argument("--judge", required=True, help="judge config YAML (see docs/mice_bench.md)")
-    parser.add_argument("--out", required=True, help="output folder (resumed when it holds results of the same configuration)")
+    parser.add_argument("--out", required=True,
+                        help="output folder (resumed when it holds results of the same configuration)")
     parser.add_argument("--limit", type=int, default=None, help="only the first N sessions")
     parser.add_argument("--device", default="cpu", help="device for --model (cpu, cuda, ...)")
     parser.add_argument("--seed", type=int, default=0, help="seed for --model")
