@@ -31,8 +31,6 @@ import tempfile
 
 from PIL import Image
 
-from editr2.session import SESSION_FILE
-
 # Qwen-Image-Edit(-2509)'s own defaults, for settings neither the command line nor the model folder gives.
 UPSTREAM_DEFAULTS = {"num_inference_steps": 50, "true_cfg_scale": 4.0, "reference_area": 1024 * 1024,
                      "condition_area": 384 * 384, "max_new_tokens": 256}
@@ -178,6 +176,8 @@ def check_out(out: str, overwrite: bool = False) -> None:
     session (`session.json`), which is replaced. Refused: a file, any other non-empty folder, a session without
     `overwrite`, and a place where the folder (and the save's temporary sibling) cannot be created.
     """
+    from editr2.session import SESSION_FILE
+
     path = pathlib.Path(out)
     if path.exists() and not path.is_dir():
         raise UsageError(f"--out {out} is a file; pass a folder (new, empty, or an earlier session)")
