@@ -6,6 +6,7 @@ it returns a new one, so two Edit Turn nodes fed from the same wire branch the s
 
 from __future__ import annotations
 
+import logging
 import os
 import pathlib
 from dataclasses import replace
@@ -28,6 +29,13 @@ CATEGORY = "Edit-R2"
 REASONING_MODES = ("intent", "history", "none")
 MAX_SEED = 0xFFFF_FFFF_FFFF_FFFF
 SESSION_SEARCH_DEPTH = 3  # how deep Load Session looks for session folders under input/ and output/
+INPUT_NOTES = "input_notes"  # session.meta key: what was done to the source image to make it editable
+CHANNEL_NOTES = {
+    1: "the source image is greyscale (1 channel); it was converted to RGB",
+    4: "the source image is RGBA (4 channels); its alpha channel was dropped (the RGB values are kept as they are)",
+}
+
+logger = logging.getLogger(__name__)
 
 EditR2SessionType = io.Custom("EDITR2_SESSION")
 EditR2ModelType = io.Custom("EDITR2_MODEL")
@@ -100,7 +108,11 @@ class EditR2StartSession(io.ComfyNode):
     def execute(cls, image: torch.Tensor, rules: str = "") -> io.NodeOutput:
         source = tensor_to_pil(image, node="Start Edit-R2 Session")
         rule_lines = tuple(line.strip() for line in rules.splitlines() if line.strip())
-        return io.NodeOutput(Session(source_image=source, rules=rule_lines))
+        notes = [CHANNEL_NOTES[image.shape[-1]]] if image.shape[-1] in CHANNEL_NOTES else []
+        for note in notes:
+            logger.warning("Start Edit-R2 Session: %s", note)
+        meta = {INPUT_NOTES: notes} if notes else {}
+        return io.NodeOutput(Session(source_image=source, rules=rule_lines, meta=meta))
 
 
 def _step_callback(total_steps: int):
@@ -124,7 +136,8 @@ def _negative_prompt(text: str, cfg: float) -> str | None:
 
 def _at_working_size(pipeline, session: Session) -> Session:
     """A fresh session at the pipeline's working size for its image (the image's own size, floored to the multiple the
-    model needs), keeping the rules; the pipeline decides the size and does the resizing."""
+    model needs), keeping the rules; the pipeline decides the size and does the resizing. A resize is logged and
+    added to the session's input notes (`meta["input_notes"]`), which the first Edit Turn shows."""
     multiple_of = pipeline.vae_scale_factor * 2
     width, height = session.size
     if min(width, height) < multiple_of:
@@ -133,7 +146,24 @@ def _at_working_size(pipeline, session: Session) -> Session:
             "side; scale it up first (e.g. the 'Upscale Image' node)"
         )
     started = pipeline.start_session(session.source_image, height=height, width=width)
-    return replace(started, rules=session.rules, meta={**session.meta, **started.meta})
+    notes = list(session.meta.get(INPUT_NOTES, []))
+    if started.size != session.size:
+        note = (f"the image was resized from {width}x{height} to {started.size[0]}x{started.size[1]} (each side "
+                f"rounded down to a multiple of {multiple_of}, as this model needs; resize it yourself to choose how)")
+        logger.warning("Edit-R2 Edit Turn: %s", note)
+        notes.append(note)
+    meta = {**session.meta, **started.meta, **({INPUT_NOTES: notes} if notes else {})}
+    return replace(started, rules=session.rules, meta=meta)
+
+
+def _shown_text(intent: str, notes: list[str]) -> str:
+    """What the Edit Turn node shows: the intent, then a `note:` line for each change made to the input."""
+    return "\n".join([intent, *(f"note: {note}" for note in notes)])
+
+
+def _check_instruction(instruction: str) -> None:
+    if not instruction.strip():
+        raise ValueError("Edit Turn: the instruction is empty; type what this turn should change")
 
 
 class EditR2EditTurn(io.ComfyNode):
@@ -167,20 +197,28 @@ class EditR2EditTurn(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, instruction: str | None = None) -> bool | str:
+        # at queue time, before any node runs; an instruction wired from another node arrives only in `execute`
+        if instruction is None:
+            return True
+        return _validation_result(lambda: _check_instruction(instruction))
+
+    @classmethod
     def execute(cls, session: Session, model: EditR2Model, instruction: str, reasoning: str = "intent",
                 steps: int = 20, cfg: float = 4.0, seed: int = 0, negative_prompt: str = "") -> io.NodeOutput:
         if not isinstance(session, Session):
             raise ValueError("Edit Turn: connect 'session' to a Start Session, Edit Turn or Load Session output")
-        if not instruction.strip():
-            raise ValueError("Edit Turn: the instruction is empty; type what this turn should change")
+        _check_instruction(instruction)
         if reasoning not in REASONING_MODES:
             raise ValueError(f"Edit Turn: reasoning must be one of {list(REASONING_MODES)}, got {reasoning!r}")
         if not isinstance(model, EditR2Model):
             raise ValueError("Edit Turn: connect 'model' to a Load Edit-R2 Model output")
         comfy.model_management.throw_exception_if_processing_interrupted()
         model.prepare()
+        notes = []
         if session.num_turns == 0 and session.source_latents is None:
             session = _at_working_size(model.pipeline, session)
+            notes = session.meta.get(INPUT_NOTES, [])
         output = model.pipeline(
             prompt=instruction,
             session=session,
@@ -195,7 +233,8 @@ class EditR2EditTurn(io.ComfyNode):
             **model.call_kwargs(),  # what the model folder was trained with (VLM image size, request template)
         )
         intent = output.intents[0]
-        return io.NodeOutput(output.session, pil_to_tensor(output.images[0]), intent, ui=ui.PreviewText(intent))
+        shown = _shown_text(intent, notes)
+        return io.NodeOutput(output.session, pil_to_tensor(output.images[0]), intent, ui=ui.PreviewText(shown))
 
 
 class EditR2SessionImages(io.ComfyNode):
@@ -244,13 +283,25 @@ class EditR2SessionFilmstrip(io.ComfyNode):
 # Save / load
 
 
-def _inside(base: str, relative: str) -> pathlib.Path:
-    """`base / relative`, refusing absolute paths and `..` that would leave `base`."""
+def _inside(base: str, relative: str, *, strictly: bool = False) -> pathlib.Path:
+    """`base / relative` resolved (symlinks followed), refusing absolute paths and `..` that would leave `base`; with
+    `strictly`, also refusing `base` itself (e.g. "." or "a/..")."""
     base_path = pathlib.Path(base).resolve()
     path = (base_path / relative).resolve()
-    if pathlib.PurePath(relative).is_absolute() or not path.is_relative_to(base_path):
+    escapes = not path.is_relative_to(base_path) or (strictly and path == base_path)
+    if pathlib.PurePath(relative).is_absolute() or escapes:
         raise ValueError(f"{relative!r} must be a relative path inside {base_path}")
     return path
+
+
+DEFAULT_FOLDER_PREFIX = "editr2/session"
+
+
+def _save_prefix(folder_prefix: str) -> pathlib.Path:
+    """Save Session's prefix as a resolved path strictly inside the output directory: the folders it writes,
+    `<prefix>_00001`, ..., are then siblings of the prefix inside it (a prefix "." would write `output_00001` next to
+    the output directory, so it is refused like ".." and absolute paths)."""
+    return _inside(folder_paths.get_output_directory(), folder_prefix.strip() or DEFAULT_FOLDER_PREFIX, strictly=True)
 
 
 class EditR2SaveSession(io.ComfyNode):
@@ -262,21 +313,29 @@ class EditR2SaveSession(io.ComfyNode):
             description="Saves the session (images, intents, latents) as a new folder in ComfyUI's output directory.",
             inputs=[
                 EditR2SessionType.Input("session"),
-                io.String.Input("folder_prefix", default="editr2/session",
-                                tooltip="Relative to the output directory; _00001, _00002, ... is appended."),
+                io.String.Input("folder_prefix", default=DEFAULT_FOLDER_PREFIX,
+                                tooltip="Relative to the output directory, and inside it; _00001, _00002, ... is "
+                                "appended."),
             ],
             outputs=[io.String.Output(display_name="folder")],
             is_output_node=True,
         )
 
     @classmethod
-    def execute(cls, session: Session, folder_prefix: str = "editr2/session") -> io.NodeOutput:
+    def validate_inputs(cls, folder_prefix: str | None = None) -> bool | str:
+        # at queue time; a prefix wired from another node arrives only in `execute`
+        if folder_prefix is None:
+            return True
+        return _validation_result(lambda: _save_prefix(folder_prefix))
+
+    @classmethod
+    def execute(cls, session: Session, folder_prefix: str = DEFAULT_FOLDER_PREFIX) -> io.NodeOutput:
         output_dir = folder_paths.get_output_directory()
-        prefix = _inside(output_dir, folder_prefix.strip() or "editr2/session")
+        prefix = _save_prefix(folder_prefix)
         counter = 1
-        while pathlib.Path(f"{prefix}_{counter:05d}").exists():
+        while (prefix.parent / f"{prefix.name}_{counter:05d}").exists():
             counter += 1
-        folder = session.save(f"{prefix}_{counter:05d}")
+        folder = session.save(prefix.parent / f"{prefix.name}_{counter:05d}")  # a sibling of prefix: inside too
         relative = folder.relative_to(pathlib.Path(output_dir).resolve()).as_posix()
         text = f"Saved {session.num_turns} turn(s) to output/{relative} (load it as '{relative} [output]')"
         return io.NodeOutput(relative, ui=ui.PreviewText(text))

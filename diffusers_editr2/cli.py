@@ -11,11 +11,23 @@ intent). Turn k is seeded with `--seed + k - 1`, so a turn does not depend on ho
 Settings not given on the command line come from the model folder's `editr2_call_defaults.json` when it has one (the
 size, steps, CFG, VLM view and request template a model was trained with, e.g. the shipped MICE-Shapes default), else
 from upstream Qwen-Image-Edit's defaults (`UPSTREAM_DEFAULTS`).
+
+Everything that can be checked is checked before the model loads, so a typo costs nothing: the image opens, every
+instruction is non-empty, the model folder exists (a Hub id must be cached when offline), the settings are in range,
+and `--out` can be written. `--out` must be a new folder, an empty one, or, with `--overwrite`, an earlier session
+to replace; a file or a folder holding anything else is refused (nothing is ever deleted but an earlier session).
+An error is one line on stderr (`editr2 edit: error: ...`) and exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
+import pathlib
+import re
+import sys
+import tempfile
 
 from PIL import Image
 
@@ -28,7 +40,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("instructions", nargs="+", help="the editing instructions, one per turn, in order")
     parser.add_argument("--model", required=True, help="a diffusers folder or Hub id (e.g. Qwen-Image-Edit-2509)")
     parser.add_argument("--image", required=True, help="the source image (PNG/JPEG; RGB, greyscale or palette)")
-    parser.add_argument("--out", required=True, help="output directory (new, empty, or an earlier session to replace)")
+    parser.add_argument("--out", required=True,
+                        help="output directory: new, empty, or (with --overwrite) an earlier session to replace")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the earlier session saved at --out (without it, such an --out is refused)")
     parser.add_argument("--reasoning", choices=("intent", "history", "none"), default="intent")
     parser.add_argument("--steps", type=int, default=None, help="denoising steps per turn (default: the model's, else 50)")
     parser.add_argument("--seed", type=int, default=0, help="turn k uses seed + k - 1 (default: 0)")
@@ -52,8 +67,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="default: bf16 on GPU, else fp32")
 
 
+class UsageError(ValueError):
+    """A bad command line, found before any model work; `run` prints it as one line and exits with status 2."""
+
+
 def run(args: argparse.Namespace) -> int:
-    import pathlib
+    try:
+        source, kwargs = check_args(args)
+    except UsageError as e:
+        return _fail(e)
 
     import torch
 
@@ -64,17 +86,16 @@ def run(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     dtype = getattr(torch, args.dtype) if args.dtype else dtype
-    pipe = EditR2Pipeline.from_pretrained(args.model, dtype=dtype).to(device)
-    if args.lora:
-        pipe.load_lora_weights(args.lora)
-    if args.reasoning_lora:
-        pipe.load_reasoning_lora(args.reasoning_lora)
+    try:
+        pipe = EditR2Pipeline.from_pretrained(args.model, dtype=dtype).to(device)
+        if args.lora:
+            pipe.load_lora_weights(args.lora)
+        if args.reasoning_lora:
+            pipe.load_reasoning_lora(args.reasoning_lora)
+    except (OSError, ValueError) as e:
+        return _fail(f"cannot load the model {args.model!r}: {e}")
 
-    with Image.open(args.image) as image:
-        image.load()
-        source = image.copy()
     generators = [torch.Generator(device="cpu").manual_seed(args.seed + k) for k in range(len(args.instructions))]
-    kwargs = call_kwargs(args)
     negative_prompt = (args.negative_prompt or None) if kwargs["true_cfg_scale"] > 1 else None
     out = pipe.edit_session(image=source, prompts=args.instructions, generator=generators, reasoning=args.reasoning,
                             negative_prompt=negative_prompt, temperature=args.temperature, **kwargs)
@@ -86,6 +107,110 @@ def run(args: argparse.Namespace) -> int:
         print(f"turn {k}: {turn.instruction!r} -> {turn.intent!r}{note}  ({turn.timings.get('total', 0):.2f} s)")
     print(f"wrote {directory}/turn_XX.png, session.json and filmstrip.png")
     return 0
+
+
+def _fail(error: Exception | str) -> int:
+    """Prints `error` as one line on stderr, as argparse does; returns the exit status 2."""
+    print(f"editr2 edit: error: {' '.join(str(error).split())}", file=sys.stderr)
+    return 2
+
+
+def check_args(args: argparse.Namespace) -> tuple[Image.Image, dict]:
+    """Checks the command line before the model loads; returns the source image and the `__call__` settings.
+
+    Raises:
+        `UsageError`: naming the argument and what to pass, for an empty instruction, an unreadable image, a missing
+            model folder, an out-of-range setting, or an `--out` that cannot (or must not) be written.
+    """
+    for k, instruction in enumerate(args.instructions, start=1):
+        if not instruction.strip():
+            raise UsageError(f"instruction {k} is empty; pass one non-empty instruction per turn")
+    check_model(args.model)
+    check_out(args.out, overwrite=args.overwrite)
+    source = read_image(args.image)
+    try:
+        kwargs = call_kwargs(args)
+    except ValueError as e:  # a malformed editr2_call_defaults.json
+        raise UsageError(f"--model {args.model}: {e}") from None
+    _check_settings(args, kwargs)
+    return source, kwargs
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+
+
+def check_model(model: str) -> None:
+    """Refuses a `--model` that is neither a pipeline folder (with `model_index.json`) nor an `org/name` Hub id; when
+    the Hub is offline (`HF_HUB_OFFLINE=1`), a Hub id must be in the local cache."""
+    path = pathlib.Path(model).expanduser()
+    if path.exists():
+        if not (path / "model_index.json").is_file():
+            raise UsageError(f"--model {model} is not a diffusers pipeline folder (no model_index.json in it)")
+        return
+    where = f"no model folder at {path.resolve()}"
+    if not _HUB_ID.fullmatch(model):
+        raise UsageError(f"--model {model}: {where}; pass a pipeline folder or a Hub id like Qwen/Qwen-Image-Edit-2509")
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if constants.HF_HUB_OFFLINE and not isinstance(try_to_load_from_cache(model, "model_index.json"), str):
+        raise UsageError(f"--model {model}: {where}, and the Hub is offline (HF_HUB_OFFLINE=1) with no cached copy "
+                         "of that id; pass a local pipeline folder, or download it first")
+
+
+def read_image(path: str) -> Image.Image:
+    """The `--image` file, fully read; a missing or unreadable file is a `UsageError`."""
+    if not os.path.isfile(path):
+        raise UsageError(f"--image {path}: no such file")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.copy()
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise UsageError(f"--image {path} cannot be read as an image: {e}") from None
+
+
+def check_out(out: str, overwrite: bool = False) -> None:
+    """Refuses an `--out` that `Session.save` could not or should not write, before any work is done.
+
+    Allowed: a new folder (its parents are created), an empty folder, or, with `overwrite`, a folder holding a saved
+    session (`session.json`), which is replaced. Refused: a file, any other non-empty folder, a session without
+    `overwrite`, and a place where the folder (and the save's temporary sibling) cannot be created.
+    """
+    from editr2.session import SESSION_FILE
+
+    path = pathlib.Path(out)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"--out {out} is a file; pass a folder (new, empty, or an earlier session)")
+    if path.is_dir() and any(path.iterdir()):
+        if not (path / SESSION_FILE).is_file():
+            raise UsageError(f"--out {out} is a non-empty folder that is not a saved session; pass a new or empty "
+                             "folder")
+        if not overwrite:
+            raise UsageError(f"--out {out} holds an earlier session; pass --overwrite to replace it, or a new folder")
+    parent = path.absolute().parent
+    existing = next(p for p in (parent, *parent.parents) if p.exists())
+    if not existing.is_dir():
+        raise UsageError(f"--out {out} cannot be created: {existing} is a file")
+    try:  # the save writes a temporary sibling folder and renames it: probe exactly that
+        tempfile.TemporaryDirectory(dir=existing, prefix=f".{path.name}.probe-").cleanup()
+    except OSError as e:
+        raise UsageError(f"--out {out} cannot be written: {e.strerror or e} in {existing}") from None
+
+
+def _check_settings(args: argparse.Namespace, kwargs: dict) -> None:
+    positive = {"--steps": kwargs.get("num_inference_steps"), "--height": kwargs.get("height"),
+                "--width": kwargs.get("width"), "--condition-area": kwargs.get("condition_area"),
+                "--max-new-tokens": kwargs.get("max_new_tokens")}
+    for flag, value in positive.items():
+        if value is not None and value < 1:
+            raise UsageError(f"{flag} must be at least 1, got {value}")
+    if args.reference_area is not None and args.reference_area < 0:
+        raise UsageError(f"--reference-area must be 0 (the working size) or a positive pixel count, got "
+                         f"{args.reference_area}")
+    if not math.isfinite(kwargs["true_cfg_scale"]):
+        raise UsageError(f"--true-cfg-scale must be a finite number, got {kwargs['true_cfg_scale']}")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise UsageError(f"--temperature must be a finite number >= 0, got {args.temperature}")
 
 
 def call_kwargs(args: argparse.Namespace) -> dict:

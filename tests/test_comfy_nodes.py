@@ -130,6 +130,16 @@ def test_edit_turn_refuses_bad_inputs(comfy):
         comfy.nodes.EditR2EditTurn.execute(session, None, "add a red circle", "think hard", 2, 1.0, 0)
 
 
+def test_empty_instruction_is_a_validation_error(comfy):
+    """Caught when the prompt is queued, not after the model load and the earlier turns."""
+    node = comfy.nodes.EditR2EditTurn
+    for blank in ("", "   ", "\n\t"):
+        message = node.validate_inputs(blank)
+        assert isinstance(message, str) and "instruction is empty" in message
+    assert node.validate_inputs("make it red") is True
+    assert node.validate_inputs() is True  # an instruction wired from another node is checked when the node runs
+
+
 def test_missing_model_gives_a_readable_validation_error(comfy, monkeypatch, tmp_path):
     monkeypatch.setattr(comfy.model, "SHIPPED_CHECKPOINTS", tmp_path / "no-checkpoints")
     message = comfy.nodes.EditR2LoadModel.validate_inputs("editr2-shapes-tiny")
@@ -157,9 +167,25 @@ def test_save_then_load_session(comfy):
     assert fingerprint == nodes.EditR2LoadSession.fingerprint_inputs(name)
 
 
-def test_save_session_refuses_escaping_the_output_dir(comfy):
+@pytest.mark.parametrize("prefix", [".", "./", "..", "../../outside", "a/..", "a/../../b", "sub/../..", "ABSOLUTE"])
+def test_save_session_refuses_escaping_the_output_dir(comfy, prefix):
+    """A prefix must name a folder strictly inside output/: "." would write output_00001 next to output/."""
+    output_dir = pathlib.Path(comfy.folder_paths.get_output_directory()).resolve()
+    prefix = str(output_dir.parent / "elsewhere") if prefix == "ABSOLUTE" else prefix
+    around = sorted(p.name for p in output_dir.parent.iterdir())
+    node = comfy.nodes.EditR2SaveSession
+    message = node.validate_inputs(prefix)  # refused at queue time, before the graph runs
+    assert isinstance(message, str) and "relative path inside" in message
     with pytest.raises(ValueError, match="relative path inside"):
-        comfy.nodes.EditR2SaveSession.execute(start(comfy), "../../outside")
+        node.execute(start(comfy), prefix)
+    assert sorted(p.name for p in output_dir.parent.iterdir()) == around  # nothing written next to output/
+
+
+def test_save_session_accepts_prefixes_inside_the_output_dir(comfy):
+    node = comfy.nodes.EditR2SaveSession
+    assert node.validate_inputs("editr2/ok") is True and node.validate_inputs() is True  # () = wired from a node
+    assert node.execute(start(comfy), "a/../inside/run")[0] == "inside/run_00001"
+    assert node.execute(start(comfy), "  ")[0] == "editr2/session_00001"  # blank: the default prefix
 
 
 def test_bad_session_folder_gives_a_readable_error(comfy):
@@ -258,6 +284,35 @@ def test_session_size_follows_the_model(comfy, tiny_model):
     assert new_session.rules == ("keep the background white",)
     with pytest.raises(ValueError, match=f"at least {multiple} pixels"):
         turn(comfy, start(comfy, comfy_image(size=multiple - 1)), tiny_model, "add a red circle")
+
+
+def test_converted_inputs_are_reported(comfy, tiny_model, caplog):
+    """Greyscale/RGBA sources and sizes the model cannot take are converted, and each conversion is said: a logged
+    warning, a note in the session's meta and a `note:` line under the intent the first turn shows."""
+    rgba = torch.rand(1, 53, 37, 4, generator=torch.Generator().manual_seed(0))  # 37 wide, 53 high
+    with caplog.at_level("WARNING"):
+        session = start(comfy, rgba)
+    assert any("alpha channel was dropped" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        result = turn(comfy, session, tiny_model, "add a red circle")
+    new_session, image, intent = result.args
+    assert image.shape == (1, 48, 32, 3) and new_session.size == (32, 48)
+    assert any("resized from 37x53 to 32x48" in r.getMessage() for r in caplog.records)
+    shown = result.ui.value.splitlines()
+    assert shown[0] == intent and "\n" not in intent  # the intent output itself stays the intent
+    assert any(line.startswith("note:") and "alpha channel was dropped" in line for line in shown)
+    assert any(line.startswith("note:") and "resized from 37x53 to 32x48" in line for line in shown)
+    notes = new_session.meta["input_notes"]
+    assert len(notes) == 2 and "RGBA" in notes[0] and "37x53" in notes[1]
+
+    grey = start(comfy, comfy_image(channels=1))
+    assert "greyscale" in grey.meta["input_notes"][0]
+    assert "greyscale" in turn(comfy, grey, tiny_model, "add a red circle").ui.value
+    later = turn(comfy, new_session, tiny_model, "make it blue")
+    assert later.ui.value == later[2]  # notes belong to the turn that made the conversion
+    plain = turn(comfy, start(comfy), tiny_model, "add a red circle")
+    assert plain.ui.value == plain[2] and "input_notes" not in plain[0].meta
 
 
 def test_edit_turn_applies_the_model_folders_call_defaults(comfy, tiny_dir, monkeypatch):

@@ -277,6 +277,43 @@ def test_miswired_and_bad_graphs_are_rejected_with_node_errors(server, example_p
     assert "Traceback" not in error["details"]
 
 
+def test_empty_instruction_and_escaping_prefix_are_refused_at_queue_time(server, example_prompt):
+    """Both are validation errors (HTTP 400) before anything runs, not failures after the model load and turns."""
+    prompt = json.loads(json.dumps(example_prompt))
+    (loader,) = _nodes_of(prompt, "EditR2LoadModel")
+    prompt[loader]["inputs"]["model_name"] = TINY_MODEL
+    last_turn = _nodes_of(prompt, "EditR2EditTurn")[-1]
+    prompt[last_turn]["inputs"]["instruction"] = "   "
+    prompt["save_session"] = {"class_type": "EditR2SaveSession",
+                              "inputs": {"session": [last_turn, 0], "folder_prefix": "."}}
+    status, body = server.post("/prompt", {"prompt": prompt})
+    assert status == 400, body
+    turn_errors = body["node_errors"][last_turn]["errors"]
+    assert any("instruction is empty" in e["details"] for e in turn_errors), turn_errors
+    save_errors = body["node_errors"]["save_session"]["errors"]
+    assert any("relative path inside" in e["details"] for e in save_errors), save_errors
+    assert not (server.root / "base" / "output_00001").exists()
+
+
+def test_resized_input_is_noted_on_the_turn(server):
+    Image.new("RGB", (37, 53), (90, 140, 200)).save(server.root / "base" / "input" / "odd_size.png")
+    prompt = {
+        "load_image": {"class_type": "LoadImage", "inputs": {"image": "odd_size.png"}},
+        "model": {"class_type": "EditR2LoadModel", "inputs": {"model_name": TINY_MODEL, "dtype": "float32",
+                                                              "device": "cpu"}},
+        "start": {"class_type": "EditR2StartSession", "inputs": {"image": ["load_image", 0], "rules": ""}},
+        "turn": {"class_type": "EditR2EditTurn", "inputs": {
+            "session": ["start", 0], "model": ["model", 0], "instruction": "add a red circle", "reasoning": "none",
+            "steps": 2, "cfg": 1.0, "seed": 0, "negative_prompt": ""}},
+        "save": {"class_type": "EditR2SaveSession", "inputs": {"session": ["turn", 0], "folder_prefix": "editr2/odd"}},
+    }  # fmt: skip
+    entry = server.run(prompt)
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[-3000:] + server.log_tail()
+    shown = entry["outputs"]["turn"]["text"][0]
+    assert "note: the image was resized from 37x53 to 32x48" in shown, shown
+    assert "resized from 37x53 to 32x48" in server.log_tail()
+
+
 def test_missing_default_model_is_a_validation_error(server, example_prompt):
     if (REPO / "checkpoints" / "editr2-shapes-tiny" / "model_index.json").is_file():
         pytest.skip("the shipped default model is present, so the unchanged example workflow is valid")

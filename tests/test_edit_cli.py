@@ -46,8 +46,8 @@ def test_edit_writes_turns_session_and_filmstrip(qwen_edit_plus_dir, tmp_path, c
     doc = json.loads((out / "session.json").read_text())
     assert doc["turns"][0]["meta"]["reasoning"] == "intent"
 
-    # running again into the same directory replaces the session (same seeds: same images)
-    again = run_cli(qwen_edit_plus_dir, tmp_path, "--reasoning", "intent")
+    # running again into the same directory replaces the session with --overwrite (same seeds: same images)
+    again = run_cli(qwen_edit_plus_dir, tmp_path, "--reasoning", "intent", "--overwrite")
     assert Session.load(again).turns[1].image.tobytes() == session.turns[1].image.tobytes()
 
 
@@ -87,3 +87,119 @@ def test_settings_come_from_the_command_line_then_the_model_folder_then_upstream
     assert kwargs["reference_area"] is None and kwargs["height"] == 64 and kwargs["max_new_tokens"] == 256
     kwargs = call_kwargs(parser.parse_args([*base, "--model", str(tmp_path), "--reference-area", "4096"]))
     assert kwargs["reference_area"] == 4096
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Bad command lines fail before the model loads: one line on stderr, exit status 2
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Makes loading a model fail loudly, so a test proves its error came before any model work."""
+    from diffusers_editr2 import EditR2Pipeline
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the command line was checked")
+
+    monkeypatch.setattr(EditR2Pipeline, "from_pretrained", refuse)
+
+
+def edit_argv(model, image, out, *extra, instructions=("make the sign yellow",)):
+    return ["edit", "--model", str(model), "--image", str(image), *instructions, "--out", str(out), *extra]
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("out_is_file", "is a file; pass a folder"),
+        ("out_under_a_file", "cannot be created: .* is a file"),
+        ("out_not_a_session", "non-empty folder that is not a saved session"),
+        ("out_holds_session", "holds an earlier session; pass --overwrite"),
+        ("image_missing", "--image .*: no such file"),
+        ("image_not_an_image", "cannot be read as an image"),
+        ("image_is_folder", "no such file"),
+        ("empty_instruction", "instruction 2 is empty"),
+        ("model_missing", "no model folder at"),
+        ("model_hub_id_offline", "offline"),
+        ("model_not_a_pipeline", "no model_index.json"),
+        ("bad_steps", "--steps must be at least 1"),
+        ("bad_defaults_file", "--model .*: "),
+    ],
+)
+def test_bad_command_line_fails_before_the_model_loads(case, message, tiny_dir, tmp_path, capsys, monkeypatch,
+                                                       no_model_load):
+    import re
+    import shutil
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    image, out, model = tmp_path / "in.png", tmp_path / "out", tiny_dir
+    tiny_image(0, size=(40, 40)).save(image)
+    extra, instructions = [], ("make the sign yellow",)
+    if case == "out_is_file":
+        out.write_text("not a folder")
+    elif case == "out_under_a_file":
+        (tmp_path / "file").write_text("x")
+        out = tmp_path / "file" / "out"
+    elif case == "out_not_a_session":
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+    elif case == "out_holds_session":
+        Session(source_image=tiny_image(1, size=(32, 32))).save(out)
+    elif case == "image_missing":
+        image = tmp_path / "missing.png"
+    elif case == "image_not_an_image":
+        image.write_text("not a PNG")
+    elif case == "image_is_folder":
+        image = tmp_path
+    elif case == "empty_instruction":
+        instructions = ("make the sign yellow", "  ")
+    elif case == "model_missing":
+        model = tmp_path / "no-such-model"
+    elif case == "model_hub_id_offline":
+        monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+        monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+        model = "editr2-test-org/no-such-model"
+    elif case == "model_not_a_pipeline":
+        model = tmp_path
+    elif case == "bad_steps":
+        extra = ["--steps", "0"]
+    elif case == "bad_defaults_file":
+        model = tmp_path / "model"
+        shutil.copytree(tiny_dir, model)
+        (model / "editr2_call_defaults.json").write_text("[1, 2]")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert main(edit_argv(model, image, out, *extra, instructions=instructions)) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "Traceback" not in captured.err
+    assert captured.err.count("\n") == 1 and captured.err.startswith("editr2 edit: error: ")
+    assert re.search(message, captured.err), captured.err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written (no probe folder left behind)
+
+
+def test_overwrite_replaces_only_a_session(tiny_dir, tmp_path, capsys, no_model_load):
+    """--overwrite allows replacing an earlier session, never a folder holding anything else."""
+    from diffusers_editr2.cli import UsageError, check_out
+
+    session_dir = Session(source_image=tiny_image(1, size=(32, 32))).save(tmp_path / "session")
+    check_out(str(session_dir), overwrite=True)  # allowed
+    check_out(str(tmp_path / "new" / "deeper"), overwrite=False)  # a new folder (parents created by the save)
+    (tmp_path / "empty").mkdir()
+    check_out(str(tmp_path / "empty"))
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "keep.txt").write_text("mine")
+    with pytest.raises(UsageError, match="not a saved session"):
+        check_out(str(tmp_path / "other"), overwrite=True)
+    assert not (tmp_path / "new").exists()
+
+
+def test_model_load_error_is_one_line(tmp_path, capsys, monkeypatch):
+    """A model folder that passes the checks but fails to load is reported as one line, not a traceback."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model_index.json").write_text("{not json")
+    tiny_image(0, size=(40, 40)).save(tmp_path / "in.png")
+    assert main(edit_argv(model, tmp_path / "in.png", tmp_path / "out")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("editr2 edit: error: cannot load the model") and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
