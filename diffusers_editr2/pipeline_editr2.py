@@ -649,6 +649,13 @@ class EditR2Pipeline(DiffusionPipeline, QwenImageLoraLoaderMixin):
                     "then re-encoded from the images)."
                 )
 
+    def load_session(self, directory) -> Session:
+        """[`~editr2.session.Session.load`], then check that the session's latents fit this model (shape for its VAE's
+        latent layout at the session's size, dtype, finite), as [`__call__`] does before continuing a session."""
+        session = Session.load(directory)
+        self._check_session_latents(session)
+        return session
+
     def start_session(
         self, image: PIL.Image.Image, height: int | None = None, width: int | None = None, reference_area=VAE_IMAGE_SIZE
     ) -> Session:
