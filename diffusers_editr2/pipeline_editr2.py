@@ -565,7 +565,7 @@ class EditR2Pipeline(DiffusionPipeline, QwenImageLoraLoaderMixin):
         self, image: PIL.Image.Image, height: int | None = None, width: int | None = None, reference_area=VAE_IMAGE_SIZE
     ) -> tuple[int, int]:
         """`(width, height)` a new session from `image` works at: `height` x `width` or, when not given, the image's
-        aspect ratio at `reference_area` pixels; floored to multiples of `vae_scale_factor * 2` (see [`start_session`])."""
+        aspect ratio at `reference_area` pixels; floored to multiples of `vae_scale_factor * 2` ([`start_session`])."""
         if height is None or width is None:
             area = reference_area or VAE_IMAGE_SIZE
             default_width, default_height = calculate_dimensions(area, image.width / image.height)
@@ -1181,8 +1181,8 @@ class EditR2Pipeline(DiffusionPipeline, QwenImageLoraLoaderMixin):
             negative_prompt (`str`, *optional*):
                 Enables true classifier-free guidance together with `true_cfg_scale > 1` (`" "` is enough).
             true_cfg_scale (`float`, defaults to 4.0):
-                True CFG scale (finite). Without a `negative_prompt` CFG is off and a warning says so: a known cause of drift
-                over many turns.
+                True CFG scale (a finite number). Without a `negative_prompt` CFG is off and a warning says so: a known
+                cause of drift over many turns.
             height (`int`, *optional*), width (`int`, *optional*):
                 The working size of a new session (default: the image's aspect ratio at `reference_area` pixels).
                 A continued session keeps its size; passing another one is an error.

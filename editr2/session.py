@@ -20,6 +20,7 @@ a diverged turn is never carried into later ones.
 
 from __future__ import annotations
 
+import glob
 import io
 import json
 import math
@@ -107,6 +108,10 @@ def _latents_problem(latents: torch.Tensor) -> str | None:
     if not bool(torch.isfinite(latents).all()):
         return "non-finite values (NaN or inf): the turn that made them diverged"
     return None
+
+
+def _dtype_name(tensor: torch.Tensor) -> str:
+    return str(tensor.dtype).removeprefix("torch.")
 
 
 def _turn_label(key: str) -> str:
@@ -341,7 +346,8 @@ class Session:
 
 
 def _check_latents_savable(session: Session) -> None:
-    named = [("source", session.source_latents)] + [(f"turn_{i:02d}", t.latents) for i, t in enumerate(session.turns, 1)]
+    named = [("source", session.source_latents)]
+    named += [(f"turn_{i:02d}", t.latents) for i, t in enumerate(session.turns, start=1)]
     for key, latents in named:
         problem = None if latents is None else _latents_problem(latents)
         if problem:
@@ -355,14 +361,16 @@ def _aside_copies(target: pathlib.Path) -> list[pathlib.Path]:
         stamp = path.name.rsplit(".old-", 1)[1].split("-")[0]
         return (int(stamp), 0.0) if stamp.isdigit() and len(stamp) > 8 else (0, path.stat().st_mtime)
 
-    copies = [p for p in target.parent.glob(f".{target.name}.old-*") if (p / SESSION_FILE).is_file()]
+    pattern = f".{glob.escape(target.name)}.old-*"
+    copies = [p for p in target.parent.glob(pattern) if (p / SESSION_FILE).is_file()]
     return sorted(copies, key=when)
 
 
 def _remove_leftovers(target: pathlib.Path, include_aside: bool) -> None:
     """Remove what killed saves of `target` left next to it: temporary folders, and (once `target` holds a complete
     session, `include_aside`) copies renamed aside."""
-    patterns = [f".{target.name}.tmp-*"] + ([f".{target.name}.old-*"] if include_aside else [])
+    name = glob.escape(target.name)
+    patterns = [f".{name}.tmp-*"] + ([f".{name}.old-*"] if include_aside else [])
     if include_aside and not (target / SESSION_FILE).is_file():
         return
     for pattern in patterns:
@@ -436,7 +444,7 @@ def _write_session(session: Session, directory: pathlib.Path) -> None:
         "rules": list(session.rules),
         "meta": session.meta,
         "turns": turns,
-        "latents": {k: {"dtype": str(v.dtype).removeprefix("torch."), "shape": list(v.shape)} for k, v in latents.items()},
+        "latents": {k: {"dtype": _dtype_name(v), "shape": list(v.shape)} for k, v in latents.items()},
     }
     text = json.dumps(doc, indent=2, ensure_ascii=False, allow_nan=False)
     _fsync_write(directory / SESSION_FILE, text.encode("utf-8"))
@@ -535,7 +543,7 @@ def _latent(
     label = _turn_label(key)
     expected = (layout or {}).get(key)
     if expected is not None:
-        dtype, shape = str(latents.dtype).removeprefix("torch."), list(latents.shape)
+        dtype, shape = _dtype_name(latents), list(latents.shape)
         if not isinstance(expected, dict) or (expected.get("dtype"), expected.get("shape")) != (dtype, shape):
             raise SessionFormatError(
                 path, field, f"the latents of {label} are {dtype} {tuple(shape)}, but session.json records {expected}; "
