@@ -557,9 +557,9 @@ class EditR2Pipeline(DiffusionPipeline, QwenImageLoraLoaderMixin):
         example = "e.g. numpy.linspace(1.0, 1 / n, n).tolist() for n steps, or omit `sigmas`"
         if isinstance(sigmas, (str, bytes)) or not hasattr(sigmas, "__len__") or len(sigmas) == 0:
             raise ValueError(f"`sigmas` must be a non-empty list of noise levels in (0, 1], {example}; got {sigmas!r}.")
-        values = [float(v) if _is_number(v) else v for v in np.asarray(sigmas, dtype=object).reshape(-1)]
-        if not all(isinstance(v, float) and math.isfinite(v) and 0 < v <= 1 for v in values):
-            raise ValueError(f"`sigmas` must hold finite noise levels in (0, 1], {example}; got {list(sigmas)!r}.")
+        values = sigmas.tolist() if hasattr(sigmas, "tolist") else list(sigmas)  # numpy / torch: python numbers
+        if not all(_is_number(v) and math.isfinite(v) and 0 < v <= 1 for v in values):
+            raise ValueError(f"`sigmas` must hold finite noise levels in (0, 1], {example}; got {values!r}.")
 
     def working_size(
         self, image: PIL.Image.Image, height: int | None = None, width: int | None = None, reference_area=VAE_IMAGE_SIZE
