@@ -26,12 +26,15 @@ Public pieces, for callers that run their own sampler (the RL trainer):
 """
 
 import contextlib
+import math
+import string
 import time
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import PIL.Image
+import PIL.ImageOps
 import torch
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.loaders import QwenImageLoraLoaderMixin
@@ -77,6 +80,17 @@ OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 MAX_INPUT_PIXELS = 8192 * 8192  # larger inputs are refused rather than resized (they are resized to ~1 MP anyway)
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 _CONVERTIBLE_MODES = ("L", "P", "1", "CMYK", "YCbCr", "LAB", "HSV")
+# Qwen2-VL's image processor refuses images more elongated than this (its `smart_resize`); every turn's image is shown
+# to the text encoder, so more elongated images are refused up front.
+MAX_ASPECT_RATIO = 200
+# The text side of the transformer's rotary position table (diffusers' QwenEmbedRope) holds this many positions,
+# shared with the image grid: prompt tokens + condition-image tokens + the largest image side in latent patches.
+ROPE_POSITIONS = 4096
+_EXIF_ORIENTATION = 0x0112
+
+
+class NonFiniteLatentsError(ValueError):
+    """A turn's denoised latents hold NaN or inf (a diverged sample); nothing was decoded or added to the session."""
 
 # The text-encoder prompt template of Qwen-Image-Edit(-2509), as diffusers' QwenImageEditPlusPipeline sets it.
 PROMPT_TEMPLATE_ENCODE = (
@@ -180,13 +194,16 @@ def check_image(image: Any, name: str = "image") -> PIL.Image.Image:
 
     Fallback (documented): palette, greyscale, 1-bit, CMYK and other 8-bit colour modes are converted to RGB. Images
     with an alpha channel and 16/32-bit images are refused, since converting them silently drops transparency or
-    clips values.
+    clips values. An image with an EXIF orientation (a camera JPEG taken sideways) is turned upright first, as
+    diffusers' `load_image` does.
     """
     if not isinstance(image, PIL.Image.Image):
         raise ValueError(
             f"`{name}` must be a PIL.Image.Image, got {type(image).__name__}; convert arrays with "
             "PIL.Image.fromarray(array) (uint8, HxWx3)."
         )
+    if image.getexif().get(_EXIF_ORIENTATION, 1) != 1:
+        image = PIL.ImageOps.exif_transpose(image)  # a rotated camera JPEG, upright (as diffusers' `load_image`)
     width, height = image.size
     if width == 0 or height == 0:
         raise ValueError(f"`{name}` is empty (size {image.size}); pass an image of at least 1x1 pixels.")
@@ -209,6 +226,49 @@ def check_image(image: Any, name: str = "image") -> PIL.Image.Image:
         f"`{name}` has mode {image.mode!r} (16/32-bit or float); convert it to 8-bit RGB first, e.g. "
         "PIL.Image.fromarray((np.asarray(image) / 256).astype('uint8')).convert('RGB') for 16-bit."
     )
+
+
+def check_finite_latents(latents: torch.Tensor, turn: int) -> None:
+    """Refuse the denoised latents of turn `turn` (1-based) when they hold NaN or inf, before they are decoded into a
+    black image and carried into later turns.
+
+    Raises:
+        [`NonFiniteLatentsError`] (a `ValueError`).
+    """
+    if not bool(torch.isfinite(latents).all()):
+        raise NonFiniteLatentsError(
+            f"Turn {turn} produced non-finite latents (NaN or inf); nothing was decoded or added to the session. "
+            "Usual causes: float16 weights overflowing (load with torch_dtype=torch.bfloat16), custom `latents` or "
+            "`sigmas`, or a callback that changed the latents."
+        )
+
+
+def _is_number(value: Any) -> bool:
+    """An int or float (numpy scalars included), not a bool."""
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+
+
+def _min_area(size: tuple[int, int]) -> int:
+    """The smallest area (pixels) that `calculate_dimensions` turns into an image of at least 32 x 32 at `size`'s
+    aspect ratio (it rounds each side to a multiple of 32)."""
+    ratio = max(size) / min(size)
+    return math.ceil(16**2 * ratio) + 1
+
+
+def _check_template(template: Any) -> None:
+    """A reasoning template must be a str with an `{instruction}` field and no fields besides `{history}`, `{rules}`."""
+    allowed = {"history", "rules", "instruction"}
+    what = "a str with an {instruction} field and optionally {history} and {rules} (literal braces doubled: {{ }})"
+    if not isinstance(template, str):
+        raise ValueError(f"`template` must be {what}, got {type(template).__name__}.")
+    try:
+        fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    except ValueError as e:
+        raise ValueError(f"`template` must be {what}; it does not parse: {e}.") from None
+    if "instruction" not in fields or not fields <= allowed:
+        unknown = sorted(fields - allowed)
+        reason = f"unknown fields {unknown}" if unknown else "no {instruction} field"
+        raise ValueError(f"`template` must be {what}; it has {reason}. See editr2.intent.DEFAULT_TEMPLATE.")
 
 
 class EditR2Pipeline(DiffusionPipeline, QwenImageLoraLoaderMixin):
@@ -378,8 +438,18 @@ class EditR2Pipeline(DiffusionPipeline, QwenImageLoraLoaderMixin):
         max_history_images=2,
         num_inference_steps=2,
         sigmas=None,
+        true_cfg_scale=1.0,
+        guidance_scale=None,
+        generator=None,
+        latents=None,
+        template=None,
+        reference_area=VAE_IMAGE_SIZE,
+        condition_area=CONDITION_IMAGE_SIZE,
     ):
-        """Raise a `ValueError` that says what to pass instead for every invalid argument of [`__call__`]."""
+        """Raise a `ValueError` that says what to pass instead for every invalid argument of [`__call__`].
+
+        Everything is checked before any model runs: the prompt's token length included (tokenizer only).
+        """
         if prompt is None:
             raise ValueError("Pass `prompt=`: this turn's editing instruction (a non-empty string).")
         if not isinstance(prompt, str):
@@ -431,8 +501,13 @@ class EditR2Pipeline(DiffusionPipeline, QwenImageLoraLoaderMixin):
                 f"`callback_on_step_end_tensor_inputs` has to be in {self._callback_tensor_inputs}, but found "
                 f"{[k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]}"
             )
-        if max_sequence_length is not None and max_sequence_length > 1024:
-            raise ValueError(f"`max_sequence_length` cannot be greater than 1024 but is {max_sequence_length}")
+        if max_sequence_length is not None and (
+            not isinstance(max_sequence_length, int) or not 1 <= max_sequence_length <= self.tokenizer_max_length
+        ):
+            raise ValueError(
+                f"`max_sequence_length` must be an int in [1, {self.tokenizer_max_length}] (the most prompt tokens the "
+                f"text encoder conditions on), got {max_sequence_length!r}."
+            )
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"`max_new_tokens` must be a positive int, got {max_new_tokens!r}.")
         if temperature < 0:
@@ -441,6 +516,7 @@ class EditR2Pipeline(DiffusionPipeline, QwenImageLoraLoaderMixin):
             raise ValueError(f"`max_history_images` must be an int >= 0, got {max_history_images!r}.")
         if sigmas is None and (not isinstance(num_inference_steps, int) or num_inference_steps < 1):
             raise ValueError(f"`num_inference_steps` must be a positive int, got {num_inference_steps!r}.")
+        self._check_sigmas(sigmas)
         steps = len(sigmas) if sigmas is not None else num_inference_steps
         if steps == 1 and self.scheduler.config.get("shift_terminal"):
             # the scheduler stretches the schedule so it ends at shift_terminal, dividing by (1 - last sigma) = 0
@@ -448,6 +524,105 @@ class EditR2Pipeline(DiffusionPipeline, QwenImageLoraLoaderMixin):
                 "A one-step schedule gives NaN with this scheduler (its `shift_terminal` stretch needs at least two "
                 "sigmas); pass num_inference_steps >= 2 (or at least two `sigmas`)."
             )
+        for name, value in (("true_cfg_scale", true_cfg_scale), ("guidance_scale", guidance_scale)):
+            if value is None and name == "guidance_scale":
+                continue
+            if not _is_number(value) or not math.isfinite(value):
+                raise ValueError(f"`{name}` must be a finite number (e.g. 4.0), got {value!r}.")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise ValueError(
+                f"`generator` must be a torch.Generator or None, got {type(generator).__name__}; pass e.g. "
+                "torch.Generator().manual_seed(0) (`edit_session` takes a list, one generator per turn)."
+            )
+        if latents is not None and (
+            not isinstance(latents, torch.Tensor) or latents.ndim != 3 or not bool(torch.isfinite(latents).all())
+        ):
+            raise ValueError(
+                "`latents` must be finite packed noise of shape (1, N, C), e.g. from `pipe.prepare_latents`, got "
+                + (f"shape {tuple(latents.shape)}" if isinstance(latents, torch.Tensor) and latents.ndim != 3
+                   else "NaN or inf values" if isinstance(latents, torch.Tensor) else type(latents).__name__)
+                + "."
+            )
+        if template is not None:
+            _check_template(template)
+        self._check_areas(image, session, height, width, reference_area, condition_area)
+        if max_sequence_length is not None:
+            text = history_prompt(session.instructions if session else [], prompt) if reasoning == "history" else prompt
+            self.check_prompt_length(text, max_sequence_length)
+
+    @staticmethod
+    def _check_sigmas(sigmas) -> None:
+        if sigmas is None:
+            return
+        example = "e.g. numpy.linspace(1.0, 1 / n, n).tolist() for n steps, or omit `sigmas`"
+        if isinstance(sigmas, (str, bytes)) or not hasattr(sigmas, "__len__") or len(sigmas) == 0:
+            raise ValueError(f"`sigmas` must be a non-empty list of noise levels in (0, 1], {example}; got {sigmas!r}.")
+        values = sigmas.tolist() if hasattr(sigmas, "tolist") else list(sigmas)  # numpy / torch: python numbers
+        if not all(_is_number(v) and math.isfinite(v) and 0 < v <= 1 for v in values):
+            raise ValueError(f"`sigmas` must hold finite noise levels in (0, 1], {example}; got {values!r}.")
+
+    def working_size(
+        self, image: PIL.Image.Image, height: int | None = None, width: int | None = None, reference_area=VAE_IMAGE_SIZE
+    ) -> tuple[int, int]:
+        """`(width, height)` a new session from `image` works at: `height` x `width` or, when not given, the image's
+        aspect ratio at `reference_area` pixels; floored to multiples of `vae_scale_factor * 2` ([`start_session`])."""
+        if height is None or width is None:
+            area = reference_area or VAE_IMAGE_SIZE
+            default_width, default_height = calculate_dimensions(area, image.width / image.height)
+            height, width = height or default_height, width or default_width
+        multiple_of = self.vae_scale_factor * 2
+        return width // multiple_of * multiple_of, height // multiple_of * multiple_of
+
+    def _check_areas(self, image, session, height, width, reference_area, condition_area) -> None:
+        """The aspect ratio, the working size, and the areas the references are resized to, must all give images."""
+        for name, value in (("reference_area", reference_area), ("condition_area", condition_area)):
+            if (value is not None or name == "condition_area") and (not _is_number(value) or not value > 0):
+                hint = "1024 * 1024, or None (the working size)" if name == "reference_area" else "384 * 384"
+                raise ValueError(f"`{name}` must be a positive number of pixels, e.g. {hint}; got {value!r}.")
+        if session is not None:
+            size = session.size
+        elif isinstance(image, PIL.Image.Image) and image.width > 0 and image.height > 0:
+            ratio = max(image.width / image.height, image.height / image.width)
+            if ratio > MAX_ASPECT_RATIO:
+                raise ValueError(
+                    f"`image` is {image.width}x{image.height}, an aspect ratio of {ratio:.0f}:1; the text encoder's "
+                    f"image processor takes at most {MAX_ASPECT_RATIO}:1. Crop or pad the image first."
+                )
+            size = self.working_size(image, height, width, reference_area)
+            if min(size) == 0:
+                raise ValueError(
+                    f"A {image.width}x{image.height} image at reference_area={reference_area} gives a working size of "
+                    f"{size[0]}x{size[1]}; pass height= and width= (multiples of {self.vae_scale_factor * 2}), or pad "
+                    "the image to a less elongated shape."
+                )
+        else:
+            return  # not an image: `check_image` says what to pass
+        for name, area in (("reference_area", reference_area), ("condition_area", condition_area)):
+            if area is None:
+                continue
+            area_width, area_height = calculate_dimensions(area, size[0] / size[1])
+            if min(area_width, area_height) <= 0:
+                raise ValueError(
+                    f"`{name}`={area} is too small for the session's {size[0]}x{size[1]} images: resized to it they "
+                    f"would be {area_width}x{area_height} pixels. Pass at least {_min_area(size)} "
+                    f"(upstream: {VAE_IMAGE_SIZE if name == 'reference_area' else CONDITION_IMAGE_SIZE})."
+                )
+
+    def check_prompt_length(self, text: str, max_sequence_length: int = 512, name: str = "prompt") -> int:
+        """Refuse `text` longer than `max_sequence_length` tokens, before any model runs; returns its token count.
+
+        The limit is on the text that conditions the edit (the instruction, the `"history"` text or the intent), not
+        on the prompt template or the image tokens around it. Longer prompts are refused rather than truncated, so the
+        edit never silently loses the end of its instruction.
+        """
+        num_tokens = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        if num_tokens > max_sequence_length:
+            raise ValueError(
+                f"The {name} is {num_tokens} tokens long, above `max_sequence_length`={max_sequence_length} (at most "
+                f"{self.tokenizer_max_length}); shorten it, or pass a larger max_sequence_length up to "
+                f"{self.tokenizer_max_length}."
+            )
+        return num_tokens
 
     def _check_session_latents(self, session: Session) -> None:
         """Refuse carried latents that do not fit this model at the session's size (another model or resolution)."""
@@ -458,6 +633,13 @@ class EditR2Pipeline(DiffusionPipeline, QwenImageLoraLoaderMixin):
         for name, latents, size in named:
             if latents is None:
                 continue
+            if not isinstance(latents, torch.Tensor) or not latents.dtype.is_floating_point:
+                raise ValueError(f"{name} must be a floating-point tensor, got {getattr(latents, 'dtype', latents)}.")
+            if not bool(torch.isfinite(latents).all()):
+                raise ValueError(
+                    f"{name} holds NaN or inf (that turn diverged); continue from an earlier turn with "
+                    "`session.truncate(k)`."
+                )
             tokens = (size[0] // scale) * (size[1] // scale) if size else latents.shape[1]
             if latents.ndim != 3 or latents.shape[0] != 1 or tuple(latents.shape[1:]) != (tokens, channels):
                 raise ValueError(
@@ -466,6 +648,13 @@ class EditR2Pipeline(DiffusionPipeline, QwenImageLoraLoaderMixin):
                     "resolution. Continue it with the model that made it, or rebuild it without latents (they are "
                     "then re-encoded from the images)."
                 )
+
+    def load_session(self, directory) -> Session:
+        """[`~editr2.session.Session.load`], then check that the session's latents fit this model (shape for its VAE's
+        latent layout at the session's size, dtype, finite), as [`__call__`] does before continuing a session."""
+        session = Session.load(directory)
+        self._check_session_latents(session)
+        return session
 
     def start_session(
         self, image: PIL.Image.Image, height: int | None = None, width: int | None = None, reference_area=VAE_IMAGE_SIZE
@@ -477,12 +666,7 @@ class EditR2Pipeline(DiffusionPipeline, QwenImageLoraLoaderMixin):
         resized once (its original size is kept in `session.meta["original_size"]`); every turn has the working size.
         """
         image = check_image(image)
-        if height is None or width is None:
-            area = reference_area or VAE_IMAGE_SIZE
-            default_width, default_height = calculate_dimensions(area, image.width / image.height)
-            height, width = height or default_height, width or default_width
-        multiple_of = self.vae_scale_factor * 2
-        height, width = height // multiple_of * multiple_of, width // multiple_of * multiple_of
+        width, height = self.working_size(image, height, width, reference_area)
         if (width, height) == image.size:
             return Session(source_image=image)
         resized = self.image_processor.resize(image, height, width)
@@ -685,6 +869,9 @@ class EditR2Pipeline(DiffusionPipeline, QwenImageLoraLoaderMixin):
         """
         device = device or self._execution_device
         height, width = session.size[1], session.size[0]
+        self.check_prompt_length(text, max_sequence_length, "conditioning text" if reasoning != "none" else "prompt")
+        if negative_prompt is not None:
+            self.check_prompt_length(negative_prompt, max_sequence_length, "negative prompt")
         session, references = self._reference_latents(session, reasoning, reference_area, max_history_images, device)
         condition_images = [self.condition_image(image, condition_area) for image, _, _ in references]
         prompt_embeds, prompt_embeds_mask = self.encode_prompt(
@@ -695,6 +882,10 @@ class EditR2Pipeline(DiffusionPipeline, QwenImageLoraLoaderMixin):
             negative_prompt_embeds, negative_prompt_embeds_mask = self.encode_prompt(
                 negative_prompt, condition_images, device, max_sequence_length=max_sequence_length
             )
+        img_shapes = self.image_shapes(height, width, [size for _, _, size in references])
+        for embeds in (prompt_embeds, negative_prompt_embeds):
+            if embeds is not None:
+                self._check_rotary_positions(embeds.shape[1], img_shapes, len(condition_images), condition_area)
         image_latents = torch.cat([latents for _, latents, _ in references], dim=1).to(prompt_embeds.dtype)
         return TurnConditioning(
             session=session,
@@ -705,10 +896,29 @@ class EditR2Pipeline(DiffusionPipeline, QwenImageLoraLoaderMixin):
             negative_prompt_embeds=negative_prompt_embeds,
             negative_prompt_embeds_mask=negative_prompt_embeds_mask,
             image_latents=image_latents,
-            img_shapes=self.image_shapes(height, width, [size for _, _, size in references]),
+            img_shapes=img_shapes,
             height=height,
             width=width,
         )
+
+    def _check_rotary_positions(self, num_text_tokens, img_shapes, num_images, condition_area) -> None:
+        """Refuse a text sequence the transformer's rotary position table cannot hold (before the transformer runs).
+
+        diffusers' QwenEmbedRope places the text after the largest image side (in latent patches, halved with
+        `scale_rope`), within a table of `ROPE_POSITIONS` positions; beyond it the transformer fails with a tensor
+        size mismatch.
+        """
+        pos_embed = getattr(self.transformer, "pos_embed", None)
+        positions = getattr(getattr(pos_embed, "pos_freqs", None), "shape", (ROPE_POSITIONS,))[0]
+        halve = getattr(pos_embed, "scale_rope", True)
+        image_positions = max(max(h // 2, w // 2) if halve else max(h, w) for _, h, w in img_shapes[0])
+        if image_positions + num_text_tokens > positions:
+            raise ValueError(
+                f"The text sequence ({num_text_tokens} tokens: the prompt template, the prompt and {num_images} "
+                f"condition image(s) at condition_area={condition_area}) plus {image_positions} image positions "
+                f"exceeds the transformer's {positions} rotary positions; pass a smaller condition_area, "
+                "max_history_images or max_sequence_length, or a shorter prompt."
+            )
 
     def _reference_latents(self, session, reasoning, reference_area, max_history_images, device):
         """`(session, [(image, latents (1, N, C), (width, height)), ...])`: the current image first, then history.
@@ -971,8 +1181,8 @@ class EditR2Pipeline(DiffusionPipeline, QwenImageLoraLoaderMixin):
             negative_prompt (`str`, *optional*):
                 Enables true classifier-free guidance together with `true_cfg_scale > 1` (`" "` is enough).
             true_cfg_scale (`float`, defaults to 4.0):
-                True CFG scale. Without a `negative_prompt` CFG is off and a warning says so: a known cause of drift
-                over many turns.
+                True CFG scale (a finite number). Without a `negative_prompt` CFG is off and a warning says so: a known
+                cause of drift over many turns.
             height (`int`, *optional*), width (`int`, *optional*):
                 The working size of a new session (default: the image's aspect ratio at `reference_area` pixels).
                 A continued session keeps its size; passing another one is an error.
@@ -988,7 +1198,9 @@ class EditR2Pipeline(DiffusionPipeline, QwenImageLoraLoaderMixin):
             callback_on_step_end (`Callable`, *optional*): `callback(pipe, step, timestep, callback_kwargs) -> dict`,
                 called after every denoising step with the tensors named in `callback_on_step_end_tensor_inputs`.
             callback_on_step_end_tensor_inputs (`list[str]`, defaults to `["latents"]`): from `_callback_tensor_inputs`.
-            max_sequence_length (`int`, defaults to 512): maximum prompt length (<= 1024).
+            max_sequence_length (`int`, defaults to 512): the most tokens of the text that conditions the edit (the
+                prompt, the `"history"` text or the intent; at most 1024). A longer one is refused with a `ValueError`
+                before any model runs, never truncated. (diffusers' QwenImageEditPlusPipeline checks only the bound.)
             max_new_tokens (`int`, defaults to 256): reasoning budget (`reasoning="intent"`).
             temperature (`float`, defaults to 0): reasoning temperature; 0 decodes greedily.
             template (`str`, *optional*): the reasoning request template (see `editr2.intent.build_messages`).
@@ -1019,6 +1231,13 @@ class EditR2Pipeline(DiffusionPipeline, QwenImageLoraLoaderMixin):
             max_history_images=max_history_images,
             num_inference_steps=num_inference_steps,
             sigmas=sigmas,
+            true_cfg_scale=true_cfg_scale,
+            guidance_scale=guidance_scale,
+            generator=generator,
+            latents=latents,
+            template=template,
+            reference_area=reference_area,
+            condition_area=condition_area,
         )
         if true_cfg_scale > 1 and negative_prompt is None:
             logger.warning(
@@ -1120,6 +1339,7 @@ class EditR2Pipeline(DiffusionPipeline, QwenImageLoraLoaderMixin):
                     progress_bar.update()
         self._current_timestep = None
         timings["denoise"] = _sync(device) - start - timings["reasoning"] - timings["encode"]
+        check_finite_latents(latents, conditioning.session.num_turns + 1)
 
         # 8. Decode, and append the turn (image + latent) to a new session
         decoded = self.decode_latents(latents, height, width)

@@ -12,16 +12,22 @@ source.png            the source image
 turn_01.png ...       one PNG per turn that produced an image
 latents.safetensors   only when latents are present: keys "source", "turn_01", ... (dtype preserved bit-exactly)
 ```
+
+`session.json` also records each latent's dtype and shape (`"latents"`), and `load` checks the tensors against it.
+Latents must be finite: `save` refuses NaN / inf latents and `load` refuses a file holding them (naming the turn), so
+a diverged turn is never carried into later ones.
 """
 
 from __future__ import annotations
 
+import glob
 import io
 import json
 import math
 import os
 import pathlib
 import shutil
+import time
 import uuid
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -91,6 +97,27 @@ def _check_meta(meta: Any, name: str) -> None:
         json.dumps(meta, allow_nan=False)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{name} must be JSON-serialisable (str, numbers, lists, dicts): {e}") from None
+
+
+def _latents_problem(latents: torch.Tensor) -> str | None:
+    """Why `latents` cannot be a session's latent (`(1, N, C)`, floating point, finite), or None when it can."""
+    if latents.ndim != 3 or latents.shape[0] != 1:
+        return f"expected shape (1, N, C), got {tuple(latents.shape)}"
+    if not latents.dtype.is_floating_point:
+        return f"expected a floating-point dtype, got {latents.dtype}"
+    if not bool(torch.isfinite(latents).all()):
+        return "non-finite values (NaN or inf): the turn that made them diverged"
+    return None
+
+
+def _dtype_name(tensor: torch.Tensor) -> str:
+    return str(tensor.dtype).removeprefix("torch.")
+
+
+def _turn_label(key: str) -> str:
+    """`"source"` -> "the source", `"turn_02"` -> "turn 2" (1-based, as users count turns)."""
+    number = key.removeprefix("turn_")
+    return "the source" if key == "source" else f"turn {int(number)}" if number.isdigit() else repr(key)
 
 
 def _same_tensor(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
@@ -263,16 +290,26 @@ class Session:
     def save(self, directory: str | os.PathLike) -> pathlib.Path:
         """Saves the session to `directory` atomically; returns its path.
 
-        Everything is written and fsynced into a temporary sibling directory, which is then swapped in with
-        `os.replace`. An existing session at `directory` is first renamed aside and deleted after the swap, so a crash
-        leaves either the old or the new session complete (in the instant between the two renames the old one sits at
-        `.<name>.old-*` next to it; `load` names it if it finds nothing else). An existing directory that is not a
-        saved session is refused rather than replaced.
+        Everything is written and fsynced into a temporary sibling directory (`.<name>.tmp-*`), which is then swapped
+        in with `os.replace`. An existing session at `directory` is first renamed aside (`.<name>.old-<time>-*`) and
+        deleted after the swap, so a crash leaves either the old or the new session complete (in the instant between
+        the two renames the old one sits aside; `load` names it if it finds nothing else). An existing directory that
+        is not a saved session is refused rather than replaced.
+
+        A save that was killed (power loss, `kill -9`) leaves its temporary or aside sibling behind; the next `save`
+        or `load` of the same session removes them once a complete session is in place. One process at a time may
+        save a given session.
+
+        Raises:
+            `ValueError`: `directory` holds something else, or a latent is not `(1, N, C)`, floating point and finite
+            (a diverged turn's NaN latents are refused here, naming the turn).
         """
+        _check_latents_savable(self)
         target = pathlib.Path(directory)
         if target.exists() and not (target / SESSION_FILE).is_file() and (target.is_file() or any(target.iterdir())):
             raise ValueError(f"{target} exists and is not a saved session; pass a new or empty directory")
         target.parent.mkdir(parents=True, exist_ok=True)
+        _remove_leftovers(target, include_aside=False)
         tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         try:
@@ -281,19 +318,65 @@ class Session:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        _remove_leftovers(target, include_aside=True)  # a complete session is in place: older copies are stale
         return target
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> Session:
-        """Loads a session saved by `save`; raises `SessionFormatError` naming the file and field on corrupt input."""
+        """Loads a session saved by `save`; raises `SessionFormatError` naming the file and field on corrupt input.
+
+        Every image must be a file inside `directory` (a symbolic link that leads out of it is refused), and every
+        latent must match the dtype and shape `session.json` records and be finite. Leftovers of a killed `save` of
+        this session (see `save`) are removed once it loaded.
+        """
         directory = pathlib.Path(directory)
         if directory.name == SESSION_FILE and directory.is_file():
             directory = directory.parent
         if not directory.is_dir():
-            aside = sorted(directory.parent.glob(f".{directory.name}.old-*"))
-            hint = f" (an interrupted save left the previous version at {aside[-1]}; rename it back)" if aside else ""
+            aside = _aside_copies(directory)
+            hint = (
+                f" (an interrupted save left the previous version at {aside[-1]}; rename it to {directory.name})"
+                if aside
+                else ""
+            )
             raise FileNotFoundError(f"no saved session at {directory}{hint}")
-        return _read_session(directory)
+        session = _read_session(directory)
+        _remove_leftovers(directory, include_aside=True)
+        return session
+
+
+def _check_latents_savable(session: Session) -> None:
+    named = [("source", session.source_latents)]
+    named += [(f"turn_{i:02d}", t.latents) for i, t in enumerate(session.turns, start=1)]
+    for key, latents in named:
+        problem = None if latents is None else _latents_problem(latents)
+        if problem:
+            raise ValueError(f"Cannot save the latents of {_turn_label(key)}: {problem}. Rebuild that turn (or drop "
+                             "it with `truncate`) before saving.")
+
+
+def _aside_copies(target: pathlib.Path) -> list[pathlib.Path]:
+    """Complete sessions an interrupted `save` renamed aside, oldest first (their names embed the time of the save)."""
+    def when(path: pathlib.Path) -> tuple[int, float]:
+        stamp = path.name.rsplit(".old-", 1)[1].split("-")[0]
+        return (int(stamp), 0.0) if stamp.isdigit() and len(stamp) > 8 else (0, path.stat().st_mtime)
+
+    pattern = f".{glob.escape(target.name)}.old-*"
+    copies = [p for p in target.parent.glob(pattern) if (p / SESSION_FILE).is_file()]
+    return sorted(copies, key=when)
+
+
+def _remove_leftovers(target: pathlib.Path, include_aside: bool) -> None:
+    """Remove what killed saves of `target` left next to it: temporary folders, and (once `target` holds a complete
+    session, `include_aside`) copies renamed aside."""
+    name = glob.escape(target.name)
+    patterns = [f".{name}.tmp-*"] + ([f".{name}.old-*"] if include_aside else [])
+    if include_aside and not (target / SESSION_FILE).is_file():
+        return
+    for pattern in patterns:
+        for path in target.parent.glob(pattern):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -361,6 +444,7 @@ def _write_session(session: Session, directory: pathlib.Path) -> None:
         "rules": list(session.rules),
         "meta": session.meta,
         "turns": turns,
+        "latents": {k: {"dtype": _dtype_name(v), "shape": list(v.shape)} for k, v in latents.items()},
     }
     text = json.dumps(doc, indent=2, ensure_ascii=False, allow_nan=False)
     _fsync_write(directory / SESSION_FILE, text.encode("utf-8"))
@@ -374,7 +458,7 @@ def _swap_in(tmp: pathlib.Path, target: pathlib.Path) -> None:
         target.rmdir()
         os.replace(tmp, target)
     else:
-        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+        old = target.parent / f".{target.name}.old-{time.time_ns()}-{uuid.uuid4().hex[:8]}"
         os.replace(target, old)
         try:
             os.replace(tmp, target)
@@ -408,6 +492,7 @@ def _read_image(directory: pathlib.Path, name: str, field: str, size: tuple[int,
         raise SessionFormatError(directory / SESSION_FILE, field, f"image name {name!r} must be a plain file name")
     if not path.is_file():
         raise SessionFormatError(path, field, "missing image file")
+    _check_inside(directory, path, field)
     try:
         with Image.open(path) as im:
             im.load()
@@ -421,6 +506,13 @@ def _read_image(directory: pathlib.Path, name: str, field: str, size: tuple[int,
     return image
 
 
+def _check_inside(directory: pathlib.Path, path: pathlib.Path, field: str) -> None:
+    """Refuse a file that is a symbolic link leading out of the session folder (loading would read any file)."""
+    if not path.resolve().is_relative_to(directory.resolve()):
+        raise SessionFormatError(path, field, f"a symbolic link to {path.resolve()}, outside the session folder; "
+                                 "copy the file into the folder instead")
+
+
 def _read_latents(directory: pathlib.Path, doc: dict, file: pathlib.Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -430,18 +522,37 @@ def _read_latents(directory: pathlib.Path, doc: dict, file: pathlib.Path) -> dic
     path = directory / LATENTS_FILE
     if not path.is_file():
         raise SessionFormatError(path, "", "missing latents file (session.json refers to latents)")
+    _check_inside(directory, path, "")
     try:
         return load_file(path)
     except Exception as e:
         raise SessionFormatError(path, "", f"unreadable safetensors file ({e})") from None
 
 
-def _latent(tensors: dict, key: str | None, field: str, directory: pathlib.Path) -> torch.Tensor | None:
+def _latent(
+    tensors: dict, key: str | None, field: str, directory: pathlib.Path, layout: dict | None
+) -> torch.Tensor | None:
+    """The tensor `key` of the latents file, checked: `(1, N, C)`, floating point, finite, and (when `session.json`
+    records it) of the recorded dtype and shape."""
     if key is None:
         return None
+    path = directory / LATENTS_FILE
     if key not in tensors:
-        raise SessionFormatError(directory / LATENTS_FILE, field, f"missing tensor {key!r}")
-    return tensors[key]
+        raise SessionFormatError(path, field, f"missing tensor {key!r}")
+    latents = tensors[key]
+    label = _turn_label(key)
+    expected = (layout or {}).get(key)
+    if expected is not None:
+        dtype, shape = _dtype_name(latents), list(latents.shape)
+        if not isinstance(expected, dict) or (expected.get("dtype"), expected.get("shape")) != (dtype, shape):
+            raise SessionFormatError(
+                path, field, f"the latents of {label} are {dtype} {tuple(shape)}, but session.json records {expected}; "
+                "the latents file does not belong to this session"
+            )
+    problem = _latents_problem(latents)
+    if problem:
+        raise SessionFormatError(path, field, f"the latents of {label}: {problem}")
+    return latents
 
 
 def _read_session(directory: pathlib.Path) -> Session:
@@ -492,13 +603,16 @@ def _read_session(directory: pathlib.Path) -> Session:
             if not _is(value, (int, float)):
                 raise SessionFormatError(file, f"{where}.timings.{key}", _type_error((float,), value))
 
+    layout = doc.get("latents")  # {key: {"dtype", "shape"}}; absent in files written before it was recorded
+    if layout is not None and not isinstance(layout, dict):
+        raise SessionFormatError(file, "latents", _type_error((dict,), layout, optional=True))
     tensors = _read_latents(directory, doc, file)
     source = _read_image(directory, source_name, "source_image", size)
     turns = []
     for i, f in fields.items():
         image_name = f.pop("image")
         image = None if image_name is None else _read_image(directory, image_name, f"turns[{i}].image", size)
-        latents = _latent(tensors, f.pop("latents"), f"turns[{i}].latents", directory)
+        latents = _latent(tensors, f.pop("latents"), f"turns[{i}].latents", directory, layout)
         turns.append(Turn(image=image, latents=latents, **f))
-    source_latents = _latent(tensors, doc["source_latents"], "source_latents", directory)
+    source_latents = _latent(tensors, doc["source_latents"], "source_latents", directory, layout)
     return Session(source, tuple(turns), tuple(rules), source_latents, meta)

@@ -309,3 +309,137 @@ def test_validation_errors():
         Turn("a", None, "a", meta={"x": object()})
     with pytest.raises(ValueError, match="Turn.intent: expected str, got NoneType"):
         Turn("a", None, None)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Killed saves, foreign files, bad latents
+
+
+class Killed(BaseException):
+    """Stands for a SIGKILL: nothing after it runs (the test also stops the cleanup it would skip)."""
+
+
+def killed_save(session, path, monkeypatch, between_renames=False):
+    """Save `session` to `path` and "kill" it: mid-write, or between the two renames of the swap."""
+    real_replace, real_write = os.replace, session_mod._fsync_write
+    renames = []
+
+    def replace(src, dst):
+        renames.append(src)
+        if len(renames) > 1:
+            raise Killed
+        real_replace(src, dst)
+
+    def write(p, data):
+        raise Killed
+
+    monkeypatch.setattr(session_mod.shutil, "rmtree", lambda *a, **k: None)  # a killed process cleans nothing up
+    if between_renames:
+        monkeypatch.setattr(session_mod.os, "replace", replace)
+    else:
+        monkeypatch.setattr(session_mod, "_fsync_write", write)
+    with pytest.raises(Killed):
+        session.save(path)
+    monkeypatch.undo()
+    assert os.replace is real_replace and session_mod._fsync_write is real_write
+
+
+def test_killed_saves_leave_nothing_behind(tmp_path, monkeypatch):
+    make_session(1).save(tmp_path / "s")
+    for _ in range(3):
+        killed_save(make_session(2), tmp_path / "s", monkeypatch)
+    assert len([p for p in os.listdir(tmp_path) if p.startswith(".s.tmp-")]) == 3
+    assert Session.load(tmp_path / "s").num_turns == 1  # the old session is intact ...
+    assert os.listdir(tmp_path) == ["s"]  # ... and loading it removed the leftovers
+    killed_save(make_session(2), tmp_path / "s", monkeypatch)
+    make_session(3).save(tmp_path / "s")  # the next save removes them too
+    assert os.listdir(tmp_path) == ["s"]
+    killed_save(make_session(2), tmp_path / "t", monkeypatch)  # another session's leftovers are its own
+    make_session(3).save(tmp_path / "s")
+    assert sorted(p.split("-")[0] for p in os.listdir(tmp_path)) == [".t.tmp", "s"]
+
+
+def test_load_hint_names_the_latest_aside_copy(tmp_path, monkeypatch):
+    import uuid
+
+    # the aside copies' random suffixes sort the stale one last
+    suffixes = {3: "f" * 32, 6: "0" * 32}
+    calls = iter(range(1, 100))
+    real_uuid4 = uuid.uuid4
+
+    def uuid4():
+        n = next(calls)
+        return uuid.UUID(suffixes.get(n, f"{n:08x}" + "1" * 24))
+
+    s = tmp_path / "s"
+    monkeypatch.setattr(session_mod.uuid, "uuid4", uuid4)
+    make_session(1).save(s)  # uuid 1
+    killed_save(make_session(2), s, monkeypatch, between_renames=True)  # uuids 2, 3: turn-1 session aside
+    monkeypatch.setattr(session_mod.uuid, "uuid4", uuid4)
+    make_session(3).save(s)  # uuid 4
+    killed_save(make_session(0), s, monkeypatch, between_renames=True)  # uuids 5, 6: turn-3 session aside
+    assert session_mod.uuid.uuid4 is real_uuid4
+    with pytest.raises(FileNotFoundError, match="interrupted save") as info:
+        Session.load(s)
+    aside = pathlib.Path(str(info.value).split(" at ")[-1].split(";")[0])
+    assert Session.load(aside).num_turns == 3  # the version the last save replaced, not an older one
+    assert len(list(tmp_path.glob(".s.old-*"))) == 1  # the save of the turn-3 session removed the older copy
+
+
+def test_symlinked_files_out_of_the_folder_are_refused(saved, tmp_path):
+    outside = tmp_path / "elsewhere.png"
+    rgb(seed=99).save(outside)
+    os.remove(saved / "turn_01.png")
+    os.symlink(outside, saved / "turn_01.png")
+    with pytest.raises(SessionFormatError, match=r"turn_01\.png: turns\[0\]\.image: a symbolic link .*outside"):
+        Session.load(saved)
+    os.remove(saved / "turn_01.png")
+    os.symlink("turn_02.png", saved / "turn_01.png")  # a link inside the folder is fine
+    assert Session.load(saved).turns[0].image.tobytes() == Session.load(saved).turns[1].image.tobytes()
+    os.replace(saved / "latents.safetensors", tmp_path / "latents.safetensors")
+    os.symlink(tmp_path / "latents.safetensors", saved / "latents.safetensors")
+    with pytest.raises(SessionFormatError, match=r"latents\.safetensors: a symbolic link"):
+        Session.load(saved)
+
+
+def rewrite_latents(path, fn):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(path / "latents.safetensors")
+    fn(tensors)
+    save_file(tensors, path / "latents.safetensors")
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda t: t.__setitem__("turn_02", t["turn_02"].half()), r"turns\[1\]\.latents: the latents of turn 2 are "
+         r"float16 \(1, 4, 3\), but session\.json records"),
+        (lambda t: t.__setitem__("source", t["source"][:, :2]), r"source_latents: the latents of the source are "
+         r"float32 \(1, 2, 3\)"),
+    ],
+)
+def test_latents_of_another_dtype_or_shape_are_refused(saved, mutate, message):
+    rewrite_latents(saved, mutate)
+    with pytest.raises(SessionFormatError, match=message):
+        Session.load(saved)
+
+
+def test_non_finite_latents_are_refused_on_load_and_save(saved):
+    rewrite_latents(saved, lambda t: t["turn_03"].__setitem__((0, 1, 2), float("nan")))
+    with pytest.raises(SessionFormatError, match=r"turns\[2\]\.latents: the latents of turn 3: non-finite"):
+        Session.load(saved)
+    bad = make_session(1)
+    bad = bad.append(dataclasses.replace(bad.turns[0], latents=torch.full((1, 4, 3), float("inf"))))
+    with pytest.raises(ValueError, match=r"Cannot save the latents of turn 2: non-finite"):
+        bad.save(saved.parent / "bad")
+    assert not (saved.parent / "bad").exists()
+
+
+def test_latents_without_a_recorded_layout_are_still_checked(saved):
+    # files written before session.json recorded the latents' dtype and shape load, with the structural checks
+    edit_json(saved, lambda d: d.pop("latents"))
+    assert Session.load(saved) == Session.load(saved)
+    rewrite_latents(saved, lambda t: t.__setitem__("turn_01", torch.zeros(4, 3, dtype=torch.int32)))
+    with pytest.raises(SessionFormatError, match=r"turns\[0\]\.latents: the latents of turn 1: expected shape"):
+        Session.load(saved)
