@@ -252,6 +252,9 @@ class Run:
     def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
         """`accelerator.prepare` the trained model and its optimizer, then resume the newest checkpoint, if any."""
         model, optimizer = self.accelerator.prepare(model, optimizer)
+        # without the fp32/autocast wrapper of `forward`: a stage autocasts its training passes itself
+        # (`accelerator.autocast()`), and evaluations run in fp32
+        model = self.accelerator.unwrap_model(model, keep_fp32_wrapper=False)
         checkpoint = latest_checkpoint(self.run_dir)
         if checkpoint is not None:
             self.accelerator.load_state(str(checkpoint))
@@ -301,7 +304,7 @@ class Run:
             self.log.append({"kind": "eval", "step": done, **metrics})
             self.bar.write(f"step {done}: {describe(metrics)}")
             stop = gate is not None and gate(metrics)
-        self.interrupted = self.stop_after is not None and done >= self.stop_after
+        self.interrupted = self.stop_after is not None and done >= self.stop_after and not stop
         if done % cfg.save_every == 0 or done == cfg.max_steps or stop or self.interrupted or out_of_time:
             self.save(done, stopped_early=stop)
             self.log.plot(self.run_dir / "loss.png", plot, f"{self.name} loss")
