@@ -34,7 +34,6 @@ import numpy as np
 import torch
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parents[1]
 CHECKPOINT_PREFIX = "step_"
 MIXED_PRECISION = ("no", "bf16")
 
@@ -257,6 +256,9 @@ class Run:
         model = self.accelerator.unwrap_model(model, keep_fp32_wrapper=False)
         checkpoint = latest_checkpoint(self.run_dir)
         if checkpoint is not None:
+            if not (checkpoint / "model.safetensors").is_file():
+                raise ValueError(f"{checkpoint} is not an accelerate checkpoint (no model.safetensors; written before "
+                                 "the recipe used accelerate): pass a new run_dir (init_from takes its weights).")
             self.accelerator.load_state(str(checkpoint))
             self.state = json.loads((checkpoint / "trainer_state.json").read_text())
             self.start, self.train_seconds = self.state["step"], self.state.get("train_seconds", 0.0)
@@ -513,12 +515,6 @@ def scenes_to_tensor(scenes, size: int) -> torch.Tensor:
     from editr2.bench.shapes.render import render
 
     arrays = [np.asarray(render(s, size), dtype=np.float32) / 255.0 for s in scenes]
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) * 2 - 1
-
-
-def images_to_tensor(images) -> torch.Tensor:
-    """PIL RGB images -> `(B, 3, H, W)` in [-1, 1]."""
-    arrays = [np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0 for im in images]
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) * 2 - 1
 
 
