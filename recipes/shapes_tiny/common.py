@@ -258,7 +258,7 @@ class Run:
         if checkpoint is not None:
             if not (checkpoint / "model.safetensors").is_file():
                 raise ValueError(f"{checkpoint} is not an accelerate checkpoint (no model.safetensors; written before "
-                                 "the recipe used accelerate): pass a new run_dir (init_from takes its weights).")
+                                 "the recipe used accelerate): pass a new run_dir.")
             self.accelerator.load_state(str(checkpoint))
             self.state = json.loads((checkpoint / "trainer_state.json").read_text())
             self.start, self.train_seconds = self.state["step"], self.state.get("train_seconds", 0.0)
