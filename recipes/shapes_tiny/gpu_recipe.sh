@@ -6,8 +6,8 @@
 #   bash recipes/shapes_tiny/gpu_recipe.sh             # from the repository root, on the GPU machine
 #   bash recipes/shapes_tiny/gpu_recipe.sh --prepare   # here, with PyPI: the wheels the GPU machine lacks -> .whl/
 #
-# Python: $PYTHON if set; else .venv/bin/python if its torch sees CUDA; else python3. Wheels in .whl/ (diffusers and
-# transformers at the versions of requirements-ci.txt, from --prepare) are installed into a scratch folder first, and
+# Python: $PYTHON if set; else .venv/bin/python if its torch sees CUDA; else python3. Wheels in .whl/ (diffusers,
+# transformers, accelerate and trl at the versions of requirements-ci.txt, from --prepare) are installed into a scratch folder first, and
 # the repository goes on PYTHONPATH, so a machine with CUDA torch but without this project's packages runs it.
 #
 # Results go to $OUT (default runs/gpu/out), kept to a few files: recipe.log (everything printed), runs.tar.gz (every
@@ -39,7 +39,7 @@ C=$D/configs/gpu
 
 if [ "${1:-}" = "--prepare" ]; then  # on a machine with PyPI: fetch the pure-Python wheels the GPU image lacks
     mkdir -p .whl
-    for package in diffusers transformers; do
+    for package in diffusers transformers accelerate trl; do  # the stages use accelerate and TrlParser
         version="$(grep -i "^$package==" requirements-ci.txt | cut -d= -f3)"
         "${PYTHON:-python3}" -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
             --implementation cp --platform manylinux2014_x86_64 -d .whl "$package==$version"
