@@ -7,8 +7,9 @@
 #   bash recipes/shapes_tiny/gpu_recipe.sh --prepare   # here, with PyPI: the wheels the GPU machine lacks -> .whl/
 #
 # Python: $PYTHON if set; else .venv/bin/python if its torch sees CUDA; else python3. Wheels in .whl/ (diffusers,
-# transformers, accelerate and trl at the versions of requirements-ci.txt, from --prepare) are installed into a scratch folder first, and
-# the repository goes on PYTHONPATH, so a machine with CUDA torch but without this project's packages runs it.
+# transformers, accelerate and trl at the versions of requirements-ci.txt, from --prepare) are installed into a
+# scratch folder first, and the repository goes on PYTHONPATH, so a machine with CUDA torch but without this
+# project's packages runs it.
 #
 # Results go to $OUT (default runs/gpu/out), kept to a few files: recipe.log (everything printed), runs.tar.gz (every
 # stage's config, log.jsonl, loss.png, metrics; rewritten after each stage), loss_editor.png, export_report.json (the
