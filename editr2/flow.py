@@ -1,4 +1,5 @@
-"""Rectified-flow sampling: the shifted schedule, the Euler ODE step, and Flow-GRPO's SDE step with a Gaussian log-prob.
+"""Rectified flow: the training loss (`training_sigmas`, `flow_matching_loss`) and sampling (the shifted schedule, the
+Euler ODE step, and Flow-GRPO's SDE step with a Gaussian log-prob).
 
 Conventions: `x` is the noisy latent `(B, ...)`, `v` the predicted velocity (noise - data), `sigma` runs from 1 (noise)
 to 0 (data), and one step moves from `sigma` to `sigma_next < sigma`. Log-probs are computed in float32 and averaged
@@ -161,3 +162,55 @@ def sde_window(num_steps: int, window_size: int = 2, window_range: tuple[int, in
         return ()
     start = int(torch.randint(low, high - window_size + 1, (1,), generator=generator))
     return tuple(range(start, start + window_size))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Training (flow matching)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def training_sigmas(batch_size: int, generator: torch.Generator | None = None, logit_mean: float = 0.0,
+                    logit_std: float = 1.0, high_sigma_prob: float = 0.0, high_sigma_min: float = 0.85) -> Tensor:
+    """`(B,)` training noise levels: `sigmoid(N(logit_mean, logit_std))` (logit-normal), each replaced with
+    probability `high_sigma_prob` by `U(high_sigma_min, 1)` (where sampling decides the layout).
+
+    Draws, in this order, `randn(B)` and, when `high_sigma_prob > 0`, `rand(B)` twice from `generator` (CPU).
+    """
+    if batch_size < 1 or logit_std < 0 or not 0 <= high_sigma_prob <= 1 or not 0 <= high_sigma_min < 1:
+        raise ValueError(f"pass batch_size >= 1, logit_std >= 0, high_sigma_prob in [0, 1] and high_sigma_min in "
+                         f"[0, 1); got {batch_size}, {logit_std}, {high_sigma_prob}, {high_sigma_min}.")
+    sigma = torch.sigmoid(logit_mean + logit_std * torch.randn(batch_size, generator=generator))  # (B,)
+    if high_sigma_prob > 0:
+        high = torch.rand(batch_size, generator=generator) < high_sigma_prob  # (B,)
+        uniform = high_sigma_min + (1 - high_sigma_min) * torch.rand(batch_size, generator=generator)  # (B,)
+        sigma = torch.where(high, uniform, sigma)
+    return sigma
+
+
+def flow_matching_loss(velocity_fn: Callable[[Tensor, Tensor], Tensor], x0: Tensor, noise: Tensor, sigma: Tensor,
+                       weight: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The rectified-flow (flow-matching) loss: `x_s = (1 - s) x0 + s eps`, velocity target `eps - x0` (the sampler's
+    and the scheduler's convention: `v` points from data to noise).
+
+    Args:
+        velocity_fn: `(x_s (B, N, C), sigma (B,)) -> v (B, N, C)`, the model (any dtype; the error is taken in fp32).
+        x0: `(B, N, C)` clean (packed) latents.
+        noise: `(B, N, C)` standard Gaussian noise.
+        sigma: `(B,)` noise levels in [0, 1].
+        weight: optional `(B, N)` per-token weights of the squared error (e.g. edit regions weighted up).
+
+    Returns:
+        `(loss, err)`: the scalar mean of `weight * err` (of `err` without weights), and `err (B, N)`, the squared
+        velocity error averaged over channels.
+    """
+    if x0.shape != noise.shape or sigma.shape != x0.shape[:1]:
+        raise ValueError(f"x0 {tuple(x0.shape)} and noise {tuple(noise.shape)} must match, and sigma "
+                         f"{tuple(sigma.shape)} be (B,) = ({x0.shape[0]},).")
+    s = sigma[:, None, None]  # (B, 1, 1)
+    noisy = (1 - s) * x0 + s * noise  # (B, N, C)
+    v = velocity_fn(noisy, sigma)  # (B, N, C)
+    err = ((v.float() - (noise - x0)) ** 2).mean(-1)  # (B, N)
+    loss = err.mean() if weight is None else (weight * err).mean()
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"flow-matching loss is {loss.item()}: lower the learning rate or check the inputs.")
+    return loss, err

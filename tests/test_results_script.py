@@ -1,4 +1,4 @@
-"""examples/train_default/results.py: the issue #4 grid on the tiny pipeline, resumed, rewritten from JSON."""
+"""recipes/shapes_tiny/results.py: the issue #4 grid on the tiny pipeline, resumed, rewritten from JSON."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("diffusers")
 
-SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "train_default" / "results.py"
+SCRIPT = Path(__file__).resolve().parents[1] / "recipes" / "shapes_tiny" / "results.py"
 DEFAULTS = {"height": 64, "width": 64, "reference_area": None, "condition_area": 32 * 32, "num_inference_steps": 2,
             "true_cfg_scale": 1.0, "max_new_tokens": 4}
 EDITORS = ("literal", "oracle", "editr2-none", "editr2-intent")
@@ -84,7 +84,7 @@ def test_results_grid_resumes_and_regenerates(model_dir, tmp_path, count_runs):
     # The oracle paints the ground truth: it follows every instruction.
     assert all(row["IF"] == 1.0 for key in expected if key.endswith("oracle") for row in data["cells"][key]["per_turn"])
     assert data["model"] == str(model_dir) and data["call_kwargs"] == DEFAULTS and data["seed"] == 0
-    assert data["command"].startswith("python examples/train_default/results.py --model")
+    assert data["command"].startswith("python -m recipes.shapes_tiny.results --model")
 
     text = md_path.read_text()
     assert (tmp_path / "docs" / "results_per_turn.png").stat().st_size > 1000

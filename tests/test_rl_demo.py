@@ -1,4 +1,4 @@
-"""The RL demonstration (examples/rl_demo/run.py) end to end on the tiny random pipeline: SFT bench, two one-step RL
+"""The RL demonstration (recipes/shapes_tiny/rl_demo.py) end to end on the tiny random pipeline: SFT bench, two one-step RL
 arms through the training script, arm benches with the saved adapters loaded, report and plot; a rerun skips the
 finished arms; the target logic on hand-made numbers."""
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-RUN_PY = Path(__file__).resolve().parents[1] / "examples" / "rl_demo" / "run.py"
+RUN_PY = Path(__file__).resolve().parents[1] / "recipes" / "shapes_tiny" / "rl_demo.py"
 _spec = importlib.util.spec_from_file_location("rl_demo_run", RUN_PY)
 run = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(run)

@@ -1,24 +1,16 @@
-"""The default-model recipe (examples/train_default) at micro size: every stage trains a few steps, resumes exactly
+"""The default-model recipe (recipes/shapes_tiny) at micro size: every stage trains a few steps, resumes exactly
 from its checkpoint, and the export is a folder `EditR2Pipeline.from_pretrained` loads and edits with."""
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-RECIPE = Path(__file__).resolve().parents[1] / "examples" / "train_default"
-sys.path.insert(0, str(RECIPE))
-
-import common  # noqa: E402
-import export  # noqa: E402
-import train_editor  # noqa: E402
-import train_reasoner  # noqa: E402
-import train_vae  # noqa: E402
+from recipes.shapes_tiny import common, export, train_editor, train_reasoner, train_vae
 
 MICRO_VAE = dict(base_dim=4, z_dim=4, batch_size=2, eval_every=2, eval_images=4, stats_images=4, save_every=1,
                  threads=1)
@@ -30,10 +22,10 @@ MICRO_EDITOR = dict(num_layers=1, num_heads=2, head_dim=16, axes_dims_rope=(4, 6
                     eval_sessions=1, eval_steps=2, save_every=1, threads=1, max_turns=2, copy_head_temperature=3.0)
 
 
-def _weights(path: Path, name: str) -> dict:
+def _weights(path: Path, name: str = "model") -> dict:
     from safetensors.torch import load_file
 
-    return load_file(str(common.latest_checkpoint(path) / f"{name}.safetensors"))
+    return load_file(str(common.latest_checkpoint(path) / "model.safetensors"))
 
 
 def _assert_same(a: dict, b: dict) -> None:
@@ -43,8 +35,9 @@ def _assert_same(a: dict, b: dict) -> None:
 
 
 def _no_pickles(run_dir: Path) -> None:
-    suffixes = {p.suffix for p in (run_dir / "checkpoints").rglob("*") if p.is_file()}
-    assert suffixes <= {".safetensors", ".json"}, suffixes
+    # accelerate's save_state: the weights in safetensors; optimizer and RNG states in torch's format, the step in JSON
+    names = {p.name for p in (run_dir / "checkpoints").rglob("*") if p.is_file()}
+    assert names == {"model.safetensors", "optimizer.bin", "random_states_0.pkl", "trainer_state.json"}, names
 
 
 @pytest.fixture(scope="module")
@@ -223,8 +216,6 @@ def test_editor_stage_resumes_exactly_and_export_loads(stages, tmp_path):
 
 
 def test_export_call_defaults_carry_the_reasoners_template(tmp_path):
-    import train_reasoner
-
     assert export.call_defaults(tmp_path) == common.CALL_KWARGS  # no run config: the recipe's defaults
     (tmp_path / "config.json").write_text(json.dumps({"template": "short"}))
     assert export.call_defaults(tmp_path) == {**common.CALL_KWARGS, "template": train_reasoner.SHORT_TEMPLATE}

@@ -1,5 +1,6 @@
-"""The default-model recipe's run settings (examples/train_default/common.TrainConfig): device resolution, the
-wall-clock cap, data workers, batched text encoding, the shipped YAML configs and the GPU recipe script. The CPU
+"""The default-model recipe's run settings (recipes/shapes_tiny/common.TrainConfig and its accelerate `Run`): device
+resolution, the wall-clock cap, resume, data workers, batched text encoding, config parsing (TrlParser), the shipped
+YAML configs and the GPU recipe script. The CPU
 path itself (bit-exact resume of every stage) is tested in tests/test_train_default.py."""
 
 from __future__ import annotations
@@ -7,19 +8,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-RECIPE = Path(__file__).resolve().parents[1] / "examples" / "train_default"
-sys.path.insert(0, str(RECIPE))
+from recipes.shapes_tiny import common, train_editor, train_reasoner, train_vae
 
-import common  # noqa: E402
-import train_editor  # noqa: E402
-import train_reasoner  # noqa: E402
-import train_vae  # noqa: E402
+RECIPE = Path(common.__file__).resolve().parent
 
 MICRO_VAE = dict(base_dim=4, z_dim=4, batch_size=2, eval_every=100, eval_images=4, stats_images=4, save_every=100,
                  threads=1)
@@ -27,10 +23,16 @@ STAGES = {"vae": train_vae.VAEConfig, "reasoner": train_reasoner.ReasonerConfig,
 YAMLS = sorted((RECIPE / "configs").glob("*.yaml")) + sorted((RECIPE / "configs" / "gpu").glob("*.yaml"))
 
 
-def _weights(run_dir: Path, name: str = "vae") -> dict:
+def _weights(run_dir: Path, name: str = "model") -> dict:
     from safetensors.torch import load_file
 
-    return load_file(str(common.latest_checkpoint(run_dir) / f"{name}.safetensors"))
+    return load_file(str(common.latest_checkpoint(run_dir) / "model.safetensors"))
+
+
+def _parse(cls, *argv):
+    default = {train_vae.VAEConfig: "vae.yaml", train_reasoner.ReasonerConfig: "reasoner_short.yaml",
+               train_editor.EditorConfig: "gpu/editor.yaml"}[cls]
+    return common.parse_args(cls, default, ["--run_dir", "unused", *map(str, argv)])[0]
 
 
 def _assert_same(a: dict, b: dict) -> None:
@@ -65,7 +67,7 @@ def test_shipped_yaml_configs_load(path):
     cls = _stage_of(path)
     keys = set(yaml.safe_load(path.read_text()))
     assert keys <= {f.name for f in dataclasses.fields(cls)}, keys - {f.name for f in dataclasses.fields(cls)}
-    cfg = common.load_config(cls, path, ["device=auto"])
+    cfg = _parse(cls, "--config", path, "--device", "auto")
     assert cfg.device == "auto" and cfg.mixed_precision in common.MIXED_PRECISION
     if path.parent.name == "gpu":
         assert cfg.max_minutes > 0 and cfg.mixed_precision == "bf16" and cfg.data_workers > 0
@@ -74,8 +76,8 @@ def test_shipped_yaml_configs_load(path):
 def test_gpu_recipe_caps_fit_one_device_command():
     """The stage caps leave room for set-up, exports and the bench inside the device's 10-minute command."""
     stages = ("vae", "reasoner", "editor")  # the one-command recipe (editor_polish is a second, separate command)
-    caps = {s: common.load_config(_stage_of(RECIPE / "configs" / "gpu" / f"{s}.yaml"),
-                                  RECIPE / "configs" / "gpu" / f"{s}.yaml").max_minutes for s in stages}
+    caps = {s: _parse(_stage_of(RECIPE / "configs" / "gpu" / f"{s}.yaml"), "--config",
+                      RECIPE / "configs" / "gpu" / f"{s}.yaml").max_minutes for s in stages}
     assert sum(caps.values()) <= 7.5
     script = (RECIPE / "gpu_recipe.sh").read_text()
     for stage, minutes in caps.items():  # the script's defaults agree with the YAMLs
@@ -97,19 +99,23 @@ def test_run_folders_written_before_the_base_config_still_resume(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def _device(name: str) -> torch.device:
+    return common.make_accelerator(train_vae.VAEConfig(device=name)).device
+
+
 def test_device_resolution():
-    assert common.resolve_device("cpu") == torch.device("cpu")
-    assert common.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert _device("cpu") == torch.device("cpu")
+    assert _device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     with pytest.raises(ValueError, match="pass 'cpu', 'cuda'"):
-        common.resolve_device("gpu")
+        _device("gpu")
 
 
 def test_cuda_without_cuda_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert common.resolve_device("auto") == torch.device("cpu")
+    assert _device("auto") == torch.device("cpu")
     for name in ("cuda", "cuda:0"):
         with pytest.raises(ValueError, match="CUDA is not available.*pass device=cpu"):
-            common.resolve_device(name)
+            _device(name)
     with pytest.raises(ValueError, match="CUDA is not available"):
         train_vae.train(train_vae.VAEConfig(**MICRO_VAE, max_steps=1, device="cuda"), tmp_path / "run", False)
     assert not (tmp_path / "run").exists()  # refused before anything is written
@@ -118,19 +124,18 @@ def test_cuda_without_cuda_is_a_clear_error(monkeypatch, tmp_path):
 def test_run_settings_are_checked():
     for bad in ({"mixed_precision": "fp16"}, {"max_minutes": -1.0}, {"data_workers": -1}):
         with pytest.raises(ValueError, match="pass"):
-            common.setup_run(train_vae.VAEConfig(**bad))
-    cpu = torch.device("cpu")
-    with common.autocast(cpu, "bf16"):  # autocast is CUDA-only: the CPU path stays fp32
+            train_vae.VAEConfig(**bad)
+    accelerator = common.make_accelerator(train_vae.VAEConfig(mixed_precision="bf16", device="cpu"))
+    with accelerator.autocast():  # bf16 is CUDA-only: the CPU path stays fp32
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
 
 
-def test_cuda_rng_state_of_a_gpu_checkpoint_is_ignored_on_the_cpu(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    state = common.rng_state()
-    assert "cuda" not in state  # a CPU run writes the same JSON as before
-    expected = torch.rand(3)
-    common.set_rng_state({**state, "cuda": [[0] * 16]})
-    assert torch.equal(torch.rand(3), expected)
+def test_a_resumed_run_says_so_in_its_log(tmp_path, capsys):
+    cfg = train_vae.VAEConfig(**MICRO_VAE, max_steps=2)
+    assert train_vae.train(cfg, tmp_path, show_progress=False, stop_after=1) is None
+    train_vae.train(cfg, tmp_path, show_progress=False)
+    assert "vae: resuming" in capsys.readouterr().out
+    assert [r for r in common.RunLog(tmp_path).rows() if r["kind"] == "resume"][0]["step"] == 1
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -201,13 +206,12 @@ MICRO_EDITOR = dict(num_layers=1, num_heads=2, head_dim=16, axes_dims_rope=(4, 6
 def test_cuda_micro_recipe(tmp_path):
     """On a GPU machine (gpu_recipe.sh runs this first): every stage trains on CUDA in bf16 with data workers, the
     checkpoints hold CPU tensors and the CUDA RNG, a CUDA run resumes on the CPU, and the export loads."""
-    import export
+    from recipes.shapes_tiny import export
 
     gpu = dict(device="cuda", mixed_precision="bf16", data_workers=2)
     vae_cfg = train_vae.VAEConfig(**{**MICRO_VAE, "save_every": 1}, max_steps=2, **gpu)
     assert train_vae.train(vae_cfg, tmp_path / "vae", show_progress=False, stop_after=1) is None
-    state = json.loads((common.latest_checkpoint(tmp_path / "vae") / "trainer_state.json").read_text())
-    assert "cuda" in state["rng"]
+    assert (common.latest_checkpoint(tmp_path / "vae") / "random_states_0.pkl").is_file()  # with the CUDA RNG
     metrics = train_vae.train(dataclasses.replace(vae_cfg, device="cpu"), tmp_path / "vae", show_progress=False)
     assert metrics["step"] == 2 and all(torch.isfinite(t).all() for t in _weights(tmp_path / "vae").values())
 
@@ -218,30 +222,35 @@ def test_cuda_micro_recipe(tmp_path):
                                            reasoner_path=str(tmp_path / "reasoner"))
     metrics = train_editor.train(editor_cfg, tmp_path / "editor", show_progress=False)
     assert metrics["step"] == 2 and 0.0 <= metrics["CC"] <= 1.0
-    assert all(t.device.type == "cpu" for t in _weights(tmp_path / "editor", "transformer").values())
+    assert all(t.device.type == "cpu" for t in _weights(tmp_path / "editor").values())
     export.save(export.assemble(tmp_path / "vae", tmp_path / "reasoner", tmp_path / "editor"), tmp_path / "out")
     assert (tmp_path / "out" / "model_index.json").exists()
 
 
 def test_text_fields_keep_their_text(tmp_path):
-    # YAML reads `no` as False: a --set value of a text field stays text; an unquoted one in a file is refused
-    cfg = common.load_config(train_vae.VAEConfig, overrides=["mixed_precision=no", "device=cpu"])
+    # YAML reads `no` as False: a command-line value of a text field stays text; an unquoted one in a file is refused
+    cfg = _parse(train_vae.VAEConfig, "--mixed_precision", "no", "--device", "cpu")
     assert cfg.mixed_precision == "no" and cfg.device == "cpu"
     path = tmp_path / "c.yaml"
     path.write_text("mixed_precision: no\n")
     with pytest.raises(ValueError, match="quote it"):
-        common.load_config(train_vae.VAEConfig, path)
+        _parse(train_vae.VAEConfig, "--config", path)
 
 
 def test_numbers_in_exponent_notation_and_wrong_types(tmp_path):
     # YAML 1.1 reads `5e-4` as text (only `5.0e-4` as a number): a number field takes it as a number, from a file or
-    # from --set (a GPU run was lost to `--set lr=5e-4` reaching AdamW as text)
+    # from the command line (a GPU run was lost to `lr=5e-4` reaching AdamW as text)
     path = tmp_path / "c.yaml"
-    path.write_text("lr: 5e-4\nmax_steps: 1e3\n")
-    cfg = common.load_config(train_vae.VAEConfig, path, ["weight_decay=1e-2"])
-    assert (cfg.lr, cfg.max_steps, cfg.weight_decay) == (5e-4, 1000, 0.01)
+    path.write_text("lr: 5e-4\nmax_steps: 1000\ndim_mult: [1, 2]\n")
+    cfg = _parse(train_vae.VAEConfig, "--config", path, "--weight_decay", "1e-2")
+    assert (cfg.lr, cfg.max_steps, cfg.weight_decay, cfg.dim_mult) == (5e-4, 1000, 0.01, (1, 2))
     assert type(cfg.lr) is float and type(cfg.max_steps) is int
-    for bad, message in (("lr=fast", "not a number"), ("max_steps=1.5", "not a whole number"),
-                         ("max_steps=true", "not a whole number"), ("threads=[1]", "not a whole number")):
-        with pytest.raises(ValueError, match=message):
-            common.load_config(train_vae.VAEConfig, overrides=[bad])
+    assert _parse(train_reasoner.ReasonerConfig, "--curriculum", "[[0.5, 1]]").curriculum == ([0.5, 1],)
+    for bad in ({"lr": "fast"}, {"max_steps": 1.5}, {"max_steps": True}, {"threads": [1]}):
+        with pytest.raises(ValueError, match="is not a"):
+            train_vae.VAEConfig(**bad)
+    for argv in (["--lr", "fast"], ["--max_steps", "1.5"]):
+        with pytest.raises(SystemExit):  # argparse refuses it, naming the flag
+            _parse(train_vae.VAEConfig, *argv)
+    with pytest.raises(ValueError, match="no_such_field"):
+        _parse(train_vae.VAEConfig, "--no_such_field", "1")

@@ -22,6 +22,7 @@ import PIL.Image
 import torch
 from torch import Tensor
 
+from editr2.batching import pad_prompt_embeds
 from editr2.flow import sample, sde_window, shifted_sigmas
 from editr2.intent import Intent, parse_answer
 
@@ -152,26 +153,15 @@ def batch_text(inputs: Sequence[dict], completions: Sequence[Tensor], pad_token_
     return prompt, completion_ids, mask
 
 
-def _pad_embeds(embeds: Sequence[Tensor], masks: Sequence[Tensor | None]) -> tuple[Tensor, Tensor]:
-    """G `(1, L_g, D)` embeddings (+ masks) -> `(G, L, D)` right-padded with zeros and a `(G, L)` mask."""
-    length = max(e.shape[1] for e in embeds)
-    out = embeds[0].new_zeros(len(embeds), length, embeds[0].shape[2])
-    mask = torch.zeros(len(embeds), length, dtype=torch.long, device=embeds[0].device)
-    for i, (e, m) in enumerate(zip(embeds, masks)):
-        out[i, : e.shape[1]] = e[0]
-        mask[i, : e.shape[1]] = 1 if m is None else m[0].long()
-    return out, mask
-
-
 def batch_conditioning(conditionings: Sequence[Any]):
     """Concatenate G batch-1 `TurnConditioning`s into one of batch G (prompt embeddings right-padded + masked)."""
     first = conditionings[0]
     if any(c.img_shapes != first.img_shapes for c in conditionings):
         raise ValueError("the G rollouts of a turn must share the image shapes (same working size and references)")
-    embeds, mask = _pad_embeds([c.prompt_embeds for c in conditionings], [c.prompt_embeds_mask for c in conditionings])
+    embeds, mask = pad_prompt_embeds([c.prompt_embeds for c in conditionings], [c.prompt_embeds_mask for c in conditionings])
     neg_embeds = neg_mask = None
     if first.negative_prompt_embeds is not None:
-        neg_embeds, neg_mask = _pad_embeds(
+        neg_embeds, neg_mask = pad_prompt_embeds(
             [c.negative_prompt_embeds for c in conditionings],
             [c.negative_prompt_embeds_mask for c in conditionings],
         )

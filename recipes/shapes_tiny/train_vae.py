@@ -5,25 +5,23 @@ on the latent makes the decoder robust to the editor's imperfect outputs), train
 with object pixels weighted up. At the end the per-channel latent statistics are measured and written into the
 saved VAE's `latents_mean` / `latents_std` (the pipeline normalises latents with them), in `RUN_DIR/vae/`.
 
-    python examples/train_default/train_vae.py --run-dir runs/vae            # resumes RUN_DIR if it exists
-    python examples/train_default/train_vae.py --run-dir runs/vae --export-only
+    python -m recipes.shapes_tiny.train_vae --run_dir runs/vae                # resumes RUN_DIR if it exists
+    python -m recipes.shapes_tiny.train_vae --run_dir runs/vae --export_only
 
 Gate (docs/training.md): the oracle parser reads >= 99% of reconstructed scenes exactly.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-import common
+from recipes.shapes_tiny import common
 
 
 @dataclass
@@ -50,7 +48,7 @@ class VAEConfig(common.TrainConfig):
     size: int = 64
     base_dim: int = 16
     z_dim: int = 16
-    dim_mult: tuple = (1, 2, 2)
+    dim_mult: common.Seq = (1, 2, 2)
     num_res_blocks: int = 1
     max_steps: int = 2500
     object_weight: float = 5.0
@@ -105,14 +103,12 @@ def make_batch(cfg: VAEConfig, step: int) -> dict:
             "weights": common.object_weights(scenes, cfg.size, cfg.object_weight)}
 
 
-def train_step(vae, optimizer, cfg: VAEConfig, step: int, batch: dict | None = None,
-               device: torch.device | None = None) -> dict:
-    """One optimiser step on `batch` (`make_batch(cfg, step)` when None), on `device` (the CPU when None)."""
-    device = device or torch.device("cpu")
+def train_step(vae, optimizer, cfg: VAEConfig, step: int, batch: dict, accelerator) -> dict:
+    """One optimiser step on `batch` (`make_batch(cfg, step)` on the accelerator's device)."""
+    device = accelerator.device
     gen = common.step_generator(cfg.seed, step)
-    batch = common.to_device(make_batch(cfg, step) if batch is None else batch, device)
     x, weights = batch["x"], batch["weights"]  # (B, 3, H, W), (B, 1, H, W)
-    with common.autocast(device, cfg.mixed_precision):
+    with accelerator.autocast():
         with torch.set_grad_enabled(cfg.train_encoder):
             z = encode_mean(vae, x)  # (B, z, 1, h, w)
         z_in = z
@@ -125,8 +121,8 @@ def train_step(vae, optimizer, cfg: VAEConfig, step: int, batch: dict | None = N
     loss = recon + cfg.latent_l2 * (z.float() ** 2).mean()
     common.set_lr(optimizer, common.lr_at(step, cfg.lr, cfg.warmup, cfg.max_steps))
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_([p for p in vae.parameters() if p.requires_grad], cfg.grad_clip)
+    accelerator.backward(loss)
+    grad_norm = accelerator.clip_grad_norm_([p for p in vae.parameters() if p.requires_grad], cfg.grad_clip)
     optimizer.step()
     return {"loss": loss.item(), "recon": recon.item(), "grad_norm": float(grad_norm),
             "lr": optimizer.param_groups[0]["lr"]}
@@ -195,9 +191,9 @@ def export(run_dir: Path, cfg: VAEConfig, vae=None, device: torch.device | None 
     statistics and the evaluation run on `device` (that of `vae` when given, else the CPU)."""
     if vae is None:
         vae = build_vae(cfg)
-        state = common.resume(run_dir, {"vae": vae})
-        if state["step"] == 0:
+        if common.latest_checkpoint(run_dir) is None:
             raise ValueError(f"{run_dir} has no checkpoint to export: train first.")
+        common.load_weights(vae, common.latest_checkpoint(run_dir))
         vae.to(device or "cpu")
     device = next(vae.parameters()).device
     vae.eval()
@@ -220,9 +216,7 @@ def train(cfg: VAEConfig, run_dir: str | Path, show_progress: bool = True, stop_
 
 
 def _train(cfg: VAEConfig, run_dir, show_progress: bool, stop_after: int | None):
-    deadline = common.Deadline(cfg.max_minutes)
-    device = common.setup_run(cfg)
-    run_dir = common.prepare_run_dir(run_dir, cfg)
+    run = common.Run(cfg, run_dir, "vae", show_progress, stop_after)
     common.seed_everything(cfg.seed)
     vae = build_vae(cfg).train()  # built on the CPU (the same init everywhere), then moved
     if cfg.init_from:
@@ -232,60 +226,27 @@ def _train(cfg: VAEConfig, run_dir, show_progress: bool, stop_after: int | None)
     if not cfg.train_encoder:
         vae.encoder.requires_grad_(False)
         vae.quant_conv.requires_grad_(False)
-    vae.to(device)
     params = [p for p in vae.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    state = common.resume(run_dir, {"vae": vae}, optimizer)
-    start, seconds = state["step"], state.get("train_seconds", 0.0)
-    if state.get("stopped_early"):
-        start = cfg.max_steps  # the gate was reached: nothing left to train
-    log = common.RunLog(run_dir)
-    log.truncate(start)
-    bar = common.progress(range(start, cfg.max_steps), cfg.max_steps, start, "vae", not show_progress)
-    batches = common.step_batches(lambda step: make_batch(cfg, step), start, cfg.max_steps, cfg.data_workers)
-    tick = time.perf_counter()
-    for step, batch in zip(bar, batches):
-        row = train_step(vae, optimizer, cfg, step, batch, device)
-        log.append({"kind": "train", "step": step + 1, **row})
-        bar.set_postfix(loss=f"{row['loss']:.4f}")
+    vae, optimizer = run.prepare(vae, torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay))
+    for step, batch in run.steps(lambda step: make_batch(cfg, step)):
         done = step + 1
-        stop = False
-        if done % cfg.eval_every == 0 or done == cfg.max_steps:
-            metrics = evaluate(vae, cfg)
-            log.append({"kind": "eval", "step": done, **metrics})
-            bar.write(f"step {done}: {json.dumps({k: round(v, 4) for k, v in metrics.items()})}")
-            stop = (metrics["scene_accuracy"] >= cfg.stop_scene_accuracy
-                    and metrics["background_kept"] >= cfg.stop_background_kept)
-        interrupt = stop_after is not None and done >= stop_after
-        out_of_time = deadline.reached()
-        if done % cfg.save_every == 0 or done == cfg.max_steps or stop or interrupt or out_of_time:
-            seconds += time.perf_counter() - tick
-            tick = time.perf_counter()
-            common.save_checkpoint(run_dir, done, {"vae": vae}, optimizer,
-                                   {"train_seconds": seconds, "stopped_early": stop}, cfg.keep)
-            log.plot(run_dir / "loss.png", ("loss",), "VAE reconstruction loss")
-        if stop:
-            bar.write(f"step {done}: the gate is reached, stopping early")
+        if run.end_step(done, train_step(vae, optimizer, cfg, step, batch, run.accelerator),
+                        lambda: evaluate(vae, cfg), done % cfg.eval_every == 0 or done == cfg.max_steps,
+                        describe=lambda m: json.dumps({k: round(v, 4) for k, v in m.items()}),
+                        gate=lambda m: (m["scene_accuracy"] >= cfg.stop_scene_accuracy
+                                        and m["background_kept"] >= cfg.stop_background_kept)):
             break
-        if interrupt:
-            return None
-        if out_of_time and done < cfg.max_steps:
-            bar.write(f"step {done}: max_minutes={cfg.max_minutes} reached; checkpointed (run again to continue)")
-            break
-    del batches  # stops the data workers, if any
-    if start >= cfg.max_steps and common.latest_checkpoint(run_dir) is None:
+    if run.interrupted:
+        return None
+    if common.latest_checkpoint(run.run_dir) is None:
         raise ValueError("max_steps is 0: nothing to train.")
-    return export(run_dir, cfg, vae)
+    return export(run.run_dir, cfg, vae)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    common.add_common_arguments(parser, "vae.yaml")
-    parser.add_argument("--export-only", action="store_true", help="only export RUN_DIR/vae from the last checkpoint")
-    args = parser.parse_args(argv)
-    cfg = common.load_config(VAEConfig, args.config, args.overrides)
+    cfg, args = common.parse_args(VAEConfig, "vae.yaml", argv)
     if args.export_only:
-        device = common.setup_run(cfg)
+        device = common.make_accelerator(cfg).device
         with common.single_frame_convs():
             metrics = export(Path(args.run_dir), cfg, device=device)
     else:

@@ -1,6 +1,6 @@
 """The results of a saved model on MICE-Shapes, for docs/results.md: every reasoning mode next to the symbolic editors.
 
-    python examples/train_default/results.py --model checkpoints/editr2-shapes-tiny --out docs/results.md
+    python -m recipes.shapes_tiny.results --model checkpoints/editr2-shapes-tiny --out docs/results.md
 
 Runs the grid of issue #4 on held-out session seeds (training uses seeds >= 10,000,000): per family (cm, cu),
 `--sessions` x `--turns` and `--long-sessions` x `--long-turns` sessions, each scored by `run_bench` for the symbolic
@@ -132,7 +132,7 @@ def run_grid(args, data: dict, json_path: Path) -> dict:
                          f"{data['model_sha256'][:12]}): pass another --json, or delete it to start over.")
     data.update(model=str(model), model_sha256=fingerprint, call_kwargs=load_call_defaults(model),
                 sample_seed=args.sample_seed, seed=args.seed,
-                command="python examples/train_default/results.py " + shlex.join(args.argv))
+                command="python -m recipes.shapes_tiny.results " + shlex.join(args.argv))
     cells = plan_cells(args.families, args.modes, args.sessions, args.turns, args.long_sessions, args.long_turns)
     pipe = None  # loaded at the first model cell that still has to run
     for cell in cells:

@@ -1,60 +1,65 @@
-"""Shared pieces of the default-model recipe: configs, seeding, resumable checkpoints, logs and loss plots.
+"""Shared pieces of the default-model recipe: configs, the training loop's run (accelerate), seeding, logs, data.
 
-Every stage script (`train_vae.py`, `train_reasoner.py`, `train_editor.py`) is a loop of the same shape:
+Every stage (`train_vae`, `train_reasoner`, `train_editor`) is a loop of the same shape:
 
-    cfg = load_config(StageConfig, args)                # YAML + `--set key=value` overrides
-    state = resume(run_dir, modules, optimizer)         # the last checkpoint, if any
-    for step in range(state.step, cfg.max_steps):
-        batch = make_batch(step_rng(cfg.seed, step))    # data depends on (seed, step) only
+    cfg, run_args = parse_args(StageConfig, argv)              # YAML --config + `--field value` overrides (TrlParser)
+    run = Run(cfg, run_args.run_dir, "stage")                  # accelerate Accelerator: device, mixed precision
+    model, optimizer = run.prepare(model, optimizer)           # resumes the newest checkpoint (`load_state`), if any
+    for step, batch in run.steps(lambda step: make_batch(cfg, step)):   # data depends on (seed, step) only
         ...
-        if due: save_checkpoint(run_dir, step + 1, modules, optimizer)
+        if run.end_step(step + 1, row, evaluate, eval_due):    # log, evaluate, `save_state`, stop / time cap
+            break
 
-Data and noise are drawn from generators seeded by `(seed, step)`, so a run resumed from a checkpoint continues
-exactly as an uninterrupted one would. Checkpoints hold safetensors (model and optimizer tensors) and JSON (step,
-optimizer hyper-parameters, RNG states, config): nothing is pickled.
-
-Every stage config subclasses `TrainConfig` (optimisation, checkpoints, device, mixed precision, wall-clock cap, data
-workers). Data is generated on the CPU (numpy / PIL, in `data_workers` forked processes when > 0) and moved to the
-device; noise is drawn on the CPU from the step's generator and moved too, so a CUDA run sees the same data and noise
-as a CPU run. The defaults (`device="cpu"`, `mixed_precision="no"`, `data_workers=0`) run exactly the code path the
-CPU recipe was measured with.
+Data and noise are drawn on the CPU from generators seeded by `(seed, step)` (and moved to the device), so a resumed
+run continues exactly as an uninterrupted one would, and a CUDA run sees the same data and noise as a CPU run.
+Checkpoints are `accelerator.save_state` folders (`RUN_DIR/checkpoints/step_XXXXXXX/`: `model.safetensors`, the
+optimizer and RNG states) plus `trainer_state.json` (step, training time). The defaults (`device="cpu"`,
+`mixed_precision="no"`, `data_workers=0`) run exactly the code path the CPU recipe was measured with.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import random
 import shutil
-import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parents[1]
-if str(REPO) not in sys.path:  # run as `python examples/train_default/train_x.py` from a checkout
-    sys.path.insert(0, str(REPO))
-
 CHECKPOINT_PREFIX = "step_"
+MIXED_PRECISION = ("no", "bf16")
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Configs
+# Configs: dataclasses parsed by TRL's `TrlParser` (a YAML `--config` plus `--field value` overrides)
 # ---------------------------------------------------------------------------------------------------------------------
+
+
+class Seq(tuple):
+    """A tuple-valued config field: a YAML list in the config file, or YAML text on the command line
+    (`--dim_mult "[1, 2, 2]"`, `--curriculum "[[0.5, 1]]"`); nested lists stay as YAML gives them."""
+
+    def __new__(cls, value=()):
+        if isinstance(value, str):
+            import yaml
+
+            value = yaml.safe_load(value)
+        if isinstance(value, (int, float, bool, dict)) or value is None:
+            raise ValueError(f"{value!r} is not a list: pass e.g. '[1, 2]'.")
+        return super().__new__(cls, value)
 
 
 @dataclasses.dataclass
 class TrainConfig:
     """The optimisation and run settings every stage shares (`VAEConfig`, `ReasonerConfig` and `EditorConfig`
-    subclass it and set their own defaults; the YAML keys are the field names).
+    subclass it and set their own defaults; the YAML keys and command-line flags are the field names).
 
     Args:
         seed: seeds the model init, the data and the noise.
@@ -66,13 +71,13 @@ class TrainConfig:
         weight_decay: AdamW weight decay.
         grad_clip: gradient-norm clipping.
         eval_every: evaluate every this many steps.
-        save_every: checkpoint every this many steps (also at the end, at `--stop-after` and at `max_minutes`).
+        save_every: checkpoint every this many steps (also at the end, at `--stop_after` and at `max_minutes`).
         keep: checkpoints kept (the newest).
         threads: torch CPU threads of the training process (1 leaves a core to other work on a small machine).
-        device: "cpu", "cuda" (or "cuda:N") or "auto" (CUDA when available, else CPU). Models, optimiser states and
-            batches live there; checkpoints are always written from CPU copies, so a run resumes on any device.
-        mixed_precision: "no" (fp32) or "bf16": the training forward passes run under `torch.autocast` in bfloat16
-            (weights and optimiser states stay fp32). CUDA only: ignored on the CPU. Evaluations run in fp32.
+        device: "cpu", "cuda" or "auto" (CUDA when available, else CPU): the `Accelerator`'s device. Checkpoints
+            resume on any device.
+        mixed_precision: "no" (fp32) or "bf16": the training forward passes run under `accelerator.autocast()` in
+            bfloat16 (weights and optimiser states stay fp32). CUDA only: ignored on the CPU. Evaluations run in fp32.
         max_minutes: wall-clock cap of this invocation in minutes, counted from its start (0 = none). When reached,
             the run checkpoints after the current step and finishes as at `max_steps` (final evaluation, export);
             running the same command again resumes from that checkpoint.
@@ -96,88 +101,60 @@ class TrainConfig:
     max_minutes: float = 0.0
     data_workers: int = 0
 
+    FROZEN_FIELDS = ("seed",)
 
-def _parse_override(value: str, like: Any) -> Any:
-    """Parse a `--set` value as YAML, as if it stood in the config file (`load_config` then types it like the file's
-    values); a text field keeps the raw text, so `--set mixed_precision=no` stays "no" instead of YAML's False."""
-    import yaml
-
-    return value if isinstance(like, str) else yaml.safe_load(value)
-
-
-def _as_field_type(value: Any, like: Any) -> Any:
-    """`value` as the type of the field's default `like`: numbers that YAML 1.1 leaves as text (`5e-4`, which it
-    reads only as `5.0e-4`) become numbers; a value that is not a number for a number field is returned unchanged and
-    refused by `load_config`."""
-    if isinstance(like, bool):
-        return value
-    if isinstance(like, (int, float)) and isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            return value
-    if isinstance(like, int) and isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(like, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(like, tuple) and isinstance(value, list):
-        return tuple(value)
-    return value
+    def __post_init__(self):
+        """Type the values a YAML file gave as they are (lists, numbers, booleans) and refuse the wrong kinds."""
+        for f in dataclasses.fields(self):
+            value, kind = getattr(self, f.name), f.type if isinstance(f.type, type) else type(f.default)
+            if kind is Seq or isinstance(f.default, tuple):
+                setattr(self, f.name, Seq(value))
+            elif kind is float and isinstance(value, int) and not isinstance(value, bool):
+                setattr(self, f.name, float(value))
+            elif kind in (bool, int, float, str) and (type(value) is not kind):
+                hint = "quote it (YAML reads no/yes/on/off as booleans)" if kind is str else f"pass a {kind.__name__}"
+                raise ValueError(f"{f.name}: {value!r} is not a {kind.__name__}: {hint}, e.g. --{f.name} {f.default}.")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ValueError(f"mixed_precision={self.mixed_precision!r}: pass one of {MIXED_PRECISION}.")
+        if self.max_minutes < 0:
+            raise ValueError(f"max_minutes={self.max_minutes}: pass 0 (no cap) or a positive number of minutes.")
+        if self.data_workers < 0:
+            raise ValueError(f"data_workers={self.data_workers}: pass 0 (in process) or a number of processes.")
 
 
-def load_config(cls, path: str | os.PathLike | None = None, overrides: list[str] | None = None):
-    """A dataclass config from a YAML file plus `key=value` overrides.
+@dataclasses.dataclass
+class RunArguments:
+    """The command line of a stage besides its config.
 
     Args:
-        cls: the config dataclass.
-        path: a YAML mapping of field names to values (unknown keys are an error).
-        overrides: `["lr=1e-3", "dim_mult=[1, 2, 2]"]`, applied after the file.
+        run_dir: where checkpoints, logs and plots go; a run folder that holds checkpoints is resumed.
+        stop_after: checkpoint and exit after this step (resume later with the same command).
+        no_progress: hide the progress bar.
+        export_only: only export (and evaluate) the last checkpoint (VAE and reasoner stages).
     """
-    import yaml
 
-    values: dict[str, Any] = {}
-    if path is not None:
-        with open(path) as f:
-            values = yaml.safe_load(f) or {}
-    names = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(names))
-    if unknown:
-        raise ValueError(f"Unknown config keys {unknown} in {path}: valid keys are {sorted(names)}.")
-    defaults = cls()
-    for item in overrides or []:
-        if "=" not in item:
-            raise ValueError(f"Override {item!r} is not `key=value`: pass e.g. --set lr=1e-3.")
-        key, value = item.split("=", 1)
-        if key not in names:
-            raise ValueError(f"Unknown config key {key!r}: valid keys are {sorted(names)}.")
-        values[key] = _parse_override(value, getattr(defaults, key))
-    for key, value in list(values.items()):
-        like = getattr(defaults, key)
-        values[key] = value = _as_field_type(value, like)
-        if isinstance(like, (bool, int, float)) and (isinstance(value, bool) != isinstance(like, bool)
-                                                     or not isinstance(value, (bool, int, float))
-                                                     or (type(like) is int and isinstance(value, float))):
-            kind = "true or false" if isinstance(like, bool) else "a whole number" if type(like) is int else "a number"
-            raise ValueError(f"{key}: {value!r} (config file or --set) is not {kind}: pass e.g. "
-                             f"--set {key}={str(like).lower() if isinstance(like, bool) else like}.")
-        if isinstance(like, str) and not isinstance(value, str):
-            raise ValueError(f"{key}: {value!r} in {path} is not text (YAML reads no/yes/on/off as booleans): quote "
-                             f'it, e.g. {key}: "{str(value).lower() if isinstance(value, bool) else value}".')
-    return cls(**values)
+    run_dir: str = dataclasses.field(metadata={"help": "run folder (resumed if it holds checkpoints)"})
+    stop_after: int | None = dataclasses.field(default=None, metadata={"help": "checkpoint and exit after this step"})
+    no_progress: bool = dataclasses.field(default=False, metadata={"help": "hide the progress bar"})
+    export_only: bool = dataclasses.field(default=False, metadata={"help": "only export the last checkpoint"})
+
+
+def parse_args(config_cls, default_config: str, argv: list[str] | None = None):
+    """`(config, RunArguments)` from the command line, as `trl_editr2/scripts/editr2.py` parses: `TrlParser` reads
+    `--config FILE` (default `configs/<default_config>`) and then `--field value` overrides."""
+    import sys
+
+    from trl import TrlParser
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--config" not in argv:
+        argv = ["--config", str(HERE / "configs" / default_config), *argv]
+    return TrlParser([config_cls, RunArguments]).parse_args_and_config(argv)
 
 
 def config_to_dict(cfg) -> dict:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
-
-
-def add_common_arguments(parser: argparse.ArgumentParser, default_config: str) -> None:
-    parser.add_argument("--config", default=str(HERE / "configs" / default_config), help="YAML config of the stage")
-    parser.add_argument("--run-dir", required=True, help="where checkpoints, logs and plots go (resumed if present)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config field (repeatable), e.g. --set max_steps=100")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    parser.add_argument("--stop-after", type=int, default=None, metavar="STEP",
-                        help="checkpoint and exit after this step (resume later with the same command)")
+    return {f.name: list(getattr(cfg, f.name)) if isinstance(getattr(cfg, f.name), tuple) else getattr(cfg, f.name)
+            for f in dataclasses.fields(cfg)}
 
 
 def prepare_run_dir(run_dir: str | os.PathLike, cfg) -> Path:
@@ -185,89 +162,204 @@ def prepare_run_dir(run_dir: str | os.PathLike, cfg) -> Path:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "config.json"
-    current = config_to_dict(cfg)
+    current = json.loads(json.dumps(config_to_dict(cfg)))  # tuples as JSON lists, as saved
     if path.exists():
         saved = json.loads(path.read_text())
-        frozen = getattr(cfg, "FROZEN_FIELDS", ())
-        defaults = config_to_dict(type(cfg)())
-        changed = [k for k in frozen if saved.get(k, defaults.get(k)) != current.get(k)]
+        defaults = json.loads(json.dumps(config_to_dict(type(cfg)())))
+        changed = [k for k in cfg.FROZEN_FIELDS if saved.get(k, defaults.get(k)) != current.get(k)]
         if changed:
-            raise ValueError(f"{run_dir} was trained with other values of {changed}: use a new --run-dir, or "
+            raise ValueError(f"{run_dir} was trained with other values of {changed}: use a new --run_dir, or "
                              f"the saved values {({k: saved.get(k) for k in changed})}.")
     path.write_text(json.dumps(current, indent=2) + "\n")
     return run_dir
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Devices, mixed precision, wall-clock caps and data workers
+# The run: device and mixed precision (accelerate), checkpoints, the time cap and the loop's tail
 # ---------------------------------------------------------------------------------------------------------------------
 
-MIXED_PRECISION = ("no", "bf16")
 
+def make_accelerator(cfg: TrainConfig):
+    """The `Accelerator` of a config's `device` and `mixed_precision` (bf16 only on CUDA: the CPU path stays fp32)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
-def resolve_device(name: str) -> torch.device:
-    """The torch device of a config's `device`: "cpu", "cuda", "cuda:N", or "auto" (CUDA when available)."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cpu":
-        return torch.device("cpu")
-    if name == "cuda" or name.startswith("cuda:"):
-        if not torch.cuda.is_available():
-            raise ValueError(f"device={name!r}, but CUDA is not available here (torch {torch.__version__}, "
-                             f"CUDA build: {torch.version.cuda}): pass device=cpu, or device=auto to use CUDA only "
-                             f"where there is one.")
-        device = torch.device(name)
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"device={name!r}, but there are {torch.cuda.device_count()} CUDA devices: pass "
-                             f"device=cuda or cuda:0..{torch.cuda.device_count() - 1}.")
-        return device
-    raise ValueError(f"device={name!r}: pass 'cpu', 'cuda', 'cuda:N' or 'auto'.")
-
-
-def setup_run(cfg: TrainConfig) -> torch.device:
-    """Check the run settings, set the CPU threads (and TF32 matmuls on CUDA) and return the training device."""
-    if cfg.mixed_precision not in MIXED_PRECISION:
-        raise ValueError(f"mixed_precision={cfg.mixed_precision!r}: pass one of {MIXED_PRECISION}.")
-    if cfg.max_minutes < 0:
-        raise ValueError(f"max_minutes={cfg.max_minutes}: pass 0 (no cap) or a positive number of minutes.")
-    if cfg.data_workers < 0:
-        raise ValueError(f"data_workers={cfg.data_workers}: pass 0 (in process) or a number of processes.")
-    device = resolve_device(cfg.device)
+    if cfg.device not in ("cpu", "auto") and not cfg.device.startswith("cuda"):
+        raise ValueError(f"device={cfg.device!r}: pass 'cpu', 'cuda' or 'auto'.")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={cfg.device!r}, but CUDA is not available here (torch {torch.__version__}, CUDA "
+                         f"build: {torch.version.cuda}): pass device=cpu, or device=auto to use CUDA only where there "
+                         "is one.")
+    if cfg.device not in ("cpu", "cuda", "auto"):
+        raise ValueError(f"device={cfg.device!r}: pass 'cuda' and pick the GPU with CUDA_VISIBLE_DEVICES.")
+    cpu = cfg.device == "cpu" or not torch.cuda.is_available()
+    if cpu and cfg.mixed_precision != "no":
+        print(f"mixed_precision={cfg.mixed_precision!r} is ignored on the CPU (autocast runs on CUDA only)")
+    AcceleratorState._reset_state(reset_partial_state=True)  # one run after another in a process may change device
+    accelerator = Accelerator(cpu=cpu, mixed_precision="no" if cpu else cfg.mixed_precision)
     torch.set_num_threads(cfg.threads)
-    if device.type == "cuda":
+    if accelerator.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    elif cfg.mixed_precision != "no":
-        print(f"mixed_precision={cfg.mixed_precision!r} is ignored on the CPU (autocast runs on CUDA only)")
-    return device
+    return accelerator
 
 
-def autocast(device: torch.device, mixed_precision: str):
-    """`torch.autocast` in bfloat16 for "bf16" on CUDA; a no-op otherwise (fp32, the CPU path unchanged)."""
-    if mixed_precision == "bf16" and device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    root = Path(run_dir) / "checkpoints"
+    found = sorted(p for p in root.glob(f"{CHECKPOINT_PREFIX}*") if (p / "trainer_state.json").exists())
+    return found[-1] if found else None
 
 
-def to_device(batch, device: torch.device):
-    """Tensors of a (nested) dict / list / tuple moved to `device`; other values are kept."""
-    if torch.is_tensor(batch):
-        return batch.to(device)
-    if isinstance(batch, dict):
-        return {k: to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(to_device(v, device) for v in batch)
-    return batch
+def load_weights(module: torch.nn.Module, checkpoint: str | os.PathLike) -> None:
+    """Load a checkpoint folder's `model.safetensors` into `module` (strict, except for tied tensors saved once)."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(Path(checkpoint) / "model.safetensors"))
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    params = module.state_dict()
+    tied = {n for n in missing if any(params[o].data_ptr() == params[n].data_ptr() for o in state if o in params)}
+    if set(missing) - tied or unexpected:
+        raise ValueError(f"{checkpoint} does not match the model: missing {sorted(set(missing) - tied)[:5]}, "
+                         f"unexpected {sorted(unexpected)[:5]}.")
 
 
-class Deadline:
-    """The wall-clock cap of a run (`TrainConfig.max_minutes`), counted from construction; 0 means none."""
+class Run:
+    """One stage's run folder and loop tail: the `Accelerator`, resume (`load_state`), the steps with their progress
+    bar, and after each step the log row, the evaluation, the checkpoint (`save_state`) and the stop decision.
 
-    def __init__(self, minutes: float):
-        self.end = time.monotonic() + 60.0 * minutes if minutes > 0 else None
+    Args:
+        cfg: the stage config (checked, and the run folder refused for another architecture, before anything runs).
+        run_dir: the run folder.
+        name: the progress bar's label.
+        show_progress: show the tqdm bar.
+        stop_after: checkpoint and stop after this step, as an interruption would (`interrupted` is then True).
+    """
 
-    def reached(self) -> bool:
-        return self.end is not None and time.monotonic() >= self.end
+    def __init__(self, cfg: TrainConfig, run_dir, name: str, show_progress: bool = True,
+                 stop_after: int | None = None):
+        self.deadline = time.monotonic() + 60.0 * cfg.max_minutes if cfg.max_minutes > 0 else None
+        self.accelerator = make_accelerator(cfg)
+        self.cfg, self.name, self.show_progress, self.stop_after = cfg, name, show_progress, stop_after
+        self.run_dir = prepare_run_dir(run_dir, cfg)
+        self.log = RunLog(self.run_dir)
+        self.start, self.train_seconds, self.interrupted, self.state = 0, 0.0, False, {}
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+        """`accelerator.prepare` the trained model and its optimizer, then resume the newest checkpoint, if any."""
+        model, optimizer = self.accelerator.prepare(model, optimizer)
+        # without the fp32/autocast wrapper of `forward`: a stage autocasts its training passes itself
+        # (`accelerator.autocast()`), and evaluations run in fp32
+        model = self.accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+        checkpoint = latest_checkpoint(self.run_dir)
+        if checkpoint is not None:
+            if not (checkpoint / "model.safetensors").is_file():
+                raise ValueError(f"{checkpoint} is not an accelerate checkpoint (no model.safetensors; written before "
+                                 "the recipe used accelerate): pass a new run_dir.")
+            self.accelerator.load_state(str(checkpoint))
+            self.state = json.loads((checkpoint / "trainer_state.json").read_text())
+            self.start, self.train_seconds = self.state["step"], self.state.get("train_seconds", 0.0)
+            if self.state.get("stopped_early"):
+                self.start = self.cfg.max_steps  # the gate was reached: nothing left to train
+            self.accelerator.print(f"{self.name}: resuming {self.run_dir} from step {self.start} ({checkpoint.name})")
+            self.log.truncate(self.start)
+            self.log.append({"kind": "resume", "step": self.start, "checkpoint": checkpoint.name})
+        return model, optimizer
+
+    def steps(self, make_batch: Callable[[int], Any]):
+        """`(step, batch)` from the resumed step to `max_steps`, `make_batch(step)` run in `data_workers` processes
+        (moved to the device here), under a progress bar."""
+        from accelerate.utils import send_to_device
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        self.bar = tqdm(range(self.start, cfg.max_steps), total=cfg.max_steps, initial=self.start, desc=self.name,
+                        disable=not self.show_progress, dynamic_ncols=True)
+        self.tick = time.perf_counter()
+        batches = step_batches(make_batch, self.start, cfg.max_steps, cfg.data_workers)
+        try:
+            for step, batch in zip(self.bar, batches):
+                yield step, send_to_device(batch, self.device)
+        finally:
+            del batches  # stops the data workers, if any
+
+    def seconds(self) -> float:
+        """Training time so far (evaluations included), over every invocation of the run."""
+        return self.train_seconds + time.perf_counter() - self.tick
+
+    def end_step(self, done: int, row: dict, evaluate: Callable[[], dict] | None = None, eval_due: bool = False,
+                 eval_at_cap: bool = False, describe: Callable[[dict], str] = json.dumps,
+                 gate: Callable[[dict], bool] | None = None, plot: tuple = ("loss",)) -> bool:
+        """The tail of a training step: log `row`, evaluate when `eval_due` (or at the time cap with `eval_at_cap`),
+        checkpoint every `save_every` steps and whenever the run stops; returns True when the loop must stop (the
+        `gate(metrics)` is reached, `stop_after`, or `max_minutes`)."""
+        cfg = self.cfg
+        self.log.append({"kind": "train", "step": done, **row})
+        self.bar.set_postfix(loss=f"{row['loss']:.4f}")
+        out_of_time = self.deadline is not None and time.monotonic() >= self.deadline
+        stop = False
+        if evaluate is not None and (eval_due or (eval_at_cap and out_of_time)):
+            metrics = evaluate()
+            self.log.append({"kind": "eval", "step": done, **metrics})
+            self.bar.write(f"step {done}: {describe(metrics)}")
+            stop = gate is not None and gate(metrics)
+        self.interrupted = self.stop_after is not None and done >= self.stop_after and not stop
+        if done % cfg.save_every == 0 or done == cfg.max_steps or stop or self.interrupted or out_of_time:
+            self.save(done, stopped_early=stop)
+            self.log.plot(self.run_dir / "loss.png", plot, f"{self.name} loss")
+        if stop:
+            self.bar.write(f"step {done}: the gate is reached, stopping early")
+        elif out_of_time and done < cfg.max_steps and not self.interrupted:
+            self.bar.write(f"step {done}: max_minutes={cfg.max_minutes} reached; checkpointed (run again to continue)")
+        return stop or self.interrupted or out_of_time
+
+    def save(self, step: int, **extra) -> Path:
+        """`accelerator.save_state` to `RUN_DIR/checkpoints/step_XXXXXXX/` (written aside, then renamed) with
+        `trainer_state.json`; keeps the newest `keep` checkpoints."""
+        self.train_seconds = self.seconds()
+        self.tick = time.perf_counter()
+        root = self.run_dir / "checkpoints"
+        final, staging = root / f"{CHECKPOINT_PREFIX}{step:07d}", root / f".staging-{step:07d}-{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        self.accelerator.save_state(str(staging))
+        state = {"step": step, "time": time.time(), "train_seconds": self.train_seconds, **extra}
+        (staging / "trainer_state.json").write_text(json.dumps(state))
+        shutil.rmtree(final, ignore_errors=True)
+        staging.rename(final)
+        for old in sorted(root.glob(f"{CHECKPOINT_PREFIX}*"))[:-self.cfg.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Seeding, data workers, schedules, logs and plots
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def derive_seed(*parts) -> int:
+    """A 63-bit seed from any parts (stable across runs and platforms)."""
+    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def step_rng(seed: int, step: int, salt: str = "data") -> random.Random:
+    """The Python RNG of one training step (data depends on `(seed, step)` only)."""
+    return random.Random(derive_seed(seed, salt, step))
+
+
+def step_generator(seed: int, step: int, salt: str = "noise") -> torch.Generator:
+    """The torch generator of one training step."""
+    return torch.Generator().manual_seed(derive_seed(seed, salt, step))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
 
 
 class _Steps(torch.utils.data.Dataset):
@@ -297,181 +389,6 @@ def step_batches(fn, start: int, stop: int, workers: int = 0):
                                          num_workers=workers, prefetch_factor=4,
                                          multiprocessing_context=multiprocessing.get_context("fork"))
     return iter(loader)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Seeding
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def derive_seed(*parts) -> int:
-    """A 63-bit seed from any parts (stable across runs and platforms)."""
-    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
-
-
-def step_rng(seed: int, step: int, salt: str = "data") -> random.Random:
-    """The Python RNG of one training step (data depends on `(seed, step)` only)."""
-    return random.Random(derive_seed(seed, salt, step))
-
-
-def step_generator(seed: int, step: int, salt: str = "noise") -> torch.Generator:
-    """The torch generator of one training step."""
-    return torch.Generator().manual_seed(derive_seed(seed, salt, step))
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict:
-    """The global RNG states as JSON-serialisable values."""
-    version, internal, gauss = random.getstate()
-    state = {
-        "python": [version, list(internal), gauss],
-        "numpy": _numpy_state(),
-        "torch": torch.get_rng_state().tolist(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():  # a CUDA run: its generators too
-        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
-    return state
-
-
-def _numpy_state() -> list:
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
-    return [name, keys.tolist(), int(pos), int(has_gauss), float(gauss)]
-
-
-def set_rng_state(state: dict) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
-    if state.get("cuda") and torch.cuda.is_available():  # saved on CUDA; a resume on the CPU ignores them
-        cuda = state["cuda"][: torch.cuda.device_count()]
-        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in cuda])
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Checkpoints (safetensors + JSON)
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def _module_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """State dict with tied (shared) tensors kept once, contiguous, on CPU."""
-    out, seen = {}, set()
-    for name, tensor in module.state_dict().items():
-        key = (tensor.data_ptr(), tuple(tensor.shape), tensor.dtype)
-        if tensor.numel() and key in seen:
-            continue
-        seen.add(key)
-        out[name] = tensor.detach().cpu().contiguous()
-    return out
-
-
-def save_optimizer(optimizer: torch.optim.Optimizer, directory: Path, name: str = "optimizer") -> None:
-    from safetensors.torch import save_file
-
-    state = optimizer.state_dict()
-    tensors, scalars = {}, {}
-    for index, entries in state["state"].items():
-        for key, value in entries.items():
-            if torch.is_tensor(value):
-                tensors[f"{index}.{key}"] = value.detach().cpu().contiguous()
-            else:
-                scalars[f"{index}.{key}"] = value
-    save_file(tensors, str(directory / f"{name}.safetensors"))
-    (directory / f"{name}.json").write_text(json.dumps({"param_groups": state["param_groups"], "scalars": scalars}))
-
-
-def load_optimizer(optimizer: torch.optim.Optimizer, directory: Path, name: str = "optimizer") -> None:
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(directory / f"{name}.safetensors"))
-    meta = json.loads((directory / f"{name}.json").read_text())
-    state: dict[int, dict] = {}
-    for key, value in tensors.items():
-        index, field = key.split(".", 1)
-        state.setdefault(int(index), {})[field] = value
-    for key, value in meta["scalars"].items():
-        index, field = key.split(".", 1)
-        state.setdefault(int(index), {})[field] = value
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-
-
-def save_checkpoint(run_dir: Path, step: int, modules: dict[str, torch.nn.Module], optimizer=None,
-                    extra: dict | None = None, keep: int = 2) -> Path:
-    """Write `run_dir/checkpoints/step_XXXXXXX/` atomically; keep the newest `keep` checkpoints.
-
-    Args:
-        modules: name -> module; each is saved as `<name>.safetensors` (trainable or not: the checkpoint is complete).
-        optimizer: saved as `optimizer.safetensors` + `optimizer.json`.
-        extra: JSON-serialisable values stored in `trainer_state.json` (with the step and the RNG states).
-    """
-    from safetensors.torch import save_file
-
-    root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"{CHECKPOINT_PREFIX}{step:07d}"
-    staging = root / f".staging-{step:07d}-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    for name, module in modules.items():
-        save_file(_module_state(module), str(staging / f"{name}.safetensors"))
-    if optimizer is not None:
-        save_optimizer(optimizer, staging)
-    state = {"step": step, "rng": rng_state(), "time": time.time(), **(extra or {})}
-    (staging / "trainer_state.json").write_text(json.dumps(state))
-    shutil.rmtree(final, ignore_errors=True)
-    staging.rename(final)
-    for old in sorted(root.glob(f"{CHECKPOINT_PREFIX}*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
-    root = Path(run_dir) / "checkpoints"
-    found = sorted(p for p in root.glob(f"{CHECKPOINT_PREFIX}*") if (p / "trainer_state.json").exists())
-    return found[-1] if found else None
-
-
-def load_module(module: torch.nn.Module, path: str | os.PathLike) -> None:
-    """Load a `.safetensors` state dict (strict, except for tied tensors saved once)."""
-    from safetensors.torch import load_file
-
-    state = load_file(str(path))
-    missing, unexpected = module.load_state_dict(state, strict=False)
-    tied = {name for name in missing if _is_tied(module, name, state)}
-    if set(missing) - tied or unexpected:
-        raise ValueError(f"{path} does not match the model: missing {sorted(set(missing) - tied)[:5]}, "
-                         f"unexpected {sorted(unexpected)[:5]}.")
-
-
-def _is_tied(module: torch.nn.Module, name: str, state: dict) -> bool:
-    params = module.state_dict()
-    ptr = params[name].data_ptr()
-    return any(params[other].data_ptr() == ptr for other in state if other in params and other != name)
-
-
-def resume(run_dir: Path, modules: dict[str, torch.nn.Module], optimizer=None) -> dict:
-    """Load the newest checkpoint of `run_dir` into `modules` / `optimizer`; returns its trainer state
-    (`{"step": 0}` when there is none).
-
-    The tensors are read on the CPU and copied into the modules wherever they live; the optimizer (built on the
-    modules' parameters) moves its state to their device, so a checkpoint written on one device resumes on another."""
-    path = latest_checkpoint(run_dir)
-    if path is None:
-        return {"step": 0}
-    for name, module in modules.items():
-        load_module(module, path / f"{name}.safetensors")
-    if optimizer is not None:
-        load_optimizer(optimizer, path)
-    state = json.loads((path / "trainer_state.json").read_text())
-    set_rng_state(state["rng"])
-    return state
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -551,12 +468,6 @@ class RunLog:
         return out
 
 
-def progress(iterable, total: int, initial: int, desc: str, disable: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, total=total, initial=initial, desc=desc, disable=disable, dynamic_ncols=True)
-
-
 def write_json(path: Path, value) -> None:
     tmp = Path(str(path) + ".tmp")
     tmp.write_text(json.dumps(value, indent=2) + "\n")
@@ -604,12 +515,6 @@ def scenes_to_tensor(scenes, size: int) -> torch.Tensor:
     from editr2.bench.shapes.render import render
 
     arrays = [np.asarray(render(s, size), dtype=np.float32) / 255.0 for s in scenes]
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) * 2 - 1
-
-
-def images_to_tensor(images) -> torch.Tensor:
-    """PIL RGB images -> `(B, 3, H, W)` in [-1, 1]."""
-    arrays = [np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0 for im in images]
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) * 2 - 1
 
 

@@ -1,6 +1,6 @@
 """Assemble the three stages into a diffusers folder (`checkpoints/editr2-shapes-tiny/`), half precision, and bench it.
 
-    python examples/train_default/export.py --vae runs/vae --reasoner runs/reasoner --editor runs/editor \
+    python -m recipes.shapes_tiny.export --vae runs/vae --reasoner runs/reasoner --editor runs/editor \
         --out checkpoints/editr2-shapes-tiny --bench-sessions 50
 
 The folder is what `EditR2Pipeline.from_pretrained` loads: `model_index.json`, `scheduler/`, `vae/`, `text_encoder/`,
@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-import common
 from editr2.demo import CALL_DEFAULTS_FILE  # the file `editr2 demo` reads its call arguments from
+from recipes.shapes_tiny import common
 
 MAX_BYTES = 40 * 1024 * 1024
 
@@ -64,7 +64,7 @@ def folder_bytes(path: Path) -> int:
 def call_defaults(reasoner_dir: Path) -> dict:
     """The `__call__` arguments the exported model was trained for: `common.CALL_KWARGS`, plus the reasoning request
     template when the reasoner was trained on the short one (`template: short`), so the pipeline asks as in training."""
-    from train_reasoner import ReasonerConfig, request_template
+    from recipes.shapes_tiny.train_reasoner import ReasonerConfig, request_template
 
     kwargs = dict(common.CALL_KWARGS)
     config = reasoner_dir / "config.json"

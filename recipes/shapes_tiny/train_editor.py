@@ -13,24 +13,25 @@ Designed for copying (the reference is the answer except where the edit acts):
 - an edit-region-weighted loss (tokens whose target latent differs from the reference weigh `1 + edit_weight`);
 - a curriculum on the number of objects in the reference scene.
 
-    python examples/train_default/train_editor.py --run-dir runs/editor \
-        --set vae_path=runs/vae/vae --set reasoner_path=runs/reasoner
+    python -m recipes.shapes_tiny.train_editor --config recipes/shapes_tiny/configs/gpu/editor.yaml \
+        --run_dir runs/editor --vae_path runs/vae/vae --reasoner_path runs/reasoner
 """
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import json
 import math
 import random
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-import common
+from editr2 import flow
+from editr2.batching import pad_prompt_embeds
+from recipes.shapes_tiny import common
 
 
 @dataclass
@@ -74,15 +75,15 @@ class EditorConfig(common.TrainConfig):
     num_layers: int = 4
     num_heads: int = 2
     head_dim: int = 64
-    axes_dims_rope: tuple = (16, 24, 24)
+    axes_dims_rope: common.Seq = (16, 24, 24)
     zero_init: bool = True
     copy_head_temperature: float = 0.0
     init_from: str = ""
     image_size: int = 64
     condition_size: int = 32
     max_turns: int = 4
-    curriculum: tuple = ((0.15, 1), (0.35, 2))
-    ops: tuple = ()
+    curriculum: common.Seq = ((0.15, 1), (0.35, 2))
+    ops: common.Seq = ()
     raw_instruction_prob: float = 0.15
     drop_text_prob: float = 0.1
     edit_weight: float = 4.0
@@ -191,8 +192,8 @@ def build_pipeline(cfg: EditorConfig, transformer=None, parts: dict | None = Non
             init_copy_head(transformer, cfg.copy_head_temperature)
         if cfg.init_from:  # a `transformer/` folder, or a checkpoint folder of this script
             path = Path(cfg.init_from)
-            if (path / "transformer.safetensors").exists():
-                common.load_module(transformer, path / "transformer.safetensors")
+            if (path / "model.safetensors").exists():
+                common.load_weights(transformer, path)
             else:
                 from diffusers import QwenImageTransformer2DModel
 
@@ -232,16 +233,6 @@ def encode_images(pipe, images, size: int) -> torch.Tensor:
     return encode_pixels(pipe, preprocess_images(pipe, images, size))
 
 
-def _pad(embeds: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(L_i, D)` embeddings -> zero-padded `(B, L, D)` and the `(B, L)` mask, as diffusers pads a batch."""
-    length = max(e.shape[0] for e in embeds)
-    out = torch.zeros(len(embeds), length, embeds[0].shape[-1], dtype=embeds[0].dtype, device=embeds[0].device)
-    mask = torch.zeros(len(embeds), length, dtype=torch.long, device=embeds[0].device)
-    for i, e in enumerate(embeds):
-        out[i, : len(e)], mask[i, : len(e)] = e, 1
-    return out, mask
-
-
 @torch.no_grad()
 def encode_texts(pipe, texts, references, condition_area: int) -> tuple[torch.Tensor, torch.Tensor]:
     """`pipe.encode_prompt(text, [condition image])` per example, padded like diffusers pads a batch:
@@ -251,7 +242,7 @@ def encode_texts(pipe, texts, references, condition_area: int) -> tuple[torch.Te
     for text, image in zip(texts, references):
         e, _ = pipe.encode_prompt(text, [pipe.condition_image(image, condition_area)], device=device)
         embeds.append(e[0])  # (L_i, D)
-    return _pad(embeds)
+    return pad_prompt_embeds(embeds)
 
 
 def text_inputs(pipe, texts, references, condition_area: int) -> dict:
@@ -269,15 +260,17 @@ def encode_text_inputs(pipe, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
     As diffusers' `_get_qwen_prompt_embeds`: the last hidden state of each prompt's valid tokens, without the
     template's first `prompt_template_encode_start_idx` tokens (adapters off, as in `EditR2Pipeline.encode_prompt`).
     """
+    from accelerate.utils import send_to_device
+
     from diffusers_editr2.pipeline_editr2 import adapters_disabled
 
-    inputs = common.to_device(inputs, pipe.text_encoder.device)
+    inputs = send_to_device(inputs, pipe.text_encoder.device)
     with adapters_disabled(pipe.text_encoder):
         hidden = pipe.text_encoder(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
                                    pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"],
                                    output_hidden_states=True).hidden_states[-1]  # (B, L, D)
     drop = pipe.prompt_template_encode_start_idx
-    return _pad([e[drop:] for e in pipe._extract_masked_hidden(hidden, inputs["attention_mask"])])
+    return pad_prompt_embeds([e[drop:] for e in pipe._extract_masked_hidden(hidden, inputs["attention_mask"])])
 
 
 def turn_conditioning(pipe, cfg: EditorConfig, prompt_embeds, mask, image_latents):
@@ -372,25 +365,20 @@ def make_batch(pipe, cfg: EditorConfig, step: int, examples: dict | None = None)
     return cond, encode_pixels(pipe, ex["target_pixels"])
 
 
-def flow_loss(pipe, cond, x0: torch.Tensor, cfg: EditorConfig, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
-    """Rectified flow: `x_s = (1 - s) x0 + s eps`, the velocity target `eps - x0` (the scheduler's convention),
-    weighted up on the tokens the edit changes."""
-    b = x0.shape[0]
-    sigma = torch.sigmoid(cfg.logit_mean + cfg.logit_std * torch.randn(b, generator=generator))  # (B,)
-    if cfg.high_sigma_prob > 0:
-        high = torch.rand(b, generator=generator) < cfg.high_sigma_prob
-        uniform = cfg.high_sigma_min + (1 - cfg.high_sigma_min) * torch.rand(b, generator=generator)
-        sigma = torch.where(high, uniform, sigma)
-    noise = torch.randn(x0.shape, generator=generator)
-    sigma, noise = sigma.to(x0.device), noise.to(x0.device)  # drawn on the CPU: the same on every device
-    s = sigma[:, None, None]
-    noisy = (1 - s) * x0 + s * noise  # (B, N, C)
-    with common.autocast(x0.device, cfg.mixed_precision):
-        v = pipe.predict_velocity(noisy, sigma * 1000, cond)  # (B, N, C)
-    err = ((v.float() - (noise - x0)) ** 2).mean(-1)  # (B, N)
+def flow_loss(pipe, cond, x0: torch.Tensor, cfg: EditorConfig, generator: torch.Generator,
+              accelerator=None) -> tuple[torch.Tensor, dict]:
+    """`editr2.flow.flow_matching_loss` of the pipeline's velocity, tokens the edit changes weighted up; sigma and
+    noise are drawn on the CPU from `generator` (the same on every device)."""
+    sigma = flow.training_sigmas(x0.shape[0], generator, cfg.logit_mean, cfg.logit_std, cfg.high_sigma_prob,
+                                 cfg.high_sigma_min).to(x0.device)  # (B,)
+    noise = torch.randn(x0.shape, generator=generator).to(x0.device)  # (B, N, C)
     changed = ((x0 - cond.image_latents) ** 2).mean(-1) > cfg.edit_threshold  # (B, N)
-    weight = 1 + cfg.edit_weight * changed.float()
-    loss = (weight * err).mean()
+
+    def velocity(noisy, sigma):
+        with accelerator.autocast() if accelerator is not None else contextlib.nullcontext():
+            return pipe.predict_velocity(noisy, sigma * 1000, cond)  # (B, N, C)
+
+    loss, err = flow.flow_matching_loss(velocity, x0, noise, sigma, 1 + cfg.edit_weight * changed.float())
     stats = {"mse": err.mean().item(), "mse_edit": err[changed].mean().item() if changed.any() else float("nan"),
              "edit_fraction": changed.float().mean().item()}
     return loss, stats
@@ -448,69 +436,44 @@ def evaluate(pipe, cfg: EditorConfig, num_sessions: int | None = None, seed: int
 def train(cfg: EditorConfig, run_dir: str | Path, show_progress: bool = True, stop_after: int | None = None):
     """Train (or resume) in `run_dir`; returns the last evaluation (None when stopped by `stop_after`, which
     checkpoints and returns after that step, as an interruption would)."""
-    deadline = common.Deadline(cfg.max_minutes)
-    device = common.setup_run(cfg)
-    run_dir = common.prepare_run_dir(run_dir, cfg)
-    pipe = build_pipeline(cfg).to(device)  # built on the CPU (the same init everywhere), then moved
+    run = common.Run(cfg, run_dir, "editor", show_progress, stop_after)
+    pipe = build_pipeline(cfg).to(run.device)  # built on the CPU (the same init everywhere), then moved
     model = pipe.transformer.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
-    state = common.resume(run_dir, {"transformer": model}, optimizer)
-    start, seconds = state["step"], state.get("train_seconds", 0.0)
-    log = common.RunLog(run_dir)
-    log.truncate(start)
-    bar = common.progress(range(start, cfg.max_steps), cfg.max_steps, start, "editor", not show_progress)
-    batches = common.step_batches(lambda step: example_batch(pipe, cfg, step), start, cfg.max_steps,
-                                  cfg.data_workers)
-    tick = time.perf_counter()
-    for step, examples in zip(bar, batches):
+    model, optimizer = run.prepare(model, torch.optim.AdamW(model.parameters(), lr=cfg.lr,
+                                                            weight_decay=cfg.weight_decay, betas=(0.9, 0.99)))
+    for step, examples in run.steps(lambda step: example_batch(pipe, cfg, step)):
         cond, x0 = make_batch(pipe, cfg, step, examples)
-        loss, stats = flow_loss(pipe, cond, x0, cfg, common.step_generator(cfg.seed, step))
+        loss, stats = flow_loss(pipe, cond, x0, cfg, common.step_generator(cfg.seed, step), run.accelerator)
         common.set_lr(optimizer, common.lr_at(step, cfg.lr, cfg.warmup, cfg.max_steps))
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        run.accelerator.backward(loss)
+        grad_norm = run.accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         done = step + 1
-        log.append({"kind": "train", "step": done, "loss": loss.item(), **stats, "grad_norm": float(grad_norm),
-                    "lr": optimizer.param_groups[0]["lr"], "max_objects": max_objects_at(cfg, step),
-                    "seconds": round(seconds + time.perf_counter() - tick, 3)})  # training time so far
-        bar.set_postfix(loss=f"{loss.item():.4f}", edit=f"{stats['mse_edit']:.3f}")
-        out_of_time = deadline.reached()
-        if done % cfg.eval_every == 0 or done == cfg.max_steps or out_of_time:
-            metrics = evaluate(pipe, cfg)
-            log.append({"kind": "eval", "step": done, **metrics})
-            bar.write(f"step {done}: IF {metrics['IF']:.3f} CC {metrics['CC']:.3f} {metrics['IF_per_op']}")
-        interrupt = stop_after is not None and done >= stop_after
-        if done % cfg.save_every == 0 or done == cfg.max_steps or interrupt or out_of_time:
-            seconds += time.perf_counter() - tick
-            tick = time.perf_counter()
-            common.save_checkpoint(run_dir, done, {"transformer": model}, optimizer, {"train_seconds": seconds},
-                                   cfg.keep)
-            log.plot(run_dir / "loss.png", ("loss", "mse", "mse_edit"), "Editor flow-matching loss")
-        if interrupt:
-            return None
-        if out_of_time and done < cfg.max_steps:
-            bar.write(f"step {done}: max_minutes={cfg.max_minutes} reached; checkpointed (run again to continue)")
+        row = {"loss": loss.item(), **stats, "grad_norm": float(grad_norm), "lr": optimizer.param_groups[0]["lr"],
+               "max_objects": max_objects_at(cfg, step), "seconds": round(run.seconds(), 3)}  # training time so far
+        if run.end_step(done, row, lambda: evaluate(pipe, cfg), done % cfg.eval_every == 0 or done == cfg.max_steps,
+                        eval_at_cap=True, plot=("loss", "mse", "mse_edit"),
+                        describe=lambda m: f"IF {m['IF']:.3f} CC {m['CC']:.3f} {m['IF_per_op']}"):
             break
-    del batches  # stops the data workers, if any
+    if run.interrupted:
+        return None
     model.eval()
-    model.save_pretrained(run_dir / "transformer")
-    evals = log.rows("eval")
+    model.save_pretrained(run.run_dir / "transformer")
+    evals = run.log.rows("eval")
     metrics = evals[-1] if evals else {}
-    last = common.latest_checkpoint(run_dir)
+    last = common.latest_checkpoint(run.run_dir)
     step = json.loads((last / "trainer_state.json").read_text())["step"] if last else 0
-    metrics.update(step=step, train_seconds=seconds)
-    common.write_json(run_dir / "metrics.json", metrics)
+    metrics.update(step=step, train_seconds=run.train_seconds)
+    common.write_json(run.run_dir / "metrics.json", metrics)
     return metrics
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    common.add_common_arguments(parser, "editor.yaml")
-    args = parser.parse_args(argv)
-    cfg = common.load_config(EditorConfig, args.config, args.overrides)
+    cfg, args = common.parse_args(EditorConfig, "gpu/editor.yaml", argv)
     metrics = train(cfg, args.run_dir, not args.no_progress, args.stop_after)
-    print(json.dumps(metrics, indent=2))
+    print(json.dumps(metrics, indent=2) if metrics is not None else
+          f"stopped after step {args.stop_after}; run the same command again to resume")
     return 0
 
 

@@ -1,9 +1,9 @@
 """The RL demonstration: the shipped SFT default vs Edit-R2 RL vs RL without trajectory filtering, on held-out
 MICE-Shapes seeds, in one resumable command.
 
-    python examples/rl_demo/run.py                    # train both arms, bench all three, write docs/results_rl.md
-    python examples/rl_demo/run.py --jobs 2           # the two arms side by side (a machine with 2 free cores)
-    python examples/rl_demo/run.py --skip-train       # bench what is there (newest checkpoints) and write the report
+    python -m recipes.shapes_tiny.rl_demo                    # train both arms, bench all three, write docs/results_rl.md
+    python -m recipes.shapes_tiny.rl_demo --jobs 2           # the two arms side by side (a machine with 2 free cores)
+    python -m recipes.shapes_tiny.rl_demo --skip-train       # bench what is there (newest checkpoints) and write the report
 
 1. Bench the SFT model: `--sessions` held-out sessions (seeds `--seed`, `--seed + 1`, ...) x `--turns` turns per
    family (cm, cu), intent mode, the model folder's call defaults (`diffusers_editr2.bench.load_bench_editor`).
@@ -573,7 +573,7 @@ def main(argv: list[str] | None = None) -> int:
     per_turn = {arm: pool_families(b["families"]) for arm, b in benches.items()}
     targets = compute_targets(per_turn)
     logs = {arm: training_log(run_dir / arm) for arm in arms}
-    context = {"command": "python examples/rl_demo/run.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    context = {"command": "python -m recipes.shapes_tiny.rl_demo " + " ".join(argv if argv is not None else sys.argv[1:]),
                "model": shown(model), "config": shown(config_path), "train_seed": int(config.get("shapes_seed", 0)),
                "train_family": config.get("shapes_family", "cm"), "args": args, "notes": notes}
     out_md = Path(args.out_md)

@@ -9,22 +9,20 @@ The model is trained fully and then frozen: it is also the conditioning encoder 
 too little capacity to learn the reasoning, see docs/training.md). The evaluation runs the pipeline's own
 `reason()` (greedy) on held-out sessions: exact match of the intent and the text-side intent score.
 
-    python examples/train_default/train_reasoner.py --run-dir runs/reasoner       # resumes RUN_DIR if present
+    python -m recipes.shapes_tiny.train_reasoner --run_dir runs/reasoner       # resumes RUN_DIR if present
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-import common
+from recipes.shapes_tiny import common
 
 
 @dataclass
@@ -45,6 +43,7 @@ class ReasonerConfig(common.TrainConfig):
         max_new_tokens: reasoning budget at evaluation.
         base_run: a finished full-SFT run of this script; when set, its text encoder (and tokenizer) is loaded and
             frozen, and only a reasoning LoRA is trained on top (the base stays the conditioning encoder).
+        final_sessions: held-out sessions per family of the final evaluation (0 = 4 x `eval_sessions`).
         lora_rank, lora_alpha: the LoRA (on the language model's attention and MLP projections; alpha 0 = rank).
         quote_edit: the trace starts by quoting the current edit clause (`common.reasoning_trace`).
         short_template: `[[fraction_of_max_steps, probability], ...]`, in order: until that fraction of the run, an
@@ -72,7 +71,7 @@ class ReasonerConfig(common.TrainConfig):
     condition_size: int = 32
     image_size: int = 64
     max_turns: int = 6
-    curriculum: tuple = ()
+    curriculum: common.Seq = ()
     max_steps: int = 1200
     weight_decay: float = 0.01
     eval_every: int = 400
@@ -80,13 +79,14 @@ class ReasonerConfig(common.TrainConfig):
     eval_turns: int = 3
     max_new_tokens: int = 96
     quote_edit: bool = True
-    short_template: tuple = ()
-    aux_copy: tuple = ()
+    short_template: common.Seq = ()
+    aux_copy: common.Seq = ()
     aux_copy_length: int = 12
     template: str = "default"
     base_run: str = ""
     lora_rank: int = 0
     lora_alpha: float = 0.0
+    final_sessions: int = 0
 
     FROZEN_FIELDS = ("seed", "vocab_size", "tokenizer_sessions", "hidden_size", "num_layers", "num_heads",
                      "num_kv_heads", "intermediate_size", "vision_hidden", "vision_depth", "base_run", "lora_rank")
@@ -337,8 +337,9 @@ def export(run_dir: Path, cfg: ReasonerConfig, pipe=None, final_sessions: int | 
     the device of `pipe`, or on `device` when the pipeline is loaded from the last checkpoint)."""
     if pipe is None:
         pipe = build(cfg, run_dir)
-        if common.resume(run_dir, {"text_encoder": pipe.text_encoder})["step"] == 0:
+        if common.latest_checkpoint(run_dir) is None:
             raise ValueError(f"{run_dir} has no checkpoint to export: train first.")
+        common.load_weights(pipe.text_encoder, common.latest_checkpoint(run_dir))
         pipe.to(device or "cpu")
     pipe.text_encoder.eval()
     if cfg.base_run:  # the base is unchanged: only the reasoning LoRA is new
@@ -347,7 +348,7 @@ def export(run_dir: Path, cfg: ReasonerConfig, pipe=None, final_sessions: int | 
         pipe.text_encoder.save_pretrained(run_dir / "text_encoder")
         pipe.processor.save_pretrained(run_dir / "processor")
     record: list = []
-    metrics = evaluate(pipe, cfg, num_sessions=final_sessions or 4 * cfg.eval_sessions, seed=0, record=record)
+    metrics = evaluate(pipe, cfg, num_sessions=final_sessions or cfg.final_sessions or 4 * cfg.eval_sessions, seed=0, record=record)
     state = json.loads((common.latest_checkpoint(run_dir) / "trainer_state.json").read_text())
     metrics.update(step=state["step"], train_seconds=state.get("train_seconds"))
     common.write_json(run_dir / "metrics.json", metrics)
@@ -359,74 +360,50 @@ def train(cfg: ReasonerConfig, run_dir: str | Path, show_progress: bool = True, 
           stop_after: int | None = None):
     """Train (or resume) in `run_dir`, then export and evaluate; returns the final metrics (None when stopped by
     `stop_after`, which checkpoints and returns after that step, as an interruption would)."""
-    deadline = common.Deadline(cfg.max_minutes)
-    device = common.setup_run(cfg)
-    run_dir = common.prepare_run_dir(run_dir, cfg)
-    pipe = build(cfg, run_dir).to(device)  # built on the CPU (the same init everywhere), then moved
+    run = common.Run(cfg, run_dir, "reasoner", show_progress, stop_after)
+    pipe = build(cfg, run.run_dir).to(run.device)  # built on the CPU (the same init everywhere), then moved
     model = pipe.text_encoder.train()
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     decay = [p for n, p in trainable if p.ndim >= 2]
     no_decay = [p for n, p in trainable if p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
-    state = common.resume(run_dir, {"text_encoder": model}, optimizer)
-    start, seconds = state["step"], state.get("train_seconds", 0.0)
-    log = common.RunLog(run_dir)
-    log.truncate(start)
-    bar = common.progress(range(start, cfg.max_steps), cfg.max_steps, start, "reasoner", not show_progress)
-    batches = common.step_batches(lambda step: make_batches(pipe, cfg, step), start, cfg.max_steps, cfg.data_workers)
-    tick = time.perf_counter()
-    for step, (batch, copies) in zip(bar, batches):
-        batch, copies = common.to_device((batch, copies), device)
+    model, optimizer = run.prepare(model, torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                                             {"params": no_decay, "weight_decay": 0.0}],
+                                                            lr=cfg.lr, betas=(0.9, 0.98)))
+    accelerator = run.accelerator
+    for step, (batch, copies) in run.steps(lambda step: make_batches(pipe, cfg, step)):
         common.set_lr(optimizer, common.lr_at(step, cfg.lr, cfg.warmup, cfg.max_steps))
-        with common.autocast(device, cfg.mixed_precision):
+        with accelerator.autocast():
             loss = model(**batch).loss
             copy_loss = model(**copies).loss if copies is not None else None
         if copy_loss is not None:
             loss = loss + copy_loss
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in trainable], cfg.grad_clip)
+        accelerator.backward(loss)
+        grad_norm = accelerator.clip_grad_norm_([p for _, p in trainable], cfg.grad_clip)
         optimizer.step()
         done = step + 1
         copy_value = copy_loss.item() if copy_loss is not None else None
-        log.append({"kind": "train", "step": done, "loss": loss.item() - (copy_value or 0.0), "copy_loss": copy_value,
-                    "grad_norm": float(grad_norm), "lr": optimizer.param_groups[0]["lr"]})
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-        if done % cfg.eval_every == 0 and done != cfg.max_steps:
-            metrics = evaluate(pipe, cfg, seed=1_000_000)  # held-out seeds kept apart from the final evaluation
-            log.append({"kind": "eval", "step": done, **metrics})
-            bar.write(f"step {done}: exact {metrics['exact_match']:.3f} "
-                      f"(cm {metrics['cm']['exact_match']:.3f}, cu {metrics['cu']['exact_match']:.3f})")
-        interrupt = stop_after is not None and done >= stop_after
-        out_of_time = deadline.reached()
-        if done % cfg.save_every == 0 or done == cfg.max_steps or interrupt or out_of_time:
-            seconds += time.perf_counter() - tick
-            tick = time.perf_counter()
-            common.save_checkpoint(run_dir, done, {"text_encoder": model}, optimizer, {"train_seconds": seconds},
-                                   cfg.keep)
-            log.plot(run_dir / "loss.png", ("loss",), "Reasoner SFT loss (answer tokens)")
-        if interrupt:
-            return None
-        if out_of_time and done < cfg.max_steps:
-            bar.write(f"step {done}: max_minutes={cfg.max_minutes} reached; checkpointed (run again to continue)")
+        row = {"loss": loss.item() - (copy_value or 0.0), "copy_loss": copy_value, "grad_norm": float(grad_norm),
+               "lr": optimizer.param_groups[0]["lr"]}
+        if run.end_step(done, row, lambda: evaluate(pipe, cfg, seed=1_000_000),  # held out from the final evaluation
+                        done % cfg.eval_every == 0 and done != cfg.max_steps,
+                        describe=lambda m: f"exact {m['exact_match']:.3f} (cm {m['cm']['exact_match']:.3f}, "
+                                           f"cu {m['cu']['exact_match']:.3f})"):
             break
-    del batches  # stops the data workers, if any
-    return export(run_dir, cfg, pipe, final_sessions)
+    if run.interrupted:
+        return None
+    return export(run.run_dir, cfg, pipe, final_sessions)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    common.add_common_arguments(parser, "reasoner.yaml")
-    parser.add_argument("--export-only", action="store_true", help="only export and evaluate the last checkpoint")
-    parser.add_argument("--final-sessions", type=int, default=None, help="sessions per family of the final eval")
-    args = parser.parse_args(argv)
-    cfg = common.load_config(ReasonerConfig, args.config, args.overrides)
+    cfg, args = common.parse_args(ReasonerConfig, "reasoner_short.yaml", argv)
     if args.export_only:
-        device = common.setup_run(cfg)
-        metrics = export(Path(args.run_dir), cfg, final_sessions=args.final_sessions, device=device)
+        metrics = export(Path(args.run_dir), cfg, device=common.make_accelerator(cfg).device)
     else:
-        metrics = train(cfg, args.run_dir, not args.no_progress, args.final_sessions, args.stop_after)
+        metrics = train(cfg, args.run_dir, not args.no_progress, stop_after=args.stop_after)
+        if metrics is None:
+            print(f"stopped after step {args.stop_after}; run the same command again to resume")
+            return 0
     print(json.dumps(metrics, indent=2))
     return 0
 

@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # The default-model recipe on one CUDA GPU, in one command (<= 9 minutes on an H100): VAE, reasoner and editor with
 # configs/gpu/*.yaml, each under a wall-clock cap (max_minutes: it checkpoints, stops and exports when reached), then
-# export.py (fp16 folder) and its MICE-Shapes bench. See docs/training.md, "On a GPU".
+# export (fp16 folder) and its MICE-Shapes bench. See docs/training.md, "On a GPU".
 #
-#   bash examples/train_default/gpu_recipe.sh             # from the repository root, on the GPU machine
-#   bash examples/train_default/gpu_recipe.sh --prepare   # here, with PyPI: the wheels the GPU machine lacks -> .whl/
+#   bash recipes/shapes_tiny/gpu_recipe.sh             # from the repository root, on the GPU machine
+#   bash recipes/shapes_tiny/gpu_recipe.sh --prepare   # here, with PyPI: the wheels the GPU machine lacks -> .whl/
 #
-# Python: $PYTHON if set; else .venv/bin/python if its torch sees CUDA; else python3. Wheels in .whl/ (diffusers and
-# transformers at the versions of requirements-ci.txt, from --prepare) are installed into a scratch folder first, and
-# the repository goes on PYTHONPATH, so a machine with CUDA torch but without this project's packages runs it.
+# Python: $PYTHON if set; else .venv/bin/python if its torch sees CUDA; else python3. Wheels in .whl/ (diffusers,
+# transformers, accelerate and trl at the versions of requirements-ci.txt, from --prepare) are installed into a
+# scratch folder first, and the repository goes on PYTHONPATH, so a machine with CUDA torch but without this
+# project's packages runs it.
 #
 # Results go to $OUT (default runs/gpu/out), kept to a few files: recipe.log (everything printed), runs.tar.gz (every
 # stage's config, log.jsonl, loss.png, metrics; rewritten after each stage), loss_editor.png, export_report.json (the
@@ -27,19 +28,19 @@
 # Environment: VAE_MINUTES (1), REASONER_MINUTES (1.75), EDITOR_MINUTES (3.5), BENCH_SESSIONS (10, per family; 0: none),
 # REASONER_FINAL_SESSIONS (4, per family), RUN_ROOT (runs/gpu), EDITOR_CONFIG (configs/gpu/editor.yaml; e.g.
 # configs/gpu/editor_polish.yaml to continue a finished run), VAE_ARGS / REASONER_ARGS / EDITOR_ARGS (more flags
-# for a stage, e.g. EDITOR_ARGS="--set max_steps=2400"), PREFLIGHT (1: first run the CUDA tests of
+# for a stage, e.g. EDITOR_ARGS="--max_steps 2400"), PREFLIGHT (1: first run the CUDA tests of
 # tests/test_train_default_device.py, ~30 s, and stop on a failure), DEVICE (cuda; "cpu" only to smoke-test this
 # script at micro size). Run again to resume every stage from its checkpoints.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$REPO"
-D=examples/train_default
+D=recipes/shapes_tiny
 C=$D/configs/gpu
 
 if [ "${1:-}" = "--prepare" ]; then  # on a machine with PyPI: fetch the pure-Python wheels the GPU image lacks
     mkdir -p .whl
-    for package in diffusers transformers; do
+    for package in diffusers transformers accelerate trl; do  # the stages use accelerate and TrlParser
         version="$(grep -i "^$package==" requirements-ci.txt | cut -d= -f3)"
         "${PYTHON:-python3}" -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
             --implementation cp --platform manylinux2014_x86_64 -d .whl "$package==$version"
@@ -116,7 +117,7 @@ try:
     import diffusers_editr2  # noqa: F401
     import editr2  # noqa: F401
 except ImportError as error:
-    sys.exit(f"{error} (python {sys.executable}): set PYTHON, or run `bash examples/train_default/gpu_recipe.sh "
+    sys.exit(f"{error} (python {sys.executable}): set PYTHON, or run `bash recipes/shapes_tiny/gpu_recipe.sh "
              f"--prepare` where PyPI is reachable and carry .whl/")
 
 print(f"python {sys.version.split()[0]}, torch {torch.__version__}, diffusers {diffusers.__version__}, "
@@ -130,34 +131,34 @@ if [ "${PREFLIGHT:-1}" = 1 ]; then  # ~30 s: every stage at micro size on this d
     stage preflight "$PYTHON" -m pytest -q -x -p no:cacheprovider tests/test_train_default_device.py -k cuda
 fi
 
-GPU=(--no-progress --set device="$DEVICE" --set mixed_precision=bf16)
+GPU=(--no_progress --device "$DEVICE" --mixed_precision bf16)
 # shellcheck disable=SC2086  # *_ARGS are word-split on purpose
 VAE_DIR="${VAE_RUN:-$W/vae}"
 if [ -n "${VAE_RUN:-}" ]; then
     log "stage vae: using the carried $VAE_RUN"
 else
-    stage vae "$PYTHON" $D/train_vae.py --config $C/vae.yaml --run-dir "$W/vae" "${GPU[@]}" \
-        --set max_minutes="${VAE_MINUTES:-1}" ${VAE_ARGS:-}
+    stage vae "$PYTHON" -m recipes.shapes_tiny.train_vae --config $C/vae.yaml --run_dir "$W/vae" "${GPU[@]}" \
+        --max_minutes "${VAE_MINUTES:-1}" ${VAE_ARGS:-}
 fi
 # shellcheck disable=SC2086
 REASONER_DIR="${REASONER_RUN:-$W/reasoner}"
 if [ -n "${REASONER_RUN:-}" ]; then
     log "stage reasoner: using the carried $REASONER_RUN"
 else
-    stage reasoner "$PYTHON" $D/train_reasoner.py --config $C/reasoner.yaml --run-dir "$W/reasoner" "${GPU[@]}" \
-        --set max_minutes="${REASONER_MINUTES:-1.75}" --final-sessions "${REASONER_FINAL_SESSIONS:-4}" \
+    stage reasoner "$PYTHON" -m recipes.shapes_tiny.train_reasoner --config $C/reasoner.yaml --run_dir "$W/reasoner" \
+        "${GPU[@]}" --max_minutes "${REASONER_MINUTES:-1.75}" --final_sessions "${REASONER_FINAL_SESSIONS:-4}" \
         ${REASONER_ARGS:-}
 fi
-EDITOR=("$PYTHON" $D/train_editor.py --config "${EDITOR_CONFIG:-$C/editor.yaml}" "${GPU[@]}"
-        --set vae_path="$VAE_DIR/vae" --set reasoner_path="$REASONER_DIR")
+EDITOR=("$PYTHON" -m recipes.shapes_tiny.train_editor --config "${EDITOR_CONFIG:-$C/editor.yaml}" "${GPU[@]}"
+        --vae_path "$VAE_DIR/vae" --reasoner_path "$REASONER_DIR")
 # shellcheck disable=SC2206  # EDITOR_ARGS is word-split on purpose
 EDITOR+=(${EDITOR_ARGS:-})
 FIT=()
 if [ "${FIT_EDITOR:-1}" = 1 ] && [ ! -d "$W/editor/checkpoints" ]; then  # a resumed run keeps its schedule
     CAL="$W/editor_calibration"
     rm -rf "$CAL"
-    stage calibration "${EDITOR[@]}" --run-dir "$CAL" --set max_steps=1000000 --set eval_every=1000000 \
-        --set save_every=1000000 --stop-after "${CALIBRATION_STEPS:-120}"
+    stage calibration "${EDITOR[@]}" --run_dir "$CAL" --max_steps 1000000 --eval_every 1000000 \
+        --save_every 1000000 --stop_after "${CALIBRATION_STEPS:-120}"
     read -r -a FIT < <("$PYTHON" - "$CAL/log.jsonl" "${EDITOR_MINUTES:-3.5}" <<'EOF' 2> >(tee -a "$LOG" >&2)
 import json
 import sys
@@ -166,22 +167,22 @@ rows = [json.loads(line) for line in open(sys.argv[1]) if '"train"' in line]
 first, last = rows[len(rows) // 3], rows[-1]  # skip the start-up steps (CUDA kernels, data workers)
 rate = (last["step"] - first["step"]) / (last["seconds"] - first["seconds"])
 steps = max(100, int(rate * 60 * float(sys.argv[2]) * 0.8))
-print(f"--set max_steps={steps} --set eval_every={max(1, steps // 4)} --set save_every={max(1, steps // 8)} "
-      f"--set warmup={min(200, steps // 10)}")
+print(f"--max_steps {steps} --eval_every {max(1, steps // 4)} --save_every {max(1, steps // 8)} "
+      f"--warmup {min(200, steps // 10)}")
 print(f"calibration: {rate:.2f} steps/s -> max_steps={steps}", file=sys.stderr)
 EOF
     )
     [ ${#FIT[@]} -gt 0 ] || { log "calibration failed (see above)"; exit 1; }
     log "editor fitted to ${EDITOR_MINUTES:-3.5} minutes: ${FIT[*]}"
 fi
-stage editor "${EDITOR[@]}" --run-dir "$W/editor" --set max_minutes="${EDITOR_MINUTES:-3.5}" "${FIT[@]}"
+stage editor "${EDITOR[@]}" --run_dir "$W/editor" --max_minutes "${EDITOR_MINUTES:-3.5}" "${FIT[@]}"
 # the editor's result, before anything else can fail: fp32 transformer and the small files, no optimizer state
 (cd "$W/editor" && tar -cf - transformer $(ls config.json log.jsonl loss.png metrics.json 2>/dev/null)) \
     | split -b 15m - "$OUT/editor_run.tar.part-"
 [ "${EXPORT:-1}" = 1 ] || { log "done (EXPORT=0): $(ls "$OUT" | tr '\n' ' ')"; exit 0; }
 
 MODEL="$OUT/editr2-shapes-tiny"
-EXPORT=("$PYTHON" $D/export.py --vae "$VAE_DIR" --reasoner "$REASONER_DIR" --editor "$W/editor" --out "$MODEL"
+EXPORT=("$PYTHON" -m recipes.shapes_tiny.export --vae "$VAE_DIR" --reasoner "$REASONER_DIR" --editor "$W/editor" --out "$MODEL"
         --threads 8 --no-progress)
 stage export "${EXPORT[@]}"
 tar -cf - -C "$OUT" editr2-shapes-tiny | split -b 15m - "$OUT/editr2-shapes-tiny.tar.part-"  # <= 16 MiB a file
