@@ -44,9 +44,15 @@ def test_real_qwen_image_edit_2509_layout_loads_unchanged(qwen_edit_plus_dir):
     assert pipe.processor.image_processor.patch_size == 4
 
     image = tiny_image(0)
+    built_pipe = tiny_pipeline(seed=0)
+    for name in ("transformer", "vae", "text_encoder"):  # the sharded files hold exactly the built weights
+        a, b = getattr(pipe, name).state_dict(), getattr(built_pipe, name).state_dict()
+        assert a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a), name
     loaded = pipe(image=image, prompt="make it red", generator=gen(0), **KWARGS)
-    built = tiny_pipeline(seed=0)(image=image, prompt="make it red", generator=gen(0), **KWARGS)
-    assert np.array_equal(loaded.images, built.images)
+    built = built_pipe(image=image, prompt="make it red", generator=gen(0), **KWARGS)
+    # Same weights, other memory layout: memory-mapped weights need not be 16-byte aligned, and BLAS kernels (MKL's
+    # matrix-vector product) may sum in another order for unaligned operands. Equal to a tolerance, not bit for bit.
+    assert np.abs(loaded.images - built.images).max() <= 1e-5
     # intent mode runs too (generation through the loaded tokenizer, processor and chat template)
     assert pipe(image=image, prompt="make it red", generator=gen(0), **{**KWARGS, "reasoning": "intent"}).intents
 
