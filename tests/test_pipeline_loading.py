@@ -18,6 +18,9 @@ from diffusers_editr2.testing import (
 )
 from editr2.session import Session
 
+# loaded (memory-mapped) vs in-memory pipelines, LoRAs: rerun under other CPU kernels by `make test-numerics`
+pytestmark = pytest.mark.numerics
+
 
 KWARGS = dict(TINY_CALL_KWARGS, reasoning="none", output_type="np")
 
