@@ -126,6 +126,31 @@ def test_reasoning_lora_writes_but_does_not_encode(tmp_path):
         fresh.save_reasoning_lora(tmp_path / "x", adapter_name="other")
 
 
+def test_from_pretrained_loads_every_component_in_one_dtype(tiny_dir, tmp_path):
+    """A text encoder whose config names float16 (as the shipped checkpoint's does; Qwen-Image-Edit-2509's names
+    bfloat16) loads in float32 like the rest unless `dtype` is given, so a call does not fail on mixed dtypes."""
+    import shutil
+
+    folder = shutil.copytree(tiny_dir, tmp_path / "half-config")
+    config_path = folder / "text_encoder" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["dtype"] = "float16"
+    config_path.write_text(json.dumps(config))
+
+    def dtypes(pipe):
+        return {name: next(getattr(pipe, name).parameters()).dtype for name in ("text_encoder", "transformer", "vae")}
+
+    pipe = EditR2Pipeline.from_pretrained(folder)
+    assert set(dtypes(pipe).values()) == {torch.float32}
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(image=tiny_image(0), prompt="make it red", generator=gen(0), **{**KWARGS, "reasoning": "intent"})
+    assert np.isfinite(out.images).all()
+    assert set(dtypes(EditR2Pipeline.from_pretrained(folder, dtype=torch.bfloat16)).values()) == {torch.bfloat16}
+    with pytest.warns(FutureWarning):  # diffusers' older name still works, and wins over the float32 default
+        old_name = EditR2Pipeline.from_pretrained(folder, torch_dtype=torch.float16)
+    assert set(dtypes(old_name).values()) == {torch.float16}
+
+
 def test_a_saved_pipeline_loads_in_a_fresh_process(tiny_dir):
     """Nothing but `from diffusers_editr2 import EditR2Pipeline` is needed to load a folder we saved."""
     import subprocess
