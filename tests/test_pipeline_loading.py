@@ -121,6 +121,7 @@ def test_reasoning_lora_writes_but_does_not_encode(tmp_path):
     a = pipe(image=tiny_image(2), prompt="make it red", generator=gen(0), **{**KWARGS, "reasoning": "intent"})
     b = fresh(image=tiny_image(2), prompt="make it red", generator=gen(0), **{**KWARGS, "reasoning": "intent"})
     assert a.session.turns[0].reasoning == b.session.turns[0].reasoning
+    # bit-equal: both pipelines are built in memory, and load_reasoning_lora copies the adapter into new parameters
     assert np.array_equal(a.images, b.images)
     with pytest.raises(ValueError, match="no adapter named"):
         fresh.save_reasoning_lora(tmp_path / "x", adapter_name="other")
