@@ -335,12 +335,23 @@ class EditR2Pipeline(DiffusionPipeline, QwenImageLoraLoaderMixin):
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         r"""Load from a diffusers folder or Hub id, e.g. a `Qwen/Qwen-Image-Edit-2509` layout, unchanged.
 
-        Like [`~DiffusionPipeline.from_pretrained`]. One addition: transformers' `Qwen2VLProcessor` needs a video
-        processor, which needs torchvision; where torchvision is not installed, the folder's `processor/` is loaded
-        with the image-only [`~diffusers_editr2.processing.Qwen2VLImageOnlyProcessor`] instead (same files, same
-        image and text processing).
+        Like [`~DiffusionPipeline.from_pretrained`], with two differences:
+
+        - Without `dtype` (or the older `torch_dtype`), every component loads in `torch.float32`. diffusers' own
+          default would load the transformer and VAE in float32 but let transformers load the text encoder in the dtype
+          its `config.json` names (float16 for `checkpoints/editr2-shapes-tiny`, bfloat16 for Qwen-Image-Edit-2509),
+          and every call would then fail with a dtype mismatch. Pass `dtype=torch.bfloat16` (or float16) to load
+          every component in that dtype instead, e.g. on a GPU.
+        - transformers' `Qwen2VLProcessor` needs a video processor, which needs torchvision; where torchvision is not
+          installed, the folder's `processor/` is loaded with the image-only
+          [`~diffusers_editr2.processing.Qwen2VLImageOnlyProcessor`] instead (same files, same image and text
+          processing).
         """
         from transformers.utils import is_torchvision_available
+
+        if kwargs.get("dtype") is None and kwargs.get("torch_dtype") is None:
+            kwargs.pop("torch_dtype", None)
+            kwargs["dtype"] = torch.float32  # one dtype for every component (see the docstring)
 
         if "processor" not in kwargs and not is_torchvision_available():
             config = cls.load_config(pretrained_model_name_or_path, **_hub_kwargs(kwargs))

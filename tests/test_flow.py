@@ -7,6 +7,9 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 
 from editr2.flow import ode_step, sample, sde_step_with_logprob, sde_window, shifted_sigmas
 
+# batched vs per-sample steps: rerun under other CPU kernels by `make test-numerics`
+pytestmark = pytest.mark.numerics
+
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 

@@ -153,7 +153,8 @@ def test_arm_editor_differs_from_sft_only_through_adapters(demo, model_dir):
     sft_images, _ = run_session(sft, session)
     arm_images, _ = run_session(arm, session)
     assert any(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(sft_images[1:], arm_images[1:]))
-    # ... and with the adapters off, the arm's editor is the SFT editor exactly
+    # ... and with the adapters off, the arm's editor is the SFT editor exactly (bit-equal: both loaded the same
+    # folder the same way, so their base weights have the same memory layout and every kernel runs the same sums)
     with adapters_disabled(arm.pipe.transformer), adapters_disabled(arm.pipe.text_encoder):
         off_images, _ = run_session(arm, session)
     for a, b in zip(sft_images, off_images):

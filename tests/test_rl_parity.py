@@ -20,6 +20,9 @@ from trl_editr2.policy import LossWeights
 from trl_editr2.rollout import rollout_session, seeded_generator
 from trl_editr2.testing import TINY_IMAGE_SIZE, pixel_hash_reward, tiny_dataset, tiny_trainer
 
+# exact on-policy ratios and masks: rerun under other CPU kernels by `make test-numerics`
+pytestmark = pytest.mark.numerics
+
 
 @pytest.fixture(scope="module")
 def trainer(tmp_path_factory):

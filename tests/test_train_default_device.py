@@ -36,6 +36,8 @@ def _parse(cls, *argv):
 
 
 def _assert_same(a: dict, b: dict) -> None:
+    # Bit-equal is right here: a resumed run copies the checkpoint into its parameters and optimizer state
+    # (load_state_dict), so it computes on the same values in the same kind of memory as the uninterrupted run.
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
