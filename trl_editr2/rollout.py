@@ -64,6 +64,8 @@ class TurnRollout:
         final_latents: `(G, N, C)` the turn's output latents (carried to the next turn).
         images: G output images.
         timings: seconds spent in `reasoning`, `encode`, `sampling`, `decode`.
+        reasoned: whether an intent was written at this turn (False with `reasoning="none"`, and at the first turn
+            with `reason_at_first_turn=False`: the raw instruction conditioned the edit).
     """
 
     turn: int
@@ -82,6 +84,7 @@ class TurnRollout:
     final_latents: Tensor
     images: list[PIL.Image.Image]
     timings: dict[str, float] = field(default_factory=dict)
+    reasoned: bool = True
 
 
 @dataclass
@@ -274,7 +277,8 @@ def rollout_turn(policy, sessions: list, instruction: str, turn: int, args, seed
     start = _now(device)
 
     # 1. Reasoning: one sampled intent per rollout (or the raw instruction)
-    if args.reasoning == "intent":
+    reasoned = args.reasoning == "intent" and (turn > 0 or getattr(args, "reason_at_first_turn", True))
+    if reasoned:
         intents, text = write_intents(policy, sessions, instruction, args, (*seed_keys, turn))
     else:
         intents, text = [Intent(instruction)] * num_rollouts, None
@@ -345,6 +349,7 @@ def rollout_turn(policy, sessions: list, instruction: str, turn: int, args, seed
         final_latents=out.latents,
         images=[s.current_image for s in new_sessions],
         timings=timings,
+        reasoned=reasoned,
     )
     return record, new_sessions
 
