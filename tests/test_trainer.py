@@ -173,7 +173,8 @@ def test_qwen_image_edit_2509_config_builds_the_trainer_on_the_real_layout(tmp_p
     judges.write_text("vlm: {backend: openai, model: judge, base_url: 'http://127.0.0.1:9/v1'}\nmetrics: [IF, GA]\n")
     monkeypatch.setenv("EDITR2_JUDGE_CONFIG", str(judges))
     script_args, args = make_parser().parse_args_and_config(
-        ["--config", str(QWEN_YAML), "--output_dir", str(tmp_path / "out"), "--use_cpu", "true", "--report_to", "none"]
+        ["--config", str(QWEN_YAML), "--output_dir", str(tmp_path / "out"), "--use_cpu", "true", "--report_to", "none",
+         "--reward_weights", '{"IF": 0.3, "GA": 0.4}']  # the judges here score IF and GA only: no weight for CC
     )
     monkeypatch.setenv("EDITR2_JUDGE_CONFIG", str(judges))  # the YAML's env: block set it to its own path
     assert script_args.model_name_or_path == "Qwen/Qwen-Image-Edit-2509"
