@@ -1,7 +1,8 @@
 """Multi-turn rollouts: G rollouts of one session, turn by turn, with everything the loss re-scores.
 
 Per turn, for each of the G rollouts: the text encoder writes the operative intent (sampled at the reasoning
-temperature; old token log-probs recomputed by one teacher-forced pass), the intent is encoded with the rollout's
+temperature; old token log-probs recomputed by one teacher-forced pass; at the first turn only with
+`reason_at_first_turn`, else the raw instruction is used there, as in the paper's code), the intent is encoded with the rollout's
 current image, and the image is sampled from noise with the SDE on a short window of steps (log-probs kept) and the
 ODE elsewhere (`editr2.flow.sample`). The new latent is carried to the next turn as the reference. The G rollouts of a
 session share the start and, with `same_initial_noise`, each turn's initial noise; they are batched through the
