@@ -13,10 +13,17 @@ from torch import Tensor
 
 
 def _as_rewards(rewards) -> Tensor:
-    """Rewards as a float32 tensor; None (a missing reward) becomes NaN."""
+    """Rewards as a float tensor (float32, or float64 when given); None, NaN and +-inf (a missing reward) become NaN."""
     if isinstance(rewards, Tensor):
-        return rewards.float()
-    return torch.tensor([float("nan") if r is None else float(r) for r in rewards], dtype=torch.float32)
+        r = rewards if rewards.dtype == torch.float64 else rewards.float()
+    else:
+        r = torch.tensor([float("nan") if r is None else float(r) for r in rewards], dtype=torch.float32)
+    return torch.where(torch.isfinite(r), r, torch.full_like(r, float("nan")))
+
+
+def missing_rewards(rewards) -> Tensor:
+    """`(N,)` bool: which rewards are missing (None, NaN or +-inf). Every function of this module skips them."""
+    return torch.isnan(_as_rewards(rewards).reshape(-1))
 
 
 def _group_index(group_ids, n: int, device=None) -> tuple[Tensor, int]:
@@ -49,12 +56,14 @@ def group_advantages(rewards, group_ids, *, global_std: bool = True, eps: float 
     """GRPO advantages: `(r - group mean) / (std + eps)`, clipped to `[-clip, clip]`.
 
     Args:
-        rewards: `(N,)` tensor or sequence of floats. NaN (or None) marks a missing reward (a judge that failed): it is
-            left out of every mean and std and its advantage is 0, so that sample gets no gradient, never a made-up one.
+        rewards: `(N,)` tensor or sequence of floats. None, NaN or +-inf marks a missing reward (a judge that failed):
+            it is left out of every mean and std and its advantage is 0, so that sample gets no gradient, never a
+            made-up one.
         group_ids: `(N,)` int tensor or a sequence of hashables; entries with the same id form one group (the G rollouts
             of one prompt / session / turn).
         global_std: divide by the population std of all valid rewards in the batch (Flow-GRPO's default) instead of
-            the group's own std.
+            the group's own std. Pass the whole step's batch (every process, every micro-batch): over a batch of one
+            session, a group whose rewards differ only by noise gets advantages of order 1 (`std_sample_count`).
         eps: added to the std, so a group whose rewards all match gets advantage 0.
         clip: clip magnitude (None: no clipping).
 
@@ -71,6 +80,18 @@ def group_advantages(rewards, group_ids, *, global_std: bool = True, eps: float 
     if clip is not None:
         adv = adv.clamp(-clip, clip)
     return torch.where(valid, adv, torch.zeros_like(adv)).float()
+
+
+def std_sample_count(rewards, group_ids, *, global_std: bool = True) -> int:
+    """How many valid rewards the std of `group_advantages` is taken over: all of the batch with `global_std`, else
+    the smallest group's (0 when there is none)."""
+    valid = ~missing_rewards(rewards)  # (N,)
+    if global_std:
+        return int(valid.sum())
+    inverse, num_groups = _group_index(group_ids, valid.numel())
+    if num_groups == 0:
+        return 0
+    return int(torch.zeros(num_groups, dtype=torch.long).index_add(0, inverse, valid.long()).min())
 
 
 def frac_reward_zero_std(rewards, group_ids) -> float:

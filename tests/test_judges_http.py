@@ -162,3 +162,113 @@ def test_ga_over_http_sends_the_whole_sequence():
         assert [j.score for j in result] == [1.0, 0.0]
         assert all(len(p["messages"][0]["content"]) == 4 for p in server.payloads)  # 3 images + text
         assert all(p["temperature"] == 0.6 for p in server.payloads)
+
+
+class _RawServer:
+    """A one-purpose HTTP server on 127.0.0.1: ``reply(handler)`` writes the answer itself (trickles, redirects)."""
+
+    def __init__(self, reply):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        owner = self
+        self.requests = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _any(self):
+                length = int(self.headers.get("Content-Length", 0))
+                owner.requests.append((self.command, self.path, self.headers.get("Authorization"),
+                                       self.rfile.read(length)))
+                try:
+                    reply(self)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+            do_POST = do_GET = _any
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.base_url = f"http://127.0.0.1:{self._server.server_address[1]}/v1"
+
+    def __enter__(self):
+        threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc):
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def _trickle(handler, *, stop):
+    body = b'{"choices": [{"message": {"content": "yes"}}]}'
+    handler.send_response(200)
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.flush()
+    for byte in body:  # one byte every 0.1 s: each read is fast, the whole answer takes ~5 s
+        if stop.wait(0.1):
+            return
+        handler.wfile.write(bytes([byte]))
+        handler.wfile.flush()
+
+
+@pytest.mark.parametrize("length", [True, False])
+def test_trickling_server_hits_the_total_deadline(length):
+    import time
+
+    stop = threading.Event()
+
+    def reply(handler):
+        if length:
+            _trickle(handler, stop=stop)
+            return
+        handler.send_response(200)  # no Content-Length: the body runs until the connection closes
+        handler.end_headers()
+        handler.wfile.flush()
+        while not stop.wait(0.1):
+            handler.wfile.write(b" ")
+            handler.wfile.flush()
+
+    with _RawServer(reply) as server:
+        vlm = OpenAIChatVLM(config(server, timeout_s=0.5, max_attempts=2, backoff_s=0.0))
+        start = time.monotonic()
+        try:
+            with pytest.raises(BackendError, match="timed out"):
+                vlm.ask([], "q")
+        finally:
+            stop.set()
+        elapsed = time.monotonic() - start
+    assert elapsed < 2.0, f"two attempts with a 0.5 s deadline took {elapsed:.1f} s"
+    assert len(server.requests) == 2
+
+
+def test_redirect_is_an_error_and_not_followed(monkeypatch):
+    monkeypatch.setenv("EDITR2_TEST_JUDGE_KEY", "sk-secret")
+
+    def reply(handler):
+        if handler.command == "GET":
+            body = b'{"choices": [{"message": {"content": "yes"}}]}'
+            handler.send_response(200)
+            handler.send_header("Content-Length", str(len(body)))
+            handler.end_headers()
+            handler.wfile.write(body)
+            return
+        handler.send_response(302)
+        handler.send_header("Location", "/elsewhere/answer")
+        handler.send_header("Content-Length", "0")
+        handler.end_headers()
+
+    with _RawServer(reply) as server:
+        vlm = OpenAIChatVLM(config(server, api_key_env="EDITR2_TEST_JUDGE_KEY"))
+        with pytest.raises(BackendError, match="302 redirect to /elsewhere/answer"):
+            vlm.ask([], "q")
+        judgement = IFJudge(vlm, None, IFConfig(num_votes=1), FAST).judge(color_request())
+    assert judgement.is_missing and "redirect" in judgement.reason
+    assert [r[0] for r in server.requests] == ["POST", "POST"]  # not retried, the redirect target never asked
+
+
+def test_base_url_must_be_http():
+    with pytest.raises(ValueError, match="http"):
+        OpenAIChatVLM(OpenAIChatConfig(model="m", base_url="127.0.0.1:8000/v1"))

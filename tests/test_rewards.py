@@ -57,3 +57,18 @@ def test_collect_errors_name_the_function():
         collect({"flag": lambda p, i: [True]}, ["a"], [None])
     with pytest.raises(ValueError, match=r"'scalar' returned float; it must return a list"):
         collect({"scalar": lambda p, i: 1.0}, ["a"], [None])
+
+
+def test_trainer_scoring_marks_non_finite_scores_missing_and_counts_them():
+    from trl_editr2.rewards import score_samples
+
+    def flaky(prompts, images, **kwargs):
+        return [1.0, float("nan"), float("inf"), 0.25]
+
+    def steady(prompts, images, **kwargs):
+        return [0.5] * len(prompts)
+
+    scores, failures, nonfinite = score_samples([flaky, steady], ["a", "b", "c", "d"], [None] * 4)
+    assert scores == {"flaky": [1.0, None, None, 0.25], "steady": [0.5] * 4}
+    assert failures == {} and nonfinite == {"flaky": 2}
+    assert combine(scores, {"flaky": 0.5, "steady": 0.5}) == [0.75, None, None, 0.375]

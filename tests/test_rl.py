@@ -159,3 +159,32 @@ def test_trajectory_filter():
 def test_is_finite_loss():
     assert is_finite_loss(torch.tensor(1.0)) and not is_finite_loss(torch.tensor(float("nan")))
     assert not is_finite_loss(torch.tensor([1.0, float("inf")]))
+
+
+def test_non_finite_rewards_are_missing_like_none():
+    from editr2.rl import missing_rewards, std_sample_count
+
+    ids = [0, 0, 0, 1, 1, 1]
+    with_none = group_advantages([1.0, None, 0.0, 0.5, 0.2, None], ids)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        got = group_advantages(torch.tensor([1.0, bad, 0.0, 0.5, 0.2, bad]), ids)
+        assert torch.equal(got, with_none)
+        assert torch.isfinite(got).all()
+    rewards = [1.0, float("inf"), None, float("nan"), 0.0]
+    assert missing_rewards(rewards).tolist() == [False, True, True, True, False]
+    assert std_sample_count(rewards, [0, 0, 1, 1, 1]) == 2
+    assert std_sample_count(rewards, [0, 0, 1, 1, 1], global_std=False) == 1
+
+
+def test_global_std_over_many_sessions_keeps_noise_small():
+    """A session whose rewards differ only by judge jitter (0.002) gets advantages of order 1 when the std is its own,
+    and ~0.002 / std when the std is taken over a batch of sessions with a real spread."""
+    generator = torch.Generator().manual_seed(0)
+    constant = 0.5 + 0.002 * torch.randn(18, generator=generator, dtype=torch.float64)
+    alone = group_advantages(constant, [0] * 18, global_std=True)
+    assert alone.abs().mean() > 0.5
+    others = torch.rand(15 * 18, generator=generator, dtype=torch.float64)
+    batch = torch.cat([constant, others])
+    ids = torch.arange(16).repeat_interleave(18)
+    together = group_advantages(batch, ids, global_std=True)[:18]
+    assert together.abs().mean() < 0.01

@@ -173,7 +173,8 @@ def test_qwen_image_edit_2509_config_builds_the_trainer_on_the_real_layout(tmp_p
     judges.write_text("vlm: {backend: openai, model: judge, base_url: 'http://127.0.0.1:9/v1'}\nmetrics: [IF, GA]\n")
     monkeypatch.setenv("EDITR2_JUDGE_CONFIG", str(judges))
     script_args, args = make_parser().parse_args_and_config(
-        ["--config", str(QWEN_YAML), "--output_dir", str(tmp_path / "out"), "--use_cpu", "true", "--report_to", "none"]
+        ["--config", str(QWEN_YAML), "--output_dir", str(tmp_path / "out"), "--use_cpu", "true", "--report_to", "none",
+         "--reward_weights", '{"IF": 0.3, "GA": 0.4}']  # the judges here score IF and GA only: no weight for CC
     )
     monkeypatch.setenv("EDITR2_JUDGE_CONFIG", str(judges))  # the YAML's env: block set it to its own path
     assert script_args.model_name_or_path == "Qwen/Qwen-Image-Edit-2509"
@@ -211,3 +212,153 @@ def test_rollouts_ask_with_the_configured_reasoning_template(tmp_path, monkeypat
     monkeypatch.setattr(EditR2Pipeline, "prepare_reasoning_inputs", spy)
     trainer.rollout([tiny_dataset(num_turns=1)[0]])
     assert seen and seen[0] == template and 'Instruction: "' in seen[1]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Loud failures: reward weights, missing rewards, resume, whole-step advantages, turn-1 reasoning
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_reward_weights_with_an_unknown_name_fail_before_the_model_loads(tmp_path):
+    from trl_editr2 import EditR2Trainer
+    from trl_editr2.testing import tiny_config, tiny_dataset
+
+    args = tiny_config(tmp_path, reward_weights={"IF": 0.3, "CC": 0.3, "GAA": 0.4})
+    with pytest.raises(ValueError, match=r"reward_weights has weights for \['GAA'\].*\['IF', 'CC', 'GA'\]"):
+        EditR2Trainer(str(tmp_path / "no-such-model"), ["shapes_oracle"], args=args, train_dataset=tiny_dataset())
+
+
+def _named(fn, name):
+    fn.__name__ = name
+    return fn
+
+
+@pytest.mark.parametrize("kind", ["none", "raises", "nan"])
+def test_a_step_without_any_valid_reward_stops_training(tmp_path, kind):
+    from trl_editr2.testing import tiny_dataset, tiny_trainer
+
+    def broken(prompts, images, **kwargs):
+        if kind == "raises":
+            raise RuntimeError("judge server down")
+        return [None if kind == "none" else float("nan")] * len(prompts)
+
+    trainer = tiny_trainer(tmp_path, reward_funcs=[_named(broken, "judge")], reward_weights={"judge": 1.0},
+                           trajectory_filter="none", num_turns=1, dataset=tiny_dataset(num_turns=1), max_steps=3,
+                           max_steps_without_reward=2, reward_retries=0, logging_steps=1)
+    with pytest.raises(RuntimeError, match=r"No valid reward in 2 optimizer step\(s\) in a row.*judge: missing 100%"):
+        trainer.train()
+    assert trainer.state.global_step == 1  # the first empty step ran, the second stopped the run
+
+
+def test_missing_and_non_finite_rewards_are_counted_logged_and_warned(tmp_path, caplog):
+    from trl_editr2.testing import tiny_dataset, tiny_trainer
+
+    def flaky(prompts, images, **kwargs):  # 2 samples: a NaN (a flaky judge), then a valid score
+        return [float("nan"), 0.5]
+
+    trainer = tiny_trainer(tmp_path, reward_funcs=[_named(flaky, "judge")], reward_weights={"judge": 1.0},
+                           trajectory_filter="none", num_turns=1, dataset=tiny_dataset(num_turns=1), max_steps=1,
+                           logging_steps=1)
+    with caplog.at_level("WARNING", logger="trl_editr2.trainer"):
+        trainer.train()
+    logged = next(h for h in trainer.state.log_history if "reward" in h)
+    assert logged["rewards/missing_frac"] == pytest.approx(0.5)
+    assert logged["rewards/judge/nonfinite"] == 1 and logged["rewards/judge/missing"] == pytest.approx(0.5)
+    assert "50.0% of the rewards since the last log are missing" in caplog.text
+
+
+def test_advantages_are_normalised_over_every_micro_batch_of_the_step(tmp_path, monkeypatch):
+    """Two sessions per optimizer step (gradient accumulation 2, one per micro-batch): one's rewards differ only by
+    jitter, the other's by 1. With the std over the whole step, the jitter session's advantages stay ~0.002 / 0.5."""
+    from trl_editr2.testing import tiny_dataset, tiny_trainer
+
+    roles: dict = {}
+
+    def reward(prompts, images, session_id, rollout, turn, **kwargs):
+        out = []
+        for sid, g, t in zip(session_id, rollout, turn):
+            roles.setdefault(sid, "jitter" if not roles else "spread")
+            out.append(0.5 + 0.002 * (1 if (g + t) % 2 else -1) if roles[sid] == "jitter" else float((g + t) % 2))
+        return out
+
+    trainer = tiny_trainer(tmp_path, reward_funcs=[_named(reward, "judge")], reward_weights={"judge": 1.0},
+                           trajectory_filter="none", max_steps=1, gradient_accumulation_steps=2,
+                           per_device_train_batch_size=1, global_std_min_samples=0)
+    seen = []
+    learn = type(trainer).learn
+
+    def spy(self, model, batch):
+        seen.append({ro.record["session_id"]: batch.advantages[i].clone() for i, ro in enumerate(batch.rollouts)})
+        return learn(self, model, batch)
+
+    monkeypatch.setattr(type(trainer), "learn", spy)
+    trainer.train()
+    advantages = {sid: adv for step in seen for sid, adv in step.items()}
+    assert len(seen) == 2 and len(advantages) == 2
+    jitter = next(adv for sid, adv in advantages.items() if roles[sid] == "jitter")
+    spread = next(adv for sid, adv in advantages.items() if roles[sid] == "spread")
+    assert jitter.abs().mean() < 0.01, jitter
+    assert spread.abs().mean() > 0.5
+    assert trainer.state.log_history[0]["advantages/std_samples"] == 8
+
+
+def test_too_few_samples_for_the_global_std_are_warned(tmp_path, caplog):
+    from trl_editr2.testing import pixel_hash_reward, tiny_dataset, tiny_trainer
+
+    trainer = tiny_trainer(tmp_path, reward_funcs=[pixel_hash_reward], reward_weights={"pixel_hash_reward": 1.0},
+                           trajectory_filter="none", num_turns=1, dataset=tiny_dataset(num_turns=1))
+    with caplog.at_level("WARNING", logger="trl_editr2.trainer"):
+        trainer.score(trainer.rollout([tiny_dataset(num_turns=1)[0]]))
+    assert "taken over 2 valid rewards (< global_std_min_samples=72" in caplog.text
+
+
+def test_first_turn_reasoning_is_a_choice(tmp_path):
+    from trl_editr2.testing import tiny_dataset, tiny_trainer
+
+    assert EditR2Config(output_dir=str(tmp_path), report_to="none").reason_at_first_turn  # see docs/trainer.md
+    trainer = tiny_trainer(tmp_path, reason_at_first_turn=False)
+    record = tiny_dataset()[0]
+    first, second = trainer.rollout([record])[0].turns
+    assert not first.reasoned and first.text is None
+    assert [i.text for i in first.intents] == [record["instruction"][0]] * 2  # the raw instruction conditions turn 1
+    assert second.reasoned and second.text is not None
+
+
+def _copy_checkpoint(source: Path, target: Path) -> None:
+    import shutil
+
+    shutil.copytree(source, target)
+
+
+def test_resume_picks_the_latest_complete_checkpoint(uninterrupted, tmp_path, caplog):
+    from trl_editr2.trainer import resolve_checkpoint
+
+    out = tmp_path / "out"
+    _copy_checkpoint(uninterrupted / "checkpoint-1", out / "checkpoint-1")
+    _copy_checkpoint(uninterrupted / "checkpoint-2", out / "checkpoint-2")
+    (out / "checkpoint-2" / "trainer_state.json").unlink()  # killed before its last write
+    _copy_checkpoint(uninterrupted / "checkpoint-1", out / "checkpoint-3")
+    (out / "checkpoint-3" / "trainer_state.json").write_text('{"global_step": ')  # killed during it
+    with caplog.at_level("WARNING", logger="trl_editr2.trainer"):
+        for value in (True, "true", "latest"):
+            assert resolve_checkpoint(value, out) == str(out / "checkpoint-1")
+    assert "Skipping incomplete checkpoint" in caplog.text and "trainer_state.json (unreadable)" in caplog.text
+    assert resolve_checkpoint(None, out) is None and resolve_checkpoint("false", out) is None
+    with pytest.raises(ValueError, match=r"checkpoint-2 is not a complete .*no trainer_state.json.*checkpoint-1"):
+        resolve_checkpoint(str(out / "checkpoint-2"), out)
+    with pytest.raises(ValueError, match="no complete checkpoint-N folder"):
+        resolve_checkpoint(True, tmp_path / "empty")
+    with pytest.raises(ValueError, match="no such folder"):
+        resolve_checkpoint(str(tmp_path / "nowhere"), out)
+
+
+def test_script_resume_true_skips_a_half_written_checkpoint(uninterrupted, tmp_path):
+    resumed = tmp_path / "resumed"
+    _copy_checkpoint(uninterrupted / "checkpoint-1", resumed / "checkpoint-1")
+    (resumed / "checkpoint-2").mkdir()  # a save killed right after it began
+    (resumed / "checkpoint-2" / "trainable_state.safetensors").write_bytes(b"")
+    _run_script(_tiny_argv(resumed, "--resume_from_checkpoint", "true"))
+    expected = load_file(uninterrupted / "trainable_state.safetensors")
+    got = load_file(resumed / "trainable_state.safetensors")
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key

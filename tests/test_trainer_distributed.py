@@ -122,3 +122,18 @@ def test_fsdp_resume_continues_like_an_uninterrupted_run(tmp_path):
     assert any(not torch.equal(end[k], step_1[k]) for k in end)  # step 2 did change the adapters
     for name in end:
         torch.testing.assert_close(again[name], end[name], atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_gradient_accumulation_equals_one_batch_of_the_same_sessions(tmp_path, one):
+    """1 process x 1 session x 2 micro-batches is one step over the same two sessions: the advantages are normalised
+    over both micro-batches (the whole step), so the update equals the one-batch step's."""
+    accumulated = tmp_path / "accumulated"
+    argv = [*_argv(accumulated, per_device=1), "--gradient_accumulation_steps", "2"]
+    result = _run([sys.executable, str(SCRIPT), *argv], ENV)
+    assert result.returncode == 0, result.stderr[-3000:]
+    a, b = _step_log(one), _step_log(accumulated)
+    assert a["reward"] == b["reward"] and a["advantages/std_samples"] == b["advantages/std_samples"] == 4
+    state_one = load_file(one / "trainable_state.safetensors")
+    state_acc = load_file(accumulated / "trainable_state.safetensors")
+    for name in state_one:
+        torch.testing.assert_close(state_acc[name], state_one[name], atol=1e-6, rtol=1e-4, msg=name)

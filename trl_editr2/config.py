@@ -85,6 +85,14 @@ class EditR2Config(TrainingArguments):
         reasoning (`str`, *optional*, defaults to `"intent"`):
             `"intent"`: the text encoder writes the operative intent before every turn (sampled, and trained when
             `train_reasoning`); `"none"`: the raw instruction conditions the edit (image-only RL).
+        reason_at_first_turn (`bool`, *optional*, defaults to `True`):
+            Whether the intent is written (and trained) at the first turn too. `False` conditions turn 1 on the raw
+            instruction (no reasoning tokens, no text loss there) and reasons only from turn 2 on. Paper: `False` (the
+            official code rewrites the instruction only for turns > 1). The default differs because
+            `EditR2Pipeline` reasons at every turn at inference, and the shipped model's editor was trained on
+            intents: with the raw instruction at turn 1 its IF falls from 0.69 to 0.04 on cm (docs/results.md,
+            `editr2-none` vs `editr2-intent`, turn 1), so rollouts would train on turn-1 states inference never
+            produces. See docs/trainer.md.
         train_reasoning (`bool`, *optional*, defaults to `True`):
             Whether the reasoning text is trained (a LoRA on the text encoder's language model and the clipped token
             loss). Paper: `True`.
@@ -102,16 +110,30 @@ class EditR2Config(TrainingArguments):
 
         reward_weights (`dict[str, float]` or `str`, *optional*, defaults to `{"IF": 0.3, "CC": 0.3, "GA": 0.4}`):
             Weight of each reward function, keyed by its name (`reward_fn.__name__`). Reward functions absent from the
-            dict get weight 1. Paper: 0.3 IF + 0.3 CC + 0.4 GA.
+            dict get weight 1 (with a warning); a key that names no reward function (a typo such as `"GAA"`) is an
+            error when the trainer is built, before any model is loaded. Paper: 0.3 IF + 0.3 CC + 0.4 GA.
         reward_retries (`int`, *optional*, defaults to `1`):
             How many times a reward function that raises is called again before its scores are marked missing
-            (`None`, never a default score).
+            (`None`, never a default score). A non-finite score (NaN, inf) is also marked missing, and counted
+            (`rewards/{name}/nonfinite`).
+        max_steps_without_reward (`int`, *optional*, defaults to `1`):
+            Training stops with an error once this many optimizer steps in a row had no valid reward at all (every
+            sample's combined reward missing: judges down, a reward function that always raises or returns None),
+            since such steps train nothing. The fraction of missing rewards is logged as `rewards/missing_frac` and
+            warned about at every log where it is above 0.
         group_key (`str`, *optional*, defaults to `"session"`):
             Which samples share a group for advantage normalisation: `"session"` (all G rollouts x T turns of a
             session, 18 samples in the paper) or `"turn"` (the G rollouts of one turn). Paper: `"session"`.
         global_std (`bool`, *optional*, defaults to `True`):
-            Divide advantages by the std of the whole gathered batch (Flow-GRPO's `global_std`) instead of each
-            group's std. Paper: `True`.
+            Divide advantages by the std of the whole step's batch (Flow-GRPO's `global_std`) instead of each
+            group's std. The batch is every session of the optimizer step: all processes, and all
+            `gradient_accumulation_steps` micro-batches (all are rolled out before the first backward). Paper: `True`
+            (the official run normalises over 288 samples).
+        global_std_min_samples (`int`, *optional*, defaults to `72`):
+            With `global_std`, warn (once) when the std is taken over fewer valid rewards than this: over a batch
+            of one or two sessions a group whose rewards differ only by judge noise gets advantages of order 1
+            (raise `per_device_train_batch_size`, `gradient_accumulation_steps` or the number of processes). The
+            number used each step is logged as `advantages/std_samples`. 72 = four sessions of the paper's 6 x 3.
         adv_clip_max (`float`, *optional*, defaults to `5.0`):
             Advantages are clipped to `[-adv_clip_max, adv_clip_max]`. Paper: 5.
         trajectory_filter (`str`, *optional*, defaults to `"if_zero"`):
@@ -204,6 +226,10 @@ class EditR2Config(TrainingArguments):
     reasoning: str = field(
         default="intent", metadata={"help": "'intent' (write the operative intent first) or 'none' (image-only RL)."}
     )
+    reason_at_first_turn: bool = field(
+        default=True,
+        metadata={"help": "Write (and train) the intent at turn 1 too. Paper: False (reasons only at turns > 1)."},
+    )
     train_reasoning: bool = field(
         default=True, metadata={"help": "Train the reasoning (text-encoder LoRA + token loss). Paper: True."}
     )
@@ -222,10 +248,16 @@ class EditR2Config(TrainingArguments):
     reward_retries: int = field(
         default=1, metadata={"help": "Retries of a raising reward function before its scores are marked missing."}
     )
+    max_steps_without_reward: int = field(
+        default=1, metadata={"help": "Stop after this many optimizer steps in a row without any valid reward."}
+    )
     group_key: str = field(
         default="session", metadata={"help": "Advantage groups: 'session' (G x T samples) or 'turn'. Paper: session."}
     )
-    global_std: bool = field(default=True, metadata={"help": "Normalise by the batch std. Paper: True."})
+    global_std: bool = field(default=True, metadata={"help": "Normalise by the step's batch std. Paper: True."})
+    global_std_min_samples: int = field(
+        default=72, metadata={"help": "Warn when the global std is taken over fewer valid rewards than this."}
+    )
     adv_clip_max: float = field(default=5.0, metadata={"help": "Advantage clip. Paper: 5."})
     trajectory_filter: str = field(
         default="if_zero", metadata={"help": "'if_zero', 'threshold' or 'none'. Paper: if_zero."}
@@ -311,6 +343,10 @@ class EditR2Config(TrainingArguments):
              f"reward_weights must map reward names to numbers, e.g. {PAPER_REWARD_WEIGHTS}, got "
              f"{self.reward_weights!r}.")
         need(self.reward_retries >= 0, f"reward_retries must be >= 0, got {self.reward_retries}.")
+        need(self.max_steps_without_reward >= 1,
+             f"max_steps_without_reward must be >= 1, got {self.max_steps_without_reward}.")
+        need(self.global_std_min_samples >= 0,
+             f"global_std_min_samples must be >= 0 (0 never warns), got {self.global_std_min_samples}.")
         need(self.group_key in GROUP_KEYS, f"group_key must be one of {GROUP_KEYS}, got {self.group_key!r}.")
         need(self.adv_clip_max > 0, f"adv_clip_max must be > 0, got {self.adv_clip_max}.")
         need(self.trajectory_filter in TRAJECTORY_FILTERS,

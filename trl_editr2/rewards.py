@@ -4,7 +4,9 @@ A reward function is `fn(prompts, images, **kwargs) -> list[float | None]`: one 
 turn of one rollout), `None` where the reward does not apply or could not be computed. The trainer never replaces a
 `None` by a default score: a sample whose combined reward is missing gets no advantage and no gradient, and a function
 that raises is retried (`EditR2Config.reward_retries`), then all its scores of that batch are marked missing and the
-failure is counted in the logs (`rewards/{name}/failures`).
+failure is counted in the logs (`rewards/{name}/failures`). A score that is NaN or +-inf (a flaky judge) is marked
+missing too, here and only here (`score_samples`), and counted (`rewards/{name}/nonfinite`): one bad score costs that
+sample its gradient, not the run.
 
 The keyword arguments the trainer passes are listed in docs/trainer.md (the same names the MICE-Bench judges of
 `editr2.bench.judges.rewards` read, so those judges plug in unchanged).
@@ -17,6 +19,8 @@ from __future__ import annotations
 
 import importlib
 import logging
+import math
+import numbers
 import os
 import sys
 from typing import Any, Callable, Sequence
@@ -191,30 +195,53 @@ def _is_factory(fn: Callable) -> bool:
     return all(p.default is not p.empty or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params)
 
 
-def _with_retries(fn: Callable, name: str, retries: int, failures: dict[str, int]) -> Callable:
-    """`fn` called up to `1 + retries` times; after the last failure its scores are all `None` (missing)."""
+def _with_retries(fn: Callable, name: str, retries: int, failures: dict[str, int],
+                  nonfinite: dict[str, int]) -> Callable:
+    """`fn` called up to `1 + retries` times; after the last failure its scores are all `None` (missing). Non-finite
+    scores become `None`, counted in `nonfinite[name]`."""
 
     def call(prompts, images, **kwargs):
         for attempt in range(retries + 1):
             try:
-                return fn(prompts, images, **kwargs)
+                values = fn(prompts, images, **kwargs)
             except Exception as err:  # noqa: BLE001 - a judge may fail in any way; it is retried, then marked missing
                 logger.warning("reward function %r failed (attempt %d/%d): %r", name, attempt + 1, retries + 1, err)
+                continue
+            return _nonfinite_as_missing(values, name, nonfinite)
         failures[name] = failures.get(name, 0) + 1
         return [None] * len(prompts)
 
     return call
 
 
+def _nonfinite_as_missing(values, name: str, nonfinite: dict[str, int]):
+    """`values` with every NaN / +-inf number replaced by None (counted); anything else is left to `collect`."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        return values  # `collect` names the function and the wrong type
+    out = []
+    for value in values:
+        if isinstance(value, numbers.Real) and not isinstance(value, bool) and not math.isfinite(value):
+            nonfinite[name] = nonfinite.get(name, 0) + 1
+            value = None
+        out.append(value)
+    if nonfinite.get(name):
+        logger.warning("reward function %r returned %d non-finite score(s); they count as missing.", name,
+                       nonfinite[name])
+    return out
+
+
 def score_samples(reward_funcs: Sequence[Callable], prompts: Sequence[str], images: Sequence, retries: int = 1,
-                  **kwargs) -> tuple[dict[str, list[float | None]], dict[str, int]]:
+                  **kwargs) -> tuple[dict[str, list[float | None]], dict[str, int], dict[str, int]]:
     """Call every reward function on the batch.
 
     Returns:
-        `(scores, failures)`: `{name: [float | None per sample]}` validated by `editr2.rewards.collect` (a wrong
-        length, or a value that is neither a finite float nor None, is an error naming the function), and
-        `{name: 1}` for each function that failed after its retries (its scores are all None).
+        `(scores, failures, nonfinite)`: `{name: [float | None per sample]}` validated by `editr2.rewards.collect` (a
+        wrong length, or a value that is neither a number nor None, is an error naming the function); `{name: 1}` for
+        each function that failed after its retries (its scores are all None); and `{name: count}` of the NaN / inf
+        scores each function returned, which are None (missing) in `scores`.
     """
     failures: dict[str, int] = {}
-    wrapped = {reward_name(fn): _with_retries(fn, reward_name(fn), retries, failures) for fn in reward_funcs}
-    return collect(wrapped, prompts, images, **kwargs), failures
+    nonfinite: dict[str, int] = {}
+    wrapped = {reward_name(fn): _with_retries(fn, reward_name(fn), retries, failures, nonfinite)
+               for fn in reward_funcs}
+    return collect(wrapped, prompts, images, **kwargs), failures, nonfinite

@@ -1,7 +1,8 @@
 """Multi-turn rollouts: G rollouts of one session, turn by turn, with everything the loss re-scores.
 
 Per turn, for each of the G rollouts: the text encoder writes the operative intent (sampled at the reasoning
-temperature; old token log-probs recomputed by one teacher-forced pass), the intent is encoded with the rollout's
+temperature; old token log-probs recomputed by one teacher-forced pass; at the first turn only with
+`reason_at_first_turn`, else the raw instruction is used there, as in the paper's code), the intent is encoded with the rollout's
 current image, and the image is sampled from noise with the SDE on a short window of steps (log-probs kept) and the
 ODE elsewhere (`editr2.flow.sample`). The new latent is carried to the next turn as the reference. The G rollouts of a
 session share the start and, with `same_initial_noise`, each turn's initial noise; they are batched through the
@@ -65,6 +66,8 @@ class TurnRollout:
         final_latents: `(G, N, C)` the turn's output latents (carried to the next turn).
         images: G output images.
         timings: seconds spent in `reasoning`, `encode`, `sampling`, `decode`.
+        reasoned: whether an intent was written at this turn (False with `reasoning="none"`, and at the first turn
+            with `reason_at_first_turn=False`: the raw instruction conditioned the edit).
     """
 
     turn: int
@@ -83,6 +86,7 @@ class TurnRollout:
     final_latents: Tensor
     images: list[PIL.Image.Image]
     timings: dict[str, float] = field(default_factory=dict)
+    reasoned: bool = True
 
 
 @dataclass
@@ -264,7 +268,8 @@ def rollout_turn(policy, sessions: list, instruction: str, turn: int, args, seed
     start = _now(device)
 
     # 1. Reasoning: one sampled intent per rollout (or the raw instruction)
-    if args.reasoning == "intent":
+    reasoned = args.reasoning == "intent" and (turn > 0 or getattr(args, "reason_at_first_turn", True))
+    if reasoned:
         intents, text = write_intents(policy, sessions, instruction, args, (*seed_keys, turn))
     else:
         intents, text = [Intent(instruction)] * num_rollouts, None
@@ -335,6 +340,7 @@ def rollout_turn(policy, sessions: list, instruction: str, turn: int, args, seed
         final_latents=out.latents,
         images=[s.current_image for s in new_sessions],
         timings=timings,
+        reasoned=reasoned,
     )
     return record, new_sessions
 

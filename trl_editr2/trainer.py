@@ -6,9 +6,14 @@ The trainer subclasses `transformers.Trainer` (like TRL's GRPOTrainer, not a sub
 else is the Trainer's: the optimizer and schedule, gradient accumulation and clipping, `accelerate` (DDP / FSDP),
 checkpoints with RNG state, `trainer_state.json`, callbacks and `report_to`. The steps are small functions:
 
-1. rollout: `trl_editr2.rollout.rollout_session` per session (G rollouts x T turns);
-2. score: the reward functions (`trl_editr2.rewards.score_samples`), combined by `editr2.rewards.combine`;
-3. advantage: `editr2.rl.group_advantages` over the batch gathered from every process, grouped per `group_key`;
+1. rollout: `trl_editr2.rollout.rollout_session` per session (G rollouts x T turns), for every micro-batch of the
+   optimizer step before the first backward (the weights do not change within a step, so this is the same as rolling
+   out each micro-batch just before its backward);
+2. score: the reward functions (`trl_editr2.rewards.score_samples`), combined by `editr2.rewards.combine`; missing
+   rewards (None, NaN, inf, a raising function) are counted, and steps without any valid reward stop the run
+   (`max_steps_without_reward`);
+3. advantage: `editr2.rl.group_advantages` over the whole step's batch (every process, every micro-batch), grouped per
+   `group_key`;
 4. filter: `editr2.rl.trajectory_filter` on the filter reward (IF);
 5. loss: `EditR2Policy.forward` per (session, turn), one backward each; a non-finite loss on any process skips the
    optimizer step (all gradients dropped) and is counted in `skipped_steps`.
@@ -17,6 +22,7 @@ checkpoints with RNG state, `trainer_state.json`, callbacks and `report_to`. The
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -30,7 +36,8 @@ from torch import Tensor
 from transformers import Trainer
 
 from editr2.rewards import combine
-from editr2.rl import frac_reward_zero_std, group_advantages, is_finite_loss, trajectory_filter
+from editr2.rl import (frac_reward_zero_std, group_advantages, is_finite_loss, missing_rewards, std_sample_count,
+                       trajectory_filter)
 
 from .config import EditR2Config
 from .data import collate_sessions
@@ -44,6 +51,11 @@ logger = logging.getLogger(__name__)
 TRAINABLE_STATE_NAME = "trainable_state.safetensors"  # exact trainable weights, for resuming
 REASONING_LORA_DIR = "reasoning_lora"  # the reasoning LoRA in peft's format (EditR2Pipeline.load_reasoning_lora)
 CONFIG_NAME = "editr2_config.json"
+TRAINER_STATE_NAME = "trainer_state.json"  # written last by `transformers.Trainer._save_checkpoint`
+# A checkpoint is complete when the files a save writes last are there: the trainable state (first), the config (end
+# of `_save`) and trainer_state.json (the Trainer's last write, after the optimizer and RNG states), and the latter
+# parses (a killed write leaves it truncated).
+CHECKPOINT_FILES = (TRAINABLE_STATE_NAME, CONFIG_NAME, TRAINER_STATE_NAME)
 
 # MICE per-turn fields: reward functions receive this turn's entry (the judges' convention).
 PER_TURN_FIELDS = ("task_type", "formatted_instruction", "bg_consistency", "unchanged_objects",
@@ -59,12 +71,24 @@ class StepBatch:
         rollouts: the B sessions' rollouts.
         advantages: `(B, G, T)` float32.
         image_mask, text_mask: `(B, G, T)` bool: which (rollout, turn) trains its image steps / reasoning tokens.
+        valid_rewards: how many samples of the whole step (all processes) have a valid reward.
     """
 
     rollouts: list[SessionRollout]
     advantages: Tensor
     image_mask: Tensor
     text_mask: Tensor
+    valid_rewards: int = 0
+
+    def split(self, sizes: Sequence[int]) -> list["StepBatch"]:
+        """Consecutive parts of `sizes` sessions each (one per micro-batch of the optimizer step)."""
+        parts, start = [], 0
+        for size in sizes:
+            end = start + size
+            parts.append(StepBatch(self.rollouts[start:end], self.advantages[start:end], self.image_mask[start:end],
+                                   self.text_mask[start:end], self.valid_rewards))
+            start = end
+        return parts
 
 
 class EditR2Trainer(Trainer):
@@ -108,6 +132,9 @@ class EditR2Trainer(Trainer):
         if train_dataset is None:
             raise ValueError("Pass train_dataset= (session records, e.g. trl_editr2.data.ShapesSessionDataset).")
 
+        # Rewards first: a bad name or weight is an error before any model work
+        self.set_reward_funcs(reward_funcs, args.reward_weights, args)
+
         # Model: the pipeline, its adapters, and the policy module the Trainer optimises
         pipeline = self._load_pipeline(model, args)
         add_lora_adapters(pipeline, args)
@@ -116,9 +143,6 @@ class EditR2Trainer(Trainer):
         disable_dropout(policy)
         pipeline.to(args.device)
         self.pipeline = pipeline
-
-        # Rewards
-        self.set_reward_funcs(reward_funcs, args.reward_weights, args)
 
         super().__init__(
             model=policy,
@@ -132,6 +156,10 @@ class EditR2Trainer(Trainer):
         self._skipped_steps = 0
         self._accum_index = 0  # micro-steps done in the current optimizer step
         self._skip_update = False  # a non-finite loss was seen in the current optimizer step
+        self._step_inputs: list = []  # the micro-batches of the current optimizer step (from get_batch_samples)
+        self._step_batches: list[StepBatch] | None = None  # their rollouts, scored together
+        self._steps_without_reward = 0  # optimizer steps in a row without any valid reward
+        self._warned_std_samples = False
 
     # ------------------------------------------------------------------------------------------------------------------
     # Setup helpers
@@ -165,12 +193,20 @@ class EditR2Trainer(Trainer):
 
     @staticmethod
     def _resolve_weights(weights, names: list[str]) -> dict[str, float]:
-        """Reward weights by name: a dict (missing names weigh 1), or a list aligned with the reward functions (TRL)."""
+        """Reward weights by name: a dict (missing names weigh 1, unknown names are an error), or a list aligned with
+        the reward functions (TRL)."""
         if isinstance(weights, (list, tuple)):
             if len(weights) != len(names):
                 raise ValueError(f"reward_weights has {len(weights)} entries for {len(names)} reward functions "
                                  f"{names}; pass one weight per function or a dict by name.")
             return {n: float(w) for n, w in zip(names, weights)}
+        unknown = [k for k in weights if k not in names]
+        if unknown:
+            raise ValueError(
+                f"reward_weights has weights for {unknown}, but no reward function has that name (the reward "
+                f"functions are {names}); fix the name or drop the key, e.g. reward_weights="
+                f"{ {n: float(weights.get(n, 1.0)) for n in names} }."
+            )
         missing = [n for n in names if n not in weights]
         if missing:
             logger.warning("reward_weights has no entry for %s; they get weight 1.0.", missing)
@@ -264,7 +300,7 @@ class EditR2Trainer(Trainer):
         # 2. Score: one call per reward function on all local samples
         start = time.perf_counter()
         prompts, images, kwargs = self.reward_kwargs(rollouts)
-        scores, failures = score_samples(self.reward_funcs, prompts, images, args.reward_retries, **kwargs)
+        scores, failures, nonfinite = score_samples(self.reward_funcs, prompts, images, args.reward_retries, **kwargs)
         combined = combine(scores, self.reward_weights)
         reward_time = time.perf_counter() - start
 
@@ -281,6 +317,8 @@ class EditR2Trainer(Trainer):
         session_index = sample // (num_gen * num_turns)
         group_ids = session_index if args.group_key == "session" else session_index * num_turns + sample % num_turns
         all_adv = group_advantages(all_rewards, group_ids, global_std=args.global_std, clip=args.adv_clip_max)
+        std_samples = std_sample_count(all_rewards, group_ids, global_std=args.global_std)
+        self._check_std_samples(std_samples)
         local = self.accelerator.process_index * rewards.numel()
         advantages = all_adv[local : local + rewards.numel()].view_as(rewards)
 
@@ -297,6 +335,8 @@ class EditR2Trainer(Trainer):
         # Metrics (TRL names), over the gathered batch
         metrics = self._metrics
         metrics["reward"].append(_nanmean(all_rewards))
+        metrics["rewards/missing_frac"].append(float(missing_rewards(all_rewards).float().mean()))
+        metrics["advantages/std_samples"].append(float(std_samples))
         metrics["reward_std"].append(_mean_group_std(all_rewards, group_ids))
         metrics["frac_reward_zero_std"].append(frac_reward_zero_std(all_rewards, group_ids))
         for name in self.reward_func_names:
@@ -305,22 +345,66 @@ class EditR2Trainer(Trainer):
             metrics[f"rewards/{name}/std"].append(_nanstd(values))
             metrics[f"rewards/{name}/missing"].append(float(torch.isnan(values).float().mean()))
             metrics[f"rewards/{name}/failures"].append(float(self._gather(torch.tensor([failures.get(name, 0)])).sum()))
+            metrics[f"rewards/{name}/nonfinite"].append(
+                float(self._gather(torch.tensor([nonfinite.get(name, 0)])).sum()))
         per_turn = all_rewards.view(-1, num_turns)
         for t in range(num_turns):
             metrics[f"rewards/turn_{t + 1}/mean"].append(_nanmean(per_turn[:, t]))
         metrics["filter/frac_filtered"].append(float(1 - self._gather(keep.view(-1).float()).mean()))
         if args.reasoning == "intent":
-            fallbacks = torch.tensor(
-                [i.fallback_reason is not None for ro in rollouts for turn in ro.turns for i in turn.intents],
+            fallbacks = torch.tensor(  # over the turns that reasoned (same count on every process)
+                [i.fallback_reason is not None for ro in rollouts for turn in ro.turns if turn.reasoned
+                 for i in turn.intents],
                 dtype=torch.float32,
             )
-            metrics["reasoning/fallback_rate"].append(float(self._gather(fallbacks).mean()))
+            if fallbacks.numel():
+                metrics["reasoning/fallback_rate"].append(float(self._gather(fallbacks).mean()))
             lengths = [float(turn.text.completion_mask.sum(1).float().mean()) for ro in rollouts for turn in ro.turns
                        if turn.text is not None]
             if lengths:
                 metrics["reasoning/mean_length"].append(sum(lengths) / len(lengths))
         metrics["timing/reward"].append(reward_time)
-        return StepBatch(rollouts, advantages, image_mask, text_mask)
+        valid_rewards = int((~missing_rewards(all_rewards)).sum())
+        return StepBatch(rollouts, advantages, image_mask, text_mask, valid_rewards)
+
+    def _check_std_samples(self, count: int) -> None:
+        """Warn once when the global std is taken over fewer valid rewards than `global_std_min_samples`."""
+        args = self.args
+        if args.global_std and count < args.global_std_min_samples and not self._warned_std_samples:
+            self._warned_std_samples = True
+            logger.warning(
+                "global_std: the advantage std of step %d is taken over %d valid rewards (< global_std_min_samples=%d;"
+                " the paper's run uses 288): groups whose rewards differ only by judge noise get large advantages. "
+                "Raise per_device_train_batch_size, gradient_accumulation_steps or the number of processes.",
+                self.state.global_step, count, args.global_std_min_samples,
+            )
+
+    def check_rewards(self, batch: StepBatch) -> None:
+        """Stop when `max_steps_without_reward` optimizer steps in a row had no valid reward (on any process).
+
+        Raises:
+            RuntimeError: naming the missing reward functions' failures, when the limit is reached.
+        """
+        if batch.valid_rewards > 0:
+            self._steps_without_reward = 0
+            return
+        self._steps_without_reward += 1
+        limit = self.args.max_steps_without_reward
+        logger.warning("step %d has no valid reward (%d step(s) in a row, limit max_steps_without_reward=%d).",
+                       self.state.global_step, self._steps_without_reward, limit)
+        if self._steps_without_reward >= limit:
+            details = ", ".join(
+                f"{name}: missing {self._metrics[f'rewards/{name}/missing'][-1]:.0%}, failed calls "
+                f"{self._metrics[f'rewards/{name}/failures'][-1]:g}, non-finite "
+                f"{self._metrics[f'rewards/{name}/nonfinite'][-1]:g}"
+                for name in self.reward_func_names
+            )
+            raise RuntimeError(
+                f"No valid reward in {self._steps_without_reward} optimizer step(s) in a row (up to step "
+                f"{self.state.global_step}): every sample's combined reward is missing, so nothing trains. "
+                f"Reward functions: {details}. Check the reward functions / judges (their warnings above), or raise "
+                f"max_steps_without_reward to ride out an outage."
+            )
 
     # ------------------------------------------------------------------------------------------------------------------
     # 5. Loss
@@ -385,14 +469,35 @@ class EditR2Trainer(Trainer):
     # Trainer overrides
     # ------------------------------------------------------------------------------------------------------------------
 
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """The Trainer's micro-batches of one optimizer step, kept so that the first `training_step` of the step rolls
+        out and scores all of them together (advantages normalised over the whole step's batch)."""
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        self._step_inputs, self._step_batches = list(batch_samples), None
+        return batch_samples, num_items_in_batch
+
+    def step_batch(self, inputs: list[dict]) -> StepBatch:
+        """This micro-batch's part of the optimizer step's scored batch (rolled out and scored at its first micro-step;
+        a call outside the training loop scores `inputs` alone)."""
+        index = next((i for i, micro in enumerate(self._step_inputs) if micro is inputs), None)
+        if index is None:
+            self._step_inputs, self._step_batches, index = [inputs], None, 0
+        if self._step_batches is None:
+            records = [record for micro in self._step_inputs for record in micro]
+            batch = self.generate_and_score(records)
+            self.check_rewards(batch)
+            self._step_batches = batch.split([len(micro) for micro in self._step_inputs])
+        return self._step_batches[index]
+
     def training_step(self, model, inputs: list[dict], num_items_in_batch=None) -> Tensor:
-        """One micro-step: rollout + score + advantages + filter, then the loss and its backward."""
+        """One micro-step: (at the step's first micro-step, rollout + score + advantages + filter of every micro-batch
+        of the step), then this micro-batch's loss and its backward."""
         if self._accum_index == 0:
             self._skip_update = False
         if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
             self.optimizer.train()
         start = time.perf_counter()
-        batch = self.generate_and_score(inputs)
+        batch = self.step_batch(inputs)
         model.train()
         learn_start = time.perf_counter()
         loss = self.learn(model, batch)
@@ -420,6 +525,11 @@ class EditR2Trainer(Trainer):
             logs[key] = sum(valid) / len(valid) if valid else None
         if self._metrics.get("skipped_steps"):
             logs["skipped_steps"] = float(self._skipped_steps)
+        missing = logs.get("rewards/missing_frac")
+        if missing:
+            per_function = {name: logs.get(f"rewards/{name}/missing") for name in self.reward_func_names}
+            logger.warning("%.1f%% of the rewards since the last log are missing (they train nothing); missing per "
+                           "reward function: %s.", 100 * missing, per_function)
         super().log(logs, start_time)
         self._metrics.clear()
 
@@ -458,6 +568,22 @@ class EditR2Trainer(Trainer):
         with open(os.path.join(output_dir, CONFIG_NAME), "w") as f:
             f.write(self.args.to_json_string())
 
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None,
+              **kwargs):
+        """`transformers.Trainer.train`, resuming from a complete checkpoint only.
+
+        Args:
+            resume_from_checkpoint: a checkpoint folder, or `True` / `"true"` / `"latest"` for the latest complete
+                `checkpoint-N` in `output_dir` (complete: see `is_complete_checkpoint`; incomplete ones, e.g. from a
+                killed save, are skipped with a warning). A named folder that is incomplete is an error. The chosen
+                folder is logged.
+        """
+        path = resolve_checkpoint(resume_from_checkpoint, self.args.output_dir)
+        if path is not None:
+            logger.warning("Resuming from %s.", path)
+        return super().train(resume_from_checkpoint=path, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval,
+                             **kwargs)
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         """Load `trainable_state.safetensors` (every trainable tensor must be there, with the same shape)."""
         from safetensors.torch import load_file
@@ -486,6 +612,83 @@ class EditR2Trainer(Trainer):
 
     def create_model_card(self, *args, **kwargs) -> None:  # the Trainer's card assumes a transformers model
         return None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def missing_checkpoint_files(folder: str | os.PathLike) -> list[str]:
+    """The files of `CHECKPOINT_FILES` that `folder` lacks (trainer_state.json counts as missing when it does not
+    parse, e.g. cut short by a killed save); empty for a complete checkpoint."""
+    missing = [name for name in CHECKPOINT_FILES if not os.path.isfile(os.path.join(folder, name))]
+    if TRAINER_STATE_NAME not in missing:
+        try:
+            with open(os.path.join(folder, TRAINER_STATE_NAME)) as f:
+                json.load(f)
+        except (OSError, ValueError):
+            missing.append(f"{TRAINER_STATE_NAME} (unreadable)")
+    return missing
+
+
+def is_complete_checkpoint(folder: str | os.PathLike) -> bool:
+    """Whether a save into `folder` finished: `CHECKPOINT_FILES` (the trainable state, the config and the Trainer's
+    last write, trainer_state.json) are there and trainer_state.json parses."""
+    return os.path.isdir(folder) and not missing_checkpoint_files(folder)
+
+
+def latest_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The complete `checkpoint-N` folder of `output_dir` with the largest N (None if there is none); incomplete
+    ones with a larger N are skipped with a warning naming what they lack."""
+    if not os.path.isdir(output_dir):
+        return None
+    steps = []
+    for name in os.listdir(output_dir):
+        prefix, _, number = name.partition("-")
+        if prefix == "checkpoint" and number.isdigit() and os.path.isdir(os.path.join(output_dir, name)):
+            steps.append((int(number), os.path.join(output_dir, name)))
+    for _, folder in sorted(steps, reverse=True):
+        missing = missing_checkpoint_files(folder)
+        if not missing:
+            return folder
+        logger.warning("Skipping incomplete checkpoint %s (no %s: its save did not finish).", folder,
+                       ", ".join(missing))
+    return None
+
+
+def resolve_checkpoint(resume_from_checkpoint, output_dir: str | os.PathLike) -> str | None:
+    """The checkpoint folder to resume from (see [`EditR2Trainer.train`]), or None to start afresh.
+
+    Raises:
+        ValueError: `True` with no complete checkpoint in `output_dir`, or a named folder that is not a complete
+            checkpoint (the message names what it lacks and the latest complete one).
+    """
+    if resume_from_checkpoint is None or resume_from_checkpoint is False:
+        return None
+    if isinstance(resume_from_checkpoint, str) and resume_from_checkpoint.strip().lower() in ("", "false", "no"):
+        return None
+    latest = resume_from_checkpoint is True or (
+        isinstance(resume_from_checkpoint, str) and resume_from_checkpoint.strip().lower() in ("true", "yes", "latest")
+    )
+    if latest:
+        path = latest_complete_checkpoint(output_dir)
+        if path is None:
+            raise ValueError(f"resume_from_checkpoint=true: no complete checkpoint-N folder in output_dir={output_dir} "
+                             f"(complete: {', '.join(CHECKPOINT_FILES)} present); start without it or name a folder.")
+        return path
+    path = os.fspath(resume_from_checkpoint)
+    if not os.path.isdir(path):
+        raise ValueError(f"resume_from_checkpoint={path}: no such folder; pass a checkpoint-N folder or `true` for the "
+                         f"latest complete one in output_dir.")
+    missing = missing_checkpoint_files(path)
+    if missing:
+        parent = os.path.dirname(os.path.abspath(path))
+        latest = latest_complete_checkpoint(parent)
+        hint = f"; the latest complete one there is {latest}" if latest else ""
+        raise ValueError(f"{path} is not a complete EditR2Trainer checkpoint (no {', '.join(missing)}: its save did "
+                         f"not finish){hint}.")
+    return path
 
 
 # ---------------------------------------------------------------------------------------------------------------------

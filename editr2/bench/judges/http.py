@@ -4,19 +4,24 @@ Timeouts, retries with exponential backoff (connection errors, timeouts, HTTP 42
 chat-completions answer) and bounded concurrency: at most ``max_concurrency`` requests are in flight from one back-end,
 however many threads call it. The base URL and key come from the config or from environment variables the config
 names; nothing is hard-coded.
+
+``timeout_s`` is a deadline for the whole request (connect, send, headers and body), not a per-read timeout: a server
+that trickles its answer a byte at a time is cut off at the deadline. Redirects are never followed: a 3xx answer is an
+error naming its ``Location`` (following one would send the API key to another host and score the answer to a
+body-less GET). The connection goes straight to the base URL's host (HTTP proxy environment variables are not used).
 """
 
 from __future__ import annotations
 
 import base64
+import http.client
 import io
 import json
 import logging
 import os
 import socket
 import threading
-import urllib.error
-import urllib.request
+import urllib.parse
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -36,7 +41,8 @@ class OpenAIChatConfig:
         base_url: e.g. ``http://127.0.0.1:8000/v1``; or leave empty and set `base_url_env`.
         base_url_env: name of an environment variable holding the base URL (used when `base_url` is empty).
         api_key_env: name of an environment variable holding the API key (none sent when unset or empty).
-        timeout_s: per-request timeout in seconds.
+        timeout_s: deadline in seconds for one whole request (connect, send and the complete answer); a request still
+            unanswered at the deadline is aborted and counts as a timeout (retried like one).
         max_attempts: attempts per request (1 = no retry).
         backoff_s: wait before the first retry; doubles each time, capped at `max_backoff_s`.
         max_backoff_s: cap on one wait.
@@ -73,6 +79,9 @@ class OpenAIChatConfig:
         if not url:
             raise ValueError(f"no base URL: `base_url` is empty and the environment variable {self.base_url_env!r} "
                              "is not set")
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"the judge base URL must be http(s)://host[:port]/path, got {url!r}")
         return url.rstrip("/")
 
     def resolve_api_key(self) -> str | None:
@@ -129,20 +138,67 @@ class OpenAIChatVLM:
         key = self.config.resolve_api_key()
         if key:
             headers["Authorization"] = f"Bearer {key}"
-        request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
         with self._slots:
-            try:
-                with urllib.request.urlopen(request, timeout=self.config.timeout_s) as response:
-                    raw = response.read()
-            except urllib.error.HTTPError as err:
-                detail = err.read()[:200].decode("utf-8", "replace")
-                if err.code == 429 or err.code >= 500:
-                    raise _RetryableHTTPError(f"HTTP {err.code}: {detail}") from None
-                raise JudgeError(f"HTTP {err.code} (not retried): {detail}") from None
-            except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError) as err:
-                reason = getattr(err, "reason", err)
-                raise _RetryableHTTPError(f"request failed: {reason}") from None
+            status, location, raw = _post_with_deadline(self.url, body, headers, self.config.timeout_s)
+        if 300 <= status < 400:
+            raise JudgeError(f"HTTP {status} redirect to {location or '(no Location)'} (not followed: point "
+                             f"`base_url` at the server itself)")
+        if status == 429 or status >= 500:
+            raise _RetryableHTTPError(f"HTTP {status}: {raw[:200].decode('utf-8', 'replace')}")
+        if status >= 400 or status < 200:
+            raise JudgeError(f"HTTP {status} (not retried): {raw[:200].decode('utf-8', 'replace')}")
         return _answer_text(raw)
+
+
+def _post_with_deadline(url: str, body: bytes, headers: dict, timeout_s: float) -> tuple[int, str, bytes]:
+    """POST `body` to `url` and return ``(status, Location header, whole body)``, all within `timeout_s` seconds.
+
+    A watchdog shuts the socket down at the deadline, so a blocked read returns at once however slowly the server
+    sends; the request then fails as a timeout even if part of the body arrived. Redirects are returned, not followed.
+
+    Raises:
+        _RetryableHTTPError: on a connection failure or when the deadline passed.
+    """
+    parts = urllib.parse.urlsplit(url)
+    path = parts.path + (f"?{parts.query}" if parts.query else "")
+    connection_class = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    connection = connection_class(parts.hostname, parts.port, timeout=timeout_s)
+    expired = threading.Event()
+    sockets: list[socket.socket] = []  # the connected socket (the connection drops its own reference when the
+    # server says it will close, while the response still reads from it)
+
+    def abort() -> None:
+        expired.set()
+        for sock in sockets or [connection.sock]:
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    watchdog = threading.Timer(timeout_s, abort)
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        connection.connect()
+        sockets.append(connection.sock)
+        if expired.is_set():  # the deadline passed while connecting
+            abort()
+        connection.request("POST", path, body=body, headers=headers)
+        response = connection.getresponse()
+        location = response.getheader("Location", "")
+        raw = response.read()
+    except (OSError, http.client.HTTPException) as err:
+        if expired.is_set() or isinstance(err, (socket.timeout, TimeoutError)):
+            raise _RetryableHTTPError(f"request failed: timed out (no complete answer within {timeout_s:g} s)") \
+                from None
+        raise _RetryableHTTPError(f"request failed: {getattr(err, 'reason', None) or err!r}") from None
+    finally:
+        watchdog.cancel()
+        connection.close()
+    if expired.is_set():  # a body read until the connection closed may be cut short by the watchdog
+        raise _RetryableHTTPError(f"request failed: timed out (no complete answer within {timeout_s:g} s)")
+    return response.status, location, raw
 
 
 def _answer_text(raw: bytes) -> str:
