@@ -16,7 +16,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from editr2.intent import Intent, RuleBasedReconstructor, split_rule
+from editr2.bench.shapes.reconstruct import RuleBasedReconstructor
+from editr2.intent import Intent, split_rule
 
 _BRACKETED = re.compile(r"\[([^\]]+)\]")
 _SCOPE = re.compile(r"\bonly\b.{0,40}\b(edited|changed|modified|added|edit)\b", re.IGNORECASE)
@@ -65,7 +66,7 @@ def score_turn(intent: str, formatted_instruction: str, rule_attribute: str | No
     return TurnScore(turn=turn, resolved=resolved, rule_kept=rule_kept, intent=intent)
 
 
-def score_session(
+def score_intents(
     instructions: Sequence[str], formatted_instructions: Sequence[str], reconstructor: Reconstructor
 ) -> list[TurnScore]:
     """Reconstruct each turn's intent from the raw history and score it.
@@ -94,5 +95,5 @@ def score_sessions(sessions, reconstructor: Reconstructor | None = None) -> Inte
     reconstructor = reconstructor or RuleBasedReconstructor("mice")
     report = IntentReport()
     for instructions, formatted in sessions:
-        report.sessions.append(score_session(instructions, formatted, reconstructor))
+        report.sessions.append(score_intents(instructions, formatted, reconstructor))
     return report
