@@ -25,8 +25,6 @@ from torch import Tensor
 from editr2.flow import sample, sde_window, shifted_sigmas
 from editr2.intent import Intent, parse_answer
 
-from .policy import completion_logps
-
 
 @dataclass
 class TextSample:
@@ -260,7 +258,7 @@ def write_intents(policy, sessions: Sequence[Any], instruction: str, args, seed_
         return intents, None
     text = TextSample(prompt, ids, mask, old_logps=None)
     with torch.no_grad():
-        text.old_logps = completion_logps(policy.text_encoder, text, args.reasoning_temperature)
+        text.old_logps = policy.token_logps(text)  # at `args.reasoning_temperature` (the policy's args)
     return intents, text
 
 
