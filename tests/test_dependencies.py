@@ -108,3 +108,27 @@ def test_no_import_cycles():
         if module not in state:
             visit(module, [])
     assert cycles == []
+
+
+# Names that must be defined (at module level) by one module only: one owner per concept.
+ONE_OWNER = ("REASONING_MODES", "CALL_DEFAULTS_FILE", "PipelineEditor", "Editor", "IdentityEditor", "run_bench",
+             "write_report", "plot_per_turn", "split_rule", "score_session", "load_call_defaults")
+# The RL trainer's own subset of the reasoning modes (it trains "intent" and "none" only).
+OWNER_EXCEPTIONS = {"REASONING_MODES": {"trl_editr2.config"}}
+
+
+def test_each_concept_has_one_owner():
+    owners: dict[str, list[str]] = {name: [] for name in ONE_OWNER}
+    for module, path in MODULES.items():
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                names = [node.name]
+            elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                names = [t.id for t in targets if isinstance(t, ast.Name)]
+            else:
+                continue
+            for name in names:
+                if name in owners and module not in OWNER_EXCEPTIONS.get(name, ()):
+                    owners[name].append(module)
+    assert {name: found for name, found in owners.items() if len(found) > 1} == {}

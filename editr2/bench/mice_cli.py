@@ -34,7 +34,7 @@ from .editors import Editor, IdentityEditor
 from .mice import MiceFormatError, MiceSession, iter_session_lines, read_results
 from .report import write_report
 from .resume import ConfigMismatchError, model_fingerprint, open_run
-from .runner import EditorOutputError, edit_images, run_sessions
+from .runner import EditorOutputError, edit_images, model_call_kwargs, run_sessions
 
 TURNS_DIR = "turns"
 # What a run writes into --out (what `--force` deletes).
@@ -525,18 +525,6 @@ def judge_settings(config) -> dict:
             "ga": dataclasses.asdict(config.ga)}
 
 
-def _call_kwargs(args: argparse.Namespace) -> dict:
-    try:
-        call_kwargs = json.loads(args.pipeline_kwargs) if args.pipeline_kwargs else {}
-    except json.JSONDecodeError as err:
-        raise SystemExit(f"--pipeline-kwargs must be a JSON object: {err}") from None
-    if not isinstance(call_kwargs, dict):
-        raise SystemExit("--pipeline-kwargs must be a JSON object, e.g. '{\"num_inference_steps\": 28}'")
-    if args.steps is not None:
-        call_kwargs["num_inference_steps"] = args.steps
-    return call_kwargs
-
-
 def run_config(args: argparse.Namespace, judge_config, call_kwargs: dict) -> dict:
     """``bench_config.json`` of a command line: editor, model fingerprint and call settings, judges, metrics.
 
@@ -571,7 +559,7 @@ def run(args: argparse.Namespace) -> int:
         judge_config = load_judge_config(args.judge)
     except (OSError, ValueError) as err:
         raise SystemExit(f"--judge: {err}") from None
-    call_kwargs = _call_kwargs(args) if args.model else {}
+    call_kwargs = model_call_kwargs(args.pipeline_kwargs, args.steps) if args.model else {}
     config = run_config(args, judge_config, call_kwargs)
     try:  # before loading the editor or the judges: a wrong --out costs nothing
         open_run(args.out, config, outputs=OUTPUTS, force=args.force, force_hint="--force")

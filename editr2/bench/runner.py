@@ -3,6 +3,7 @@ sessions against an append-only results file (`editr2.bench.resume`), skipping t
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -46,3 +47,21 @@ def run_sessions(items: Iterable[tuple[str, Any]], step: Callable[[str, Any, dic
         outcomes[outcome] += 1
     return outcomes
 
+
+
+def model_call_kwargs(pipeline_kwargs: str | None, steps: int | None) -> dict:
+    """The `__call__` arguments of a bench command's `--pipeline-kwargs JSON` and `--steps N` (`SystemExit` naming the
+    flag for a bad one)."""
+    call_kwargs = {}
+    if pipeline_kwargs is not None:
+        try:
+            call_kwargs = json.loads(pipeline_kwargs)
+        except json.JSONDecodeError as err:
+            raise SystemExit(f"--pipeline-kwargs must be a JSON object: {err}") from None
+        if not isinstance(call_kwargs, dict):
+            raise SystemExit('--pipeline-kwargs must be a JSON object, e.g. \'{"num_inference_steps": 8}\'')
+    if steps is not None:
+        if steps < 1:
+            raise SystemExit(f"--steps {steps}: pass at least 1.")
+        call_kwargs["num_inference_steps"] = steps
+    return call_kwargs

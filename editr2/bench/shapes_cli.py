@@ -116,18 +116,9 @@ def _model_options(args: argparse.Namespace) -> dict:
     if not (Path(args.model) / "model_index.json").is_file():
         raise SystemExit(f"--model {args.model}: no model_index.json there; pass a folder saved with "
                          "EditR2Pipeline.save_pretrained (e.g. checkpoints/editr2-shapes-tiny).")
-    call_kwargs = {}
-    if args.pipeline_kwargs is not None:
-        try:
-            call_kwargs = json.loads(args.pipeline_kwargs)
-        except json.JSONDecodeError as err:
-            raise SystemExit(f"--pipeline-kwargs must be a JSON object: {err}") from None
-        if not isinstance(call_kwargs, dict):
-            raise SystemExit('--pipeline-kwargs must be a JSON object, e.g. \'{"num_inference_steps": 8}\'')
-    if args.steps is not None:
-        if args.steps < 1:
-            raise SystemExit(f"--steps {args.steps}: pass at least 1.")
-        call_kwargs["num_inference_steps"] = args.steps
+    from editr2.bench.runner import model_call_kwargs
+
+    call_kwargs = model_call_kwargs(args.pipeline_kwargs, args.steps)
     threads = 1 if args.threads is None else args.threads
     if threads < 1:
         raise SystemExit(f"--threads {threads}: pass at least 1.")
