@@ -112,7 +112,8 @@ def test_no_import_cycles():
 
 # Names that must be defined (at module level) by one module only: one owner per concept.
 ONE_OWNER = ("REASONING_MODES", "CALL_DEFAULTS_FILE", "PipelineEditor", "Editor", "IdentityEditor", "run_bench",
-             "write_report", "plot_per_turn", "split_rule", "score_session", "load_call_defaults")
+             "write_report", "plot_per_turn", "split_rule", "score_session", "load_call_defaults", "TurnScore",
+             "METRICS", "append_result")
 # The RL trainer's own subset of the reasoning modes (it trains "intent" and "none" only).
 OWNER_EXCEPTIONS = {"REASONING_MODES": {"trl_editr2.config"}}
 
