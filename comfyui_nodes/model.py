@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import pathlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import comfy.model_management
@@ -108,14 +108,19 @@ class EditR2Model:
         name: the model name picked in the loader.
         pipeline: the loaded `diffusers_editr2.EditR2Pipeline`.
         patcher: a `comfy.model_patcher.ModelPatcher` over the pipeline's torch modules.
-        call_defaults: the model folder's `editr2_call_defaults.json` (the `__call__` arguments it was trained for);
-            Edit Turn passes those it has no input for (`NODE_CALL_DEFAULTS`).
+
+    The model folder's call defaults (the `__call__` arguments it was trained for) are the pipeline's
+    (`pipeline.call_defaults`); Edit Turn passes those it has no input for (`NODE_CALL_DEFAULTS`).
     """
 
     name: str
     pipeline: Any
     patcher: Any
-    call_defaults: dict = field(default_factory=dict)
+
+    @property
+    def call_defaults(self) -> dict:
+        """The pipeline's call defaults (its folder's `editr2_call_defaults.json`; `{}` without one)."""
+        return getattr(self.pipeline, "call_defaults", {})
 
     def call_kwargs(self) -> dict:
         """The folder's call defaults that Edit Turn does not expose as inputs (e.g. the VLM's view of the image and
@@ -133,12 +138,10 @@ def load_model(name: str, dtype: str = "auto", device: str = "auto") -> EditR2Mo
     # model_index.json may name this module, and diffusers loads components only from already-imported libraries
     import diffusers_editr2.processing  # noqa: F401
     from diffusers_editr2 import EditR2Pipeline
-    from diffusers_editr2.bench import load_call_defaults
 
     load_device, offload_device = _pick_devices(device)
     torch_dtype = _pick_dtype(dtype, load_device)
     pipeline = EditR2Pipeline.from_pretrained(path, dtype=torch_dtype, use_safetensors=True)
     pipeline.set_progress_bar_config(disable=True)  # ComfyUI shows its own progress bar
     patcher = comfy.model_patcher.ModelPatcher(_PipelineModules(pipeline), load_device, offload_device)
-    call_defaults = load_call_defaults(path, fallback={})
-    return EditR2Model(name=name, pipeline=pipeline, patcher=patcher, call_defaults=call_defaults)
+    return EditR2Model(name=name, pipeline=pipeline, patcher=patcher)

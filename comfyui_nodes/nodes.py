@@ -19,14 +19,13 @@ import torch
 from comfy_api.latest import io, ui
 
 from editr2.filmstrip import filmstrip
+from editr2.intent import REASONING_MODES
 from editr2.session import SESSION_FILE, Session, SessionFormatError
 
 from .images import pil_to_tensor, tensor_to_pil
 from .model import DEVICES, DTYPES, EditR2Model, list_models, load_model, resolve_model
 
 CATEGORY = "Edit-R2"
-# EditR2Pipeline(reasoning=...): write the operative intent first / all instructions so far / this instruction only
-REASONING_MODES = ("intent", "history", "none")
 MAX_SEED = 0xFFFF_FFFF_FFFF_FFFF
 SESSION_SEARCH_DEPTH = 3  # how deep Load Session looks for session folders under input/ and output/
 INPUT_NOTES = "input_notes"  # session.meta key: what was done to the source image to make it editable

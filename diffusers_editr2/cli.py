@@ -215,12 +215,12 @@ def _check_settings(args: argparse.Namespace, kwargs: dict) -> None:
 
 def call_kwargs(args: argparse.Namespace) -> dict:
     """The `__call__` settings: the command line's, then the model folder's call defaults, then upstream's."""
-    from .bench import load_call_defaults
+    from .call_defaults import read_call_defaults
 
     given = {"num_inference_steps": args.steps, "height": args.height, "width": args.width,
              "true_cfg_scale": args.true_cfg_scale, "condition_area": args.condition_area,
              "max_new_tokens": args.max_new_tokens}
-    kwargs = {**UPSTREAM_DEFAULTS, **load_call_defaults(args.model, fallback={}),
+    kwargs = {**UPSTREAM_DEFAULTS, **read_call_defaults(args.model),
               **{k: v for k, v in given.items() if v is not None}}
     if args.reference_area is not None:  # 0 means the working size
         kwargs["reference_area"] = args.reference_area or None

@@ -52,9 +52,10 @@ from diffusers.schedulers import FlowMatchEulerDiscreteScheduler
 from diffusers.utils import logging, replace_example_docstring
 from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer, Qwen2VLProcessor
 
-from editr2.intent import Intent, build_messages, parse_answer
+from editr2.intent import REASONING_MODES, Intent, build_messages, parse_answer
 from editr2.session import Session, Turn
 
+from .call_defaults import read_call_defaults, write_call_defaults
 from .pipeline_output import EditR2PipelineOutput
 from .processing import Qwen2VLImageOnlyProcessor  # noqa: F401  (folders we save name this module: it must be imported)
 
@@ -75,7 +76,6 @@ EXAMPLE_DOC_STRING = """
         ```
 """
 
-REASONING_MODES = ("intent", "history", "none")
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 MAX_INPUT_PIXELS = 8192 * 8192  # larger inputs are refused rather than resized (they are resized to ~1 MP anyway)
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
@@ -326,6 +326,8 @@ class EditR2Pipeline(DiffusionPipeline, QwenImageLoraLoaderMixin):
         self.prompt_template_encode_start_idx = 64
         self.default_sample_size = 128
         self.reasoning_prefix_cache = ReasoningPrefixCache()
+        # The `__call__` arguments the model was trained for (see `from_pretrained`); `{}` for upstream's defaults.
+        self.call_defaults: dict = {}
 
     # ------------------------------------------------------------------------------------------------------------------
     # Loading and saving
@@ -335,7 +337,7 @@ class EditR2Pipeline(DiffusionPipeline, QwenImageLoraLoaderMixin):
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         r"""Load from a diffusers folder or Hub id, e.g. a `Qwen/Qwen-Image-Edit-2509` layout, unchanged.
 
-        Like [`~DiffusionPipeline.from_pretrained`], with two differences:
+        Like [`~DiffusionPipeline.from_pretrained`], with two differences and one addition:
 
         - Without `dtype` (or the older `torch_dtype`), every component loads in `torch.float32`. diffusers' own
           default would load the transformer and VAE in float32 but let transformers load the text encoder in the dtype
@@ -346,6 +348,11 @@ class EditR2Pipeline(DiffusionPipeline, QwenImageLoraLoaderMixin):
           installed, the folder's `processor/` is loaded with the image-only
           [`~diffusers_editr2.processing.Qwen2VLImageOnlyProcessor`] instead (same files, same image and text
           processing).
+        - The folder's `editr2_call_defaults.json` (the `__call__` arguments its model was trained for: size, steps,
+          CFG, reasoning template, ...) is read into `pipe.call_defaults` (`{}` without one, e.g. for a Qwen folder or
+          a Hub id). `__call__` does not apply them by itself, so that `pipe(...)` means the same with every folder
+          (and `reasoning="none"` stays equal to `QwenImageEditPlusPipeline`): callers pass them,
+          `pipe(..., **{**pipe.call_defaults, **overrides})`.
         """
         from transformers.utils import is_torchvision_available
 
@@ -360,18 +367,22 @@ class EditR2Pipeline(DiffusionPipeline, QwenImageLoraLoaderMixin):
                 kwargs["processor"] = Qwen2VLImageOnlyProcessor.from_pretrained(
                     pretrained_model_name_or_path, subfolder="processor", **_hub_kwargs(kwargs)
                 )
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        pipe.call_defaults = read_call_defaults(pretrained_model_name_or_path)
+        return pipe
 
     def save_pretrained(self, save_directory, **kwargs):
         """Like [`~DiffusionPipeline.save_pretrained`]; refuses while a reasoning LoRA is loaded (transformers would
-        save the text encoder as adapter weights only). Save it with [`save_reasoning_lora`] and remove it first."""
+        save the text encoder as adapter weights only). Save it with [`save_reasoning_lora`] and remove it first.
+        A non-empty `pipe.call_defaults` is written as the folder's `editr2_call_defaults.json`."""
         if getattr(self.text_encoder, "_hf_peft_config_loaded", False):
             raise ValueError(
                 "The text encoder has a reasoning LoRA loaded; `save_pretrained` would save only its adapter weights. "
                 "Save the LoRA with `pipe.save_reasoning_lora(dir)`, remove it with "
                 "`pipe.text_encoder.delete_adapter(name)`, then save the pipeline."
             )
-        return super().save_pretrained(save_directory, **kwargs)
+        super().save_pretrained(save_directory, **kwargs)
+        write_call_defaults(save_directory, self.call_defaults)
 
     def save_transformer_lora(self, save_directory: str, adapter_name: str = "default") -> None:
         """Save the transformer's LoRA `adapter_name` with diffusers' `save_lora_weights`, its config (rank, alpha)

@@ -3,6 +3,10 @@
 Each subcommand lives in its own module, which defines ``add_arguments(parser)`` and ``run(args) -> int`` and keeps
 its heavy imports (diffusers, transformers, trl) inside ``run`` so that ``editr2 --help`` stays fast. The module's
 docstring's first line is the subcommand's help.
+
+This is the one place where the core (`editr2`) reaches an integration: the core commands that take a ``--model``
+(``demo``, ``bench shapes``, ``bench mice``) load it with `model_loader` (the diffusers integration's
+`load_bench_editor`), and ``edit`` is the diffusers integration's own command.
 """
 
 from __future__ import annotations
@@ -19,6 +23,16 @@ COMMANDS: dict[tuple[str, ...], str] = {
     ("bench", "mice"): "editr2.bench.mice_cli",
     ("bench", "intent"): "editr2.bench.intent_cli",
 }
+
+
+def model_loader():
+    """`diffusers_editr2.bench.load_bench_editor`, how the core commands load a ``--model`` (imported only then, so
+    that the core itself imports no integration)."""
+    try:
+        from diffusers_editr2.bench import load_bench_editor
+    except ImportError as err:
+        raise SystemExit(f"--model needs the diffusers integration: pip install 'editr2[diffusers]' ({err}).") from None
+    return load_bench_editor
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -34,7 +34,7 @@ def model_folder(tiny_dir, tmp_path_factory):
     import json
     import shutil
 
-    from editr2.demo import CALL_DEFAULTS_FILE
+    from diffusers_editr2.call_defaults import CALL_DEFAULTS_FILE
 
     def make(call_defaults: dict | None = None):
         folder = tmp_path_factory.mktemp("model") / "model"

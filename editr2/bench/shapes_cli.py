@@ -19,8 +19,9 @@ import argparse
 import json
 from pathlib import Path
 
+from editr2.intent import REASONING_MODES
+
 EDITOR_NAMES = ("oracle", "identity", "literal")
-REASONING_MODES = ("intent", "history", "none")
 SESSION_RESULTS = "session_results.jsonl"
 # What a run writes into --out (what `--force` deletes).
 OUTPUTS = (SESSION_RESULTS, "results.json", "report.md", "per_turn.png", "intents.jsonl")
@@ -88,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
     if args.model is None:
         editor = make_editor(name)
     else:
-        editor = _load_model_editor(args, options)
+        editor = options["loader"](args.model, args.reasoning or "intent", seed=args.sample_seed or 0,
+                                   call_kwargs=options["call_kwargs"], threads=options["threads"])
         name = editor.name
     results = run_bench(editor, family=args.family, num_sessions=args.sessions, num_turns=args.turns, seed=args.seed,
                         size=args.size, progress=not args.no_progress, editor_name=name,
@@ -114,26 +116,15 @@ def _model_options(args: argparse.Namespace) -> dict:
     if not (Path(args.model) / "model_index.json").is_file():
         raise SystemExit(f"--model {args.model}: no model_index.json there; pass a folder saved with "
                          "EditR2Pipeline.save_pretrained (e.g. checkpoints/editr2-shapes-tiny).")
-    call_kwargs = {}
-    if args.pipeline_kwargs is not None:
-        try:
-            call_kwargs = json.loads(args.pipeline_kwargs)
-        except json.JSONDecodeError as err:
-            raise SystemExit(f"--pipeline-kwargs must be a JSON object: {err}") from None
-        if not isinstance(call_kwargs, dict):
-            raise SystemExit('--pipeline-kwargs must be a JSON object, e.g. \'{"num_inference_steps": 8}\'')
-    if args.steps is not None:
-        if args.steps < 1:
-            raise SystemExit(f"--steps {args.steps}: pass at least 1.")
-        call_kwargs["num_inference_steps"] = args.steps
+    from editr2.bench.runner import model_call_kwargs
+
+    call_kwargs = model_call_kwargs(args.pipeline_kwargs, args.steps)
     threads = 1 if args.threads is None else args.threads
     if threads < 1:
         raise SystemExit(f"--threads {threads}: pass at least 1.")
-    try:
-        from diffusers_editr2.bench import load_bench_editor  # noqa: F401 - checked here, used once --out is ready
-    except ImportError as err:
-        raise SystemExit(f"--model needs the diffusers integration: pip install 'editr2[diffusers]' ({err}).") from None
-    return {"call_kwargs": call_kwargs, "threads": threads}
+    from editr2.cli import model_loader  # the diffusers integration's loader; checked before anything is written
+
+    return {"call_kwargs": call_kwargs, "threads": threads, "loader": model_loader()}
 
 
 def _model_config(args: argparse.Namespace, options: dict) -> dict:
@@ -144,13 +135,3 @@ def _model_config(args: argparse.Namespace, options: dict) -> dict:
     return {"editor": f"editr2-{args.reasoning or 'intent'}", "model_fingerprint": model_fingerprint(args.model),
             "reasoning": args.reasoning or "intent", "sample_seed": args.sample_seed or 0,
             "call_kwargs": options["call_kwargs"]}
-
-
-def _load_model_editor(args: argparse.Namespace, options: dict):
-    """The `diffusers_editr2.bench.PipelineEditor` of `--model`, with the --model options applied."""
-    from diffusers_editr2.bench import load_bench_editor
-    import torch
-
-    torch.set_num_threads(options["threads"])
-    return load_bench_editor(args.model, args.reasoning or "intent", seed=args.sample_seed or 0,
-                             call_kwargs=options["call_kwargs"])

@@ -566,11 +566,11 @@ def reasoning_trace(instruction: str, reasoning: str, quote_edit: bool = True) -
     """The trace the reasoner learns to write: the current edit clause quoted verbatim (`Edit: ...`, without a
     rule sentence), then the reconstructor's notes, shortened. The quote gives every example a dense copy signal
     and puts the slot words (size, colour, shape, cell) next to the answer that reuses them."""
-    from editr2.bench.shapes.grammar import split_rule
+    from editr2.bench.shapes.grammar import split_color_rule
 
     trace = short_trace(reasoning)
     if quote_edit:
-        edit = split_rule(instruction)[1].strip().rstrip(".")
+        edit = split_color_rule(instruction)[1].strip().rstrip(".")
         trace = f"Edit: {edit}. {trace}"
     return trace
 

@@ -447,7 +447,7 @@ _SINGULAR = {plural: shape for shape, plural in PLURALS.items()}
 _NUMBER_BY_WORD = {w: n for n, w in NUMBER_WORDS.items()}
 
 
-def split_rule(text: str) -> tuple[str | None, str]:
+def split_color_rule(text: str) -> tuple[str | None, str]:
     """`(rule colour, the edit clause)` of an instruction; `(None, text)` when it states no shapes rule."""
     text = " ".join(text.split())
     for rule_re in _RULE_RES:
@@ -470,7 +470,7 @@ def parse_instruction(text: str) -> Literal:
     Raises:
         ValueError: when the text is not an instruction of this grammar.
     """
-    rule_color, edit = split_rule(text)
+    rule_color, edit = split_color_rule(text)
     edit = _PREFIX_RE.sub("", edit.strip())
     for op, pattern in _PATTERNS:
         m = pattern.fullmatch(edit)

@@ -3,9 +3,8 @@
     from editr2.bench.shapes.runner import run_bench
     results = run_bench(my_editor, family="cu", num_sessions=100, num_turns=3, seed=0)
 
-`my_editor(images, history, instruction) -> PIL image` (see `editr2.bench.editors`); an editor with a
-`bind(session)` method is bound to each session first. The result is the `results.json` structure:
-`{"per_turn": [{"turn", "IF", "CC", "GA", "reward"}, ...], "mean": {...}, "config": {...}}`.
+`my_editor` is an `editr2.bench.editors.Editor` (`edit_session(source, instructions, session)`). The result is the
+`results.json` structure: `{"per_turn": [{"turn", "IF", "CC", "GA", "reward"}, ...], "mean": {...}, "config": {...}}`.
 
 With `results_path`, every finished session's scores are appended to that JSON-lines file as it finishes, and the
 sessions already there are read back instead of run again: a run killed after k sessions and started again gives the
@@ -16,25 +15,20 @@ and the configuration check).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 from PIL import Image
 
+from ..editors import Editor
 from ..metrics import METRICS, TurnScore, mean_scores, score_session
-from ..resume import append_result, latest_by_id, read_results
+from ..runner import edit_images, run_sessions
 from .render import DEFAULT_SIZE
 from .sessions import ShapesSession, generate_session
 
 
-def run_session(editor: Callable, session: ShapesSession) -> tuple[list[Image.Image], list[TurnScore]]:
-    """Let `editor` edit one session turn by turn; returns `(images [source, turn 1, ...], scores per turn)`."""
-    bound = editor.bind(session) if hasattr(editor, "bind") else editor
-    images = [session.source_image()]
-    for t in range(session.num_turns):
-        out = bound(list(images), list(session.instruction[:t]), session.instruction[t])
-        if not isinstance(out, Image.Image):
-            raise TypeError(f"The editor returned {type(out).__name__}: return a PIL.Image.Image.")
-        images.append(out.convert("RGB"))
+def run_session(editor: Editor, session: ShapesSession) -> tuple[list[Image.Image], list[TurnScore]]:
+    """Let `editor` edit one session; returns `(images [source, turn 1, ...], scores per turn)`."""
+    images = edit_images(editor, session.source_image(), session.instruction, session)
     return images, score_session(session, images)
 
 
@@ -43,7 +37,7 @@ def session_id(family: str, seed: int) -> str:
     return f"{family}_{seed}"
 
 
-def session_record(sid: str, session: ShapesSession, scores: Sequence[TurnScore], editor: Callable) -> dict:
+def session_record(sid: str, session: ShapesSession, scores: Sequence[TurnScore], editor: Editor) -> dict:
     """One finished session for the results file: its id, family, seed and per-turn scores; with an editor that keeps
     per-session `records` (e.g. `diffusers_editr2.bench.PipelineEditor`: intents and fallbacks), the last of them."""
     record = {"session_id": sid, "family": session.family, "seed": session.seed,
@@ -54,13 +48,13 @@ def session_record(sid: str, session: ShapesSession, scores: Sequence[TurnScore]
     return record
 
 
-def run_bench(editor: Callable, family: str = "cm", num_sessions: int = 100, num_turns: int = 3, seed: int = 0,
+def run_bench(editor: Editor, family: str = "cm", num_sessions: int = 100, num_turns: int = 3, seed: int = 0,
               size: int = DEFAULT_SIZE, progress: bool = True, sessions: Sequence[ShapesSession] | None = None,
               editor_name: str | None = None, results_path: str | Path | None = None) -> dict:
     """Score `editor` on `num_sessions` generated sessions (seeds `seed, seed + 1, ...`).
 
     Args:
-        editor: the editor callable (see the module docstring).
+        editor: the `Editor` (see the module docstring).
         family (`str`): "cm" or "cu".
         num_sessions, num_turns, seed, size: what to generate.
         progress (`bool`): show a tqdm progress bar.
@@ -77,26 +71,30 @@ def run_bench(editor: Callable, family: str = "cm", num_sessions: int = 100, num
     if sessions is None and num_sessions < 1:
         raise ValueError(f"num_sessions={num_sessions}: pass at least 1.")
     count = num_sessions if sessions is None else len(sessions)
-    done = latest_by_id(read_results(results_path)) if results_path is not None else {}
-    iterator = range(count)
+    # (id, the session, or the seed of the one to generate when it has to be run)
+    items = [(session_id(s.family, s.seed), s) for s in sessions] if sessions is not None else \
+        [(session_id(family, seed + i), seed + i) for i in range(count)]
     if progress:
         from tqdm.auto import tqdm
 
-        iterator = tqdm(iterator, desc=f"shapes {family} {editor_name or getattr(editor, 'name', 'editor')}",
-                        unit="session")
+        items = tqdm(items, total=count, desc=f"shapes {family} {editor_name or getattr(editor, 'name', 'editor')}",
+                     unit="session")
     per_turn: dict[int, list[TurnScore]] = {}
-    for i in iterator:
-        given = sessions[i] if sessions is not None else None
-        sid = session_id(given.family, given.seed) if given is not None else session_id(family, seed + i)
-        if sid in done and len(done[sid]["turns"]) == (given.num_turns if given is not None else num_turns):
-            scores = [TurnScore(**turn) for turn in done[sid]["turns"]]
+
+    def step(sid: str, given: ShapesSession | int, earlier: dict | None) -> tuple[dict | None, str]:
+        generated = isinstance(given, int)
+        record = None
+        if earlier is not None and len(earlier["turns"]) == (num_turns if generated else given.num_turns):
+            scores = [TurnScore(**turn) for turn in earlier["turns"]]
         else:
-            session = given if given is not None else generate_session(family, num_turns, seed + i, size)
+            session = generate_session(family, num_turns, given, size) if generated else given
             _, scores = run_session(editor, session)
-            if results_path is not None:
-                append_result(results_path, session_record(sid, session, scores, editor))
+            record = session_record(sid, session, scores, editor)
         for row in scores:
             per_turn.setdefault(row.turn, []).append(row)
+        return record, "run" if record is not None else "reused"
+
+    run_sessions(items, step, results_path)
     rows = [{"turn": t, **mean_scores(per_turn[t])} for t in sorted(per_turn)]
     everything = [r for t in sorted(per_turn) for r in per_turn[t]]
     config = {"editor": editor_name or getattr(editor, "name", type(editor).__name__), "family": family,
