@@ -27,8 +27,6 @@ from editr2.batching import pad_prompt_embeds
 from editr2.flow import sample, sde_window, shifted_sigmas
 from editr2.intent import Intent, parse_answer
 
-from .policy import completion_logps
-
 
 @dataclass
 class TextSample:
@@ -254,7 +252,7 @@ def write_intents(policy, sessions: Sequence[Any], instruction: str, args, seed_
         return intents, None
     text = TextSample(prompt, ids, mask, old_logps=None)
     with torch.no_grad():
-        text.old_logps = completion_logps(policy.text_encoder, text, args.reasoning_temperature)
+        text.old_logps = policy.token_logps(text)  # at `args.reasoning_temperature` (the policy's args)
     return intents, text
 
 
