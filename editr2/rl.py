@@ -3,9 +3,9 @@
 In the order a training step uses them: reasoning-token log-probs from logits (`token_logps_from_logits`),
 session-group ids (`session_group_ids`) and group-normalised advantages (`group_advantages`), the multi-turn
 trajectory filter and the masks it gives (`trajectory_filter`, `training_masks`), the PPO clipped surrogate
-(`clipped_surrogate`; per rollout `rowwise_clipped_surrogate`), Flow-GRPO's KL between the SDE means of the policy and
-a reference (`gaussian_mean_kl`), the joint loss of one turn's G rollouts over both (`joint_clipped_loss`), and a
-finite-loss guard. The model calls (transformer velocities, the text encoder's logits) live in `trl_editr2.policy`.
+(`clipped_surrogate`), Flow-GRPO's KL between the SDE means of the policy and a reference (`gaussian_mean_kl`), the
+joint loss of one turn's G rollouts over both (`joint_clipped_loss`), and a finite-loss guard. The model calls
+(transformer velocities, the text encoder's logits) live in `trl_editr2.policy`.
 """
 
 from __future__ import annotations
@@ -18,22 +18,15 @@ from torch import Tensor
 
 def token_logps_from_logits(logits: Tensor, token_ids: Tensor, mask: Tensor | None = None, *,
                             temperature: float = 1.0, suppressed_ids: Sequence[int] = ()) -> Tensor:
-    """Log-probs of the given tokens under `log_softmax(logits / temperature)`, with some tokens ruled out.
-
-    The teacher-forced log-probs of sampled reasoning: the text encoder's forward over `[prompt | completion]` gives
-    the logits, and position `P - 1 + k` predicts completion token `k`, so the caller passes
-    `logits[:, P - 1 : -1]`. Tokens the sampler suppresses (`suppressed_ids`) get probability 0, so the log-probs are
-    those of the distribution the sampler drew from.
+    """`(G, L)` float32 log-probs of `token_ids` under `log_softmax(logits / temperature)` (TRL's per-token logps).
 
     Args:
-        logits: `(G, L, V)` logits, `logits[:, k]` predicting `token_ids[:, k]`.
-        token_ids: `(G, L)` long token ids.
-        mask: `(G, L)` bool, False at padding (its log-probs are set to 0); None keeps every token.
+        logits: `(G, L, V)`, `logits[:, k]` predicting `token_ids[:, k]` (of a forward over `[prompt | completion]`,
+            the caller passes `logits[:, P - 1 : -1]`).
+        token_ids: `(G, L)` long.
+        mask: `(G, L)` bool, False at padding (log-prob 0 there); None keeps every token.
         temperature: the sampling temperature (> 0).
-        suppressed_ids: token ids the sampler never draws.
-
-    Returns:
-        `(G, L)` float32 log-probs.
+        suppressed_ids: tokens the sampler never draws: probability 0, as in the distribution it drew from.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 (the sampling temperature), got {temperature}")
@@ -92,23 +85,13 @@ GROUP_KEYS = ("session", "turn")
 
 
 def session_group_ids(num_sessions: int, num_generations: int, num_turns: int, group_key: str = "session") -> Tensor:
-    """Advantage group of each sample of a batch of sessions, in (session, rollout, turn) order.
+    """`(S * G * T,)` long advantage-group ids of S sessions x G rollouts x T turns, in (session, rollout, turn) order.
 
-    Args:
-        num_sessions: sessions S in the batch (all processes' sessions, in process order).
-        num_generations: rollouts G per session.
-        num_turns: turns T per session.
-        group_key: `"session"`: the G x T samples of a session form one group (the paper's); `"turn"`: the G rollouts
-            of one turn of a session do.
-
-    Returns:
-        `(S * G * T,)` long group ids for [`group_advantages`] (session s, or s * T + turn).
+    `group_key="session"`: the G x T samples of a session form one group (the paper's), id s; `"turn"`: the G
+    rollouts of one turn of a session do, id `s * T + turn`.
     """
     if group_key not in GROUP_KEYS:
         raise ValueError(f"group_key must be one of {GROUP_KEYS}, got {group_key!r}")
-    if min(num_sessions, num_generations, num_turns) < 0:
-        raise ValueError(f"pass non-negative sizes, got {num_sessions} sessions, {num_generations} rollouts, "
-                         f"{num_turns} turns")
     sample = torch.arange(num_sessions * num_generations * num_turns)  # (S * G * T,)
     session = sample // max(num_generations * num_turns, 1)
     return session if group_key == "session" else session * num_turns + sample % max(num_turns, 1)
@@ -211,30 +194,6 @@ def clipped_surrogate(log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor
     return loss.sum() / num_kept, was_clipped.sum() / num_kept, ratio
 
 
-def rowwise_clipped_surrogate(log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, clip_range, mask=None):
-    """[`clipped_surrogate`] of each row on its own: every rollout's mean over its own kept entries.
-
-    This is the sequence-level mean of the paper's text loss (each rollout's tokens averaged, then rollouts summed by
-    the caller), computed for all rows at once.
-
-    Args:
-        log_prob: `(G, M)` log-probs of the current policy (M = L tokens, or 1 for one SDE step).
-        old_log_prob: `(G, M)`, from the sampling policy.
-        advantages: `(G,)`, one per row (broadcast over its entries).
-        clip_range: as for [`clipped_surrogate`].
-        mask: `(G, M)` (or broadcastable) bool; a row without kept entries gets loss 0.
-
-    Returns:
-        `(loss (G,), clip_fraction (G,), ratio (G, M), kept_rows (G,) bool)`: per-row means, the ratios (1 where
-        masked) and which rows keep at least one entry.
-    """
-    if log_prob.ndim != 2:
-        raise ValueError(f"log_prob must be (G, M), got shape {tuple(log_prob.shape)}")
-    loss, was_clipped, ratio, keep = _surrogate_terms(log_prob, old_log_prob, advantages, clip_range, mask)
-    num_kept = keep.sum(dim=1).clamp(min=1)  # (G,)
-    return loss.sum(dim=1) / num_kept, was_clipped.sum(dim=1) / num_kept, ratio, keep.any(dim=1)
-
-
 def gaussian_mean_kl(mean: Tensor, ref_mean: Tensor, std) -> Tensor:
     """Per-sample KL between the policy's and the reference's SDE steps: `mean((mean - ref)^2) / (2 std^2)`, `(B,)`.
 
@@ -274,39 +233,19 @@ def trajectory_filter(if_scores: Tensor, mode: str = "if_zero", threshold: float
 
 
 def training_masks(rewards: Tensor, keep: Tensor, filter_text: bool = False) -> tuple[Tensor, Tensor]:
-    """Which samples train their image steps and their reasoning tokens.
+    """`(image_mask, text_mask)`: which samples train their SDE steps and their reasoning tokens.
 
-    A sample with a missing reward trains nothing; a turn the trajectory filter drops trains neither its image nor,
-    unless `filter_text`, its reasoning (with `filter_text` the reasoning of a filtered turn still trains: the intent
-    can be right where the edit failed).
-
-    Args:
-        rewards: combined rewards of any shape, NaN where missing.
-        keep: [`trajectory_filter`]'s mask, of the same shape.
-        filter_text: keep the reasoning of filtered turns.
-
-    Returns:
-        `(image_mask, text_mask)`, bool, of `rewards`' shape.
+    `rewards` (NaN where missing) and [`trajectory_filter`]'s `keep` have one shape. A missing reward trains nothing; a
+    filtered turn trains neither its image nor, unless `filter_text`, its reasoning.
     """
     valid = ~torch.isnan(rewards)
     return keep & valid, (keep | filter_text) & valid
 
 
-def joint_clipped_loss(
-    advantages: Tensor,
-    step_log_probs: Tensor,
-    old_step_log_probs: Tensor,
-    image_mask: Tensor,
-    clip_range_image,
-    *,
-    step_kl: Tensor | None = None,
-    beta: float = 0.0,
-    token_logps: Tensor | None = None,
-    old_token_logps: Tensor | None = None,
-    token_mask: Tensor | None = None,
-    clip_range_text=None,
-    scale: float = 1.0,
-) -> dict[str, Tensor]:
+def joint_clipped_loss(advantages: Tensor, step_log_probs: Tensor, old_step_log_probs: Tensor, image_mask: Tensor,
+                       clip_range_image, *, step_kl: Tensor | None = None, beta: float = 0.0,
+                       token_logps: Tensor | None = None, old_token_logps: Tensor | None = None,
+                       token_mask: Tensor | None = None, clip_range_text=None, scale: float = 1.0) -> dict[str, Tensor]:
     """The Edit-R2 loss of one turn's G rollouts: the clipped surrogate of the SDE steps (+ KL) and of the reasoning.
 
     Per rollout `g` (the paper's accounting, where the text loss rides on the first of the K window steps):
@@ -314,22 +253,19 @@ def joint_clipped_loss(
         loss_g = (1 / K) * [ sum_j (L_img[g, j] + beta * KL[g, j]) * image_mask[g] + L_text[g] ]
 
     `L_img[g, j]` is the clipped surrogate of SDE step j (one entry), `L_text[g]` the mean of rollout g's clipped token
-    surrogates over its kept tokens ([`rowwise_clipped_surrogate`]), and both use the rollout's one advantage. Masked
+    surrogates over its own kept tokens (sequence-level mean), both with the rollout's one advantage. Masked
     terms are excluded with `where`, so they contribute exactly zero gradient even if not finite. The loss returned
     is `scale * sum_g loss_g`.
 
     Args:
-        advantages: `(G,)` float advantages, shared by the text and the image.
-        step_log_probs: `(G, K)` log-probs of the K SDE-window steps under the current policy.
-        old_step_log_probs: `(G, K)`, at rollout time.
+        advantages: `(G,)`, shared by the text and the image.
+        step_log_probs, old_step_log_probs: `(G, K)` SDE-window step log-probs, current policy / at rollout time.
         image_mask: `(G,)` bool: which rollouts train their image steps.
-        clip_range_image: the steps' clip range (eps or `(eps_low, eps_high)`).
-        step_kl: `(G, K)` KL of each step to the reference ([`gaussian_mean_kl`]); None (with `beta` 0) for none.
+        clip_range_image, clip_range_text: eps or `(eps_low, eps_high)`.
+        step_kl: `(G, K)` KL of each step to the reference ([`gaussian_mean_kl`]); None when `beta` is 0.
         beta: the KL weight.
-        token_logps: `(G, L)` reasoning-token log-probs under the current policy; None when the text does not train.
-        old_token_logps: `(G, L)`, at rollout time.
-        token_mask: `(G, L)` bool: the tokens that train (completion tokens of the rollouts whose reasoning trains).
-        clip_range_text: the tokens' clip range.
+        token_logps, old_token_logps: `(G, L)` reasoning-token log-probs; None when the text does not train.
+        token_mask: `(G, L)` bool: the tokens that train (completion tokens of rollouts whose reasoning trains).
         scale: multiplies the summed loss (the trainer passes 1 / samples in the local optimizer step).
 
     Returns:
@@ -361,13 +297,14 @@ def joint_clipped_loss(
     if token_logps is not None:
         if old_token_logps is None or token_mask is None or clip_range_text is None:
             raise ValueError("with token_logps, pass old_token_logps, token_mask and clip_range_text too")
-        text_loss, text_clipped, ratio_text, kept_rows = rowwise_clipped_surrogate(
+        token_loss, token_clipped, ratio_text, keep_tokens = _surrogate_terms(
             token_logps, old_token_logps, adv, clip_range_text, token_mask
-        )  # (G,) token means
-        per_rollout = per_rollout + text_loss
+        )  # (G, L) each
+        num_kept = keep_tokens.sum(dim=1).clamp(min=1)  # (G,): each rollout's mean over its own kept tokens
+        per_rollout = per_rollout + token_loss.sum(dim=1) / num_kept
         out["ratio_text"] = ratio_text.detach()
-        out["clip_text"] = text_clipped.sum().detach()  # rows without a kept token have 0 clipped
-        out["n_text"] = kept_rows.sum()
+        out["clip_text"] = (token_clipped.sum(dim=1) / num_kept).sum()  # per-rollout clip fractions, summed
+        out["n_text"] = keep_tokens.any(dim=1).sum()  # rollouts with a kept token
     out["per_rollout"] = per_rollout / max(num_steps, 1)
     out["loss"] = scale * per_rollout.sum() / max(num_steps, 1)
     return out

@@ -12,7 +12,6 @@ from editr2.rl import (
     group_advantages,
     is_finite_loss,
     joint_clipped_loss,
-    rowwise_clipped_surrogate,
     session_group_ids,
     token_logps_from_logits,
     training_masks,
@@ -242,24 +241,6 @@ def test_trajectory_filter_over_sessions_and_training_masks():
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Per-rollout surrogate and the joint loss
-
-
-def test_rowwise_clipped_surrogate_is_each_rows_own_mean():
-    gen = torch.Generator().manual_seed(4)
-    log_prob = (0.05 * torch.randn(3, 5, generator=gen)).requires_grad_()  # inside the clip range
-    old = torch.zeros(3, 5)
-    adv = torch.tensor([1.0, -2.0, 0.5])
-    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0]], dtype=torch.bool)
-    loss, clip_fraction, ratio, kept = rowwise_clipped_surrogate(log_prob, old, adv, 0.2, mask)
-    assert loss.shape == clip_fraction.shape == kept.shape == (3,) and kept.tolist() == [True, True, False]
-    for g in range(3):  # the same entries, summed in one row instead of alone: a tolerance
-        row_loss, row_clip, row_ratio = clipped_surrogate(log_prob[g], old[g], adv[g], 0.2, mask=mask[g])
-        torch.testing.assert_close(loss[g], row_loss, atol=1e-7, rtol=1e-6)
-        assert clip_fraction[g] == row_clip and torch.equal(ratio[g], row_ratio)
-    loss.sum().backward()
-    assert torch.equal(log_prob.grad[~mask], torch.zeros(7)) and (log_prob.grad[mask] != 0).all()
-    with pytest.raises(ValueError, match=r"\(G, M\)"):
-        rowwise_clipped_surrogate(log_prob[0], old[0], adv, 0.2)
 
 
 def _joint_inputs(seed: int = 5):

@@ -68,17 +68,7 @@ PER_TURN_FIELDS = ("task_type", "formatted_instruction", "bg_consistency", "unch
 NOT_FORWARDED = ("instruction", "source_image")
 
 
-# The batch dict of one process (`_generate_and_score_completions`, TRL's name), B sessions x G rollouts x T turns:
-#   rollouts            list of B `SessionRollout`; each turn keeps what the loss re-scores, including the old
-#                       log-probs (TRL's `old_per_token_logps`): `old_log_probs (G, K)` of the SDE steps and
-#                       `text.old_logps (G, L)` of the reasoning tokens, computed at rollout time without gradient
-#   rewards             (B, G, T) float32 combined rewards, NaN = missing
-#   advantages          (B, G, T) float32
-#   image_mask          (B, G, T) bool: which (rollout, turn) trains its SDE steps
-#   text_mask           (B, G, T) bool: which (rollout, turn) trains its reasoning tokens
-#   num_valid_rewards   int: samples of the whole step (all processes) with a valid reward
-# `_prepare_inputs` adds `loss_scale` (1 / (samples in the micro-batch x micro-batches in the step)).
-SAMPLE_KEYS = ("rewards", "advantages", "image_mask", "text_mask")  # the (B, G, T) entries
+SAMPLE_KEYS = ("rewards", "advantages", "image_mask", "text_mask")  # the (B, G, T) entries of a batch dict
 
 
 class EditR2Trainer(Trainer):
@@ -287,8 +277,11 @@ class EditR2Trainer(Trainer):
         """Rewards, advantages (over all processes' samples) and the trajectory filter's masks; logs the metrics.
 
         Returns:
-            The batch dict (`rollouts`, `rewards`, `advantages`, `image_mask`, `text_mask`, `num_valid_rewards`; see
-            the comment above `EditR2Trainer`).
+            The batch dict of B sessions x G rollouts x T turns: `rollouts` (B `SessionRollout`s; each turn keeps
+            what the loss re-scores, with the old log-probs computed at rollout time, TRL's `old_per_token_logps`:
+            `old_log_probs (G, K)` of the SDE steps, `text.old_logps (G, L)` of the reasoning), `rewards`
+            (B, G, T) (NaN = missing), `advantages` (B, G, T), `image_mask` / `text_mask` (B, G, T) bool (which
+            samples train their SDE steps / reasoning tokens) and `num_valid_rewards` (over all processes).
         """
         args = self.args
         num_gen, num_turns = args.num_generations, args.num_turns
@@ -457,8 +450,13 @@ class EditR2Trainer(Trainer):
                 self.accelerator.backward(loss)
             finite = finite and is_finite_loss(loss)
             total = total + loss.detach()
-        if not self._all_finite(finite) or self._skip_update:
-            self._skip_step(model)
+        # All processes skip together: a NaN/inf anywhere drops this optimizer step's gradients everywhere
+        if not bool(self._gather(torch.tensor([float(finite)])).min() > 0) or self._skip_update:
+            if not self._skip_update:
+                self._skipped_steps += 1
+                logger.warning("Non-finite loss at step %d: the optimizer step is skipped.", self.state.global_step)
+            self._skip_update = True
+            model.zero_grad(set_to_none=True)  # optimizers skip parameters without a gradient
             total = torch.zeros((), device=self.accelerator.device)
         self._log_loss_metrics()
         end = time.perf_counter()
@@ -491,23 +489,10 @@ class EditR2Trainer(Trainer):
                 )
                 out = model(turn, weights)
                 total = total + out["loss"]
-                sums = self._loss_sums
                 for key in ("clip_image", "n_image", "clip_text", "n_text"):
-                    sums[key] += float(out.get(key, 0))
-                sums["kl"] += float(out["kl"][weights.image_mask].sum())
+                    self._loss_sums[key] += float(out.get(key, 0))
+                self._loss_sums["kl"] += float(out["kl"][weights.image_mask].sum())
         return total
-
-    def _all_finite(self, finite: bool) -> bool:
-        """Whether the loss was finite on every process (all processes skip together)."""
-        return bool(self._gather(torch.tensor([float(finite)])).min() > 0)
-
-    def _skip_step(self, model) -> None:
-        """Drop every gradient of the current optimizer step (counted once per step in `skipped_steps`)."""
-        if not self._skip_update:
-            self._skipped_steps += 1
-            logger.warning("Non-finite loss at step %d: the optimizer step is skipped.", self.state.global_step)
-        self._skip_update = True
-        model.zero_grad(set_to_none=True)  # optimizers skip parameters without a gradient
 
     def _log_loss_metrics(self) -> None:
         """The micro-step's clip ratios and KL (TRL's names), summed over every process."""
