@@ -33,10 +33,10 @@ def token_logps_from_logits(logits: Tensor, token_ids: Tensor, mask: Tensor | No
     if logits.ndim != 3 or logits.shape[:2] != token_ids.shape:
         raise ValueError(f"logits must be (G, L, V) for token_ids (G, L) = {tuple(token_ids.shape)}, got "
                          f"{tuple(logits.shape)}; pass the logits that predict the tokens, logits[:, P - 1 : -1]")
-    scaled = logits.float() / temperature  # (G, L, V)
+    scaled = logits.float() / temperature  # (G, L, V), a new tensor: filled in place (no second vocabulary-size copy)
     if len(suppressed_ids):
         index = torch.as_tensor(list(suppressed_ids), dtype=torch.long, device=scaled.device)
-        scaled = scaled.index_fill(-1, index, -float("inf"))
+        scaled.index_fill_(-1, index, -float("inf"))
     logps = torch.log_softmax(scaled, dim=-1).gather(-1, token_ids.unsqueeze(-1)).squeeze(-1)  # (G, L)
     return logps if mask is None else torch.where(mask.bool(), logps, torch.zeros_like(logps))
 

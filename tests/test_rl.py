@@ -303,7 +303,8 @@ def test_joint_clipped_loss_masked_terms_have_exactly_zero_gradient():
 def test_joint_clipped_loss_errors():
     x = _joint_inputs()
     with pytest.raises(ValueError, match="beta > 0 needs step_kl"):
-        joint_clipped_loss(x["advantages"], x["step_log_probs"], x["old_step_log_probs"], x["image_mask"], 0.1, beta=0.1)
+        joint_clipped_loss(x["advantages"], x["step_log_probs"], x["old_step_log_probs"], x["image_mask"], 0.1,
+                           beta=0.1)
     with pytest.raises(ValueError, match=r"must be \(G,\)"):
         joint_clipped_loss(x["advantages"][:2], x["step_log_probs"], x["old_step_log_probs"], x["image_mask"], 0.1)
     with pytest.raises(ValueError, match="pass old_token_logps, token_mask and clip_range_text"):

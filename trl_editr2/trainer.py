@@ -686,7 +686,7 @@ def resolve_checkpoint(resume_from_checkpoint, output_dir: str | os.PathLike) ->
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Small statistics for logging
+# Helpers: batch dicts, FSDP, adapter files, statistics for logging
 # ---------------------------------------------------------------------------------------------------------------------
 
 
