@@ -285,13 +285,14 @@ def test_advantages_are_normalised_over_every_micro_batch_of_the_step(tmp_path, 
                            trajectory_filter="none", max_steps=1, gradient_accumulation_steps=2,
                            per_device_train_batch_size=1, global_std_min_samples=0)
     seen = []
-    learn = type(trainer).learn
+    prepare = type(trainer)._prepare_inputs
 
-    def spy(self, model, batch):
-        seen.append({ro.record["session_id"]: batch.advantages[i].clone() for i, ro in enumerate(batch.rollouts)})
-        return learn(self, model, batch)
+    def spy(self, inputs):  # each micro-step's batch dict
+        batch = prepare(self, inputs)
+        seen.append({ro.record["session_id"]: batch["advantages"][i].clone() for i, ro in enumerate(batch["rollouts"])})
+        return batch
 
-    monkeypatch.setattr(type(trainer), "learn", spy)
+    monkeypatch.setattr(type(trainer), "_prepare_inputs", spy)
     trainer.train()
     advantages = {sid: adv for step in seen for sid, adv in step.items()}
     assert len(seen) == 2 and len(advantages) == 2
