@@ -226,6 +226,7 @@ def test_editr2_cli_routes_bench_mice():
     assert args._run is mice_cli.run
 
 
+@pytest.mark.slow
 def test_resume_after_kill(tmp_path):
     sessions = load_sessions(FIXTURE, limit=8)
     images = placeholder_images(tmp_path / "images", sessions)

@@ -152,6 +152,7 @@ def test_from_pretrained_loads_every_component_in_one_dtype(tiny_dir, tmp_path):
     assert set(dtypes(old_name).values()) == {torch.float16}
 
 
+@pytest.mark.slow
 def test_a_saved_pipeline_loads_in_a_fresh_process(tiny_dir):
     """Nothing but `from diffusers_editr2 import EditR2Pipeline` is needed to load a folder we saved."""
     import subprocess
