@@ -19,7 +19,7 @@ from comfy_stubs.install import installed
 REPO = pathlib.Path(__file__).resolve().parent.parent
 WORKFLOW = REPO / "example_workflows" / "editr2_three_turns.json"
 NODE_IDS = {
-    "EditR2LoadModel", "EditR2StartSession", "EditR2EditTurn", "EditR2SessionImages", "EditR2SessionFilmstrip",
+    "EditR2LoadModel", "EditR2LoadSingleFiles", "EditR2LoadLoRA", "EditR2StartSession", "EditR2EditTurn", "EditR2SessionImages", "EditR2SessionFilmstrip",
     "EditR2SaveSession", "EditR2LoadSession",
 }  # fmt: skip
 
@@ -66,9 +66,14 @@ def test_pack_registers_every_node(comfy, pack):
             for name, (io_type, options) in inputs.items():
                 assert isinstance(io_type, str) and isinstance(options, dict), (node_id, name)
                 json.dumps(options)  # /object_info must serialise it
+                assert options.get("tooltip"), f"{node_id}.{name} has no tooltip"
         assert all(isinstance(t, str) for t in node.RETURN_TYPES())
+        for output in schema.outputs:
+            assert output.tooltip, f"{node_id} output {output.display_name} has no tooltip"
+        assert len(schema.description) > 40, f"{node_id} needs a description (its help text)"
     output_nodes = {node_id for node_id, node in nodes.items() if node.GET_SCHEMA().is_output_node}
-    assert output_nodes == {"EditR2SaveSession"}
+    # Edit Turn shows its intent and image, and ComfyUI re-sends a cached output node's display on a re-queue
+    assert output_nodes == {"EditR2SaveSession", "EditR2EditTurn"}
 
 
 def test_root_init_is_inert_outside_comfyui(tmp_path):

@@ -33,7 +33,7 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 WORKFLOW = REPO / "example_workflows" / "editr2_three_turns.json"
 TINY_MODEL = "editr2-tiny-test"
 NODE_IDS = {
-    "EditR2LoadModel", "EditR2StartSession", "EditR2EditTurn", "EditR2SessionImages", "EditR2SessionFilmstrip",
+    "EditR2LoadModel", "EditR2LoadSingleFiles", "EditR2LoadLoRA", "EditR2StartSession", "EditR2EditTurn", "EditR2SessionImages", "EditR2SessionFilmstrip",
     "EditR2SaveSession", "EditR2LoadSession",
 }  # fmt: skip
 START_TIMEOUT_S = 240
