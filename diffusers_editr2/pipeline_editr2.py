@@ -1465,7 +1465,10 @@ class ReasoningPrefixCache:
             (m.disable_adapters, tuple(m.active_adapters)) for m in model.modules() if isinstance(m, BaseTunerLayer)
         )[:1]
         first = next(model.parameters())
-        return id(model), first.device, first.dtype, adapters, tuple(p._version for p in model.parameters())
+        # inference tensors (weights moved by offload hooks under torch.inference_mode, as ComfyUI runs nodes) have
+        # no version counter: their storage stands in for it (a move or a new tensor gives a new one)
+        versions = tuple(p.data_ptr() if p.is_inference() else p._version for p in model.parameters())
+        return id(model), first.device, first.dtype, adapters, versions
 
     @staticmethod
     def _text_prefix(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:

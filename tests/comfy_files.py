@@ -119,3 +119,24 @@ def write_single_files(models_dir: pathlib.Path, variant: str = "2509", lm_head:
         save_file(tensors, str(models_dir / folder / name))
     write_config_folder(models_dir / "editr2" / "configs" / config_name, components, vae)
     return {"names": names, "config": config_name, "components": components}
+
+
+def write_trainer_lora(folder: pathlib.Path, seed: int = 0) -> None:
+    """An EditR2Trainer output folder: a transformer LoRA (diffusers' format) and a reasoning LoRA (peft's)."""
+    from peft import LoraConfig
+
+    from diffusers_editr2.testing import tiny_pipeline
+
+    pipe = tiny_pipeline(seed=0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        pipe.transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_v"],
+                                                init_lora_weights="gaussian"))
+        pipe.text_encoder.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"],
+                                                 init_lora_weights="gaussian"), adapter_name="reasoning")
+        for module, std in ((pipe.transformer, 0.5), (pipe.text_encoder, 2.0)):
+            for name, p in module.named_parameters():
+                if "lora_B" in name:
+                    torch.nn.init.normal_(p, std=std)
+    pipe.save_transformer_lora(str(folder))
+    pipe.save_reasoning_lora(str(folder / "reasoning_lora"))

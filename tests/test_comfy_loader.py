@@ -10,6 +10,7 @@ import importlib.util
 import inspect
 import json
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -134,6 +135,19 @@ def test_requirements_txt_matches_pyproject():
         expected += extras[requirement[len("editr2[") : -1]] if requirement.startswith("editr2[") else [requirement]
     lines = (REPO / "requirements.txt").read_text().splitlines()
     listed = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
-    assert sorted(listed) == sorted(expected)
+    assert sorted(listed) == sorted(set(expected))
     comfy = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["comfy"]
     assert comfy["PublisherId"] and comfy["DisplayName"] and comfy["requires-comfyui"].startswith(">=0.3")
+
+
+def test_registry_metadata_is_complete():
+    """What the Comfy Registry shows and installs: the license file, OS / GPU classifiers, every runtime dependency
+    (the registry installs [project] dependencies), documentation and issue-tracker links."""
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert "Apache License" in (REPO / "LICENSE").read_text() and project["license"]["text"] == "Apache-2.0"
+    assert any(c.startswith("Operating System ::") for c in project["classifiers"])
+    assert any(c.startswith("Environment :: GPU ::") for c in project["classifiers"])
+    names = {re.split(r"[<>=!\[ ]", d)[0] for d in project["dependencies"]}
+    assert {"torch", "diffusers", "transformers", "peft", "accelerate", "safetensors", "tokenizers"} <= names
+    assert {"Repository", "Documentation", "Bug Tracker"} <= set(project["urls"])

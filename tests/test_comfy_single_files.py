@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from comfy_files import vae_to_comfy, write_single_files
+from comfy_files import vae_to_comfy, write_single_files, write_trainer_lora
 from comfy_stubs.install import installed
 
 from diffusers_editr2.pipeline_editr2 import EditR2Pipeline
@@ -139,14 +139,16 @@ def test_single_files_load_and_edit_like_the_components(comfy, models_dir, varia
         required["config"][1]["options"])
     assert node.validate_inputs(names["diffusion_model"], names["text_encoder"], names["vae"], f"tiny-{variant}")
 
-    model = node.execute(names["diffusion_model"], names["text_encoder"], names["vae"], f"tiny-{variant}",
-                         "float32", "cpu")[0]
+    with torch.inference_mode():  # ComfyUI runs nodes in inference mode: the weights become inference tensors
+        model = node.execute(names["diffusion_model"], names["text_encoder"], names["vae"], f"tiny-{variant}",
+                             "float32", "cpu")[0]
     assert model.can_reason and model.pipeline.transformer.config.zero_cond_t == (variant == "2511")
     session = start(comfy)
     instructions = ["add a red circle on the left", "make it blue"]
     results = []
     for seed, instruction in enumerate(instructions):
-        session, image, intent = turn(comfy, session, model, instruction, seed=seed).args
+        with torch.inference_mode():
+            session, image, intent = turn(comfy, session, model, instruction, seed=seed).args
         results.append((image[0].numpy(), intent))
     expected = reference_turns(written["components"], variant == "2511", start(comfy), instructions)
     for (image, intent), (expected_image, expected_intent) in zip(results, expected):
@@ -178,30 +180,9 @@ def test_a_text_encoder_without_lm_head_encodes_but_does_not_reason(comfy, model
 # LoRA node
 
 
-def _write_trainer_lora(folder: pathlib.Path, seed: int = 0) -> None:
-    """An EditR2Trainer output folder: a transformer LoRA (diffusers' format) and a reasoning LoRA (peft's)."""
-    from peft import LoraConfig
-
-    from diffusers_editr2.testing import tiny_pipeline
-
-    pipe = tiny_pipeline(seed=0)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        pipe.transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_v"],
-                                                init_lora_weights="gaussian"))
-        pipe.text_encoder.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"],
-                                                 init_lora_weights="gaussian"), adapter_name="reasoning")
-        for module, std in ((pipe.transformer, 0.5), (pipe.text_encoder, 2.0)):
-            for name, p in module.named_parameters():
-                if "lora_B" in name:
-                    torch.nn.init.normal_(p, std=std)
-    pipe.save_transformer_lora(str(folder))
-    pipe.save_reasoning_lora(str(folder / "reasoning_lora"))
-
-
 def test_lora_node_applies_per_wire_with_strength(comfy, models_dir, tiny_dir):
     shutil.copytree(tiny_dir, models_dir / "editr2" / "tiny-for-lora", dirs_exist_ok=True)
-    _write_trainer_lora(models_dir / "editr2" / "loras" / "my-lora")
+    write_trainer_lora(models_dir / "editr2" / "loras" / "my-lora")
     node = comfy.nodes.EditR2LoadLoRA
     assert "my-lora" in node.INPUT_TYPES()["required"]["lora_name"][1]["options"]
     assert isinstance(node.validate_inputs("nope"), str)
@@ -244,7 +225,8 @@ def test_memory_modes_run_turns_with_reasoning(comfy, models_dir, tiny_dir, memo
     comfy.model_management.LOAD_CALLS.clear()
     session, expected_session = start(comfy), start(comfy)
     for seed, instruction in enumerate(["add a red circle", "make it blue"]):
-        session, image, intent = turn(comfy, session, model, instruction, seed=seed).args
+        with torch.inference_mode():  # as ComfyUI's executor runs nodes: the hooks move weights in inference mode
+            session, image, intent = turn(comfy, session, model, instruction, seed=seed).args
         expected_session, expected_image, expected_intent = turn(comfy, expected_session, reference, instruction,
                                                                  seed=seed).args
         assert intent == expected_intent

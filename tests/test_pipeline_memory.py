@@ -88,3 +88,17 @@ def test_sequential_cpu_offload_runs_a_session(reference):
     pipe.enable_sequential_cpu_offload()
     out = run_session(pipe)
     assert len(out.intents) == len(PROMPTS) and np.isfinite(out.images).all()
+
+
+def test_gpu_check_memory_table_smoke(capsys):
+    """`benchmarks/gpu_check.py --memory` (CPU dry run): a row per memory mode."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_check", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.memory_table(module.parse_args(["--smoke", "--memory"]))
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 64 |")]
+    assert {row.split("|")[2].strip() for row in rows} >= set(module.MEMORY_MODES)
