@@ -72,6 +72,7 @@ def test_pack_registers_every_node(comfy, pack):
         for output in schema.outputs:
             assert output.tooltip, f"{node_id} output {output.display_name} has no tooltip"
         assert len(schema.description) > 40, f"{node_id} needs a description (its help text)"
+        assert (web / "docs" / f"{node_id}.md").is_file(), f"{node_id} has no help page (web/docs/<node>.md)"
     output_nodes = {node_id for node_id, node in nodes.items() if node.GET_SCHEMA().is_output_node}
     # Edit Turn shows its intent and image, and ComfyUI re-sends a cached output node's display on a re-queue
     assert output_nodes == {"EditR2SaveSession", "EditR2EditTurn"}
