@@ -391,7 +391,12 @@ def test_single_files_lora_and_low_vram_run(server):
     assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[-3000:] + server.log_tail()
     for node_id in ("turn_files", "turn_lora", "turn_base"):
         assert entry["outputs"][node_id]["text"][0].strip() and entry["outputs"][node_id]["images"]
-    assert entry["outputs"]["turn_lora"]["text"] != entry["outputs"]["turn_base"]["text"]  # the reasoning LoRA
+    previews = []
+    for node_id in ("turn_lora", "turn_base"):
+        (preview,) = entry["outputs"][node_id]["images"]
+        with Image.open(server.root / "base" / preview["type"] / preview["subfolder"] / preview["filename"]) as im:
+            previews.append(list(im.convert("RGB").getdata()))
+    assert previews[0] != previews[1]  # the transformer LoRA changes the edit; the wire without it is unchanged
 
 
 def test_single_file_errors_are_validation_errors(server):

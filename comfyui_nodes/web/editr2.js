@@ -41,6 +41,8 @@ app.registerExtension({
       this.properties = this.properties || {};
       this.properties[SHOWN] = text;
       show(this, text);
+      // record the change now, so the browser's saved copy of the workflow (restored on reload) holds the text
+      app.extensionManager?.workflow?.activeWorkflow?.changeTracker?.checkState?.();
     };
 
     const onConfigure = nodeType.prototype.onConfigure;
