@@ -45,7 +45,9 @@ USER_CONFIGS = "configs"  # models/editr2/configs/<name>/: more config folders
 # which ComfyUI model folder (folder_paths key) each file is picked from
 FOLDERS = {"diffusion_model": "diffusion_models", "text_encoder": "text_encoders", "vae": "vae"}
 ZERO_COND_T_MARKER = "__index_timestep_zero__"  # ComfyUI's marker key in Qwen-Image-Edit-2511 transformer files
-TRANSFORMER_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+# keys that end a file's prefix (e.g. `model.diffusion_model.`), so any prefix in front of them can be removed
+TRANSFORMER_ANCHOR = "img_in.weight"
+TEXT_ENCODER_ANCHOR = "model.embed_tokens.weight"
 # the original Qwen2.5-VL checkpoint layout (ComfyUI's files) -> transformers' Qwen2_5_VLForConditionalGeneration
 TEXT_ENCODER_KEY_MAP = ((r"^visual\.", "model.visual."), (r"^model\.(?!language_model\.|visual\.)", "model.language_model."))
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
@@ -122,13 +124,28 @@ def read_safetensors(path: pathlib.Path) -> dict[str, torch.Tensor]:
     return load_file(str(path), device="cpu")
 
 
+def strip_prefix(state_dict: dict[str, torch.Tensor], anchor: str) -> dict[str, torch.Tensor]:
+    """Removes the prefix a file puts before every key (found from the key ending in `anchor`), if any."""
+    found = [key[: -len(anchor)] for key in state_dict if key == anchor or key.endswith("." + anchor)]
+    prefix = min(found, key=len) if found else ""
+    if not prefix:
+        return state_dict
+    return {key[len(prefix):] if key.startswith(prefix) else key: tensor for key, tensor in state_dict.items()}
+
+
+QUANT_KEYS = (".scale_weight", ".scale_input", ".weight_scale", ".input_scale", ".comfy_quant")
+
+
 def dequantize(state_dict: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """ComfyUI's scaled fp8 (`<layer>.scale_weight`, `scaled_fp8`) dequantised, and every float cast to `dtype`."""
+    """ComfyUI's scaled fp8 (`<layer>.scale_weight` or `<layer>.weight_scale`, `scaled_fp8`) dequantised, and every
+    float cast to `dtype`."""
     out = {}
     for key, tensor in state_dict.items():
-        if key == "scaled_fp8" or key.endswith((".scale_weight", ".scale_input")):
+        if key == "scaled_fp8" or key.endswith(QUANT_KEYS):
             continue
-        scale = state_dict.get(key[: -len("weight")] + "scale_weight") if key.endswith(".weight") else None
+        scale = None
+        if key.endswith(".weight"):
+            scale = state_dict.get(key[: -len("weight")] + "scale_weight", state_dict.get(key + "_scale"))
         if scale is not None:
             tensor = tensor.to(torch.float32) * scale.to(torch.float32)
         out[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
@@ -137,22 +154,14 @@ def dequantize(state_dict: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[
 
 def transformer_state_dict(state_dict: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """A ComfyUI transformer file's tensors under diffusers' names (prefix and 2511 marker removed)."""
-    out = {}
-    for key, tensor in state_dict.items():
-        if key.endswith(ZERO_COND_T_MARKER):
-            continue
-        for prefix in TRANSFORMER_PREFIXES:
-            if key.startswith(prefix):
-                key = key[len(prefix):]
-                break
-        out[key] = tensor
-    return dequantize(out, dtype)
+    state_dict = {k: v for k, v in state_dict.items() if not k.endswith(ZERO_COND_T_MARKER)}
+    return dequantize(strip_prefix(state_dict, TRANSFORMER_ANCHOR), dtype)
 
 
 def text_encoder_state_dict(state_dict: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """A Qwen2.5-VL file in the original checkpoint layout under transformers' names (`TEXT_ENCODER_KEY_MAP`)."""
     out = {}
-    for key, tensor in dequantize(state_dict, dtype).items():
+    for key, tensor in dequantize(strip_prefix(state_dict, TEXT_ENCODER_ANCHOR), dtype).items():
         for pattern, replacement in TEXT_ENCODER_KEY_MAP:
             key = re.sub(pattern, replacement, key)
         out[key] = tensor

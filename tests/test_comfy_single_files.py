@@ -111,6 +111,23 @@ def test_auto_config_picks_the_release_from_the_file(comfy):
         resolve("qwen-image-edit-2512")
 
 
+def test_file_prefixes_are_removed(comfy):
+    single_file = comfy.pack.single_file
+    tensor = torch.zeros(1)
+    transformer = single_file.transformer_state_dict(
+        {"model.diffusion_model.img_in.weight": tensor, "model.diffusion_model.proj_out.bias": tensor,
+         "model.diffusion_model.__index_timestep_zero__": torch.tensor([])}, torch.float32)
+    assert set(transformer) == {"img_in.weight", "proj_out.bias"}
+    text = single_file.text_encoder_state_dict(
+        {"qwen25_7b.transformer.model.embed_tokens.weight": tensor, "qwen25_7b.transformer.visual.merger.ln_q.weight":
+         tensor, "qwen25_7b.transformer.lm_head.weight": tensor}, torch.float32)
+    assert set(text) == {"model.language_model.embed_tokens.weight", "model.visual.merger.ln_q.weight",
+                         "lm_head.weight"}
+    # a file already in transformers' layout keeps its names
+    current = {"model.language_model.embed_tokens.weight": tensor, "model.visual.merger.ln_q.weight": tensor}
+    assert set(single_file.text_encoder_state_dict(current, torch.float32)) == set(current)
+
+
 def test_scaled_fp8_weights_are_dequantised(comfy):
     single_file = comfy.pack.single_file
     weight = torch.randn(4, 4)
@@ -120,6 +137,9 @@ def test_scaled_fp8_weights_are_dequantised(comfy):
     out = single_file.dequantize(state_dict, torch.float32)
     assert set(out) == {"a.weight", "a.bias"} and out["a.bias"].dtype == torch.float32
     torch.testing.assert_close(out["a.weight"], weight, atol=0.1 * weight.abs().max().item(), rtol=0.1)
+    # the newer layout names the scale `<layer>.weight_scale`
+    newer = {"a.weight": (weight / 0.5).to(torch.float8_e4m3fn), "a.weight_scale": scale}
+    torch.testing.assert_close(single_file.dequantize(newer, torch.float32)["a.weight"], out["a.weight"])
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -236,6 +256,19 @@ def test_memory_modes_run_turns_with_reasoning(comfy, models_dir, tiny_dir, memo
     assert any(uses_comfy_loading) == (memory == "fp8_storage")  # the offload modes move weights by their hooks
     if memory == "fp8_storage":
         assert model.pipeline.transformer.transformer_blocks[0].attn.to_q.weight.dtype == torch.float8_e4m3fn
+
+
+def test_offload_modes_ask_comfyui_for_room_on_a_gpu(comfy, models_dir, tiny_dir):
+    shutil.copytree(tiny_dir, models_dir / "editr2" / "tiny-room", dirs_exist_ok=True)
+    model = comfy.nodes.EditR2LoadModel.execute("tiny-room", "float32", "cpu", "model_cpu_offload")[0]
+    model.patcher.load_device = torch.device("cuda")  # as on a GPU machine (prepare only asks, it moves nothing)
+    comfy.model_management.FREE_CALLS.clear()
+    comfy.model_management.LOAD_CALLS.clear()
+    model.prepare()
+    ((required, device),) = comfy.model_management.FREE_CALLS
+    largest = max(sum(t.numel() * t.element_size() for t in m.state_dict().values())
+                  for m in (model.pipeline.transformer, model.pipeline.text_encoder, model.pipeline.vae))
+    assert device.type == "cuda" and required == largest and not comfy.model_management.LOAD_CALLS
 
 
 def test_unknown_memory_mode_is_refused(comfy):
