@@ -21,7 +21,8 @@ an explicitly chosen config. The tokenizer comes from the config folder's `token
 ComfyUI's own copy of the Qwen2.5 tokenizer (`comfy/text_encoders/qwen25_tokenizer`).
 
 Weights stored as fp8 are cast to the chosen dtype on load. ComfyUI's "scaled" fp8 files (a `scaled_fp8` key and a
-`<layer>.scale_weight` per quantised weight) are dequantised: `weight * scale_weight`.
+`<layer>.scale_weight`, or `<layer>.weight_scale`, per quantised weight) are dequantised: `weight * scale`. Any prefix
+a file puts before the model's keys (e.g. `model.diffusion_model.`) is removed.
 
 ComfyUI's Qwen2.5-VL files may leave out the language-model head (`lm_head.weight`): ComfyUI only encodes prompts
 with it. Such a text encoder still encodes prompts, but cannot write the reasoning (`reasoning="intent"`); the model
