@@ -50,7 +50,10 @@ ZERO_COND_T_MARKER = "__index_timestep_zero__"  # ComfyUI's marker key in Qwen-I
 TRANSFORMER_ANCHOR = "img_in.weight"
 TEXT_ENCODER_ANCHOR = "model.embed_tokens.weight"
 # the original Qwen2.5-VL checkpoint layout (ComfyUI's files) -> transformers' Qwen2_5_VLForConditionalGeneration
-TEXT_ENCODER_KEY_MAP = ((r"^visual\.", "model.visual."), (r"^model\.(?!language_model\.|visual\.)", "model.language_model."))
+TEXT_ENCODER_KEY_MAP = (
+    (r"^visual\.", "model.visual."),
+    (r"^model\.(?!language_model\.|visual\.)", "model.language_model."),
+)
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 

@@ -20,7 +20,8 @@ from comfy_stubs.install import installed
 REPO = pathlib.Path(__file__).resolve().parent.parent
 WORKFLOW = REPO / "example_workflows" / "editr2_three_turns.json"
 NODE_IDS = {
-    "EditR2LoadModel", "EditR2LoadSingleFiles", "EditR2LoadLoRA", "EditR2StartSession", "EditR2EditTurn", "EditR2SessionImages", "EditR2SessionFilmstrip",
+    "EditR2LoadModel", "EditR2LoadSingleFiles", "EditR2LoadLoRA", "EditR2StartSession", "EditR2EditTurn",
+    "EditR2SessionImages", "EditR2SessionFilmstrip",
     "EditR2SaveSession", "EditR2LoadSession",
 }  # fmt: skip
 

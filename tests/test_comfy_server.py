@@ -36,7 +36,8 @@ TINY_MODEL = "editr2-tiny-test"
 TINY_CONFIG = "tiny-qwen-image-edit"
 TINY_LORA = "tiny-lora"
 NODE_IDS = {
-    "EditR2LoadModel", "EditR2LoadSingleFiles", "EditR2LoadLoRA", "EditR2StartSession", "EditR2EditTurn", "EditR2SessionImages", "EditR2SessionFilmstrip",
+    "EditR2LoadModel", "EditR2LoadSingleFiles", "EditR2LoadLoRA", "EditR2StartSession", "EditR2EditTurn",
+    "EditR2SessionImages", "EditR2SessionFilmstrip",
     "EditR2SaveSession", "EditR2LoadSession",
 }  # fmt: skip
 START_TIMEOUT_S = 240
