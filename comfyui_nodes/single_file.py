@@ -54,7 +54,6 @@ TEXT_ENCODER_KEY_MAP = (
     (r"^visual\.", "model.visual."),
     (r"^model\.(?!language_model\.|visual\.)", "model.language_model."),
 )
-FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
