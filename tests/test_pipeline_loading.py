@@ -78,6 +78,31 @@ def test_real_qwen_image_edit_2511_layout_loads_unchanged(qwen_edit_2511_dir, qw
     assert out.session.num_turns == 2 and np.isfinite(out.images).all()
 
 
+@pytest.mark.parametrize("cfg", [False, True])
+def test_peer_parity_on_the_2511_layout(qwen_edit_2511_dir, monkeypatch, cfg):
+    """reasoning="none" equals diffusers' QwenImageEditPlusPipeline for Qwen-Image-Edit-2511 (zero_cond_t) too."""
+    from diffusers import QwenImageEditPlusPipeline
+    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as upstream
+
+    ours = EditR2Pipeline.from_pretrained(qwen_edit_2511_dir)
+    reference = QwenImageEditPlusPipeline(**ours.components)  # the same component objects
+    assert ours.transformer.config.zero_cond_t is True
+    for p in (reference, ours):
+        p.set_progress_bar_config(disable=True)
+    monkeypatch.setattr(upstream, "VAE_IMAGE_SIZE", 32 * 32)  # upstream's reference sizes, shrunk to tiny
+    monkeypatch.setattr(upstream, "CONDITION_IMAGE_SIZE", 32 * 32)
+    image = tiny_image(0)
+    settings = dict(height=32, width=32, num_inference_steps=3, true_cfg_scale=4.0 if cfg else 1.0)
+    if cfg:
+        settings["negative_prompt"] = "blurry"
+    expected = reference(image=image, prompt="make it red", generator=gen(3), output_type="latent", **settings)
+    out = ours(image=image, prompt="make it red", reasoning="none", generator=gen(3), output_type="latent",
+               reference_area=32 * 32, condition_area=32 * 32, **settings)  # fmt: skip
+    # the same computation on the same component objects: bit-equal
+    assert torch.equal(out.images, expected.images)
+    assert float(expected.images.std()) > 0.01
+
+
 def test_tiny_components_refuse_an_unknown_variant():
     from diffusers_editr2.testing import tiny_components
 
