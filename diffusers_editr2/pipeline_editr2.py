@@ -275,7 +275,8 @@ class EditR2Pipeline(DiffusionPipeline, QwenImageLoraLoaderMixin):
     r"""Multi-turn, intent-first image editing with a Qwen-Image-Edit(-Plus) model.
 
     The components are those of diffusers' [`QwenImageEditPlusPipeline`], registered the same way, so
-    `EditR2Pipeline.from_pretrained` loads a `Qwen/Qwen-Image-Edit-2509` folder unchanged. Transformer LoRAs load
+    `EditR2Pipeline.from_pretrained` loads a `Qwen/Qwen-Image-Edit-2509` or `Qwen/Qwen-Image-Edit-2511` folder
+    unchanged (2511's transformer config sets `zero_cond_t`, which diffusers' transformer applies). Transformer LoRAs load
     through diffusers' loader (`load_lora_weights`); a *reasoning* LoRA on the text encoder through peft
     ([`load_reasoning_lora`]) is active while the VLM writes the intent and disabled while it encodes the prompt.
 
@@ -1069,14 +1070,17 @@ class EditR2Pipeline(DiffusionPipeline, QwenImageLoraLoaderMixin):
             prompt_embeds_mask = conditioning.negative_prompt_embeds_mask
         batch_size, num_latents = latents.shape[:2]
         references = conditioning.image_latents.expand(batch_size, -1, -1)  # (B, N_ref, C)
-        latent_model_input = torch.cat([latents, references], dim=1)  # (B, N + N_ref, C)
+        # the transformer's compute dtype (a no-op unless components were loaded with different dtypes, e.g.
+        # torch_dtype={"transformer": torch.bfloat16, "default": torch.float32}, or with layerwise casting)
+        dtype = self.transformer.dtype
+        latent_model_input = torch.cat([latents, references], dim=1).to(dtype)  # (B, N + N_ref, C)
         with self.transformer.cache_context("uncond" if negative else "cond"):
             noise_pred = self.transformer(
                 hidden_states=latent_model_input,
                 timestep=timestep / 1000,
                 guidance=guidance,
                 encoder_hidden_states_mask=prompt_embeds_mask,
-                encoder_hidden_states=prompt_embeds,
+                encoder_hidden_states=prompt_embeds.to(dtype),
                 img_shapes=conditioning.img_shapes * batch_size,
                 attention_kwargs=attention_kwargs,
                 return_dict=False,
@@ -1483,7 +1487,10 @@ class ReasoningPrefixCache:
             (m.disable_adapters, tuple(m.active_adapters)) for m in model.modules() if isinstance(m, BaseTunerLayer)
         )[:1]
         first = next(model.parameters())
-        return id(model), first.device, first.dtype, adapters, tuple(p._version for p in model.parameters())
+        # inference tensors (weights moved by offload hooks under torch.inference_mode, as ComfyUI runs nodes) have
+        # no version counter: their storage stands in for it (a move or a new tensor gives a new one)
+        versions = tuple(p.data_ptr() if p.is_inference() else p._version for p in model.parameters())
+        return id(model), first.device, first.dtype, adapters, versions
 
     @staticmethod
     def _text_prefix(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:

@@ -32,6 +32,12 @@ def tiny_model(comfy, tiny_dir):
     return comfy.nodes.EditR2LoadModel.execute(TINY_MODEL, "float32", "cpu")[0]
 
 
+def shown(result) -> str:
+    """The text an Edit Turn shows on its node."""
+    (text,) = result.ui["text"]
+    return text
+
+
 def comfy_image(seed=0, batch=1, size=SIZE, channels=3):
     generator = torch.Generator().manual_seed(seed)
     return torch.rand(batch, size, size, channels, generator=generator)  # (B, H, W, C) in 0..1
@@ -53,7 +59,7 @@ def turn(comfy, session, model, instruction, seed=0, steps=2, reasoning="none", 
 def test_every_node_has_a_valid_prefixed_schema(comfy):
     schemas = [node.GET_SCHEMA() for node in comfy.nodes.NODES]
     ids = [s.node_id for s in schemas]
-    assert len(set(ids)) == len(ids) == 7
+    assert len(set(ids)) == len(ids) == 9
     for schema in schemas:
         assert schema.node_id.startswith("EditR2") and schema.category == "Edit-R2"
         assert schema.display_name and schema.description
@@ -219,7 +225,7 @@ def test_three_turn_chain(comfy, tiny_model):
         session, image, intent = result.args
         assert isinstance(session, Session) and session.num_turns == i + 1
         assert image.shape == (1, SIZE, SIZE, 3) and 0 <= image.min() and image.max() <= 1
-        assert isinstance(intent, str) and intent and result.ui.value == intent
+        assert isinstance(intent, str) and intent and shown(result) == intent
         intents.append(intent)
     assert session.instructions == instructions and session.intents == intents
     assert [bar.values for bar in comfy.utils.BARS] == [[1, 2, 3]] * 3  # one progress bar per turn, one tick a step
@@ -299,20 +305,20 @@ def test_converted_inputs_are_reported(comfy, tiny_model, caplog):
     new_session, image, intent = result.args
     assert image.shape == (1, 48, 32, 3) and new_session.size == (32, 48)
     assert any("resized from 37x53 to 32x48" in r.getMessage() for r in caplog.records)
-    shown = result.ui.value.splitlines()
-    assert shown[0] == intent and "\n" not in intent  # the intent output itself stays the intent
-    assert any(line.startswith("note:") and "alpha channel was dropped" in line for line in shown)
-    assert any(line.startswith("note:") and "resized from 37x53 to 32x48" in line for line in shown)
+    shown_lines = shown(result).splitlines()
+    assert shown_lines[0] == intent and "\n" not in intent  # the intent output itself stays the intent
+    assert any(line.startswith("note:") and "alpha channel was dropped" in line for line in shown_lines)
+    assert any(line.startswith("note:") and "resized from 37x53 to 32x48" in line for line in shown_lines)
     notes = new_session.meta["input_notes"]
     assert len(notes) == 2 and "RGBA" in notes[0] and "37x53" in notes[1]
 
     grey = start(comfy, comfy_image(channels=1))
     assert "greyscale" in grey.meta["input_notes"][0]
-    assert "greyscale" in turn(comfy, grey, tiny_model, "add a red circle").ui.value
+    assert "greyscale" in shown(turn(comfy, grey, tiny_model, "add a red circle"))
     later = turn(comfy, new_session, tiny_model, "make it blue")
-    assert later.ui.value == later[2]  # notes belong to the turn that made the conversion
+    assert shown(later) == later[2]  # notes belong to the turn that made the conversion
     plain = turn(comfy, start(comfy), tiny_model, "add a red circle")
-    assert plain.ui.value == plain[2] and "input_notes" not in plain[0].meta
+    assert shown(plain) == plain[2] and "input_notes" not in plain[0].meta
 
 
 def test_edit_turn_applies_the_model_folders_call_defaults(comfy, tiny_dir, monkeypatch):
