@@ -785,6 +785,19 @@ def _unique_after(scene: Scene, desc: Desc, ignore: Obj | None = None) -> bool:
     return all(o.desc != desc for o in scene.objects if o is not ignore)
 
 
+def _vacated(dlg: Dialogue) -> list[tuple[int, int]]:
+    """Cells the last turn emptied ("where the triangle used to be")."""
+    if len(dlg.scenes) < 2:
+        return []
+    taken = {o.cell for o in dlg.objs.values()}
+    return sorted({o.cell for o in dlg.scenes[-2].values()} - taken)
+
+
+def _pick_free(dlg: Dialogue, free: list, rng: random.Random):
+    vacated = _vacated(dlg)
+    return rng.choice(vacated if vacated and rng.random() < 0.5 else free)
+
+
 def _plan_op(op: str, dlg: Dialogue, rng: random.Random, rule: str | None, candidates: list[int]) -> _Plan | None:
     scene = dlg.scene()
     free = scene.free_cells
@@ -797,7 +810,7 @@ def _plan_op(op: str, dlg: Dialogue, rng: random.Random, rule: str | None, candi
             if not _unique_after(scene, desc):
                 continue
             occupied = [o.cell for o in scene.objects]
-            requested = rng.choice(occupied if rng.random() < OCCUPIED_PROBABILITY else free)
+            requested = rng.choice(occupied) if rng.random() < OCCUPIED_PROBABILITY else _pick_free(dlg, free, rng)
             cell = nearest_free_cell(scene, requested)
             cmd = Command(op, shape=desc.shape, color=desc.color, size=desc.size, cell=cell,
                           color_from_rule=say is None, overrides_rule=say is not None and rule not in (None, say),
@@ -843,9 +856,9 @@ def _plan_op(op: str, dlg: Dialogue, rng: random.Random, rule: str | None, candi
                 return _Plan(op, Command(op, old.desc, size=size), target=i)
         if op == "position_change":
             others = [o.cell for o in scene.objects if o.cell != old.cell]
-            cells = others if (others and rng.random() < OCCUPIED_PROBABILITY) else free
-            if cells:
-                cell = rng.choice(cells)
+            if free or others:
+                cell = rng.choice(others) if (others and (rng.random() < OCCUPIED_PROBABILITY or not free)) else \
+                    _pick_free(dlg, free, rng)
                 occupant = scene.at(cell)
                 cmd = Command(op, old.desc, cell=cell, swap_with=None if occupant is None else occupant.desc)
                 return _Plan(op, cmd, target=i, where=cell)
