@@ -132,7 +132,7 @@ FAMILIES: dict[str, dict[str, tuple[str, ...]]] = {
         "subject_replace": ("I'd rather have {new} instead of {t}.", "Let's swap {t} out for {new}."),
         "color_alter": ("I'd like {t} in {color}.", "{t} should be {color}."),
         "size_change": ("I'd like {t} {cmp}.", "{t} should be {size}."),
-        "position_change": ("{t} belongs {where}.", "Let's move {t} {where}."),
+        "position_change": ("I'd like {t} moved {where}.", "Let's move {t} {where}."),
         "count_change": ("I want {n} {group}.", "There should be {nw} {group}."),
         "background_change": ("I'd like a {tone} background.", "Let's go with a {tone} background."),
         "undo": ("I liked it better before.", "Let's not do that, go back."),
@@ -744,9 +744,21 @@ def _say_target(dlg: Dialogue, obj_id: int, rng: random.Random, style: dict, pre
         text, key = rng.choice(refs)
     else:
         text, key = _say_desc(rng.choice(_desc_options(objs or dlg.objs, obj_id)), style, rng), "explicit"
-    if rng.random() < QUOTE_PROBABILITY and objs is None:
+    if key == "explicit" and objs is None and rng.random() < QUOTE_PROBABILITY:
         text = f'"{text}"'
     return text, key
+
+
+def _rel_words(direction: str, release: bool, op: str) -> tuple[str, ...]:
+    """How a family says "left of" etc.: the release's "on the left of" / "to above of", or everyday words."""
+    side = direction in ("left", "right")
+    if release:
+        if op == "subject_add":
+            return (f"on the {direction} of",) if side else (f"{direction} of",)
+        return (f"to the {direction} of",) if side else (f"to {direction} of",)
+    if side:
+        return (f"{direction} of", f"to the {direction} of")
+    return ("above",) if direction == "above" else ("below", "under")
 
 
 def _say_where(dlg: Dialogue, cell, rng: random.Random, style: dict, op: str, mover: int | None) -> str:
@@ -764,17 +776,18 @@ def _say_where(dlg: Dialogue, cell, rng: random.Random, style: dict, op: str, mo
         for p_id, p in dlg.scenes[-2].items():
             if p.cell == cell and _desc_options(dlg.scenes[-2], p_id):
                 options.append(("used", None, p_id))
-    lead = "" if op == "subject_add" or rng.random() < 0.5 else "to "
+    release = style is STYLE["release"]
     if options and rng.random() < RELATIVE_PROBABILITY:
         kind, direction, a_id = rng.choice(options)
         if kind == "used":
             desc = _say_desc(rng.choice(_desc_options(dlg.scenes[-2], a_id)), {"articles": "always"}, rng)
+            lead = "to " if release and op != "subject_add" else ""
             return f"{lead}where {desc} {rng.choice(('used to be', 'was'))}"
         anchor, _ = _say_target(dlg, a_id, rng, style, prefer_ref=rng.random() < 0.5)
         if kind == "beside":
             return f"{rng.choice(('beside', 'next to'))} {anchor}"
-        return f"{lead}{rng.choice(REL_WORDS[direction])} {anchor}"
-    prep = rng.choice(("at ", "in ", "on ") if op == "subject_add" else ("to ", "into "))
+        return f"{rng.choice(_rel_words(direction, release, op))} {anchor}"
+    prep = rng.choice(("at ", "in ", "on ") if op == "subject_add" else ("to ",) if release else ("to ", "into "))
     the = "" if style["articles"] == "never" and style["lower"] else "the "
     if style is STYLE["shorthand"]:
         prep = ""
@@ -932,8 +945,11 @@ def _realize(dlg: Dialogue, plan: _Plan, fam: str, rng: random.Random, prefer_re
         templates = [t for t in templates if "{nw}" not in t or cmd.count in NUMBER_WORDS]
         slots.update(n=str(cmd.count), nw=NUMBER_WORDS.get(cmd.count, ""))
     template = rng.choice(templates)
-    if plan.key == "count_change":  # "the number of the small red circles", "show exactly two small red circles"
-        group = cmd.target.phrase if cmd.count == 1 else cmd.target.plural
+    if plan.key == "count_change":  # "the count of small red circle", "the number of the small red circles"
+        if "count of" in template or ("number of" not in template and cmd.count == 1):
+            group = cmd.target.phrase
+        else:
+            group = cmd.target.plural
         the = "of {group}" in template and (style["articles"] == "always" or (
             style["articles"] == "sometimes" and rng.random() < 0.5))
         slots["group"] = ("the " if the else "") + group
@@ -965,7 +981,9 @@ def _realize(dlg: Dialogue, plan: _Plan, fam: str, rng: random.Random, prefer_re
     if rule_action:
         sentence = rng.choice(FAMILIES[fam][rule_action]).format(c=rule, old=dlg.rule)
         sentence = sentence.lower() if style["lower"] else sentence
-        text = sentence + style["join"] + text
+        if action_join := (rule_action == "rule_cancel" and fam == "release"):
+            text = "Then, " + text[0].lower() + text[1:]  # not "With this rule active" after a cancellation
+        text = sentence + (" " if action_join else style["join"]) + text
     return text
 
 
