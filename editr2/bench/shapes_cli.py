@@ -2,18 +2,13 @@
 
     editr2 bench shapes --editor literal --family cm --sessions 200 --turns 3 --out runs/literal_cm
     editr2 bench shapes --model checkpoints/editr2-shapes-tiny --reasoning intent --family cm --out runs/intent_cm
-    editr2 bench shapes --editor literal --family cu --phrasing unseen --out runs/literal_cu_unseen
-
-`--phrasing seen|unseen|all` writes the sessions in everyday phrasing (`editr2.bench.shapes.language`): the phrasing
-families used for training, the held-out ones, or both; without it, the fixed grammar (results.json's config says
-`phrasing: grammar`).
 
 Writes OUT/results.json ({"per_turn", "mean", "config"}), OUT/report.md and OUT/per_turn.png; with --model also
 OUT/intents.jsonl (per session: instructions, gold intents, the model's operative intents, reasoning fallbacks).
 
 Resumable like `editr2 bench mice`: each finished session's scores are appended to OUT/session_results.jsonl at once,
 and OUT/bench_config.json records the editor, model fingerprint, reasoning mode, sample seed, call settings, family,
-turns, first seed, size and, when given, --phrasing. The same command started again skips the sessions already recorded, and its report equals
+turns, first seed and size. The same command started again skips the sessions already recorded, and its report equals
 an uninterrupted run's; a larger --sessions extends a run. Another configuration into the same --out stops with the
 differences named, before the model is loaded: pass --force to start over, or another --out.
 """

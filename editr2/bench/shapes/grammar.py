@@ -16,7 +16,7 @@ nothing else changes colour". Semantics: objects that a turn *creates* (subject_
 subject_replace) take the rule colour and their instructions do not name a colour; count_change copies keep their
 group's colour, so under a rule it is generated only to decrease a group or for a group already in the rule colour;
 color_alter is not generated under a rule (it would contradict it); moved, resized and untouched objects keep
-their colour.
+their colour. (Everyday phrasing, `language`, also changes and cancels rules and lets a named colour override one.)
 """
 
 from __future__ import annotations
@@ -322,6 +322,12 @@ def canonical_intent(cmd: Command, rule_color: str | None = None) -> str:
     - `Move the small red square to the bottom left.` / `Change the number of small red squares to 3.`
     - `Change the background to a warm tone, keeping its texture and every object unchanged.`
     - `Undo the previous edit (move the small red square to the bottom left), restoring the image from before it.`
+
+    Everyday phrasing (`language`, docs/shapes_language.md) adds: `Restore the image from before turn 3.` (an undo
+    with `restore=2`: undo of an undo, "go back to how it was after the second edit"); `Move the small red square to
+    the top left, swapping it with the large blue circle there.` (a move into an occupied cell); `Add a small red
+    circle at the middle left, the nearest free cell to the occupied top left.` (an add into one); and, for a colour
+    named against the rule, `...; the named color red overrides the purple rule for this object.` before the rule.
 
     Under a persistent colour rule the colour it imposes is already explicit in the edit, and the rule is appended
     as `canonical_rule(color)`: `Add a small blue circle at the top left. Persistent rule: apply blue color only to

@@ -30,10 +30,10 @@ from __future__ import annotations
 
 import random
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
-from .grammar import Command, apply_command, canonical_intent, check_command, formatted_instruction, nearest_free_cell
-from .world import (CELL_NAMES, CELLS, COLOR_NAMES, GRID, MAX_OBJECTS, PLURALS, SHAPES, SIZES, TONE_NAMES, Desc, Obj,
+from .grammar import Command, canonical_intent, check_command, formatted_instruction, nearest_free_cell
+from .world import (CELL_NAMES, COLOR_NAMES, GRID, MAX_OBJECTS, PLURALS, SHAPES, SIZES, TONE_NAMES, Desc, Obj,
                     Scene)
 
 PHRASINGS = ("grammar", "seen", "unseen", "all")
@@ -167,7 +167,8 @@ FAMILIES_BY_PHRASING = {"seen": SEEN_FAMILIES, "unseen": UNSEEN_FAMILIES, "all":
 # How each family writes: articles ("never" / "always" / "sometimes"), lower case, opening words, fillers, and what
 # joins a rule sentence to the edit.
 STYLE = {
-    "release": {"articles": "never", "lower": False, "openers": (), "fillers": False, "join": " With this rule active, "},
+    "release": {"articles": "never", "lower": False, "openers": (), "fillers": False,
+                "join": " With this rule active, "},
     "plain": {"articles": "always", "lower": False, "openers": ("Now ", "Next, ", "Then "), "fillers": True,
               "join": " "},
     "casual": {"articles": "sometimes", "lower": True, "openers": ("ok ", "now ", "and "), "fillers": True,
@@ -263,9 +264,9 @@ _EDIT_KEYS = ("subject_add", "subject_remove", "subject_replace", "color_alter",
 _RULE_KEYS = ("rule_set", "rule_change", "rule_cancel")
 PATTERNS: list[tuple[str, str, str, re.Pattern]] = [  # (family, key, template, pattern)
     (fam, key, t, _compile(t)) for fam, table in FAMILIES.items() for key in _EDIT_KEYS for t in table[key]]
+_RULE_END = r"[.!?]?(?:\s+|,\s*|;\s*|$)(?:with this rule (?:active|in place),\s*)?"  # what joins the edit
 RULE_PATTERNS: list[tuple[str, str, str, re.Pattern]] = [
-    (fam, key, t, re.compile(_compile(t).pattern + r"[.!?]?(?:\s+|,\s*|;\s*|$)(?:with this rule (?:active|in place),\s*)?",
-                             re.IGNORECASE))
+    (fam, key, t, re.compile(_compile(t).pattern + _RULE_END, re.IGNORECASE))
     for fam, table in FAMILIES.items() for key in _RULE_KEYS for t in table[key]]
 
 
@@ -839,7 +840,8 @@ def _plan_op(op: str, dlg: Dialogue, rng: random.Random, rule: str | None, candi
         for desc in groups:
             k = scene.count(desc)
             room = min(len(free), MAX_OBJECTS - len(scene.objects))
-            counts = [n for n in range(1, 5) if n != k and n - k <= room and (rule is None or n < k or desc.color == rule)]
+            counts = [n for n in range(1, 5)
+                      if n != k and n - k <= room and (rule is None or n < k or desc.color == rule)]
             if counts:
                 return _Plan(op, Command(op, desc, count=rng.choice(counts)))
         return None
@@ -855,7 +857,8 @@ def _plan_op(op: str, dlg: Dialogue, rng: random.Random, rule: str | None, candi
                     say = rng.choice([None, rng.choice(COLOR_NAMES)])
                 color = say or rule or old.color
                 if _unique_after(scene, Desc(old.size, color, shape), ignore=old):
-                    cmd = Command(op, old.desc, shape=shape, color=color, color_from_rule=say is None and rule is not None,
+                    cmd = Command(op, old.desc, shape=shape, color=color,
+                                  color_from_rule=say is None and rule is not None,
                                   overrides_rule=say is not None and rule not in (None, say))
                     return _Plan(op, cmd, target=i, say_color=say, say_size=rng.random() < 0.3)
         if op == "color_alter" and (rule is None or rng.random() < OVERRIDE_PROBABILITY):
@@ -975,7 +978,7 @@ def _realize(dlg: Dialogue, plan: _Plan, fam: str, rng: random.Random, prefer_re
     if style["fillers"] and not text.endswith("?") and rng.random() < FILLER_PROBABILITY:
         end = text[-1] if text[-1] in ".!" else ""
         text = text.rstrip(".!") + rng.choice(FILLERS) + end
-    if style["openers"] and dlg.turn > 1 and not rule_action and not text.startswith("I")and \
+    if style["openers"] and dlg.turn > 1 and not rule_action and not text.startswith("I") and \
             rng.random() < OPENER_PROBABILITY:
         text = rng.choice(style["openers"]) + text[0].lower() + text[1:]
     if rule_action:
