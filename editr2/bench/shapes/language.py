@@ -420,7 +420,8 @@ class Reading:
         command (`Command`): the resolved edit.
         rule (`str`, *optional*): the persistent rule's colour after this turn.
         rule_action (`str`, *optional*): "rule_set", "rule_change" or "rule_cancel" when the turn states one.
-        family (`str`): the phrasing family of the edit's sentence frame.
+        family (`str`): the phrasing family of the edit's sentence frame (the first in `FAMILIES` order, when
+            families share it; `frame_families` lists them all).
         template (`str`): that frame.
         reference (`str`): how the target was named: "explicit", "it", "last_added", "first_added", "first_edit",
             "other", "undo", "redo", "restore" or "none".
@@ -555,6 +556,17 @@ def _strip(text: str) -> str:
             text = text.rstrip(".!?")[: -len(filler)]
             break
     return text.strip().rstrip(".!?").strip()
+
+
+def frame_families(dlg: Dialogue, text: str) -> tuple[set, str | None]:
+    """The families whose edit frame fits the words (nothing resolved), and the family of its rule sentence (if any).
+
+    A frame can be shared by families of the same split ("Delete {t}" is both `release` and `plain`); frames are never
+    shared between the training and held-out families.
+    """
+    _, _, rest, rule_family = _read_rule(dlg, _normal(text))
+    edit = _strip(rest)
+    return {fam for fam, _, _, pattern in PATTERNS if pattern.fullmatch(edit)}, rule_family
 
 
 def interpret(dlg: Dialogue, text: str) -> Reading:
@@ -1025,7 +1037,7 @@ def generate_natural_session(family: str, num_turns: int, seed: int, size: int, 
             except NotUnderstood as err:
                 errors.append(str(err))
                 continue
-            if reading.command == plan.cmd and reading.rule == rule and reading.family == fam:
+            if reading.command == plan.cmd and reading.rule == rule and fam in frame_families(dlg, text)[0]:
                 break
             errors.append(f"{text!r} read as {reading}")
             reading = None
