@@ -239,6 +239,8 @@ def test_rules_stated_changed_cancelled_and_overridden():
     assert reading.command.color == "red" and reading.command.overrides_rule and reading.rule == "purple"
     assert "the named color red overrides the purple rule for this object. Persistent rule: apply purple" in \
         canonical_intent(reading.command, reading.rule)
+    restated = interpret(dlg, "New shapes should be orange from now on. Add a small cross at the center.")
+    assert restated.rule == "orange" and restated.command.color == "orange"  # a new statement replaces the rule
     dlg, reading = _do(dlg, "switch new stuff to green, add a big triangle at the bottom center")
     assert reading.rule_action == "rule_change" and reading.rule == "green" and reading.command.color == "green"
     dlg, reading = _do(dlg, "Forget the colour rule. Turn the red circle into an orange triangle.")

@@ -535,9 +535,7 @@ def _read_rule(dlg: Dialogue, text: str) -> tuple[str | None, str | None, str, s
             continue
         g = {k: v.lower() for k, v in m.groupdict().items() if v}
         old = dlg.rule
-        if key == "rule_set":
-            if old is not None:
-                continue
+        if key == "rule_set":  # stated again while a rule is active: the new statement replaces it
             return key, g["c"], text[m.end():], fam
         if old is None or ("old" in g and g["old"] != old):
             continue
@@ -942,8 +940,10 @@ def _plan_undo(dlg: Dialogue, rng: random.Random) -> _Plan | None:
 
 
 def _say_k(n: int, rng: random.Random) -> str:
-    return rng.choice((f"the {ORDINALS[n - 1]} {rng.choice(('edit', 'change', 'step', 'turn'))}", f"turn {n}",
-                       f"step {n}", f"edit {n}"))
+    forms = [f"turn {n}", f"step {n}", f"edit {n}"]
+    if n <= len(ORDINALS):
+        forms.append(f"the {ORDINALS[n - 1]} {rng.choice(('edit', 'change', 'step', 'turn'))}")
+    return rng.choice(forms)
 
 
 def _realize(dlg: Dialogue, plan: _Plan, fam: str, rng: random.Random, prefer_ref: bool,
