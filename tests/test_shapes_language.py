@@ -297,3 +297,16 @@ def test_bench_shapes_phrasing_is_recorded(tmp_path, capsys):
     assert run("--editor", "oracle", "--sessions", "1", "--out", str(plain)) == 0
     assert "phrasing" not in json.loads((plain / "bench_config.json").read_text())
     assert "phrasing" not in json.loads((plain / "results.json").read_text())["config"]
+
+
+def test_readings_carry_short_reasoning_notes():
+    dlg, reading = _do(_dialogue(), "Keep using purple for new things. Add a small cross left of the big square.")
+    assert reading.reasoning == ("New rule: purple. 'left of the big square' = the top left, taken: nearest free cell "
+                                 "middle left. New cross: purple (rule).")
+    dlg, reading = _do(dlg, "Make it bigger.")
+    assert reading.reasoning == "Rule: purple. 'it' = the small purple cross."
+    dlg, reading = _do(dlg, "Move the small red circle to the top center.")
+    assert reading.notes[-1] == "The top center holds the large blue square: they swap."
+    dlg, reading = _do(dlg, "undo")
+    assert reading.reasoning == "Rule: purple. Undo turn 3."
+    assert interpret(dlg, "Remove the small red circle.").reasoning == "Rule: purple. Explicit."

@@ -425,6 +425,8 @@ class Reading:
         template (`str`): that frame.
         reference (`str`): how the target was named: "explicit", "it", "last_added", "first_added", "first_edit",
             "other", "undo", "redo", "restore" or "none".
+        notes (`tuple[str, ...]`): short reasoning notes: what each reference and place resolved to, which policy
+            applied (occupied cell, named colour against the rule) and the rule in force (`reasoning` joins them).
     """
 
     command: Command
@@ -433,6 +435,12 @@ class Reading:
     family: str
     template: str
     reference: str
+    notes: tuple[str, ...] = ()
+
+    @property
+    def reasoning(self) -> str:
+        """The notes as one short trace, e.g. `'the red one' = the small red circle. Rule: purple.`"""
+        return " ".join(self.notes)
 
 
 class NotUnderstood(ValueError):
@@ -593,8 +601,50 @@ def interpret(dlg: Dialogue, text: str) -> Reading:
         except (NotUnderstood, KeyError, ValueError) as err:
             errors.append(f"{fam}/{template!r}: {err}")
             continue
-        return Reading(cmd, rule, rule_action, fam, template, reference)
+        notes = _notes(dlg, m.groupdict(), cmd, reference, rule_action, rule)
+        return Reading(cmd, rule, rule_action, fam, template, reference, notes)
     raise NotUnderstood(f"Cannot read {text!r}" + (f" ({'; '.join(errors)})" if errors else "") + ".")
+
+
+def _notes(dlg: Dialogue, g: dict, cmd: Command, reference: str, rule_action: str | None,
+           rule: str | None) -> tuple[str, ...]:
+    """What a reader has to work out for this turn, in short sentences (see `Reading.notes`)."""
+    notes = []
+    if rule_action == "rule_set":
+        notes.append(f"New rule: {rule}.")
+    elif rule_action == "rule_change":
+        notes.append(f"Rule changed: {dlg.rule} -> {rule}.")
+    elif rule_action == "rule_cancel":
+        notes.append(f"Rule cancelled ({dlg.rule}).")
+    elif rule is not None:
+        notes.append(f"Rule: {rule}.")
+    if cmd.op == "undo":
+        last = len(dlg.commands)
+        if cmd.restore is None:
+            notes.append(f"Undo turn {last}.")
+        elif reference == "redo":
+            notes.append(f"Undo the undo of turn {last}: back to after turn {cmd.restore}.")
+        else:
+            notes.append(f"Back to after turn {cmd.restore}." if cmd.restore else "Back to the original image.")
+        return tuple(notes)
+    words = (g.get("t") or "").strip('"').lower()
+    if words and (reference != "explicit" or words.removeprefix("the ") != cmd.target.phrase):
+        notes.append(f"'{words}' = the {cmd.target.phrase}.")
+    place = (g.get("where") or "").lower()
+    if cmd.op == "subject_add" and cmd.requested_cell is not None:
+        notes.append(f"'{place}' = the {CELL_NAMES[cmd.requested_cell]}, taken: nearest free cell "
+                     f"{CELL_NAMES[cmd.cell]}.")
+    elif place and not re.fullmatch(rf"(?:(?:at|in|on|to|into|onto) )?(?:the )?{CELL_NAMES[cmd.cell]}", place):
+        notes.append(f"'{place}' = the {CELL_NAMES[cmd.cell]}.")
+    if cmd.swap_with is not None:
+        notes.append(f"The {CELL_NAMES[cmd.cell]} holds the {cmd.swap_with.phrase}: they swap.")
+    if cmd.color_from_rule:
+        notes.append(f"New {cmd.shape}: {cmd.color} (rule).")
+    if cmd.overrides_rule:
+        notes.append(f"Named {cmd.color} overrides the {rule} rule.")
+    if not notes or notes == [f"Rule: {rule}."]:
+        notes.append("Explicit.")
+    return tuple(notes)
 
 
 def _new_object(text: str) -> tuple[str | None, str | None, str]:
