@@ -146,16 +146,26 @@ def _held_out_match(text):
     return hits | {fam for fam, _, _, pattern in PATTERNS if fam in UNSEEN_FAMILIES and pattern.fullmatch(edit)}
 
 
-def test_the_reasoner_training_sampler_draws_no_held_out_phrasing():
-    """The recipe's training sampler (`draw_example`) never writes a held-out family's frame or rule sentence."""
+def test_the_training_samplers_draw_no_held_out_phrasing():
+    """The training paths (the reasoner's `draw_example`, the editor's `draw_turn`, the RL dataset) never write a
+    held-out family's frame or rule sentence."""
     import random
 
+    from recipes.shapes_tiny.train_editor import EditorConfig, draw_turn
     from recipes.shapes_tiny.train_reasoner import ReasonerConfig, draw_example
+    from trl_editr2.data import ShapesSessionDataset
 
     rng, cfg = random.Random(0), ReasonerConfig()
     for _ in range(150):
         session, _ = draw_example(rng, cfg)
         for text in session.instruction:
+            assert not _held_out_match(text), text
+    rng, cfg = random.Random(0), EditorConfig()
+    for _ in range(100):
+        assert not _held_out_match(draw_turn(rng, cfg)[2])
+    dataset = ShapesSessionDataset(20, family="mixed", num_turns=4)
+    for i in range(len(dataset)):
+        for text in dataset[i]["instruction"]:
             assert not _held_out_match(text), text
     for session in _sweep("unseen", seeds=range(20)):  # the check does see held-out words
         assert all(_held_out_match(text) for text in session.instruction)
