@@ -33,6 +33,7 @@ import re
 from dataclasses import dataclass, field
 
 from .grammar import Command, canonical_intent, check_command, formatted_instruction, nearest_free_cell
+from .sessions import OP_WEIGHTS  # how often each edit op is drawn: as in the grammar's sessions
 from .world import (CELL_NAMES, COLOR_NAMES, GRID, MAX_OBJECTS, PLURALS, SHAPES, SIZES, TONE_NAMES, Desc, Obj,
                     Scene)
 
@@ -753,8 +754,6 @@ OVERRIDE_PROBABILITY = 0.2   # under a rule: name a colour anyway (it wins for t
 OCCUPIED_PROBABILITY = 0.2   # adds and moves: ask for an occupied cell (add: nearest free cell; move: swap)
 RELATIVE_PROBABILITY = 0.5   # say a place relative to an object when one fits
 QUOTE_PROBABILITY, FILLER_PROBABILITY, OPENER_PROBABILITY = 0.08, 0.12, 0.3
-OP_WEIGHTS = {"subject_add": 3.0, "subject_remove": 2.0, "subject_replace": 2.0, "color_alter": 2.0,
-              "size_change": 2.0, "position_change": 2.0, "count_change": 1.5, "background_change": 1.0}
 
 
 @dataclass
@@ -790,22 +789,20 @@ def _say_desc(choice, style: dict, rng: random.Random) -> str:
     return text
 
 
-def _say_target(dlg: Dialogue, obj_id: int, rng: random.Random, style: dict, prefer_ref: bool,
-                objs: dict | None = None) -> tuple[str, str]:
+def _say_target(dlg: Dialogue, obj_id: int, rng: random.Random, style: dict, prefer_ref: bool) -> tuple[str, str]:
     """Words naming `obj_id` (a reference when one applies and is preferred, else a unique description)."""
     refs = []
-    if objs is None:
-        for key, words in REFERENCE_WORDS.items():
-            if dlg.reference(key) == obj_id:
-                refs += [(w, key) for w in words]
-        shape = dlg.objs[obj_id].shape
-        if dlg.other(shape) == obj_id:
-            refs.append((f"the other {shape}", "other"))
+    for key, words in REFERENCE_WORDS.items():
+        if dlg.reference(key) == obj_id:
+            refs += [(w, key) for w in words]
+    shape = dlg.objs[obj_id].shape
+    if dlg.other(shape) == obj_id:
+        refs.append((f"the other {shape}", "other"))
     if refs and (prefer_ref or rng.random() < 0.15):
         text, key = rng.choice(refs)
     else:
-        text, key = _say_desc(rng.choice(_desc_options(objs or dlg.objs, obj_id)), style, rng), "explicit"
-    if key == "explicit" and objs is None and rng.random() < QUOTE_PROBABILITY:
+        text, key = _say_desc(rng.choice(_desc_options(dlg.objs, obj_id)), style, rng), "explicit"
+    if key == "explicit" and rng.random() < QUOTE_PROBABILITY:
         text = f'"{text}"'
     return text, key
 
