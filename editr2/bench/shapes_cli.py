@@ -37,6 +37,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="cm: persistent rule in turn 1; cu: back-references and undo")
     parser.add_argument("--sessions", type=int, default=100, help="number of sessions (default 100)")
     parser.add_argument("--turns", type=int, default=3, help="turns per session, 1-8 (default 3)")
+    parser.add_argument("--phrasing", choices=("seen", "unseen", "all"), default=None,
+                        help="write the sessions in everyday phrasing: the training phrasing families (seen), the "
+                             "held-out ones (unseen) or both (all); default: the fixed grammar the recorded numbers "
+                             "use (reported as 'grammar')")
     parser.add_argument("--seed", type=int, default=0, help="first session seed (default 0)")
     parser.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
     parser.add_argument("--out", required=True, help="output directory")
@@ -82,6 +86,8 @@ def run(args: argparse.Namespace) -> int:
         config = _model_config(args, options)
     config = {"bench": "shapes", **config, "family": args.family, "turns": args.turns, "seed": args.seed,
               "size": args.size}
+    if args.phrasing is not None:  # runs recorded before --phrasing existed resume unchanged
+        config["phrasing"] = args.phrasing
     try:  # before loading a model: a wrong --out costs nothing
         out = open_run(args.out, config, outputs=OUTPUTS, force=args.force, force_hint="--force")
     except (ConfigMismatchError, ValueError) as err:
@@ -94,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
         name = editor.name
     results = run_bench(editor, family=args.family, num_sessions=args.sessions, num_turns=args.turns, seed=args.seed,
                         size=args.size, progress=not args.no_progress, editor_name=name,
-                        results_path=out / SESSION_RESULTS)
+                        results_path=out / SESSION_RESULTS, phrasing=args.phrasing or "grammar")
     if args.model is not None:
         results["config"].update(model=str(args.model), reasoning=editor.reasoning, sample_seed=editor.seed,
                                  call_kwargs=editor.call_kwargs)

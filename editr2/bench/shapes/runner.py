@@ -50,7 +50,8 @@ def session_record(sid: str, session: ShapesSession, scores: Sequence[TurnScore]
 
 def run_bench(editor: Editor, family: str = "cm", num_sessions: int = 100, num_turns: int = 3, seed: int = 0,
               size: int = DEFAULT_SIZE, progress: bool = True, sessions: Sequence[ShapesSession] | None = None,
-              editor_name: str | None = None, results_path: str | Path | None = None) -> dict:
+              editor_name: str | None = None, results_path: str | Path | None = None,
+              phrasing: str = "grammar") -> dict:
     """Score `editor` on `num_sessions` generated sessions (seeds `seed, seed + 1, ...`).
 
     Args:
@@ -64,12 +65,17 @@ def run_bench(editor: Editor, family: str = "cm", num_sessions: int = 100, num_t
             sessions recorded there are read back, the others run and appended as they finish. Only the sessions
             asked for are reported. The caller makes sure the file was written with the same editor and settings
             (`editr2.bench.resume.open_run`).
+        phrasing (`str`, defaults to `"grammar"`): how the generated sessions are worded: "grammar", or everyday
+            phrasing "seen" / "unseen" / "all" (`generate_session`); recorded in the config as "phrasing" (left out
+            for "grammar", so the configs recorded before it existed still compare equal).
 
     Returns:
         `{"per_turn": [...], "mean": {...}, "config": {...}}`.
     """
     if sessions is None and num_sessions < 1:
         raise ValueError(f"num_sessions={num_sessions}: pass at least 1.")
+    if phrasing not in ("grammar", "seen", "unseen", "all"):
+        raise ValueError(f"phrasing={phrasing!r}: pass 'grammar', 'seen', 'unseen' or 'all'.")
     count = num_sessions if sessions is None else len(sessions)
     # (id, the session, or the seed of the one to generate when it has to be run)
     items = [(session_id(s.family, s.seed), s) for s in sessions] if sessions is not None else \
@@ -87,7 +93,7 @@ def run_bench(editor: Editor, family: str = "cm", num_sessions: int = 100, num_t
         if earlier is not None and len(earlier["turns"]) == (num_turns if generated else given.num_turns):
             scores = [TurnScore(**turn) for turn in earlier["turns"]]
         else:
-            session = generate_session(family, num_turns, given, size) if generated else given
+            session = generate_session(family, num_turns, given, size, phrasing) if generated else given
             _, scores = run_session(editor, session)
             record = session_record(sid, session, scores, editor)
         for row in scores:
@@ -99,5 +105,8 @@ def run_bench(editor: Editor, family: str = "cm", num_sessions: int = 100, num_t
     everything = [r for t in sorted(per_turn) for r in per_turn[t]]
     config = {"editor": editor_name or getattr(editor, "name", type(editor).__name__), "family": family,
               "sessions": count, "turns": num_turns, "seed": seed, "size": size}
+    worded = sessions[0].phrasing if sessions else phrasing
+    if worded != "grammar":  # everyday phrasing is named; the fixed grammar's configs stay as they were recorded
+        config["phrasing"] = worded
     return {"per_turn": [{k: r[k] for k in ("turn",) + METRICS} for r in rows], "mean": mean_scores(everything),
             "config": config}
