@@ -139,7 +139,7 @@ class Hardware:
     """What a GPU sustains, for the time estimate (defaults: an H100 SXM at a realistic fraction of its peak).
 
     Args:
-        memory_gib: usable GPU memory.
+        memory_gib: GPU memory in GiB (H100 80GB: 79.6, H200 141GB: 140.4).
         tflops: achieved dense bf16 TFLOP/s in the transformer's matmuls (H100 peak 989; 40 % of it by default).
         hbm_gbps: achieved memory bandwidth (bounds the text encoder's token-by-token decoding).
         interconnect_gbps: per-GPU all-gather bandwidth between GPUs (NVLink 4: ~450 GB/s bus; 300 achieved).
@@ -147,7 +147,7 @@ class Hardware:
         reserve_gib: CUDA context, allocator fragmentation and NCCL buffers, counted on top.
     """
 
-    memory_gib: float = 80.0
+    memory_gib: float = 79.6
     tflops: float = 400.0
     hbm_gbps: float = 2500.0
     interconnect_gbps: float = 300.0
@@ -790,7 +790,7 @@ def _gib(value: float) -> str:
 
 def format_plan(p: Plan) -> str:
     """The plan as Markdown: parameters, per-GPU memory per part and phase, and the step time."""
-    lines = [f"### {p.model}: {p.layout.name}, {p.hardware.memory_gib:g} GB GPUs", ""]
+    lines = [f"### {p.model}: {p.layout.name}, GPUs of {p.hardware.memory_gib:g} GiB", ""]
     s = p.settings
     lines.append(
         f"resolution {s['resolution']}, {s['per_device_train_batch_size']} session(s)/GPU x "
@@ -825,7 +825,7 @@ def format_plan(p: Plan) -> str:
         lines.append(f"| {name} | {value if isinstance(value, str) else _gib(value)} |")
     verdict = "fits" if p.fits else "does NOT fit"
     t = p.time
-    lines += ["", f"**{verdict}** in {p.hardware.memory_gib:g} GB ({_gib(p.peak + p.hardware.reserve_gib * GIB)} GiB "
+    lines += ["", f"**{verdict}** in {p.hardware.memory_gib:g} GiB ({_gib(p.peak + p.hardware.reserve_gib * GIB)} GiB "
                   f"with {p.hardware.reserve_gib:g} GiB reserve).", "",
               f"step time at {p.hardware.tflops:g} TFLOP/s, {p.hardware.hbm_gbps:g} GB/s HBM, "
               f"{p.hardware.interconnect_gbps:g} GB/s interconnect: **{t['step']:.0f} s** per optimizer step "

@@ -29,7 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="architecture in trl_editr2/plan_models.json (default: from model_name_or_path)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="override a training field (YAML value), e.g. --set resolution=768; repeatable")
-    parser.add_argument("--gpu-memory", type=float, default=80.0, help="usable GB per GPU (H100: 80, H200: 141)")
+    parser.add_argument("--gpu-memory", type=float, default=79.6,
+                        help="GiB per GPU (H100 80GB: 79.6, H200 141GB: 140.4)")
     parser.add_argument("--reserve-gib", type=float, default=3.0,
                         help="GiB per GPU for the CUDA context, fragmentation and NCCL buffers")
     parser.add_argument("--tflops", type=float, default=400.0, help="achieved dense bf16 TFLOP/s per GPU")
@@ -45,8 +46,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", default=None, help="also write the plan as JSON to this file")
 
 
-def training_args(config_path: str, overrides: list[str]):
-    """`(EditR2Config, model_name_or_path)` from a training YAML plus `FIELD=VALUE` overrides (YAML values)."""
+def training_args(config_path: str, overrides: list[str], use_cpu: bool = True):
+    """`(EditR2Config, model_name_or_path)` from a training YAML plus `FIELD=VALUE` overrides (YAML values).
+
+    The plan needs no device: `use_cpu=True` (the default) lets a `bf16: true` config load on any machine."""
     import yaml
 
     from .config import EditR2Config
@@ -66,7 +69,8 @@ def training_args(config_path: str, overrides: list[str]):
     if unknown:
         raise ValueError(f"unknown training fields {unknown}; see trl_editr2/config.py for EditR2Config's fields.")
     kwargs = {k: v for k, v in values.items() if k in fields}
-    kwargs.update(report_to="none", use_cpu=True, output_dir=tempfile.gettempdir(), save_strategy="no")
+    kwargs.update(report_to="none", use_cpu=use_cpu, save_strategy="no")
+    kwargs.setdefault("output_dir", tempfile.gettempdir())
     return EditR2Config(**kwargs), model
 
 
