@@ -160,8 +160,8 @@ def main(argv=None) -> dict:
     overrides = list(args.set) + ["trajectory_filter=none", "reward_weights={}", f"max_steps={args.steps}",
                                   "gradient_accumulation_steps=1", "logging_steps=1", "dataloader_num_workers=0"]
     if args.tiny:
-        overrides += [f"{k}={json.dumps(v)}" for k, v in TINY_SETTINGS.items() if k not in ("max_steps", "report_to", "use_cpu",
-                                                                                  "save_strategy", "disable_tqdm")]
+        skip = ("max_steps", "report_to", "use_cpu", "save_strategy", "disable_tqdm")
+        overrides += [f"{k}={json.dumps(v)}" for k, v in TINY_SETTINGS.items() if k not in skip]
         overrides += ["bf16=false", "true_cfg_scale=4.0", "activation_checkpointing=true", "resolution=32"]
     out_dir = tempfile.mkdtemp(prefix="gpu_plan_check_")
     train_args, _ = training_args(args.config, overrides + [f"output_dir={out_dir}"], use_cpu=device == "cpu")

@@ -79,8 +79,8 @@ def test_learning_peak_matches_measured_tiny_run(tiny_turn, checkpointing):
     try:
         measured = _measure_learning_peak(trainer, turn)
         trainer.args.activation_checkpointing = checkpointing
-        result = P.plan(trainer.args, P.Layout(), configs=_tiny_configs(trainer.pipeline), shapes=_measured_shapes(turn),
-                        dtype=torch.float32)
+        result = P.plan(trainer.args, P.Layout(), configs=_tiny_configs(trainer.pipeline),
+                        shapes=_measured_shapes(turn), dtype=torch.float32)
     finally:
         if checkpointing:
             policy.transformer.disable_gradient_checkpointing()

@@ -178,7 +178,8 @@ class Options:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def build_empty_models(configs: dict[str, dict], args=None, dtype: torch.dtype = torch.bfloat16) -> dict[str, nn.Module]:
+def build_empty_models(configs: dict[str, dict], args=None, dtype: torch.dtype = torch.bfloat16
+                       ) -> dict[str, nn.Module]:
     """The transformer, text encoder and VAE on the meta device; with `args` (an `EditR2Config`), the trainer's LoRA
     adapters are added exactly as the trainer adds them (`trl_editr2.policy.add_lora_adapters`)."""
     from diffusers.utils import logging as diffusers_logging
@@ -664,13 +665,17 @@ def plan(args, layout: Layout, hardware: Hardware | None = None, options: Option
     cfg_passes = 2 if args.true_cfg_scale > 1 else 1
 
     # Activations of one (session, turn) of the loss: K window steps x CFG passes, then the reasoning tokens
-    cond = transformer_pass(models["transformer"], g, shapes.image_tokens, shapes.reference_tokens,
-                            shapes.text_tokens, shapes.img_shapes, dtype, fused_attention)
-    neg = transformer_pass(models["transformer"], g, shapes.image_tokens, shapes.reference_tokens,
-                           shapes.negative_text_tokens, shapes.img_shapes, dtype, fused_attention) if cfg_passes == 2 else PassProfile()
+    transformer, text_encoder = models["transformer"], models["text_encoder"]
+    cond = transformer_pass(transformer, g, shapes.image_tokens, shapes.reference_tokens, shapes.text_tokens,
+                            shapes.img_shapes, dtype, fused_attention)
+    neg = PassProfile()
+    if cfg_passes == 2:
+        neg = transformer_pass(transformer, g, shapes.image_tokens, shapes.reference_tokens,
+                               shapes.negative_text_tokens, shapes.img_shapes, dtype, fused_attention)
     train_text = args.train_reasoning and args.reasoning == "intent"
-    text = text_pass(models["text_encoder"], g, shapes.prompt_tokens, shapes.completion_tokens, dtype, fused_attention) if train_text \
-        else PassProfile()
+    text = PassProfile()
+    if train_text:
+        text = text_pass(text_encoder, g, shapes.prompt_tokens, shapes.completion_tokens, dtype, fused_attention)
     recompute = max(cond.block_saved, neg.block_saved, text.block_saved)  # one block at a time in the backward
     image_acts = k * (cond.activations(checkpointing) + neg.activations(checkpointing))
     text_acts = text.activations(checkpointing)
@@ -796,7 +801,8 @@ def format_plan(p: Plan) -> str:
         f"resolution {s['resolution']}, {s['per_device_train_batch_size']} session(s)/GPU x "
         f"{s['gradient_accumulation_steps']} accumulation, G={s['num_generations']}, T={s['num_turns']}, "
         f"{s['num_inference_steps']} steps (SDE window {s['sde_window_size']}), CFG {s['true_cfg_scale']:g}, "
-        f"{s['max_reasoning_tokens']} reasoning tokens, checkpointing {'on' if s['activation_checkpointing'] else 'off'}"
+        f"{s['max_reasoning_tokens']} reasoning tokens, "
+        f"checkpointing {'on' if s['activation_checkpointing'] else 'off'}"
         f", frozen weights {p.options.frozen_dtype}"
         + (", text encoder offloaded while sampling" if p.options.offload_text_encoder else "")
     )

@@ -19,6 +19,7 @@ import importlib
 import logging
 import os
 import sys
+import time
 from typing import Any, Callable, Sequence
 
 from editr2.rewards import collect
@@ -191,10 +192,20 @@ def _is_factory(fn: Callable) -> bool:
     return all(p.default is not p.empty or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params)
 
 
-def _with_retries(fn: Callable, name: str, retries: int, failures: dict[str, int]) -> Callable:
-    """`fn` called up to `1 + retries` times; after the last failure its scores are all `None` (missing)."""
+def _with_retries(fn: Callable, name: str, retries: int, failures: dict[str, int],
+                  timings: dict[str, float] | None = None) -> Callable:
+    """`fn` called up to `1 + retries` times; after the last failure its scores are all `None` (missing). With
+    `timings`, the seconds spent (retries included) are stored under `name`."""
 
     def call(prompts, images, **kwargs):
+        start = time.perf_counter()
+        try:
+            return attempts(prompts, images, **kwargs)
+        finally:
+            if timings is not None:
+                timings[name] = time.perf_counter() - start
+
+    def attempts(prompts, images, **kwargs):
         for attempt in range(retries + 1):
             try:
                 return fn(prompts, images, **kwargs)
@@ -207,8 +218,13 @@ def _with_retries(fn: Callable, name: str, retries: int, failures: dict[str, int
 
 
 def score_samples(reward_funcs: Sequence[Callable], prompts: Sequence[str], images: Sequence, retries: int = 1,
+                  timings: dict[str, float] | None = None,
                   **kwargs) -> tuple[dict[str, list[float | None]], dict[str, int]]:
-    """Call every reward function on the batch.
+    """Call every reward function on the batch (one call each, with all of the step's samples: a judge sends them
+    as parallel requests, up to its back-end's `max_concurrency`).
+
+    `timings`, when given, receives each function's seconds by name (the trainer logs them as
+    `timing/reward/{name}`).
 
     Returns:
         `(scores, failures)`: `{name: [float | None per sample]}` validated by `editr2.rewards.collect` (a wrong
@@ -216,5 +232,5 @@ def score_samples(reward_funcs: Sequence[Callable], prompts: Sequence[str], imag
         `{name: 1}` for each function that failed after its retries (its scores are all None).
     """
     failures: dict[str, int] = {}
-    wrapped = {reward_name(fn): _with_retries(fn, reward_name(fn), retries, failures) for fn in reward_funcs}
+    wrapped = {reward_name(fn): _with_retries(fn, reward_name(fn), retries, failures, timings) for fn in reward_funcs}
     return collect(wrapped, prompts, images, **kwargs), failures
