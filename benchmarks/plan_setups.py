@@ -68,7 +68,7 @@ def table() -> str:
         commands.append(f"    {command(train, accel, gib, flags)}")
     out = ["Parameters (Qwen-Image-Edit-2509, built on the meta device; LoRA r = 64 on the transformer's attention + "
            "MLP and on the text encoder's language model):", "",
-           "| component | parameters | trainable LoRA |", "|---|---:|---:|"]
+           "| component | parameters (with LoRA) | trainable LoRA |", "|---|---:|---:|"]
     out += [f"| {k} | {v['total'] / 1e9:.3f} B | {v['trainable'] / 1e6:.1f} M |" for k, v in params.items()]
     out += ["", "Per GPU, GiB (G = 6 rollouts x 3 turns, 15 steps with a 2-step SDE window, CFG 4, 150 reasoning "
             "tokens, activation checkpointing on):", "",

@@ -771,8 +771,12 @@ def step_time(args, layout: Layout, hardware: Hardware, counts, cond: PassProfil
         reasoning = prefill / flops_per_s + decode + pass_s(text.forward_flops, te)
         if args.train_reasoning:
             text_learn = pass_s(text.forward_flops * (2 if checkpointing else 1) + text.backward_flops, te)
-    vision = 2 * sum(p.numel() for p in models["text_encoder"].model.visual.parameters()) * g * shapes.vision_patches
-    encode = (2 if passes == 2 else 1) * vision / flops_per_s  # the conditioning's text-encoder pass (approx.)
+    # Encode: the text encoder's no-grad pass over each rollout's conditioning (and negative) prompt with its image
+    te_model = models["text_encoder"].model
+    vision = 2 * sum(p.numel() for p in te_model.visual.parameters()) * g * shapes.vision_patches
+    language_params = sum(p.numel() for p in te_model.language_model.parameters())
+    prompt_tokens = shapes.text_tokens + (shapes.negative_text_tokens if passes == 2 else 0)
+    encode = pass_s(passes * vision + 2 * language_params * g * prompt_tokens, te)
     per_turn = {"reasoning": reasoning, "encode": encode, "sampling": sampling, "learn": learn + text_learn}
     out = {name: value * turns * sessions for name, value in per_turn.items()}
     out["step"] = sum(out.values())
@@ -810,7 +814,7 @@ def format_plan(p: Plan) -> str:
     lines += ["", f"tokens per rollout and turn: image {sh.image_tokens} + reference {sh.reference_tokens}, text "
                   f"{sh.text_tokens} (negative {sh.negative_text_tokens}); reasoning request {sh.prompt_tokens} + "
                   f"answer {sh.completion_tokens}", ""]
-    lines += ["| component | parameters | trainable (LoRA) |", "|---|---:|---:|"]
+    lines += ["| component | parameters (with LoRA) | trainable (LoRA) |", "|---|---:|---:|"]
     for name, c in p.parameters.items():
         lines.append(f"| {name} | {c['total'] / 1e9:.3f} B | {c['trainable'] / 1e6:.1f} M |")
     m = p.memory
