@@ -692,7 +692,6 @@ def plan(args, layout: Layout, hardware: Hardware | None = None, options: Option
     lora = lora_state_bytes(counts["transformer"].trainable + counts["text_encoder"].trainable, layout, precision)
     records = records_bytes(args, shapes, configs["transformer"], configs["text_encoder"]["text_config"]["hidden_size"])
     kv = kv_cache_bytes(args, shapes, configs["text_encoder"])
-    vocab = configs["text_encoder"]["text_config"]["vocab_size"]
     old_logps = 2 * text.largest_tensor  # the teacher-forced pass without gradients: its full logits
     sampling_work = 2 * max(cond.largest_tensor, neg.largest_tensor)
     lora_total = sum(lora.values())
@@ -713,11 +712,11 @@ def plan(args, layout: Layout, hardware: Hardware | None = None, options: Option
         "activations_text_ckpt": text.activations(True),
         "transient": transient,
     }
-    base = w_transformer + w_vae + lora_total
+    base = w_transformer + w_vae + lora_total  # LoRA gradients live from the first backward to the optimizer step
     phases = {
         "reasoning": base + w_text + records + kv + old_logps,
         "sampling": base + text_during_sampling + records + sampling_work,
-        "learning": base + w_text + records + image_acts + text_acts + lora["lora_grads"] + transient,
+        "learning": base + w_text + records + image_acts + text_acts + transient,
     }
 
     time = step_time(args, layout, hardware, counts, cond, neg, text, models, shapes, checkpointing)
