@@ -168,3 +168,15 @@ def test_live_memory_counts_storages_once():
     assert memory.peak == 4000
     assert memory.current == 2000
     del z
+
+
+def test_2511_differs_only_by_zero_cond_t(tmp_path):
+    configs = P.load_model_configs("qwen_image_edit_2511")
+    assert configs["transformer"]["zero_cond_t"] is True
+    assert configs["text_encoder"] == P.load_model_configs("qwen_image_edit_2509")["text_encoder"]
+    configs["transformer"]["num_layers"] = 1
+    from trl_editr2.testing import tiny_config
+
+    models = P.build_empty_models(configs, tiny_config(tmp_path))
+    profile = P.transformer_pass(models["transformer"], 1, 16, 16, 8, [(1, 4, 4), (1, 4, 4)])
+    assert profile.forward_flops > 0 and profile.saved > 0 and profile.block_saved > 0
