@@ -289,7 +289,9 @@ class EditR2Trainer(Trainer):
         # 2. Score: one call per reward function on all local samples
         start = time.perf_counter()
         prompts, images, kwargs = self.reward_kwargs(rollouts)
-        scores, failures, nonfinite = score_samples(self.reward_funcs, prompts, images, args.reward_retries, **kwargs)
+        reward_times: dict[str, float] = {}
+        scores, failures, nonfinite = score_samples(self.reward_funcs, prompts, images, args.reward_retries,
+                                                    reward_times, **kwargs)
         combined = combine(scores, self.reward_weights)
         reward_time = time.perf_counter() - start
 
@@ -349,6 +351,8 @@ class EditR2Trainer(Trainer):
             if lengths:
                 metrics["reasoning/mean_length"].append(sum(lengths) / len(lengths))
         metrics["timing/reward"].append(reward_time)
+        for name, seconds in reward_times.items():  # per reward function (e.g. each judge's server round trips)
+            metrics[f"timing/reward/{name}"].append(seconds)
         return {
             "rollouts": rollouts,
             "rewards": rewards,
