@@ -10,7 +10,7 @@ import pytest
 from editr2.bench.judges import OpenAIChatConfig, OpenAIChatVLM
 from editr2.bench.judges.config import JudgeConfig, build_judges
 from editr2.bench.judges.rewards import mice_reward_functions
-from editr2.bench.judges.testing import FakeChatServer, PixelFeatures, ScriptedDetector, prompt_of
+from judge_fakes import FakeChatServer, PixelFeatures, ScriptedDetector, prompt_of
 from trl_editr2.rewards import score_samples
 
 DELAY_S = 0.1
@@ -43,7 +43,7 @@ def step_batch(tmp_path_factory):
     from trl_editr2.testing import pixel_hash_reward, tiny_trainer
 
     trainer = tiny_trainer(tmp_path_factory.mktemp("judges"), reward_funcs=[pixel_hash_reward],
-                           trajectory_filter="none", num_generations=4)
+                           reward_weights={"pixel_hash_reward": 1.0}, trajectory_filter="none", num_generations=4)
     rollouts = trainer.rollout([trainer.train_dataset[0]])
     return trainer, trainer.reward_kwargs(rollouts)
 

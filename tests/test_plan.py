@@ -27,8 +27,8 @@ def tiny_turn(tmp_path_factory):
 
     trainer = tiny_trainer(tmp_path_factory.mktemp("plan"), reward_funcs=[pixel_hash_reward], trajectory_filter="none",
                            true_cfg_scale=4.0, num_generations=3)
-    batch = trainer.generate_and_score([trainer.train_dataset[0]])
-    return trainer, batch.rollouts[0].turns[1]
+    batch = trainer._generate_and_score_completions([trainer.train_dataset[0]])
+    return trainer, batch["rollouts"][0].turns[1]
 
 
 def _measured_shapes(turn) -> P.StepShapes:

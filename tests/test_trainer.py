@@ -228,6 +228,16 @@ def test_reward_weights_with_an_unknown_name_fail_before_the_model_loads(tmp_pat
         EditR2Trainer(str(tmp_path / "no-such-model"), ["shapes_oracle"], args=args, train_dataset=tiny_dataset())
 
 
+def test_default_reward_weights_apply_to_the_functions_they_name():
+    from trl_editr2 import EditR2Trainer
+
+    resolve = EditR2Trainer._resolve_weights
+    assert resolve({"IF": 0.3, "CC": 0.3, "GA": 0.4}, ["IF", "GA"]) == {"IF": 0.3, "GA": 0.4}
+    assert resolve({"IF": 0.3, "CC": 0.3, "GA": 0.4}, ["pixel_hash_reward"]) == {"pixel_hash_reward": 1.0}
+    with pytest.raises(ValueError, match="GAA"):  # a dict the user wrote is checked key by key
+        resolve({"IF": 0.3, "CC": 0.3, "GAA": 0.4}, ["IF", "CC", "GA"])
+
+
 def _named(fn, name):
     fn.__name__ = name
     return fn

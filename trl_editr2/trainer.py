@@ -44,7 +44,7 @@ from editr2.rewards import combine
 from editr2.rl import (frac_reward_zero_std, group_advantages, is_finite_loss, missing_rewards, session_group_ids,
                        std_sample_count, training_masks, trajectory_filter)
 
-from .config import EditR2Config
+from .config import PAPER_REWARD_WEIGHTS, EditR2Config
 from .data import collate_sessions
 from .policy import (REASONING_ADAPTER, TRANSFORMER_ADAPTER, EditR2Policy, LossWeights, add_lora_adapters,
                      disable_dropout, prepare_reasoning_sampling)
@@ -175,12 +175,15 @@ class EditR2Trainer(Trainer):
     @staticmethod
     def _resolve_weights(weights, names: list[str]) -> dict[str, float]:
         """Reward weights by name: a dict (missing names weigh 1, unknown names are an error), or a list aligned with
-        the reward functions (TRL)."""
+        the reward functions (TRL). The default, the paper's `{"IF": 0.3, "CC": 0.3, "GA": 0.4}`, applies to the
+        functions of those names; its other keys are ignored (e.g. with custom reward functions only)."""
         if isinstance(weights, (list, tuple)):
             if len(weights) != len(names):
                 raise ValueError(f"reward_weights has {len(weights)} entries for {len(names)} reward functions "
                                  f"{names}; pass one weight per function or a dict by name.")
             return {n: float(w) for n, w in zip(names, weights)}
+        if dict(weights) == PAPER_REWARD_WEIGHTS:
+            weights = {k: v for k, v in weights.items() if k in names}
         unknown = [k for k in weights if k not in names]
         if unknown:
             raise ValueError(
@@ -442,8 +445,21 @@ class EditR2Trainer(Trainer):
             self.optimizer.train()
         start = time.perf_counter()
         inputs = self._prepare_inputs(inputs)
-        model.train()
         learn_start = time.perf_counter()
+        total = self.learn(model, inputs)
+        self._log_loss_metrics()
+        end = time.perf_counter()
+        self._metrics["timing/learn"].append(end - learn_start)
+        self._metrics["timing/step"].append(end - start)
+        self._metrics["skipped_steps"].append(float(self._skipped_steps))
+        self._accum_index = (self._accum_index + 1) % self._accumulation_steps()
+        return total
+
+    def learn(self, model, inputs: dict) -> Tensor:
+        """Forward + backward of every (session, turn) of the micro-batch `inputs` (a batch dict of
+        `_prepare_inputs`); returns the summed (scaled) loss, detached. A non-finite loss on any process drops every
+        gradient of the current optimizer step (all processes agree), and the loss returned is 0."""
+        model.train()
         turns = _turn_batches(inputs)
         total, finite = torch.zeros((), device=self.accelerator.device), True
         for k, turn in enumerate(turns):
@@ -462,12 +478,6 @@ class EditR2Trainer(Trainer):
             self._skip_update = True
             model.zero_grad(set_to_none=True)  # optimizers skip parameters without a gradient
             total = torch.zeros((), device=self.accelerator.device)
-        self._log_loss_metrics()
-        end = time.perf_counter()
-        self._metrics["timing/learn"].append(end - learn_start)
-        self._metrics["timing/step"].append(end - start)
-        self._metrics["skipped_steps"].append(float(self._skipped_steps))
-        self._accum_index = (self._accum_index + 1) % self._accumulation_steps()
         return total
 
     def compute_loss(self, model, inputs: dict, return_outputs=False, num_items_in_batch=None) -> Tensor:
