@@ -41,7 +41,7 @@ def test_cli_is_registered_and_validates():
     assert COMMANDS[("bench", "shapes")] == "editr2.bench.shapes_cli"
     assert shapes_cli.__doc__.strip().splitlines()[0]
     with pytest.raises(SystemExit):
-        _run(["--turns", "9", "--out", "x"])
+        _run(["--turns", "17", "--out", "x"])
     with pytest.raises(SystemExit):
         _run(["--editor", "magic", "--out", "x"])
 

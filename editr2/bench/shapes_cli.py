@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--family", choices=("cm", "cu"), default="cm",
                         help="cm: persistent rule in turn 1; cu: back-references and undo")
     parser.add_argument("--sessions", type=int, default=100, help="number of sessions (default 100)")
-    parser.add_argument("--turns", type=int, default=3, help="turns per session, 1-8 (default 3)")
+    parser.add_argument("--turns", type=int, default=3, help="turns per session, 1-16 (default 3)")
     parser.add_argument("--seed", type=int, default=0, help="first session seed (default 0)")
     parser.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
     parser.add_argument("--out", required=True, help="output directory")
@@ -62,8 +62,10 @@ def run(args: argparse.Namespace) -> int:
     from editr2.bench.resume import ConfigMismatchError, open_run, read_results
     from editr2.bench.shapes.runner import run_bench, session_id
 
-    if not 1 <= args.turns <= 8:
-        raise SystemExit(f"--turns {args.turns}: pass a value in 1..8.")
+    from editr2.bench.shapes.sessions import MAX_TURNS
+
+    if not 1 <= args.turns <= MAX_TURNS:
+        raise SystemExit(f"--turns {args.turns}: pass a value in 1..{MAX_TURNS}.")
     if args.sessions < 1:
         raise SystemExit(f"--sessions {args.sessions}: pass at least 1.")
     if args.model is None:

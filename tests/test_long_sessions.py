@@ -1,0 +1,75 @@
+"""Sessions of up to 16 turns: references and the colour rule stay coherent, the oracle still scores 1, and sessions
+of at most 8 turns are exactly those generated before 16 turns were allowed (recorded results stay valid)."""
+
+import hashlib
+import json
+
+import pytest
+
+from editr2.bench.editors import make_editor
+from editr2.bench.shapes import generate_session
+from editr2.bench.shapes.grammar import REFERENCES, check_command
+from editr2.bench.shapes.reconstruct import reconstruct
+from editr2.bench.shapes.runner import run_bench
+from editr2.bench.shapes.sessions import MAX_TURNS
+
+# sha256 of the sorted-key JSON of every session (cm then cu, turns 1..8, seeds 0..39), as generated when sessions
+# stopped at 8 turns.
+SHORT_SESSIONS_SHA256 = "7b24d19f8775645d3d4d7808fdc64b44504f3fbc109257434ed9308281ef49ec"
+
+
+@pytest.fixture(scope="module")
+def long_sessions():
+    return {fam: [generate_session(fam, 16, seed) for seed in range(60)] for fam in ("cm", "cu")}
+
+
+def test_max_turns_is_16():
+    assert MAX_TURNS == 16
+    assert generate_session("cu", 16, 0).num_turns == 16
+    with pytest.raises(ValueError, match="num_turns"):
+        generate_session("cu", 17, 0)
+
+
+def test_sessions_up_to_8_turns_are_unchanged():
+    digest = hashlib.sha256()
+    for fam in ("cm", "cu"):
+        for turns in range(1, 9):
+            for seed in range(40):
+                digest.update(json.dumps(generate_session(fam, turns, seed).to_json(), sort_keys=True).encode())
+    assert digest.hexdigest() == SHORT_SESSIONS_SHA256
+
+
+def test_every_reference_resolves_uniquely_over_16_turns(long_sessions):
+    late = {key: 0 for key in REFERENCES}
+    for group in long_sessions.values():
+        for s in group:
+            for t in range(s.num_turns):
+                cmd = s.commands[t]
+                if cmd.op != "undo":  # the referent is the one object of that description in the scene
+                    assert check_command(s.scenes[t], cmd) is None
+                if s.references[t] in REFERENCES:
+                    assert len(s.scenes[t].find(cmd.target)) == 1
+                    late[s.references[t]] += t + 1 >= 12
+                # the text alone (history + instruction) resolves to the gold intent, at every turn
+                assert reconstruct(s.instruction[:t], s.instruction[t])[1] == s.gold_intent[t], (s.family, s.seed, t)
+    assert all(n >= 3 for n in late.values()), late  # "the one you added first" etc. still occur after 12 edits
+
+
+def test_a_turn_1_rule_still_binds_at_turn_16(long_sessions):
+    late_adds = 0
+    for s in long_sessions["cm"]:
+        rule = s.rule_color
+        assert all(f"apply {rule} color only" in g for g in s.gold_intent)  # turn 16's intent carries the rule
+        for t, cmd in enumerate(s.commands, start=1):
+            assert cmd.op != "color_alter"
+            if cmd.op in ("subject_add", "subject_replace"):
+                assert cmd.color == rule and cmd.color_from_rule
+                late_adds += t >= 12
+    assert late_adds >= 10
+
+
+@pytest.mark.parametrize("family", ["cm", "cu"])
+def test_oracle_scores_one_on_16_turns(family):
+    results = run_bench(make_editor("oracle"), family=family, num_sessions=6, num_turns=16, seed=0, progress=False)
+    assert len(results["per_turn"]) == 16
+    assert all(row[k] == 1.0 for row in results["per_turn"] for k in ("IF", "CC", "GA"))
