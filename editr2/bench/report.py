@@ -1,4 +1,5 @@
-"""Writing bench results: results.json, a markdown table (report.md) and a metric-vs-turn plot (per_turn.png)."""
+"""Writing bench results: results.json, a markdown table (report.md) and a metric-vs-turn plot (per_turn.png); with
+drift measures (`editr2.bench.drift`), their tables in report.md and their curves in drift.png."""
 
 from __future__ import annotations
 
@@ -46,7 +47,8 @@ def plot_per_turn(results: dict, path: Path) -> None:
 
 
 def write_report(results: dict, out_dir) -> dict[str, Path]:
-    """Write `results.json`, `report.md` and `per_turn.png` into `out_dir` (created if needed); returns their paths."""
+    """Write `results.json`, `report.md` and `per_turn.png` (and `drift.png` when `results` has drift measures) into
+    `out_dir` (created if needed); returns their paths."""
     for key in ("per_turn", "mean", "config"):
         if key not in results:
             raise ValueError(f"`results` lacks {key!r}: pass the dict returned by run_bench.")
@@ -54,6 +56,11 @@ def write_report(results: dict, out_dir) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = {"results": out / "results.json", "report": out / "report.md", "plot": out / "per_turn.png"}
     paths["results"].write_text(json.dumps(results, indent=2) + "\n")
-    paths["report"].write_text(markdown_table(results))
+    from .drift_report import drift_markdown, plot_drift
+
+    drift_md = drift_markdown(results)
+    paths["report"].write_text(markdown_table(results) + ("\n" + drift_md if drift_md else ""))
     plot_per_turn(results, paths["plot"])
+    if plot_drift(results, out / "drift.png"):
+        paths["drift_plot"] = out / "drift.png"
     return paths

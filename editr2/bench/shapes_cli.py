@@ -23,7 +23,7 @@ EDITOR_NAMES = ("oracle", "identity", "literal")
 REASONING_MODES = ("intent", "history", "none")
 SESSION_RESULTS = "session_results.jsonl"
 # What a run writes into --out (what `--force` deletes).
-OUTPUTS = (SESSION_RESULTS, "results.json", "report.md", "per_turn.png", "intents.jsonl")
+OUTPUTS = (SESSION_RESULTS, "results.json", "report.md", "per_turn.png", "drift.png", "intents.jsonl")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
                                  call_kwargs=editor.call_kwargs)
     paths = write_report(results, args.out)
     print(markdown_table(results))
-    written = f"{paths['results']}, {paths['report']}, {paths['plot']}"
+    written = ", ".join(str(path) for path in paths.values())
     if args.model is not None:
         recorded = {r["session_id"]: r for r in read_results(out / SESSION_RESULTS)}
         wanted = [recorded[session_id(args.family, args.seed + i)] for i in range(args.sessions)]

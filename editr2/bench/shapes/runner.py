@@ -5,7 +5,8 @@
 
 `my_editor(images, history, instruction) -> PIL image` (see `editr2.bench.editors`); an editor with a
 `bind(session)` method is bound to each session first. The result is the `results.json` structure:
-`{"per_turn": [{"turn", "IF", "CC", "GA", "reward"}, ...], "mean": {...}, "config": {...}}`.
+`{"per_turn": [{"turn", "IF", "CC", "GA", "reward"}, ...], "mean": {...}, "config": {...}, "drift": {...}}`, where
+"drift" holds the drift measures per turn and the decay summary (`editr2.bench.drift.drift_results`).
 
 With `results_path`, every finished session's scores are appended to that JSON-lines file as it finishes, and the
 sessions already there are read back instead of run again: a run killed after k sessions and started again gives the
@@ -20,6 +21,7 @@ from typing import Callable, Sequence
 
 from PIL import Image
 
+from ..drift import drift_results, session_drift
 from ..metrics import METRICS, TurnScore, mean_scores, score_session
 from ..resume import append_result, latest_by_id, read_results
 from .render import DEFAULT_SIZE
@@ -43,11 +45,14 @@ def session_id(family: str, seed: int) -> str:
     return f"{family}_{seed}"
 
 
-def session_record(sid: str, session: ShapesSession, scores: Sequence[TurnScore], editor: Callable) -> dict:
+def session_record(sid: str, session: ShapesSession, scores: Sequence[TurnScore], editor: Callable,
+                   drift: Sequence | None = None) -> dict:
     """One finished session for the results file: its id, family, seed and per-turn scores; with an editor that keeps
     per-session `records` (e.g. `diffusers_editr2.bench.PipelineEditor`: intents and fallbacks), the last of them."""
     record = {"session_id": sid, "family": session.family, "seed": session.seed,
               "turns": [score.to_dict() for score in scores]}
+    if drift is not None:
+        record["drift"] = [row.to_dict() for row in drift]
     records = getattr(editor, "records", None)
     if isinstance(records, list) and records:
         record["editor_record"] = records[-1]
@@ -72,7 +77,8 @@ def run_bench(editor: Callable, family: str = "cm", num_sessions: int = 100, num
             (`editr2.bench.resume.open_run`).
 
     Returns:
-        `{"per_turn": [...], "mean": {...}, "config": {...}}`.
+        `{"per_turn": [...], "mean": {...}, "config": {...}, "drift": {...}}` ("drift":
+        `editr2.bench.drift.drift_results`).
     """
     if sessions is None and num_sessions < 1:
         raise ValueError(f"num_sessions={num_sessions}: pass at least 1.")
@@ -85,16 +91,22 @@ def run_bench(editor: Callable, family: str = "cm", num_sessions: int = 100, num
         iterator = tqdm(iterator, desc=f"shapes {family} {editor_name or getattr(editor, 'name', 'editor')}",
                         unit="session")
     per_turn: dict[int, list[TurnScore]] = {}
+    session_scores, session_drifts = [], []  # per session, for the drift measures and the decay summary
     for i in iterator:
         given = sessions[i] if sessions is not None else None
         sid = session_id(given.family, given.seed) if given is not None else session_id(family, seed + i)
         if sid in done and len(done[sid]["turns"]) == (given.num_turns if given is not None else num_turns):
             scores = [TurnScore(**turn) for turn in done[sid]["turns"]]
+            drift = done[sid].get("drift")  # absent in files written before the drift measures
         else:
             session = given if given is not None else generate_session(family, num_turns, seed + i, size)
-            _, scores = run_session(editor, session)
+            images, scores = run_session(editor, session)
+            drift = session_drift(session, images)
             if results_path is not None:
-                append_result(results_path, session_record(sid, session, scores, editor))
+                append_result(results_path, session_record(sid, session, scores, editor, drift))
+        session_scores.append(scores)
+        if drift is not None:
+            session_drifts.append(drift)
         for row in scores:
             per_turn.setdefault(row.turn, []).append(row)
     rows = [{"turn": t, **mean_scores(per_turn[t])} for t in sorted(per_turn)]
@@ -102,4 +114,4 @@ def run_bench(editor: Callable, family: str = "cm", num_sessions: int = 100, num
     config = {"editor": editor_name or getattr(editor, "name", type(editor).__name__), "family": family,
               "sessions": count, "turns": num_turns, "seed": seed, "size": size}
     return {"per_turn": [{k: r[k] for k in ("turn",) + METRICS} for r in rows], "mean": mean_scores(everything),
-            "config": config}
+            "config": config, "drift": drift_results(session_scores, session_drifts, max(per_turn, default=0))}
