@@ -3,8 +3,10 @@
     editr2 bench shapes --editor literal --family cm --sessions 200 --turns 3 --out runs/literal_cm
     editr2 bench shapes --model checkpoints/editr2-shapes-tiny --reasoning intent --family cm --out runs/intent_cm
 
-Writes OUT/results.json ({"per_turn", "mean", "config"}), OUT/report.md and OUT/per_turn.png; with --model also
-OUT/intents.jsonl (per session: instructions, gold intents, the model's operative intents, reasoning fallbacks).
+Writes OUT/results.json ({"per_turn", "mean", "config", "drift"}), OUT/report.md, OUT/per_turn.png and OUT/drift.png
+(drift measures per turn and their decay summary, `editr2.bench.drift`); with --model also OUT/intents.jsonl (per
+session: instructions, gold intents, the model's operative intents, reasoning fallbacks) and the VAE-only drift of
+the model (carried latent vs re-encoding each turn, on the first sessions: `diffusers_editr2.drift`).
 
 Resumable like `editr2 bench mice`: each finished session's scores are appended to OUT/session_results.jsonl at once,
 and OUT/bench_config.json records the editor, model fingerprint, reasoning mode, sample seed, call settings, family,
@@ -98,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
     if args.model is not None:
         results["config"].update(model=str(args.model), reasoning=editor.reasoning, sample_seed=editor.seed,
                                  call_kwargs=editor.call_kwargs)
+        results["drift"]["vae"] = _vae_drift(args, editor)
     paths = write_report(results, args.out)
     print(markdown_table(results))
     written = ", ".join(str(path) for path in paths.values())
@@ -146,6 +149,17 @@ def _model_config(args: argparse.Namespace, options: dict) -> dict:
     return {"editor": f"editr2-{args.reasoning or 'intent'}", "model_fingerprint": model_fingerprint(args.model),
             "reasoning": args.reasoning or "intent", "sample_seed": args.sample_seed or 0,
             "call_kwargs": options["call_kwargs"]}
+
+
+def _vae_drift(args: argparse.Namespace, editor) -> dict:
+    """The model VAE's own drift, carried latent vs re-encoding each turn, on the run's first sessions
+    (`diffusers_editr2.drift.vae_drift`)."""
+    from diffusers_editr2.drift import VAE_DRIFT_SESSIONS, vae_drift
+    from editr2.bench.shapes import generate_session
+
+    count = min(args.sessions, VAE_DRIFT_SESSIONS)
+    return vae_drift(editor.pipe, [generate_session(args.family, args.turns, args.seed + i, args.size)
+                                   for i in range(count)])
 
 
 def _load_model_editor(args: argparse.Namespace, options: dict):
