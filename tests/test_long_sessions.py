@@ -73,3 +73,33 @@ def test_oracle_scores_one_on_16_turns(family):
     results = run_bench(make_editor("oracle"), family=family, num_sessions=6, num_turns=16, seed=0, progress=False)
     assert len(results["per_turn"]) == 16
     assert all(row[k] == 1.0 for row in results["per_turn"] for k in ("IF", "CC", "GA"))
+
+
+def test_long_sessions_section_is_written_between_markers(tmp_path):
+    from recipes.shapes_tiny import long_sessions as script
+
+    cells = {}
+    for family in ("cm", "cu"):
+        for mode, editor in (("intent", "oracle"), ("none", "literal")):
+            results = run_bench(make_editor(editor), family=family, num_sessions=2, num_turns=12, seed=0,
+                                progress=False)
+            cells[script.cell_key(family, mode)] = {**results, "wall_s": 3.0, "date": "2026-12-06 16:00 UTC"}
+    vae_row = {"carried_bg_mean": 0.004, "carried_bg_worst": 0.01, "reencoded_bg_mean": 0.02,
+               "reencoded_bg_worst": 0.05}
+    vae = {"per_turn": [{"turn": t, **vae_row} for t in range(1, 13)], "summary": {"slope": 0.001,
+                                                                                 "slope_ci": [0.0, 0.002]},
+           "sessions": 2}
+    data = {"command": "python -m recipes.shapes_tiny.long_sessions --turns 12", "model": "m", "turns": 12,
+            "sessions": 2, "seed": 0, "cells": cells, "vae": {"cm": vae, "cu": vae}, "json": "docs/r.json"}
+    text = script.section(data, "r.png")
+    assert text.startswith(script.BEGIN) and text.rstrip().endswith(script.END)
+    assert "| editr2-intent | 1.00 | 1.00 | 1.00 |" in text  # the oracle stands in for a mode here: IF = CC = GA = 1
+    assert "VAE only, re-encoded each turn" in text and "Not done here" in text
+    assert "turn 12 IF 1.00 (>= 0.7: met)" in text
+    page = tmp_path / "results.md"
+    page.write_text("# Results\n\nintro\n")
+    script.write_section(page, text)
+    script.write_section(page, text)  # rewriting replaces the section, it does not append a second one
+    assert page.read_text().count(script.BEGIN) == 1 and page.read_text().startswith("# Results\n\nintro\n")
+    script.plot(data, tmp_path / "r.png")
+    assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
