@@ -103,3 +103,19 @@ def test_long_sessions_section_is_written_between_markers(tmp_path):
     assert page.read_text().count(script.BEGIN) == 1 and page.read_text().startswith("# Results\n\nintro\n")
     script.plot(data, tmp_path / "r.png")
     assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_runs_16_turns(tmp_path):
+    import argparse
+
+    from editr2.bench import shapes_cli
+
+    parser = argparse.ArgumentParser()
+    shapes_cli.add_arguments(parser)
+    out = tmp_path / "bench"
+    args = parser.parse_args(["--editor", "oracle", "--family", "cu", "--sessions", "1", "--turns", "16",
+                              "--out", str(out), "--no-progress"])
+    assert shapes_cli.run(args) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert len(results["per_turn"]) == len(results["drift"]["per_turn"]) == 16
+    assert (out / "drift.png").is_file() and "| 16 |" in (out / "report.md").read_text()
