@@ -74,6 +74,7 @@ def plot_drift(results: dict, path: Path) -> bool:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     rows = drift["per_turn"]
     turns = [row["turn"] for row in rows]
@@ -101,6 +102,8 @@ def plot_drift(results: dict, path: Path) -> bool:
     fig.suptitle(f"{config.get('editor', '')} on {config.get('family', '')}: drift per turn".strip(), fontsize=10)
     for ax in axes:
         ax.set_xlabel("turn")
+        ax.set_xlim(0.5, max(turns) + 0.5)
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
