@@ -58,12 +58,13 @@ def run_cells(args, data: dict, json_path: Path) -> dict:
             if key in data["cells"] and data["cells"][key]["config"]["sessions"] == args.sessions:
                 continue
             editor = load_bench_editor(args.model, mode, seed=args.sample_seed)
-            start = time.time()
+            start, cpu = time.time(), time.process_time()
             results = run_bench(editor, family=family, sessions=sessions[family], num_turns=args.turns,
                                 seed=args.seed, progress=not args.no_progress, editor_name=editor.name,
                                 results_path=work / f"{family}_{mode}_{args.turns}x{args.seed}.jsonl")
             results["config"].update(call_kwargs=editor.call_kwargs, sample_seed=args.sample_seed)
             results["wall_s"] = round(time.time() - start, 1)
+            results["cpu_s"] = round(time.process_time() - cpu, 1)
             results["date"] = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
             data["cells"][key] = results
             save_json(data, json_path)
@@ -169,15 +170,27 @@ def targets(data: dict, family: str) -> list[str]:
 def section(data: dict, plot_name: str | None) -> str:
     turns, n = data["turns"], data["sessions"]
     walls = [c["wall_s"] for c in data["cells"].values()]
-    turn_s = sum(walls) / max(1, len(walls) * n * turns)
+    cpus = [c["cpu_s"] for c in data["cells"].values() if "cpu_s" in c]
+    count = max(1, len(walls) * n * turns)
+    turn_s = sum(walls) / count
     dates = sorted(c["date"] for c in data["cells"].values())
-    full = 100 * turns * len(FAMILIES) * len(MODES) * turn_s / 3600
+    full_turns = 100 * turns * len(FAMILIES) * len(MODES)
+    if len(cpus) == len(walls):
+        cpu_turn = sum(cpus) / count
+        speed = f"{turn_s:.1f} s of wall time and {cpu_turn:.1f} s of CPU per turn"
+        cost = f"{full_turns * cpu_turn / 3600:.1f} CPU-hours at the CPU time per turn measured here"
+    else:
+        speed = f"{turn_s:.1f} s of wall time per turn (CPU time not recorded)"
+        cost = (f"{full_turns * turn_s / 3600:.0f} hours of wall time at this contended rate; "
+                f"{full_turns * 0.2 / 3600:.1f}-{full_turns * 0.4 / 3600:.1f} CPU-hours at the tiny model's "
+                "uncontended 0.2-0.4 s per turn of docs/metrics.md")
+    json_name = Path(data.get("json", "results_16turns.json")).name
     lines = [BEGIN, f"## {turns}-turn sessions: scores and drift per turn", "",
              f"`{data['command']}` ({n} held-out sessions per family, seeds {data['seed']}..{data['seed'] + n - 1}; "
              f"model `{data['model']}` with its call defaults, every turn from the carried latent; run {dates[0]} to "
-             f"{dates[-1]}, {sum(walls) / 60:.1f} min under `nice` on a shared 2-core CPU, "
-             f"{turn_s:.1f} s per turn). Raw results with every per-turn measure and bootstrap interval: "
-             f"[{Path(data.get('json', 'results_16turns.json')).name}]({Path(data.get('json', 'results_16turns.json')).name}).",
+             f"{dates[-1]}, {sum(walls) / 60:.1f} min of wall time under `nice` on a shared 2-core CPU, {speed}). "
+             f"Raw results with every per-turn measure and bootstrap interval: [{json_name}]({json_name}); "
+             f"`--from-json` rewrites this section from it.",
              "", f"With {n} sessions per cell the intervals are wide: this is a smoke-size measurement of the "
              "curves, not the 100-session one.", ""]
     for family in FAMILIES:
@@ -192,10 +205,10 @@ def section(data: dict, plot_name: str | None) -> str:
               "turn-1 value.", ""]
     if plot_name:
         lines += [f"![IF / CC / GA and drift per turn, {turns}-turn sessions]({plot_name})", ""]
-    lines += [f"Not done here: the target run of 100 sessions x {turns} turns per family (at the {turn_s:.1f} s per "
-              f"turn measured here, {full:.1f} CPU-hours for the three modes, two families; minutes on one GPU), and "
-              "the trained baselines (the RL model of results_rl.md and any other trained editor) on the same "
-              f"sessions, each another {full / len(MODES):.1f} CPU-hours per reasoning mode benched.", END]
+    lines += [f"Not done here: the target run of 100 sessions x {turns} turns per family for the three modes "
+              f"({full_turns} turns: {cost}; minutes on one GPU), and the trained baselines (models trained for "
+              "the none / history modes, the RL model of results_rl.md) on the same sessions, a third of that "
+              "each per reasoning mode benched.", END]
     return "\n".join(lines) + "\n"
 
 
@@ -230,7 +243,8 @@ def plot(data: dict, path: Path) -> None:
         t = [r["turn"] for r in vae["per_turn"]]
         axes[3].plot(t, [r["carried_bg_mean"] for r in vae["per_turn"]], ls="--", label=f"{family} VAE carried")
         axes[3].plot(t, [r["reencoded_bg_mean"] for r in vae["per_turn"]], ls=":", label=f"{family} VAE re-encoded")
-    axes[3].set_title("background drift (mean abs error)")
+    axes[3].set_title("background drift (mean abs error, log)")
+    axes[3].set_yscale("log")  # the VAE's floor (~0.003) and the jumps (~0.2) on one axis
     for ax in axes:
         ax.set_xlabel("turn")
         ax.grid(alpha=0.3)
