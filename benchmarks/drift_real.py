@@ -18,8 +18,9 @@ same weights, seeds, working size and steps:
 Per turn, over the pixels outside every box edited so far (against the source): `bg mean` and `bg worst` (mean
 absolute error, and that of the worst cell of an 8x8 grid; `editr2.bench.drift.background_drift`), `colour shift`
 (RGB distance between the mean colours: a colour cast or brightness change), `shift px` (the global translation of
-the source that best matches the output over the mask, in steps of `size / 256` pixels above 256 px) and `zoom` (`|scale - 1|` of the best-matching rescale of the source
-about the centre, searched in steps of 0.005 up to +-6%). The tables go to stdout; `--json` keeps every number.
+the source that best matches the output over the mask, in steps of `size / 256` pixels above 256 px) and `zoom`
+(`|scale - 1|` of the best-matching rescale of the source about the centre, searched in steps of 0.005 up to +-6%);
+both searches ignore a change of the mean colour. The tables go to stdout; `--json` keeps every number.
 """
 
 from __future__ import annotations
@@ -64,7 +65,8 @@ def untouched_mask(height: int, width: int, boxes) -> np.ndarray:
     """`(H, W)` bool: True outside every box (fractions `(x0, y0, x1, y1)`)."""
     mask = np.ones((height, width), dtype=bool)
     for x0, y0, x1, y1 in boxes:
-        mask[int(np.floor(y0 * height)):int(np.ceil(y1 * height)), int(np.floor(x0 * width)):int(np.ceil(x1 * width))] = False
+        rows = slice(int(np.floor(y0 * height)), int(np.ceil(y1 * height)))
+        mask[rows, int(np.floor(x0 * width)):int(np.ceil(x1 * width))] = False
     return mask
 
 

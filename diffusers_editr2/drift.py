@@ -30,7 +30,8 @@ VAE_DRIFT_SESSIONS = 8  # `editr2 bench shapes --model` measures the VAE-only dr
 
 
 @torch.no_grad()
-def vae_round_trip(pipe, image: PIL.Image.Image, height: int | None = None, width: int | None = None) -> PIL.Image.Image:
+def vae_round_trip(pipe, image: PIL.Image.Image, height: int | None = None,
+                   width: int | None = None) -> PIL.Image.Image:
     """`image` encoded and decoded once by `pipe`'s VAE (as the pipeline does: resized, normalised, 8-bit output).
 
     Args:

@@ -13,9 +13,10 @@ the drift is measured there, per turn t, from the pixels (no parser involved):
   of its interior pixels (full coverage, at its source position) in image t and in the source; mean over objects.
 - **position_shift**: the distance in pixels (at the session's image size) between the centroid of such an object's
   colour coverage in image t and in the source, looked for in its cell grown by `SEARCH_MARGIN` of a cell on every
-  side (pixels of the other objects of G_0 and G_t left out; an object pushed out of its cell reads as missing); **size_change**: `|sqrt(area_t / area_0) - 1|` of that coverage (0.82 for a small
-  object drawn large). An object whose coverage fell below `FOUND_FRACTION` of its source area counts as
-  **missing** instead (CC already scores it as lost).
+  side (pixels of the other objects of G_0 and G_t left out; an object pushed out of its cell reads as missing);
+  **size_change**: `|sqrt(area_t / area_0) - 1|` of that coverage (0.82 for a small object drawn large). An object
+  whose coverage fell below `FOUND_FRACTION` of its source area counts as **missing** instead (CC already scores it
+  as lost).
 
 Object measures are `None` on turns without untouched objects. `session_drift` scores one session; `drift_results`
 aggregates sessions per turn, with a decay summary of these measures and of IF / CC / GA / reward: the slope per

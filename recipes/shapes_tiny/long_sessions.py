@@ -158,8 +158,9 @@ def targets(data: dict, family: str) -> list[str]:
     def status(ok: bool) -> str:
         return "met" if ok else "**missed**"
 
-    out = [f"- {family}, intent: turn {TARGET_TURN} IF {row['IF']:.2f} (>= {TARGET_IF}: {status(row['IF'] >= TARGET_IF)})"
-           f", CC {row['CC']:.2f} (>= {TARGET_CC}: {status(row['CC'] >= TARGET_CC)}); lowest CC of any turn "
+    out = [f"- {family}, intent: turn {TARGET_TURN} IF {row['IF']:.2f} "
+           f"(>= {TARGET_IF}: {status(row['IF'] >= TARGET_IF)}), CC {row['CC']:.2f} "
+           f"(>= {TARGET_CC}: {status(row['CC'] >= TARGET_CC)}); lowest CC of any turn "
            f"{cc_min:.2f} (>= {CC_FLOOR}: {status(cc_min >= CC_FLOOR)})"]
     if worse is not None:
         out[-1] += (f"; background drift above the VAE's own round-trip error on {worse} of {data['turns']} turns "
