@@ -121,7 +121,7 @@ def test_background_drift_validates():
 def test_oracle_gives_no_drift_over_16_turns(family):
     for seed in range(3):
         s = generate_session(family, 16, seed)
-        images, _ = run_session(make_editor("oracle").bind(s), s)
+        images, _ = run_session(make_editor("oracle"), s)
         for row, same_tone in zip(session_drift(s, images), s.bg_consistency):
             if same_tone:  # the oracle copies the background: exactly the source's pixels
                 assert row.bg_mean == 0 and row.bg_worst == 0
