@@ -26,8 +26,6 @@ from editr2.bench.drift import background_drift, background_reference, decay_slo
 from editr2.bench.shapes.render import to_array
 from editr2.bench.stats import bootstrap_ci
 
-VAE_DRIFT_SESSIONS = 8  # `editr2 bench shapes --model` measures the VAE-only drift on this many of its sessions
-
 
 @torch.no_grad()
 def vae_round_trip(pipe, image: PIL.Image.Image, height: int | None = None,

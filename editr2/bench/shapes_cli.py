@@ -100,7 +100,9 @@ def run(args: argparse.Namespace) -> int:
     if args.model is not None:
         results["config"].update(model=str(args.model), reasoning=editor.reasoning, sample_seed=editor.seed,
                                  call_kwargs=editor.call_kwargs)
-        results["drift"]["vae"] = _vae_drift(args, editor)
+        vae = _vae_drift(args, editor)
+        if vae is not None:
+            results["drift"]["vae"] = vae
     paths = write_report(results, args.out)
     print(markdown_table(results))
     written = ", ".join(str(path) for path in paths.values())
@@ -151,15 +153,20 @@ def _model_config(args: argparse.Namespace, options: dict) -> dict:
             "call_kwargs": options["call_kwargs"]}
 
 
-def _vae_drift(args: argparse.Namespace, editor) -> dict:
-    """The model VAE's own drift, carried latent vs re-encoding each turn, on the run's first sessions
-    (`diffusers_editr2.drift.vae_drift`)."""
-    from diffusers_editr2.drift import VAE_DRIFT_SESSIONS, vae_drift
+VAE_DRIFT_SESSIONS = 8  # a model's VAE-only drift is measured on this many of the run's first sessions
+
+
+def _vae_drift(args: argparse.Namespace, editor) -> dict | None:
+    """The model VAE's own drift, carried latent vs re-encoding each turn, on the run's first sessions: the editor's
+    `vae_drift(sessions)` (`diffusers_editr2.bench.PipelineEditor`; the core imports no integration), or None for an
+    editor without one."""
     from editr2.bench.shapes import generate_session
 
+    measure = getattr(editor, "vae_drift", None)
+    if not callable(measure):
+        return None
     count = min(args.sessions, VAE_DRIFT_SESSIONS)
-    return vae_drift(editor.pipe, [generate_session(args.family, args.turns, args.seed + i, args.size)
-                                   for i in range(count)])
+    return measure([generate_session(args.family, args.turns, args.seed + i, args.size) for i in range(count)])
 
 
 def _load_model_editor(args: argparse.Namespace, options: dict):
