@@ -55,6 +55,13 @@ class PipelineEditor:
         self.fallbacks: list[str | None] = []
         self.records: list[dict] = []
 
+    def vae_drift(self, sessions) -> dict:
+        """The VAE-only drift of this editor's pipeline on MICE-Shapes `sessions` (`diffusers_editr2.drift.vae_drift`):
+        what carrying the latent costs vs re-encoding the image each turn; `editr2 bench shapes --model` reports it."""
+        from .drift import vae_drift
+
+        return vae_drift(self.pipe, sessions)
+
     @torch.no_grad()
     def edit_session(self, source, instructions, session=None):
         self.session, self.intents, self.fallbacks = None, [], []

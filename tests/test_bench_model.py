@@ -42,8 +42,12 @@ def test_bench_shapes_scores_a_model(model_dir, tmp_path, calls, reasoning, fami
     assert main(["bench", "shapes", "--model", str(model_dir), "--reasoning", reasoning, "--family", family,
                  "--sessions", "2", "--turns", "2", "--seed", "5", "--out", str(out), "--no-progress"]) == 0
     results = json.loads((out / "results.json").read_text())
-    assert set(results) == {"per_turn", "mean", "config"}
+    assert set(results) == {"per_turn", "mean", "config", "drift"}
     assert [row["turn"] for row in results["per_turn"]] == [1, 2]
+    vae = results["drift"]["vae"]  # the model's VAE alone: carried latent vs re-encoding each turn
+    assert vae["sessions"] == 2 and [row["turn"] for row in vae["per_turn"]] == [1, 2]
+    assert vae["per_turn"][0]["carried_bg_mean"] == vae["per_turn"][0]["reencoded_bg_mean"]
+    assert "VAE re-encoded bg mean" in (out / "report.md").read_text()
     for row in [*results["per_turn"], results["mean"]]:
         assert {k for k in row if k != "turn"} == {"IF", "CC", "GA", "reward"}
         assert all(0.0 <= row[k] <= 1.0 for k in ("IF", "CC", "GA", "reward"))

@@ -1,5 +1,6 @@
 """Writing bench reports, for `editr2 bench shapes` and `editr2 bench mice`: the results as JSON, ``report.md`` and a
-metric-vs-turn plot (``per_turn.png``)."""
+metric-vs-turn plot (``per_turn.png``); with drift measures (`editr2.bench.drift`), their tables in report.md and their
+curves in ``drift.png``."""
 
 from __future__ import annotations
 
@@ -60,7 +61,8 @@ def plot_per_turn(rows: Sequence[dict], path: Path, *, title: str, keys: Sequenc
 def write_report(results: dict, out_dir, *, markdown: str | None = None, json_name: str = "results.json",
                  plot: dict | None = None, plot_section: bool = False) -> dict[str, Path]:
     """Write `results` as `json_name`, `markdown` as `report.md` and `results["per_turn"]` as `per_turn.png` into
-    `out_dir` (created if needed); returns their paths (`"results"`, `"report"`, `"plot"`).
+    `out_dir` (created if needed); returns their paths (`"results"`, `"report"`, `"plot"`, and `"drift_plot"` when
+    `results` has drift measures: their tables are added to the default markdown and their curves to `drift.png`).
 
     Args:
         results: a dict with `"per_turn"` rows (and, for the default markdown, `"mean"` and `"config"`: the dict
@@ -81,7 +83,13 @@ def write_report(results: dict, out_dir, *, markdown: str | None = None, json_na
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"results": out / json_name, "report": out / "report.md", "plot": out / "per_turn.png"}
-    text = markdown_table(results) if markdown is None else markdown
+    if markdown is None:
+        from .drift_report import drift_markdown
+
+        drift_md = drift_markdown(results)
+        text = markdown_table(results) + ("\n" + drift_md if drift_md else "")
+    else:
+        text = markdown
     if results["per_turn"]:
         try:
             plot_per_turn(results["per_turn"], paths["plot"], **plot)
@@ -92,4 +100,9 @@ def write_report(results: dict, out_dir, *, markdown: str | None = None, json_na
             text += f"\n(per_turn.png not drawn: {err})\n"
     paths["report"].write_text(text, encoding="utf-8")
     paths["results"].write_text(json.dumps(results, indent=2) + "\n")
+    if results.get("drift"):
+        from .drift_report import plot_drift
+
+        if plot_drift(results, out / "drift.png"):
+            paths["drift_plot"] = out / "drift.png"
     return paths

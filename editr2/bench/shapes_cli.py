@@ -3,8 +3,10 @@
     editr2 bench shapes --editor literal --family cm --sessions 200 --turns 3 --out runs/literal_cm
     editr2 bench shapes --model checkpoints/editr2-shapes-tiny --reasoning intent --family cm --out runs/intent_cm
 
-Writes OUT/results.json ({"per_turn", "mean", "config"}), OUT/report.md and OUT/per_turn.png; with --model also
-OUT/intents.jsonl (per session: instructions, gold intents, the model's operative intents, reasoning fallbacks).
+Writes OUT/results.json ({"per_turn", "mean", "config", "drift"}), OUT/report.md, OUT/per_turn.png and OUT/drift.png
+(drift measures per turn and their decay summary, `editr2.bench.drift`); with --model also OUT/intents.jsonl (per
+session: instructions, gold intents, the model's operative intents, reasoning fallbacks) and the VAE-only drift of
+the model (carried latent vs re-encoding each turn, on the first sessions: `diffusers_editr2.drift`).
 
 Resumable like `editr2 bench mice`: each finished session's scores are appended to OUT/session_results.jsonl at once,
 and OUT/bench_config.json records the editor, model fingerprint, reasoning mode, sample seed, call settings, family,
@@ -24,7 +26,7 @@ from editr2.intent import REASONING_MODES
 EDITOR_NAMES = ("oracle", "identity", "literal")
 SESSION_RESULTS = "session_results.jsonl"
 # What a run writes into --out (what `--force` deletes).
-OUTPUTS = (SESSION_RESULTS, "results.json", "report.md", "per_turn.png", "intents.jsonl")
+OUTPUTS = (SESSION_RESULTS, "results.json", "report.md", "per_turn.png", "drift.png", "intents.jsonl")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--family", choices=("cm", "cu"), default="cm",
                         help="cm: persistent rule in turn 1; cu: back-references and undo")
     parser.add_argument("--sessions", type=int, default=100, help="number of sessions (default 100)")
-    parser.add_argument("--turns", type=int, default=3, help="turns per session, 1-8 (default 3)")
+    parser.add_argument("--turns", type=int, default=3, help="turns per session, 1-16 (default 3)")
     parser.add_argument("--phrasing", choices=("seen", "unseen", "all"), default=None,
                         help="write the sessions in everyday phrasing: the training phrasing families (seen), the "
                              "held-out ones (unseen) or both (all); default: the fixed grammar the recorded numbers "
@@ -67,8 +69,10 @@ def run(args: argparse.Namespace) -> int:
     from editr2.bench.resume import ConfigMismatchError, open_run, read_results
     from editr2.bench.shapes.runner import run_bench, session_id
 
-    if not 1 <= args.turns <= 8:
-        raise SystemExit(f"--turns {args.turns}: pass a value in 1..8.")
+    from editr2.bench.shapes.sessions import MAX_TURNS
+
+    if not 1 <= args.turns <= MAX_TURNS:
+        raise SystemExit(f"--turns {args.turns}: pass a value in 1..{MAX_TURNS}.")
     if args.sessions < 1:
         raise SystemExit(f"--sessions {args.sessions}: pass at least 1.")
     if args.model is None:
@@ -104,9 +108,12 @@ def run(args: argparse.Namespace) -> int:
     if args.model is not None:
         results["config"].update(model=str(args.model), reasoning=editor.reasoning, sample_seed=editor.seed,
                                  call_kwargs=editor.call_kwargs)
+        vae = _vae_drift(args, editor)
+        if vae is not None:
+            results["drift"]["vae"] = vae
     paths = write_report(results, args.out)
     print(markdown_table(results))
-    written = f"{paths['results']}, {paths['report']}, {paths['plot']}"
+    written = ", ".join(str(path) for path in paths.values())
     if args.model is not None:
         recorded = {r["session_id"]: r for r in read_results(out / SESSION_RESULTS)}
         wanted = [recorded[session_id(args.family, args.seed + i)] for i in range(args.sessions)]
@@ -141,3 +148,22 @@ def _model_config(args: argparse.Namespace, options: dict) -> dict:
     return {"editor": f"editr2-{args.reasoning or 'intent'}", "model_fingerprint": model_fingerprint(args.model),
             "reasoning": args.reasoning or "intent", "sample_seed": args.sample_seed or 0,
             "call_kwargs": options["call_kwargs"]}
+
+
+VAE_DRIFT_SESSIONS = 8  # a model's VAE-only drift is measured on this many of the run's first sessions
+
+
+def _vae_drift(args: argparse.Namespace, editor) -> dict | None:
+    """The model VAE's own drift, carried latent vs re-encoding each turn, on the run's first sessions: the editor's
+    `vae_drift(sessions)` (`diffusers_editr2.bench.PipelineEditor`; the core imports no integration), or None for an
+    editor without one."""
+    from editr2.bench.shapes import generate_session
+
+    measure = getattr(editor, "vae_drift", None)
+    if not callable(measure):
+        return None
+    count = min(args.sessions, VAE_DRIFT_SESSIONS)
+    phrasing = args.phrasing or "grammar"
+    return measure([generate_session(args.family, args.turns, args.seed + i, args.size, phrasing)
+                    for i in range(count)])
+

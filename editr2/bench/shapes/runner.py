@@ -4,7 +4,9 @@
     results = run_bench(my_editor, family="cu", num_sessions=100, num_turns=3, seed=0)
 
 `my_editor` is an `editr2.bench.editors.Editor` (`edit_session(source, instructions, session)`). The result is the
-`results.json` structure: `{"per_turn": [{"turn", "IF", "CC", "GA", "reward"}, ...], "mean": {...}, "config": {...}}`.
+`results.json` structure: `{"per_turn": [{"turn", "IF", "CC", "GA", "reward"}, ...], "mean": {...}, "config": {...},
+"drift": {...}}`, where "drift" holds the drift measures per turn and the decay summary
+(`editr2.bench.drift.drift_results`).
 
 With `results_path`, every finished session's scores are appended to that JSON-lines file as it finishes, and the
 sessions already there are read back instead of run again: a run killed after k sessions and started again gives the
@@ -19,6 +21,7 @@ from typing import Sequence
 
 from PIL import Image
 
+from ..drift import drift_results, session_drift
 from ..editors import Editor
 from ..metrics import METRICS, TurnScore, mean_scores, score_session
 from ..runner import edit_images, run_sessions
@@ -37,11 +40,14 @@ def session_id(family: str, seed: int) -> str:
     return f"{family}_{seed}"
 
 
-def session_record(sid: str, session: ShapesSession, scores: Sequence[TurnScore], editor: Editor) -> dict:
+def session_record(sid: str, session: ShapesSession, scores: Sequence[TurnScore], editor: Editor,
+                   drift: Sequence | None = None) -> dict:
     """One finished session for the results file: its id, family, seed and per-turn scores; with an editor that keeps
     per-session `records` (e.g. `diffusers_editr2.bench.PipelineEditor`: intents and fallbacks), the last of them."""
     record = {"session_id": sid, "family": session.family, "seed": session.seed,
               "turns": [score.to_dict() for score in scores]}
+    if drift is not None:
+        record["drift"] = [row.to_dict() for row in drift]
     records = getattr(editor, "records", None)
     if isinstance(records, list) and records:
         record["editor_record"] = records[-1]
@@ -70,7 +76,8 @@ def run_bench(editor: Editor, family: str = "cm", num_sessions: int = 100, num_t
             for "grammar", so the configs recorded before it existed still compare equal).
 
     Returns:
-        `{"per_turn": [...], "mean": {...}, "config": {...}}`.
+        `{"per_turn": [...], "mean": {...}, "config": {...}, "drift": {...}}` ("drift":
+        `editr2.bench.drift.drift_results`).
     """
     if sessions is None and num_sessions < 1:
         raise ValueError(f"num_sessions={num_sessions}: pass at least 1.")
@@ -86,16 +93,22 @@ def run_bench(editor: Editor, family: str = "cm", num_sessions: int = 100, num_t
         items = tqdm(items, total=count, desc=f"shapes {family} {editor_name or getattr(editor, 'name', 'editor')}",
                      unit="session")
     per_turn: dict[int, list[TurnScore]] = {}
+    session_scores, session_drifts = [], []  # per session, for the drift measures and the decay summary
 
     def step(sid: str, given: ShapesSession | int, earlier: dict | None) -> tuple[dict | None, str]:
         generated = isinstance(given, int)
         record = None
         if earlier is not None and len(earlier["turns"]) == (num_turns if generated else given.num_turns):
             scores = [TurnScore(**turn) for turn in earlier["turns"]]
+            drift = earlier.get("drift")  # absent in files written before the drift measures
         else:
             session = generate_session(family, num_turns, given, size, phrasing) if generated else given
-            _, scores = run_session(editor, session)
-            record = session_record(sid, session, scores, editor)
+            images, scores = run_session(editor, session)
+            drift = session_drift(session, images)
+            record = session_record(sid, session, scores, editor, drift)
+        session_scores.append(scores)
+        if drift is not None:
+            session_drifts.append(drift)
         for row in scores:
             per_turn.setdefault(row.turn, []).append(row)
         return record, "run" if record is not None else "reused"
@@ -109,4 +122,4 @@ def run_bench(editor: Editor, family: str = "cm", num_sessions: int = 100, num_t
     if worded != "grammar":  # everyday phrasing is named; the fixed grammar's configs stay as they were recorded
         config["phrasing"] = worded
     return {"per_turn": [{k: r[k] for k in ("turn",) + METRICS} for r in rows], "mean": mean_scores(everything),
-            "config": config}
+            "config": config, "drift": drift_results(session_scores, session_drifts, max(per_turn, default=0))}

@@ -26,7 +26,7 @@ from .render import DEFAULT_SIZE, render
 from .world import COLOR_NAMES, MAX_OBJECTS, SHAPES, SIZES, TONE_NAMES, Desc, Obj, Scene, random_scene
 
 FAMILIES = ("cm", "cu")
-MAX_TURNS = 8
+MAX_TURNS = 16
 OP_WEIGHTS = {"subject_add": 3.0, "subject_remove": 2.0, "subject_replace": 2.0, "color_alter": 2.0,
               "size_change": 2.0, "position_change": 2.0, "count_change": 1.5, "background_change": 1.0}
 UNDO_PROBABILITY = 0.2       # cu, turns >= 2
@@ -346,7 +346,8 @@ def generate_session(family: str = "cm", num_turns: int = 3, seed: int = 0, size
 
     Args:
         family (`str`, defaults to `"cm"`): "cm" (persistent rule in turn 1) or "cu" (back-references and undo).
-        num_turns (`int`, defaults to 3): 1 to `MAX_TURNS`.
+        num_turns (`int`, defaults to 3): 1-16 (`MAX_TURNS`). The generator is seeded with `num_turns` too, so
+            raising `MAX_TURNS` left every shorter session as it was.
         seed (`int`, defaults to 0): generation seed.
         size (`int`, defaults to 64): image side in pixels (does not change the scenes or the text).
         phrasing (`str`, defaults to `"grammar"`): "grammar", the fixed grammar of `grammar.TEMPLATES` (the sessions
