@@ -51,6 +51,7 @@ def test_edits_and_arguments(drift_real):
         drift_real.parse_args(["--tiny", "--size", "50"])
 
 
+@pytest.mark.slow
 def test_tiny_run_on_cpu(drift_real, tmp_path, capsys):
     pytest.importorskip("diffusers")
     out = tmp_path / "drift.json"
