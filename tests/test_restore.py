@@ -2,6 +2,8 @@
 
 import json
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -113,3 +115,99 @@ def test_session_restore_refuses_bad_index():
         _session().restore(4, "undo")
     with pytest.raises(ValueError, match="restored_from"):
         Turn("x", None, "x", restored_from=-1)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The pipeline
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def scripted_reasoner(monkeypatch, pipe, answer):
+    """Make the pipeline's reasoner write `answer(session)` (a clean `<think>...</think>intent`); returns the calls."""
+    calls = []
+
+    def generate_reasoning(session, prompt, *args, **kwargs):
+        calls.append(session.num_turns)
+        return answer(session, prompt), None, None
+
+    monkeypatch.setattr(pipe, "generate_reasoning", generate_reasoning)
+    return calls
+
+
+def forbid_models(monkeypatch, pipe):
+    """Fail if the transformer or the VAE runs (a restore must not draw anything)."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model ran during a restore")
+
+    for name in ("predict_velocity", "decode_latents", "encode_image", "prepare_conditioning"):
+        monkeypatch.setattr(pipe, name, refuse)
+
+
+def three_turns(pipe):
+    from diffusers_editr2.testing import TINY_CALL_KWARGS, tiny_image
+
+    prompts = ["make the sign yellow", "now make it black", "add a red ball on the left"]
+    return pipe.edit_session(tiny_image(4), prompts, generator=[gen(k) for k in range(3)], reasoning="none",
+                             **TINY_CALL_KWARGS).session
+
+
+@pytest.mark.parametrize("answer, restored", [("Undo the last edit.", 2),
+                                              ("Restore the image from before turn 2.", 1),
+                                              ("Go back to the image after turn 3.", 3)])
+def test_pipeline_restore_is_a_bit_exact_copy(pipe, monkeypatch, answer, restored):
+    from diffusers_editr2.testing import TINY_CALL_KWARGS
+
+    session = three_turns(pipe)
+    scripted_reasoner(monkeypatch, pipe, lambda s, p: f"<think>Take turn {s.num_turns} back.</think>{answer}")
+    with monkeypatch.context() as m:
+        forbid_models(m, pipe)
+        out = pipe(prompt="undo that", session=session, generator=gen(9), output_type="np", **TINY_CALL_KWARGS)
+    turn, state = out.session.turns[-1], session.turns[restored - 1]
+    assert out.session.num_turns == 4 and turn.restored_from == restored and out.intents == [answer]
+    assert turn.intent == answer and turn.instruction == "undo that" and turn.meta["restored_from"] == restored
+    assert torch.equal(turn.latents, state.latents) and turn.image.tobytes() == state.image.tobytes()
+    assert out.images.shape == (1, 32, 32, 3)
+    assert np.array_equal(out.images[0], np.asarray(state.image, dtype=np.float32) / 255)
+    assert out.session.turns[:3] == session.turns  # the session it continued is a value: unchanged, shared
+
+
+def test_pipeline_continues_exactly_from_a_restored_state(pipe, monkeypatch, tmp_path):
+    from diffusers_editr2.testing import TINY_CALL_KWARGS
+
+    session = three_turns(pipe)
+    scripted_reasoner(monkeypatch, pipe, lambda s, p: "<think>Back.</think>Restore the image from before turn 2.")
+    restored = pipe(prompt="go back to after the first edit", session=session, **TINY_CALL_KWARGS).session
+    reloaded = Session.load(restored.save(tmp_path / "s"))
+    assert reloaded == restored and reloaded.turns[-1].restored_from == 1
+    # a later edit from the restored state is the edit from that state itself
+    after = pipe(prompt="make it blue", session=reloaded, generator=gen(5), reasoning="none", **TINY_CALL_KWARGS)
+    direct = pipe(prompt="make it blue", session=session.truncate(1), generator=gen(5), reasoning="none",
+                  **TINY_CALL_KWARGS)
+    assert torch.equal(after.session.turns[-1].latents, direct.session.turns[-1].latents)
+
+
+def test_pipeline_restores_the_source_and_continues_from_it(pipe, monkeypatch):
+    from diffusers_editr2.testing import TINY_CALL_KWARGS
+
+    session = three_turns(pipe)
+    scripted_reasoner(monkeypatch, pipe, lambda s, p: "<think>Start over.</think>Restore the original image.")
+    restored = pipe(prompt="start over", session=session, **TINY_CALL_KWARGS)
+    assert restored.session.turns[-1].restored_from == 0
+    assert restored.images[0].tobytes() == session.source_image.tobytes()
+    after = pipe(prompt="make it blue", session=restored.session, generator=gen(5), reasoning="none",
+                 **TINY_CALL_KWARGS)
+    direct = pipe(prompt="make it blue", session=session.truncate(0), generator=gen(5), reasoning="none",
+                  **TINY_CALL_KWARGS)
+    assert torch.equal(after.session.turns[-1].latents, direct.session.turns[-1].latents)
+
+
+@pytest.mark.parametrize("reasoning", ["none", "history"])
+def test_no_restore_without_an_intent(pipe, monkeypatch, reasoning):
+    from diffusers_editr2.testing import TINY_CALL_KWARGS
+
+    session = three_turns(pipe)
+    calls = scripted_reasoner(monkeypatch, pipe, lambda s, p: "<think>.</think>Undo the last edit.")
+    out = pipe(prompt="Undo the last edit.", session=session, generator=gen(2), reasoning=reasoning,
+               **TINY_CALL_KWARGS)
+    assert calls == [] and out.session.turns[-1].restored_from is None and "denoise" in out.session.turns[-1].timings
