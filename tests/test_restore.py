@@ -211,3 +211,28 @@ def test_no_restore_without_an_intent(pipe, monkeypatch, reasoning):
     out = pipe(prompt="Undo the last edit.", session=session, generator=gen(2), reasoning=reasoning,
                **TINY_CALL_KWARGS)
     assert calls == [] and out.session.turns[-1].restored_from is None and "denoise" in out.session.turns[-1].timings
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The shapes bench
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_shapes_bench_scores_restores_of_a_model_editor_at_cc_one(pipe, monkeypatch):
+    from diffusers_editr2.bench import PipelineEditor
+    from diffusers_editr2.testing import TINY_CALL_KWARGS
+    from editr2.bench.report import markdown_table
+    from editr2.bench.shapes.runner import run_bench
+    from editr2.bench.shapes.sessions import generate_session
+
+    bench_session = generate_session("cu", 4, 0, 64, "all")  # an undo (turn 3), then an undo of that undo (turn 4)
+    assert [c.op for c in bench_session.commands][2:] == ["undo", "undo"]
+    # the reasoner writes the gold intents; a random tiny editor draws the edits
+    scripted_reasoner(monkeypatch, pipe, lambda s, p: f"<think>.</think>{bench_session.gold_intent[s.num_turns]}")
+    editor = PipelineEditor(pipe, "intent", call_kwargs={**TINY_CALL_KWARGS, "height": 64, "width": 64})
+    results = run_bench(editor, sessions=[bench_session], progress=False)
+    assert [t.restored_from for t in editor.session.turns] == [None, None, 1, 2]
+    assert results["restores"] == {"turns": 2, "CC": 1.0}
+    assert "Undo turns: 2, CC against the restored state: 1.000" in markdown_table(results)
+    # the edits themselves are not copies: an ordinary turn's CC against an earlier state is not 1
+    assert editor.session.turns[1].image.tobytes() != editor.session.turns[0].image.tobytes()
