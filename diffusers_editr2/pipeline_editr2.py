@@ -12,7 +12,9 @@ history reaches the editor (`reasoning=`):
   *operative intent* (IC-CoT, `editr2.intent`), and that intent conditions the edit.
 
 The edited latent is kept in the new session's turn and is the next turn's reference latent, so the image is never
-decoded and re-encoded between turns.
+decoded and re-encoded between turns. An intent that names an earlier session state ("Undo the last edit.", "Restore
+the image from before turn 3.", `editr2.intent.parse_restore`) is an exact undo: the turn copies that state's image and
+latent ([`EditR2Pipeline.restore_turn`], `Turn.restored_from`) and no model runs.
 
 Public pieces, for callers that run their own sampler (the RL trainer):
 
