@@ -9,8 +9,9 @@ and writes a short reasoning trace followed by one self-contained instruction::
 This module builds that request (:func:`build_messages`), parses the answer (:func:`parse_answer`, which falls back to
 the raw instruction and records why) and formats training targets (:func:`format_answer`). An intent may name an
 earlier session state instead of an edit ("Restore the image from before turn 3.", "Undo the last edit."):
-:func:`parse_restore` reads it into `Intent.restore`, and the pipeline then restores that state exactly. The deterministic
-rule-based reconstructor that needs no model (a benchmark baseline) is `editr2.bench.shapes.reconstruct`'s.
+:func:`parse_restore` reads it into `Intent.restore`, and the pipeline then restores that state exactly. The
+deterministic rule-based reconstructor that needs no model (a benchmark baseline) is
+`editr2.bench.shapes.reconstruct`'s.
 """
 
 from __future__ import annotations

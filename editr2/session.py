@@ -170,7 +170,8 @@ class Turn:
         if self.restored_from is not None:
             _check_type(self.restored_from, int, "Turn.restored_from")
             if self.restored_from < 0:
-                raise ValueError(f"Turn.restored_from must be a state index >= 0 (0 = the source), got {self.restored_from}")
+                raise ValueError(f"Turn.restored_from must be a state index >= 0 (0 = the source), got "
+                                 f"{self.restored_from}")
         for name in ("instruction", "intent", "reasoning"):
             _check_type(getattr(self, name), str, f"Turn.{name}")
         if self.image is not None:

@@ -3,8 +3,9 @@
     editr2 bench shapes --editor literal --family cm --sessions 200 --turns 3 --out runs/literal_cm
     editr2 bench shapes --model checkpoints/editr2-shapes-tiny --reasoning intent --family cm --out runs/intent_cm
 
-Writes OUT/results.json ({"per_turn", "mean", "config"}), OUT/report.md and OUT/per_turn.png; with --model also
-OUT/intents.jsonl (per session: instructions, gold intents, the model's operative intents, reasoning fallbacks).
+Writes OUT/results.json ({"per_turn", "mean", "restores", "config"}), OUT/report.md and OUT/per_turn.png; with
+--model also OUT/intents.jsonl (per session: instructions, gold intents, the model's operative intents, reasoning
+fallbacks).
 
 Resumable like `editr2 bench mice`: each finished session's scores are appended to OUT/session_results.jsonl at once,
 and OUT/bench_config.json records the editor, model fingerprint, reasoning mode, sample seed, call settings, family,
