@@ -7,6 +7,8 @@ Example::
 The output directory is a saved session (`editr2.session.Session.load(out)` restores it): `session.json`,
 `source.png`, `turn_01.png`, ..., `latents.safetensors`, plus `filmstrip.png` (each turn under its instruction and
 intent). Turn k is seeded with `--seed + k - 1`, so a turn does not depend on how many turns ran before it.
+With `--reasoning intent`, an instruction such as "undo that" whose intent names an earlier state ("Undo the last
+edit.", "Restore the image from before turn 2.") restores that state exactly (no denoising; the line says so).
 
 Settings not given on the command line come from the model folder's `editr2_call_defaults.json` when it has one (the
 size, steps, CFG, VLM view and request template a model was trained with, e.g. the shipped MICE-Shapes default), else
@@ -104,6 +106,8 @@ def run(args: argparse.Namespace) -> int:
     filmstrip(out.session).save(directory / "filmstrip.png")
     for k, turn in enumerate(out.session.turns, start=1):
         note = f"  [fallback: {turn.fallback_reason}]" if turn.fallback_reason else ""
+        if turn.restored_from is not None:
+            note += f"  [restored {'the source' if turn.restored_from == 0 else f'turn {turn.restored_from}'} exactly]"
         print(f"turn {k}: {turn.instruction!r} -> {turn.intent!r}{note}  ({turn.timings.get('total', 0):.2f} s)")
     print(f"wrote {directory}/turn_XX.png, session.json and filmstrip.png")
     return 0

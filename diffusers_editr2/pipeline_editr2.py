@@ -12,7 +12,9 @@ history reaches the editor (`reasoning=`):
   *operative intent* (IC-CoT, `editr2.intent`), and that intent conditions the edit.
 
 The edited latent is kept in the new session's turn and is the next turn's reference latent, so the image is never
-decoded and re-encoded between turns.
+decoded and re-encoded between turns. An intent that names an earlier session state ("Undo the last edit.", "Restore
+the image from before turn 3.", `editr2.intent.parse_restore`) is an exact undo: the turn copies that state's image and
+latent ([`EditR2Pipeline.restore_turn`], `Turn.restored_from`) and no model runs.
 
 Public pieces, for callers that run their own sampler (the RL trainer):
 
@@ -787,7 +789,8 @@ class EditR2Pipeline(DiffusionPipeline, QwenImageLoraLoaderMixin):
         r"""Reconstruct the operative intent of `prompt` in `session` (IC-CoT; like FLUX.2's `upsample_prompt`).
 
         The text encoder writes `<think>reasoning</think>intent`; [`editr2.intent.parse_answer`] extracts the intent,
-        or falls back to `prompt` and records why (`Intent.fallback_reason`, e.g. `"no_think_end_tag"`).
+        or falls back to `prompt` and records why (`Intent.fallback_reason`, e.g. `"no_think_end_tag"`). An intent
+        that names an earlier session state (`editr2.intent.parse_restore`) sets `Intent.restore`.
 
         Args:
             session ([`~editr2.session.Session`]): the session so far (its instructions, rules and current image).
@@ -804,7 +807,7 @@ class EditR2Pipeline(DiffusionPipeline, QwenImageLoraLoaderMixin):
         answer, _, _ = self.generate_reasoning(
             session, prompt, max_new_tokens, temperature, template, condition_area, generator
         )
-        return parse_answer(answer, prompt)
+        return parse_answer(answer, prompt, num_turns=session.num_turns)
 
     # ------------------------------------------------------------------------------------------------------------------
     # Conditioning
@@ -955,10 +958,11 @@ class EditR2Pipeline(DiffusionPipeline, QwenImageLoraLoaderMixin):
         chosen = [len(images) - 1]
         if reasoning == "history" and max_history_images > 0:
             chosen += list(range(len(images) - 1))[-max_history_images:]
+        restored_source = session.state_origin() == 0  # the current image is the source, restored by an undo
 
         references = []
         for index in chosen:
-            if index == 0:
+            if index == 0 or (index == len(images) - 1 and restored_source):
                 session, source_latents, size = self._source_latents(session, reference_area, device)
                 references.append((session.source_image, source_latents, size))
                 continue
@@ -1154,6 +1158,40 @@ class EditR2Pipeline(DiffusionPipeline, QwenImageLoraLoaderMixin):
         )
         return conditioning.session.append(turn)
 
+    def restore_turn(
+        self,
+        session: Session,
+        instruction: str,
+        intent: Intent,
+        timings: dict[str, float] | None = None,
+        meta: dict | None = None,
+    ) -> Session:
+        """The new session for an intent that names an earlier state (`intent.restore`): a turn holding that state's
+        image and carried latent, the same objects ([`~editr2.session.Session.restore`]); no model runs."""
+        if intent.restore is None:
+            raise ValueError("`intent.restore` is None: this intent is an edit; pass it to `__call__` instead.")
+        return session.restore(
+            intent.restore,
+            instruction,
+            intent.text,
+            reasoning=intent.reasoning,
+            fallback_reason=intent.fallback_reason,
+            timings=dict(timings or {}),
+            meta=dict(meta or {}),
+        )
+
+    def _restored_output(self, session: Session, output_type: str, device):
+        """The images `__call__` returns for a restore turn: the restored image (or its latent) as `output_type`."""
+        turn = session.turns[-1]
+        if output_type == "latent":
+            if turn.latents is not None:
+                return turn.latents
+            return self.encode_image(turn.image, session.size[1], session.size[0], device=device)
+        if output_type == "pil":
+            return [turn.image]
+        array = self.image_processor.pil_to_numpy([turn.image])
+        return array if output_type == "np" else self.image_processor.numpy_to_pt(array)
+
     # ------------------------------------------------------------------------------------------------------------------
     # Calls
     # ------------------------------------------------------------------------------------------------------------------
@@ -1203,7 +1241,10 @@ class EditR2Pipeline(DiffusionPipeline, QwenImageLoraLoaderMixin):
             reasoning (`str`, defaults to `"intent"`):
                 How the history reaches the editor: `"intent"` (the VLM writes the operative intent first),
                 `"history"` (all instructions + up to `max_history_images` earlier images) or `"none"` (the current
-                instruction only, exactly diffusers' `QwenImageEditPlusPipeline`).
+                instruction only, exactly diffusers' `QwenImageEditPlusPipeline`). With `"intent"`, an intent that
+                names an earlier session state ("Restore the image from before turn 3.", "Undo the last edit.", see
+                `editr2.intent.parse_restore`) is an exact undo: the new turn holds that state's image and carried
+                latent unchanged (`Turn.restored_from`), and neither the transformer nor the VAE runs.
             negative_prompt (`str`, *optional*):
                 Enables true classifier-free guidance together with `true_cfg_scale > 1` (`" "` is enough).
             true_cfg_scale (`float`, defaults to 4.0):
@@ -1297,6 +1338,17 @@ class EditR2Pipeline(DiffusionPipeline, QwenImageLoraLoaderMixin):
             text = history_prompt(session.instructions, prompt) if reasoning == "history" else prompt
             intent = Intent(text)
         timings["reasoning"] = _sync(device) - start
+
+        # 3b. An intent naming an earlier state restores it exactly: no transformer, no VAE, nothing to redraw
+        if intent.restore is not None:
+            timings["total"] = _sync(device) - start
+            meta = {"reasoning": reasoning, "restored_from": intent.restore, "conditioning": intent.text}
+            new_session = self.restore_turn(session, prompt, intent, timings, meta)
+            images = self._restored_output(new_session, output_type, device)
+            self.maybe_free_model_hooks()
+            if not return_dict:
+                return (images, [intent.text], new_session)
+            return EditR2PipelineOutput(images=images, intents=[intent.text], session=new_session)
 
         # 4. Encode the prompt and prepare the reference latents (carried from the previous turn)
         conditioning = self.prepare_conditioning(

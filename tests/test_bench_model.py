@@ -42,7 +42,7 @@ def test_bench_shapes_scores_a_model(model_dir, tmp_path, calls, reasoning, fami
     assert main(["bench", "shapes", "--model", str(model_dir), "--reasoning", reasoning, "--family", family,
                  "--sessions", "2", "--turns", "2", "--seed", "5", "--out", str(out), "--no-progress"]) == 0
     results = json.loads((out / "results.json").read_text())
-    assert set(results) == {"per_turn", "mean", "config", "drift"}
+    assert set(results) == {"per_turn", "mean", "restores", "config", "drift"}
     assert [row["turn"] for row in results["per_turn"]] == [1, 2]
     vae = results["drift"]["vae"]  # the model's VAE alone: carried latent vs re-encoding each turn
     assert vae["sessions"] == 2 and [row["turn"] for row in vae["per_turn"]] == [1, 2]

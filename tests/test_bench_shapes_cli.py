@@ -21,7 +21,7 @@ def test_cli_writes_the_three_files(tmp_path, editor, family, capsys):
     assert _run(["--editor", editor, "--family", family, "--sessions", "4", "--turns", "3", "--seed", "7",
                  "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
-    assert set(results) == {"per_turn", "mean", "config", "drift"}
+    assert set(results) == {"per_turn", "mean", "restores", "config", "drift"}
     assert [row["turn"] for row in results["drift"]["per_turn"]] == [1, 2, 3]
     assert [row["turn"] for row in results["per_turn"]] == [1, 2, 3]
     assert all(set(row) == {"turn", "IF", "CC", "GA", "reward"} for row in results["per_turn"])

@@ -348,3 +348,21 @@ def test_edit_turn_applies_the_model_folders_call_defaults(comfy, tiny_dir, monk
     (kwargs,) = calls
     assert kwargs["condition_area"] == 1024 and kwargs["template"] == template and kwargs["max_new_tokens"] == 3
     assert kwargs["num_inference_steps"] == 2  # the node's own input wins over the folder's steps
+
+
+def test_edit_turn_restores_an_earlier_state_exactly(comfy, tiny_model, monkeypatch):
+    session = start(comfy)
+    for i, instruction in enumerate(["add a red square", "make it green", "move it to the right"]):
+        session = turn(comfy, session, tiny_model, instruction, seed=i)[0]
+
+    def generate_reasoning(session, prompt, *args, **kwargs):
+        return "<think>Undo the move.</think>Restore the image from before turn 3.", None, None
+
+    monkeypatch.setattr(tiny_model.pipeline, "generate_reasoning", generate_reasoning)
+    result = turn(comfy, session, tiny_model, "undo that", seed=3, reasoning="intent")
+    restored, image, intent = result.args
+    assert intent == "Restore the image from before turn 3." and shown(result) == intent
+    assert restored.num_turns == 4 and restored.turns[-1].restored_from == 2
+    assert torch.equal(restored.turns[-1].latents, session.turns[1].latents)
+    assert restored.turns[-1].image.tobytes() == session.turns[1].image.tobytes()
+    assert torch.equal(image, comfy.nodes.EditR2SessionImages.execute(session, False)[0][1:2])

@@ -373,3 +373,35 @@ def test_script_resume_true_skips_a_half_written_checkpoint(uninterrupted, tmp_p
     got = load_file(resumed / "trainable_state.safetensors")
     for key in expected:
         assert torch.equal(expected[key], got[key]), key
+
+
+def test_a_restoring_rollout_trains_its_reasoning_but_not_an_image(tmp_path, monkeypatch):
+    import trl_editr2.rollout as rollout_module
+    from trl_editr2.testing import pixel_hash_reward, tiny_dataset, tiny_trainer
+
+    real = rollout_module.generate_answers
+
+    def answers_with_an_undo(pipe, sessions, instruction, args, generator):
+        answers, *rest = real(pipe, sessions, instruction, args, generator)
+        if sessions[0].num_turns == 1:  # turn 2: rollout 0 takes turn 1 back, rollout 1 edits
+            answers = ["<think>Take it back.</think>Undo the last edit.", "<think>Edit.</think>Make it blue."]
+        return answers, *rest
+
+    monkeypatch.setattr(rollout_module, "generate_answers", answers_with_an_undo)
+    trainer = tiny_trainer(tmp_path, reward_funcs=[pixel_hash_reward], reward_weights={"pixel_hash_reward": 1.0},
+                           trajectory_filter="none", num_turns=2, dataset=tiny_dataset(num_turns=2), max_steps=1,
+                           global_std_min_samples=0)
+    (rollout,) = trainer.rollout([tiny_dataset(num_turns=2)[0]])
+    first, second = rollout.turns
+    assert first.restored == [False, False] and second.restored == [True, False]
+    undone, edited = rollout.sessions
+    assert undone.turns[1].restored_from == 0 and edited.turns[1].restored_from is None
+    assert second.images[0].tobytes() == undone.source_image.tobytes()  # back to the source, exactly
+    assert second.intents[0].restore == 0 and second.text is not None
+    batch = trainer.score([rollout])
+    assert batch["image_mask"][0, :, 1].tolist() == [False, True]  # no image steps of the undo are trained
+    assert batch["text_mask"][0, :, 1].tolist() == [True, True]  # its reasoning tokens are
+    assert batch["image_mask"][0, :, 0].tolist() == [True, True]
+    trainer.train()  # a step with a restore turn trains (finite loss)
+    assert trainer.state.global_step == 1
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in trainer.state.log_history if "loss" in h)

@@ -321,6 +321,10 @@ class EditR2Trainer(Trainer):
             keep = trajectory_filter(as_tensor(scores[args.filter_reward_name]), args.trajectory_filter,
                                      args.filter_threshold)  # (B, G, T)
         image_mask, text_mask = training_masks(rewards, keep, args.filter_text)
+        # a turn that restored an earlier state sampled no image of its own: only its reasoning trains
+        restored = torch.tensor([[[bool(turn.restored) and turn.restored[g] for turn in ro.turns]
+                                  for g in range(num_gen)] for ro in rollouts], dtype=torch.bool).view_as(image_mask)
+        image_mask = image_mask & ~restored
 
         # Metrics (TRL names), over the gathered batch
         metrics = self._metrics

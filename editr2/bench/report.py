@@ -23,6 +23,9 @@ def markdown_table(results: dict) -> str:
     for row in results["per_turn"]:
         lines.append(f"| {row['turn']} | " + " | ".join(f"{row[k]:.3f}" for k in METRIC_KEYS) + " |")
     lines.append("| **mean** | " + " | ".join(f"**{results['mean'][k]:.3f}**" for k in METRIC_KEYS) + " |")
+    restores = results.get("restores") or {}
+    if restores.get("turns"):
+        lines += ["", f"Undo turns: {restores['turns']}, CC against the restored state: {restores['CC']:.3f}"]
     return "\n".join(lines) + "\n"
 
 

@@ -3,10 +3,10 @@
     editr2 bench shapes --editor literal --family cm --sessions 200 --turns 3 --out runs/literal_cm
     editr2 bench shapes --model checkpoints/editr2-shapes-tiny --reasoning intent --family cm --out runs/intent_cm
 
-Writes OUT/results.json ({"per_turn", "mean", "config", "drift"}), OUT/report.md, OUT/per_turn.png and OUT/drift.png
-(drift measures per turn and their decay summary, `editr2.bench.drift`); with --model also OUT/intents.jsonl (per
-session: instructions, gold intents, the model's operative intents, reasoning fallbacks) and the VAE-only drift of
-the model (carried latent vs re-encoding each turn, on the first sessions: `diffusers_editr2.drift`).
+Writes OUT/results.json ({"per_turn", "mean", "restores", "config", "drift"}), OUT/report.md, OUT/per_turn.png and
+OUT/drift.png (drift measures per turn and their decay summary, `editr2.bench.drift`); with --model also
+OUT/intents.jsonl (per session: instructions, gold intents, the model's operative intents, reasoning fallbacks) and the
+VAE-only drift of the model (carried latent vs re-encoding each turn, on the first sessions: `diffusers_editr2.drift`).
 
 Resumable like `editr2 bench mice`: each finished session's scores are appended to OUT/session_results.jsonl at once,
 and OUT/bench_config.json records the editor, model fingerprint, reasoning mode, sample seed, call settings, family,

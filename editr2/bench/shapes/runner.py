@@ -4,9 +4,10 @@
     results = run_bench(my_editor, family="cu", num_sessions=100, num_turns=3, seed=0)
 
 `my_editor` is an `editr2.bench.editors.Editor` (`edit_session(source, instructions, session)`). The result is the
-`results.json` structure: `{"per_turn": [{"turn", "IF", "CC", "GA", "reward"}, ...], "mean": {...}, "config": {...},
-"drift": {...}}`, where "drift" holds the drift measures per turn and the decay summary
-(`editr2.bench.drift.drift_results`).
+`results.json` structure: `{"per_turn": [{"turn", "IF", "CC", "GA", "reward"}, ...], "mean": {...}, "restores": {...},
+"config": {...}, "drift": {...}}`, where `"restores"` is `{"turns", "CC"}`: how many undo turns there were and their
+mean CC against the state each restores (`editr2.bench.metrics.restore_cc`; 1.0 for an editor that restores exactly),
+and "drift" holds the drift measures per turn and the decay summary (`editr2.bench.drift.drift_results`).
 
 With `results_path`, every finished session's scores are appended to that JSON-lines file as it finishes, and the
 sessions already there are read back instead of run again: a run killed after k sessions and started again gives the
@@ -23,7 +24,7 @@ from PIL import Image
 
 from ..drift import drift_results, session_drift
 from ..editors import Editor
-from ..metrics import METRICS, TurnScore, mean_scores, score_session
+from ..metrics import METRICS, TurnScore, mean_scores, restore_summary, score_session
 from ..runner import edit_images, run_sessions
 from .render import DEFAULT_SIZE
 from .sessions import ShapesSession, generate_session
@@ -76,7 +77,7 @@ def run_bench(editor: Editor, family: str = "cm", num_sessions: int = 100, num_t
             for "grammar", so the configs recorded before it existed still compare equal).
 
     Returns:
-        `{"per_turn": [...], "mean": {...}, "config": {...}, "drift": {...}}` ("drift":
+        `{"per_turn": [...], "mean": {...}, "restores": {"turns", "CC"}, "config": {...}, "drift": {...}}` ("drift":
         `editr2.bench.drift.drift_results`).
     """
     if sessions is None and num_sessions < 1:
@@ -122,4 +123,5 @@ def run_bench(editor: Editor, family: str = "cm", num_sessions: int = 100, num_t
     if worded != "grammar":  # everyday phrasing is named; the fixed grammar's configs stay as they were recorded
         config["phrasing"] = worded
     return {"per_turn": [{k: r[k] for k in ("turn",) + METRICS} for r in rows], "mean": mean_scores(everything),
-            "config": config, "drift": drift_results(session_scores, session_drifts, max(per_turn, default=0))}
+            "restores": restore_summary(everything), "config": config,
+            "drift": drift_results(session_scores, session_drifts, max(per_turn, default=0))}
