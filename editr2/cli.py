@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
                 sub = groups[prefix[:-1]].add_parser(prefix[-1], help=f"{' '.join(prefix)} subcommands")
                 groups[prefix] = sub.add_subparsers(dest="_".join(prefix) + "_command", required=True)
         doc = (module.__doc__ or "").strip().splitlines()
-        sub = groups[path[:-1]].add_parser(path[-1], help=doc[0] if doc else None, description=module.__doc__)
+        sub = groups[path[:-1]].add_parser(path[-1], help=doc[0] if doc else None, description=module.__doc__,
+                                           formatter_class=argparse.RawDescriptionHelpFormatter)  # keep its layout
         module.add_arguments(sub)
         sub.set_defaults(_run=module.run)
     return parser

@@ -1,4 +1,4 @@
-"""Plan an Edit-R2 RL run: parameters, per-GPU memory and step time, from the configs alone (no weights, no GPU).
+r"""Plan an Edit-R2 RL run: parameters, per-GPU memory and step time, from the configs alone (no weights, no GPU).
 
     editr2 plan --config examples/configs/qwen_image_edit_2509_lora.yaml \
         --accelerate-config examples/accelerate_configs/fsdp.yaml
