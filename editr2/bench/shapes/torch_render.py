@@ -1,10 +1,10 @@
 """Batched MICE-Shapes rendering with plain torch ops, on any device (CPU or CUDA).
 
 `render_batch(scenes, size, device)` draws a whole batch of scenes at once and gives the pixels of `render.render`
-(the numpy/PIL renderer) up to float rounding: the same coverage templates (`render.templates`, 4x4 supersampled)
-placed on the full pixel grid, the same smooth-noise background (`render.texture`: the seeded 4x4 Gaussian grid,
+(the numpy/PIL renderer) up to float rounding: the same coverage templates (`render.templates`, 4x4 supersampled) on
+each cell's window, the same smooth-noise background (`render.texture`: the seeded 4x4 Gaussian grid,
 drawn on the CPU with numpy since the seed defines it, interpolated and min-max normalised on the device in float64)
-and the same painting order (objects in reading order, `out * (1 - coverage) + colour * coverage`). With
+and the same painting order (objects in reading order, `out * (1 - coverage) + colour * coverage` on each cell's window). With
 `quantize=True` (default) the result is rounded to the 256 levels of the uint8 image `render` returns, so the oracle
 parser reads every scene back exactly (tested on random scenes).
 
@@ -20,11 +20,11 @@ import numpy as np
 import torch
 
 from .render import NOISE_GRID, _interp_matrix, cell_windows, templates, window_size
-from .world import CELLS, COLORS, MAX_OBJECTS, SHAPES, SIZES, TONES, Scene
+from .world import CELLS, COLORS, GRID, SHAPES, SIZES, TONES, Scene
 
 _TONE_NAMES = tuple(TONES)
 _COLOR_NAMES = tuple(COLORS)
-_NUM_TEMPLATES = len(CELLS) * len(SHAPES) * len(SIZES)  # index of the all-zero template used for empty slots
+_EMPTY = len(SHAPES) * len(SIZES)  # template index of an empty cell (all-zero coverage)
 
 _BANKS: dict = {}
 
@@ -34,19 +34,14 @@ def _device(device) -> torch.device:
 
 
 def template_bank(size: int, device=None) -> torch.Tensor:
-    """Full-image coverage of every (cell, shape, size): `(9 * len(SHAPES) * len(SIZES) + 1, S, S)` float32, the
-    last one all zeros (an empty object slot). Index `(cell * len(SHAPES) + shape) * len(SIZES) + size`."""
+    """Coverage windows of every (shape, size) in every cell, `(9, len(SHAPES) * len(SIZES) + 1, W, W)` float32
+    (`render.templates` with the last entry all zeros: an empty cell); index `shape * len(SIZES) + size`."""
     device = _device(device)
     key = ("templates", size, str(device))
     if key not in _BANKS:
         w = window_size(size)
-        local = templates(size)  # (9, shapes, sizes, W, W)
-        bank = np.zeros((_NUM_TEMPLATES + 1, size, size), dtype=np.float32)
-        for k, cell in enumerate(CELLS):
-            y0, x0 = cell_windows(size)[cell]
-            rows = local[k].reshape(-1, w, w)
-            start = k * len(SHAPES) * len(SIZES)
-            bank[start:start + len(rows), y0:y0 + w, x0:x0 + w] = rows
+        local = templates(size).reshape(len(CELLS), _EMPTY, w, w)
+        bank = np.concatenate([local, np.zeros((len(CELLS), 1, w, w), dtype=np.float32)], axis=1)
         _BANKS[key] = torch.from_numpy(bank).to(device)
     return _BANKS[key]
 
@@ -69,21 +64,19 @@ def noise_grids(seeds: Sequence[int]) -> torch.Tensor:
 
 
 def scene_indices(scenes: Sequence[Scene]) -> dict[str, torch.Tensor]:
-    """Scenes as CPU index tensors: `templates` and `colors` `(B, 5)` (empty slots: the zero template, colour
-    padding), `tones` `(B,)` and the background `grids` `(B, 4, 4)`."""
+    """Scenes as CPU index tensors: per cell (reading order) the `templates` and `colors` `(B, 9)` (an empty cell:
+    the zero template and colour padding), the `tones` `(B,)` and the background `grids` `(B, 4, 4)`."""
     if isinstance(scenes, Scene) or not all(isinstance(s, Scene) for s in scenes):
         raise TypeError("Pass a sequence of `editr2.bench.shapes.Scene` objects (a list, even for one scene).")
     if len(scenes) == 0:
         raise ValueError("Pass at least one scene.")
-    tpl = np.full((len(scenes), MAX_OBJECTS), _NUM_TEMPLATES, dtype=np.int64)
-    col = np.full((len(scenes), MAX_OBJECTS), len(_COLOR_NAMES), dtype=np.int64)
+    tpl = np.full((len(scenes), len(CELLS)), _EMPTY, dtype=np.int64)
+    col = np.full((len(scenes), len(CELLS)), len(_COLOR_NAMES), dtype=np.int64)
     for b, scene in enumerate(scenes):
-        if len(scene.objects) > MAX_OBJECTS:
-            raise ValueError(f"A scene has {len(scene.objects)} objects: pass scenes of at most {MAX_OBJECTS}.")
-        for j, o in enumerate(scene.objects):
-            cell = o.cell[0] * 3 + o.cell[1]
-            tpl[b, j] = (cell * len(SHAPES) + SHAPES.index(o.shape)) * len(SIZES) + SIZES.index(o.size)
-            col[b, j] = _COLOR_NAMES.index(o.color)
+        for o in scene.objects:
+            cell = o.cell[0] * GRID + o.cell[1]
+            tpl[b, cell] = SHAPES.index(o.shape) * len(SIZES) + SIZES.index(o.size)
+            col[b, cell] = _COLOR_NAMES.index(o.color)
     return {"templates": torch.from_numpy(tpl), "colors": torch.from_numpy(col),
             "tones": torch.tensor([_TONE_NAMES.index(s.tone) for s in scenes], dtype=torch.int64),
             "grids": noise_grids([s.background for s in scenes])}
@@ -96,7 +89,7 @@ def render_indices(indices: dict[str, torch.Tensor], size: int = 64, device=None
     if size < 24:
         raise ValueError(f"size={size} is too small to draw shapes: pass size >= 24 (default 64).")
     interp, palette, tones = _constants(size, device)
-    bank = template_bank(size, device)
+    bank, w = template_bank(size, device), window_size(size)
     grids = indices["grids"].to(device=device, dtype=torch.float64)
     field = interp @ grids @ interp.T  # (B, S, S) float64, as render.texture
     lo = field.amin(dim=(1, 2), keepdim=True)
@@ -105,12 +98,14 @@ def render_indices(indices: dict[str, torch.Tensor], size: int = 64, device=None
     c0, c1 = tones[indices["tones"].to(device)].unbind(1)  # (B, 3) each
     out = c0[:, :, None, None] + alpha * (c1 - c0)[:, :, None, None]  # (B, 3, S, S), as render.tint
     tpl, col = indices["templates"].to(device), indices["colors"].to(device)
-    for j in range(tpl.shape[1]):  # reading order, as render.compose
-        cov = bank[tpl[:, j]][:, None]  # (B, 1, S, S)
-        color = palette[col[:, j]][:, :, None, None]  # (B, 3, 1, 1)
-        out = out * (1.0 - cov) + color * cov
+    for k, cell in enumerate(CELLS):  # reading order, each cell's window only, as render.compose
+        y0, x0 = cell_windows(size)[cell]
+        patch = out[:, :, y0:y0 + w, x0:x0 + w]
+        cov = bank[k][tpl[:, k]][:, None]  # (B, 1, W, W)
+        color = palette[col[:, k]][:, :, None, None]  # (B, 3, 1, 1)
+        out[:, :, y0:y0 + w, x0:x0 + w] = patch * (1.0 - cov) + color * cov
     if quantize:
-        out = torch.round(out.clamp(0.0, 1.0) * 255.0) / 255.0
+        out = torch.round(out * 255.0) / 255.0  # in [0, 1] already: convex mixes of [0, 1] colours
     return out
 
 
