@@ -9,9 +9,9 @@ the GPU config's settings: `batch_text_encoding`, 64 px images, 32 px condition 
 - **batch path**: everything `make_batch` needs before the VAE and text encoder run: drawing the turns (session
   generation), rendering reference and target, the VAE's input pixels and the text encoder's inputs (processor).
   `pil` is `example_batch` with `render: pil`, in this process (`workers 0`) or in `--workers` forked data workers
-  (`common.step_batches`, as training runs them); `torch` is `render: torch`: the turns drawn (in this process or in
-  workers), then `render_examples` on the device (pixels rendered there; the PIL references for the text encoder's
-  view made from that render).
+  (`common.step_batches`, as training runs them); `torch` is `render: torch`: the turns drawn and the text encoder's
+  inputs built (from a CPU torch render of the references) in this process or in the workers, then
+  `render_examples` renders the VAE's pixels on the device.
 - **render only**: reference + target pixels of already drawn turns: `render` + `VaeImageProcessor.preprocess` per
   scene (PIL) vs `torch_render.render_batch` on the CPU and on CUDA (synchronised).
 
@@ -138,9 +138,9 @@ def main(argv=None) -> int:
         ("pil, 0 workers", batch_path(pipe, pil, args.steps, 0, "cpu")),
         (f"pil, {w} workers", batch_path(pipe, pil, args.steps, w, "cpu")),
         ("torch cpu, 0 workers", batch_path(pipe, tch, args.steps, 0, "cpu")),
-        (f"torch cpu, {w} workers draw", batch_path(pipe, tch, args.steps, w, "cpu")),
+        (f"torch cpu, {w} workers", batch_path(pipe, tch, args.steps, w, "cpu")),
         ("torch cuda, 0 workers", batch_path(pipe, tch, args.steps, 0, "cuda") if cuda else None),
-        (f"torch cuda, {w} workers draw", batch_path(pipe, tch, args.steps, w, "cuda") if cuda else None),
+        (f"torch cuda, {w} workers", batch_path(pipe, tch, args.steps, w, "cuda") if cuda else None),
     ], n)
     table("render only (reference + target pixels of drawn turns)", [
         ("pil render + preprocess", render_only(pipe, pil, args.steps, "pil")),

@@ -72,9 +72,9 @@ class EditorConfig(common.TrainConfig):
             with): `editr2.bench.shapes.render` per scene in `example_batch` (so in the data workers). `"torch"`:
             the workers (or the training process) only draw the turns and turn them into index tensors; the
             reference and target images are rendered as one batch on the training device in `make_batch`
-            (`editr2.bench.shapes.torch_render`, the same pixels up to a rounding step of 1/255 on a few pixels).
-            The text encoder's view of the reference is still made with PIL from that render, in the training
-            process.
+            (`editr2.bench.shapes.torch_render`, the same pixels as `"pil"`). With `batch_text_encoding` the text
+            encoder's inputs are still built by the processor in the workers, from a CPU torch render of the
+            references; without it, the per-example prompt encoding gets PIL images of the device render.
     """
 
     vae_path: str = "runs/vae/vae"
@@ -356,7 +356,7 @@ def example_batch(pipe, cfg: EditorConfig, step: int) -> dict:
     rng = common.step_rng(cfg.seed, step)
     turns = [draw_turn(rng, cfg, max_objects_at(cfg, step)) for _ in range(cfg.batch_size)]
     if cfg.render == "torch":
-        return scene_batch(turns)
+        return scene_batch(pipe, cfg, turns)
     references = [render(ref, cfg.image_size) for ref, _, _ in turns]
     targets = [render(tgt, cfg.image_size) for _, tgt, _ in turns]
     texts = [text for _, _, text in turns]
@@ -369,18 +369,34 @@ def example_batch(pipe, cfg: EditorConfig, step: int) -> dict:
     return batch
 
 
-def scene_batch(turns) -> dict:
+def scene_batch(pipe, cfg: EditorConfig, turns) -> dict:
     """`render="torch"`: a batch's drawn turns as CPU tensors (`torch_render.scene_indices` of the references and
-    of the targets) and the texts; `make_batch` renders them on the training device."""
+    of the targets), which `make_batch` renders on the training device, and the texts; with `batch_text_encoding`
+    also the text encoder's inputs, their reference view rendered here with the torch renderer on the CPU (so the
+    processor runs in the data workers, not in the training process)."""
     from editr2.bench.shapes.torch_render import scene_indices
 
-    return {"reference_scenes": scene_indices([ref for ref, _, _ in turns]),
-            "target_scenes": scene_indices([tgt for _, tgt, _ in turns]), "texts": [text for _, _, text in turns]}
+    batch = {"reference_scenes": scene_indices([ref for ref, _, _ in turns]),
+             "target_scenes": scene_indices([tgt for _, tgt, _ in turns]), "texts": [text for _, _, text in turns]}
+    if cfg.batch_text_encoding:
+        references = pil_images(batch["reference_scenes"], cfg.image_size, "cpu")
+        batch["text_inputs"] = text_inputs(pipe, batch.pop("texts"), references, cfg.condition_size**2)
+    return batch
+
+
+def pil_images(indices: dict, size: int, device) -> list:
+    """`torch_render.render_indices` on `device` -> PIL RGB images (the pixels of `render.render`)."""
+    from PIL import Image
+
+    from editr2.bench.shapes.torch_render import render_indices, to_uint8
+
+    return [Image.fromarray(a, "RGB") for a in to_uint8(render_indices(indices, size, device))]
 
 
 def render_examples(pipe, cfg: EditorConfig, ex: dict) -> dict:
-    """`render="torch"`: `scene_batch` output -> what `example_batch` gives with `render="pil"`, the pixels rendered
-    in one batch on the VAE's device (the PIL references, for the text encoder's view, from that render)."""
+    """`render="torch"`: `scene_batch` output -> what `example_batch` gives with `render="pil"`, the VAE's pixels
+    rendered in one batch on the VAE's device (without `batch_text_encoding`, the PIL references for the per-example
+    prompt encoding are made from that render)."""
     from PIL import Image
 
     from editr2.bench.shapes.torch_render import render_indices, to_uint8
@@ -388,13 +404,13 @@ def render_examples(pipe, cfg: EditorConfig, ex: dict) -> dict:
     device, size = pipe.vae.device, cfg.image_size
     reference = render_indices(ex["reference_scenes"], size, device)  # (B, 3, H, W) in [0, 1]
     target = render_indices(ex["target_scenes"], size, device)
-    references = [Image.fromarray(a, "RGB") for a in to_uint8(reference)]
     batch = {"reference_pixels": (reference * 2.0 - 1.0).unsqueeze(2),  # as VaeImageProcessor.preprocess
              "target_pixels": (target * 2.0 - 1.0).unsqueeze(2)}
-    if cfg.batch_text_encoding:
-        batch["text_inputs"] = text_inputs(pipe, ex["texts"], references, cfg.condition_size**2)
+    if "text_inputs" in ex:
+        batch["text_inputs"] = ex["text_inputs"]
     else:
-        batch["references"], batch["texts"] = references, ex["texts"]
+        batch["references"] = [Image.fromarray(a, "RGB") for a in to_uint8(reference)]
+        batch["texts"] = ex["texts"]
     return batch
 
 
