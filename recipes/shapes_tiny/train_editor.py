@@ -73,8 +73,9 @@ class EditorConfig(common.TrainConfig):
             the workers (or the training process) only draw the turns and turn them into index tensors; the
             reference and target images are rendered as one batch on the training device in `make_batch`
             (`editr2.bench.shapes.torch_render`, the same pixels as `"pil"`). With `batch_text_encoding` the text
-            encoder's inputs are still built by the processor in the workers, from a CPU torch render of the
-            references; without it, the per-example prompt encoding gets PIL images of the device render.
+            encoder's inputs are still built by the processor in the workers, which need the references' pixels:
+            those are rendered there with the torch renderer on the CPU (only the targets on the device); without
+            it, the per-example prompt encoding gets PIL images of the device render.
     """
 
     vae_path: str = "runs/vae/vae"
@@ -371,26 +372,22 @@ def example_batch(pipe, cfg: EditorConfig, step: int) -> dict:
 
 def scene_batch(pipe, cfg: EditorConfig, turns) -> dict:
     """`render="torch"`: a batch's drawn turns as CPU tensors (`torch_render.scene_indices` of the references and
-    of the targets), which `make_batch` renders on the training device, and the texts; with `batch_text_encoding`
-    also the text encoder's inputs, their reference view rendered here with the torch renderer on the CPU (so the
-    processor runs in the data workers, not in the training process)."""
-    from editr2.bench.shapes.torch_render import scene_indices
+    of the targets), which `make_batch` renders on the training device, and the texts. With `batch_text_encoding`
+    the processor needs the reference images here (so it runs in the data workers, not in the training process):
+    the references are rendered with the torch renderer on the CPU, passed on as uint8 `reference_uint8`
+    `(B, 3, H, W)` (not rendered again on the device) with the text encoder's inputs."""
+    from PIL import Image
+
+    from editr2.bench.shapes.torch_render import render_indices, scene_indices
 
     batch = {"reference_scenes": scene_indices([ref for ref, _, _ in turns]),
              "target_scenes": scene_indices([tgt for _, tgt, _ in turns]), "texts": [text for _, _, text in turns]}
     if cfg.batch_text_encoding:
-        references = pil_images(batch["reference_scenes"], cfg.image_size, "cpu")
+        pixels = torch.round(render_indices(batch.pop("reference_scenes"), cfg.image_size) * 255.0).to(torch.uint8)
+        references = [Image.fromarray(a, "RGB") for a in pixels.permute(0, 2, 3, 1).numpy()]
         batch["text_inputs"] = text_inputs(pipe, batch.pop("texts"), references, cfg.condition_size**2)
+        batch["reference_uint8"] = pixels
     return batch
-
-
-def pil_images(indices: dict, size: int, device) -> list:
-    """`torch_render.render_indices` on `device` -> PIL RGB images (the pixels of `render.render`)."""
-    from PIL import Image
-
-    from editr2.bench.shapes.torch_render import render_indices, to_uint8
-
-    return [Image.fromarray(a, "RGB") for a in to_uint8(render_indices(indices, size, device))]
 
 
 def render_examples(pipe, cfg: EditorConfig, ex: dict) -> dict:
@@ -402,7 +399,10 @@ def render_examples(pipe, cfg: EditorConfig, ex: dict) -> dict:
     from editr2.bench.shapes.torch_render import render_indices, to_uint8
 
     device, size = pipe.vae.device, cfg.image_size
-    reference = render_indices(ex["reference_scenes"], size, device)  # (B, 3, H, W) in [0, 1]
+    if "reference_uint8" in ex:
+        reference = ex["reference_uint8"].to(device).float() / 255.0  # the values render_indices gives
+    else:
+        reference = render_indices(ex["reference_scenes"], size, device)  # (B, 3, H, W) in [0, 1]
     target = render_indices(ex["target_scenes"], size, device)
     batch = {"reference_pixels": (reference * 2.0 - 1.0).unsqueeze(2),  # as VaeImageProcessor.preprocess
              "target_pixels": (target * 2.0 - 1.0).unsqueeze(2)}
@@ -418,7 +418,7 @@ def make_batch(pipe, cfg: EditorConfig, step: int, examples: dict | None = None)
     """`(conditioning, x0)` of a step on the pipeline's device, from `examples` (`example_batch(pipe, cfg, step)`
     when None)."""
     ex = example_batch(pipe, cfg, step) if examples is None else examples
-    if "reference_scenes" in ex:
+    if "target_scenes" in ex:  # render: torch
         ex = render_examples(pipe, cfg, ex)
     if "text_inputs" in ex:
         prompt_embeds, mask = encode_text_inputs(pipe, ex["text_inputs"])
