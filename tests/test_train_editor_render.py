@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from test_train_default import _editor_cfg, stages  # noqa: F401 (the micro stage-1/2 runs fixture)
+from test_train_default import _assert_same, _editor_cfg, _weights, stages  # noqa: F401 (stages: a fixture)
 
 from recipes.shapes_tiny import train_editor
 
@@ -35,9 +35,12 @@ def test_torch_render_batch_matches_the_pil_batch(stages, batch_text_encoding): 
     torch.testing.assert_close(cond.prompt_embeds, cond_pil.prompt_embeds, atol=1e-3, rtol=1e-3)
 
 
-def test_editor_trains_with_torch_render(stages, tmp_path):  # noqa: F811
+def test_editor_trains_and_resumes_exactly_with_torch_render(stages, tmp_path):  # noqa: F811
     cfg = _editor_cfg(stages, max_steps=2, render="torch", batch_text_encoding=True)
-    train_editor.train(cfg, tmp_path / "run", show_progress=False, stop_after=2)
-    rows = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    train_editor.train(cfg, tmp_path / "full", show_progress=False, stop_after=2)
+    rows = [json.loads(line) for line in (tmp_path / "full" / "log.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if "loss" in r]
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    assert train_editor.train(cfg, tmp_path / "split", show_progress=False, stop_after=1) is None
+    train_editor.train(cfg, tmp_path / "split", show_progress=False, stop_after=2)
+    _assert_same(_weights(tmp_path / "full"), _weights(tmp_path / "split"))  # batches depend on (seed, step) only
