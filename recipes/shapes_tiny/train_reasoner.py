@@ -64,6 +64,15 @@ class ReasonerConfig(common.TrainConfig):
             every evaluation reports the grammar, "seen" and "unseen" (held-out) phrasing side by side.
         grammar_fraction: with `phrasing: seen`, the fraction of examples still drawn in the fixed grammar (so its
             wording, which the bench and the editor's data use, is not forgotten).
+        answer_logits: compute the language-model head and the loss only at the positions whose next token is
+            trained (the answer), instead of the model's own `loss` over every position (the same loss up to float
+            rounding; on the CPU the head over the 2048-token vocabulary at the ~180 prompt and padding positions
+            was most of the step, see recipes/shapes_tiny/README.md). Off by default, so the shipped runs
+            reproduce bit for bit.
+        length_buckets: split each step's batch into this many batches of rows of similar length (sorted), each
+            padded only to its own longest row, the loss still the mean over the whole batch's answer tokens (1 = one
+            padded batch; > 1 needs `answer_logits`). The SFT rows vary from ~120 to ~330 tokens: one padded batch
+            was ~27% padding.
     """
 
     vocab_size: int = 2048
@@ -96,6 +105,8 @@ class ReasonerConfig(common.TrainConfig):
     final_sessions: int = 0
     phrasing: str = "grammar"
     grammar_fraction: float = 0.0
+    answer_logits: bool = False
+    length_buckets: int = 1
 
     FROZEN_FIELDS = ("seed", "vocab_size", "tokenizer_sessions", "hidden_size", "num_layers", "num_heads",
                      "num_kv_heads", "intermediate_size", "vision_hidden", "vision_depth", "base_run", "lora_rank",
@@ -106,6 +117,10 @@ class ReasonerConfig(common.TrainConfig):
         if self.phrasing not in TRAIN_PHRASINGS:
             raise ValueError(f"phrasing={self.phrasing!r}: pass one of {TRAIN_PHRASINGS} (the held-out families "
                              "'unseen' / 'all' are for evaluation only).")
+        if self.length_buckets < 1 or self.length_buckets > self.batch_size:
+            raise ValueError(f"length_buckets={self.length_buckets}: pass 1 (one padded batch) up to batch_size.")
+        if self.length_buckets > 1 and not self.answer_logits:
+            raise ValueError(f"length_buckets={self.length_buckets} needs answer_logits: true (or pass 1).")
         if not 0.0 <= self.grammar_fraction <= 1.0:
             raise ValueError(f"grammar_fraction={self.grammar_fraction}: pass a fraction in [0, 1].")
 
@@ -199,31 +214,43 @@ def session_state(session, turn: int):
     return state
 
 
-def collate(pipe, examples, condition_area: int) -> dict:
+def collate(pipe, examples, condition_area: int, buckets: int = 1) -> dict | list[dict]:
     """Prompt (the pipeline's reasoning inputs) + target answer, right-padded; labels mask the prompt.
 
-    `examples`: `(session state, instruction, answer)` or `(session state, instruction, answer, template)`."""
+    `examples`: `(session state, instruction, answer)` or `(session state, instruction, answer, template)`.
+    `buckets > 1`: the rows sorted by length and split into that many batches, each padded only to its own longest
+    row (a list of batches; `step_loss` weighs them by their trained tokens, so the loss is the whole batch's)."""
+    rows = [_encode(pipe, example, condition_area) for example in examples]
+    if buckets <= 1:
+        return _pad(pipe.tokenizer, rows)
+    rows.sort(key=lambda row: len(row[0]))
+    size = -(-len(rows) // buckets)
+    return [_pad(pipe.tokenizer, rows[i: i + size]) for i in range(0, len(rows), size)]
+
+
+def _encode(pipe, example, condition_area: int) -> tuple:
+    """`(input ids, labels, pixel values, image grid)` of one example."""
     tokenizer = pipe.tokenizer
+    state, instruction, answer, *template = example
+    inputs = pipe.prepare_reasoning_inputs(state, instruction, template[0] if template else None,
+                                           condition_area=condition_area, device="cpu")
+    prompt = inputs["input_ids"][0]
     end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    target = torch.tensor(tokenizer(answer, add_special_tokens=False)["input_ids"] + [end])
+    return (torch.cat([prompt, target]), torch.cat([torch.full_like(prompt, -100), target]),
+            inputs["pixel_values"], inputs["image_grid_thw"])
+
+
+def _pad(tokenizer, rows) -> dict:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids, labels, pixels, grids = [], [], [], []
-    for state, instruction, answer, *template in examples:
-        inputs = pipe.prepare_reasoning_inputs(state, instruction, template[0] if template else None,
-                                               condition_area=condition_area, device="cpu")
-        prompt = inputs["input_ids"][0]
-        target = torch.tensor(tokenizer(answer, add_special_tokens=False)["input_ids"] + [end])
-        ids.append(torch.cat([prompt, target]))
-        labels.append(torch.cat([torch.full_like(prompt, -100), target]))
-        pixels.append(inputs["pixel_values"])
-        grids.append(inputs["image_grid_thw"])
-    length = max(len(x) for x in ids)
-    input_ids = torch.full((len(ids), length), pad, dtype=torch.long)
-    label_ids = torch.full((len(ids), length), -100, dtype=torch.long)
-    mask = torch.zeros((len(ids), length), dtype=torch.long)
-    for i, (x, y) in enumerate(zip(ids, labels)):
+    length = max(len(ids) for ids, *_ in rows)
+    input_ids = torch.full((len(rows), length), pad, dtype=torch.long)
+    label_ids = torch.full((len(rows), length), -100, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, (x, y, *_) in enumerate(rows):
         input_ids[i, : len(x)], label_ids[i, : len(y)], mask[i, : len(x)] = x, y, 1
     return {"input_ids": input_ids, "attention_mask": mask, "labels": label_ids,
-            "pixel_values": torch.cat(pixels), "image_grid_thw": torch.cat(grids)}
+            "pixel_values": torch.cat([row[2] for row in rows]), "image_grid_thw": torch.cat([row[3] for row in rows])}
 
 
 def short_template_prob(cfg: ReasonerConfig, step: int) -> float:
@@ -275,7 +302,7 @@ def make_batch(pipe, cfg: ReasonerConfig, step: int) -> dict:
         probability = short_template_prob(cfg, step)
         template = SHORT_TEMPLATE if probability > 0 and rng.random() < probability else request_template(cfg)
         examples.append((session_state(session, turn), instruction, answer, template))
-    return collate(pipe, examples, cfg.condition_size**2)
+    return collate(pipe, examples, cfg.condition_size**2, cfg.length_buckets)
 
 
 def make_batches(pipe, cfg: ReasonerConfig, step: int) -> tuple[dict, dict | None]:
@@ -283,6 +310,33 @@ def make_batches(pipe, cfg: ReasonerConfig, step: int) -> tuple[dict, dict | Non
     copy_size = aux_copy_size(cfg, step)
     copies = copy_batch(pipe.tokenizer, cfg, step, copy_size) if copy_size else None
     return make_batch(pipe, cfg, step), copies
+
+
+def answer_loss(model, batch: dict, reduction: str = "mean") -> torch.Tensor:
+    """The causal-LM loss of `batch` (as `model(**batch).loss`: mean cross-entropy over the positions whose next
+    label is not -100), with the LM head applied only at those positions (`reduction="sum"`: their sum)."""
+    labels = batch["labels"]
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    hidden = model.model(**inputs).last_hidden_state
+    targets = labels[:, 1:]
+    keep = targets != -100
+    if not bool(keep.any()):
+        raise ValueError("The batch has no trained position (every label is -100): pass answers to train on.")
+    logits = model.lm_head(hidden[:, :-1][keep]).float()
+    return torch.nn.functional.cross_entropy(logits, targets[keep], reduction=reduction)
+
+
+def trained_tokens(batch: dict) -> int:
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
+def step_loss(model, batch: dict | list[dict], cfg: ReasonerConfig) -> torch.Tensor:
+    """The training loss of one batch (`answer_loss` when `cfg.answer_logits`, else the model's own); a list of
+    length buckets (`collate`) gives the mean over all their trained tokens, as one padded batch would."""
+    if isinstance(batch, list):
+        total = sum(trained_tokens(b) for b in batch)
+        return sum(answer_loss(model, b, reduction="sum") for b in batch) / total
+    return answer_loss(model, batch) if cfg.answer_logits else model(**batch).loss
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -447,8 +501,8 @@ def train(cfg: ReasonerConfig, run_dir: str | Path, show_progress: bool = True, 
     for step, (batch, copies) in run.steps(lambda step: make_batches(pipe, cfg, step)):
         common.set_lr(optimizer, common.lr_at(step, cfg.lr, cfg.warmup, cfg.max_steps))
         with accelerator.autocast():
-            loss = model(**batch).loss
-            copy_loss = model(**copies).loss if copies is not None else None
+            loss = step_loss(model, batch, cfg)
+            copy_loss = step_loss(model, copies, cfg) if copies is not None else None
         if copy_loss is not None:
             loss = loss + copy_loss
         optimizer.zero_grad(set_to_none=True)
