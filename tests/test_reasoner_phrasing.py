@@ -114,3 +114,16 @@ def test_the_profile_measures_every_variant(tmp_path):
     assert 0.0 <= result["padded_fraction"] < 1.0 and result["data_s_per_step"] > 0
     with pytest.raises(ValueError, match="steps"):
         profile_reasoner.profile(cfg, tmp_path, steps=0)
+
+
+def test_everyday_reasoner_resumes_exactly(tmp_path):
+    """Length-bucketed batches and the answer-only loss resume bit for bit (the same computation on the same values)."""
+    from safetensors.torch import load_file
+
+    cfg = train_reasoner.ReasonerConfig(**{**MICRO, "eval_turns": 1}, max_steps=2, answer_logits=True,
+                                        length_buckets=2)
+    train_reasoner.train(cfg, tmp_path / "whole", show_progress=False, final_sessions=1)
+    assert train_reasoner.train(cfg, tmp_path / "split", show_progress=False, stop_after=1) is None
+    train_reasoner.train(cfg, tmp_path / "split", show_progress=False, final_sessions=1)
+    a, b = (load_file(str(common.latest_checkpoint(tmp_path / n) / "model.safetensors")) for n in ("whole", "split"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
