@@ -127,3 +127,11 @@ def test_everyday_reasoner_resumes_exactly(tmp_path):
     train_reasoner.train(cfg, tmp_path / "split", show_progress=False, final_sessions=1)
     a, b = (load_file(str(common.latest_checkpoint(tmp_path / n) / "model.safetensors")) for n in ("whole", "split"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_learning_rate_schedule_runs_past_warmup():
+    """Warm-up, then cosine decay to a tenth (the micro runs never leave warm-up; a real run does at step `warmup`)."""
+    assert common.lr_at(0, 1.0, 10, 100) == pytest.approx(0.1)
+    assert common.lr_at(10, 1.0, 10, 100) == pytest.approx(1.0)
+    assert common.lr_at(55, 1.0, 10, 100) == pytest.approx(0.55)
+    assert common.lr_at(100, 1.0, 10, 100) == pytest.approx(0.1)
