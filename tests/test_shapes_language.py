@@ -147,8 +147,8 @@ def _held_out_match(text):
 
 
 def test_the_training_samplers_draw_no_held_out_phrasing():
-    """The training paths (the reasoner's `draw_example`, the editor's `draw_turn`, the RL dataset) never write a
-    held-out family's frame or rule sentence."""
+    """The training paths (the reasoner's `draw_example` in the grammar and in `phrasing: seen`, its tokenizer corpus,
+    the editor's `draw_turn`, the RL dataset) never write a held-out family's frame or rule sentence."""
     import random
 
     from recipes.shapes_tiny.train_editor import EditorConfig, draw_turn
@@ -160,6 +160,21 @@ def test_the_training_samplers_draw_no_held_out_phrasing():
         session, _ = draw_example(rng, cfg)
         for text in session.instruction:
             assert not _held_out_match(text), text
+    # the everyday-phrasing reasoner (reasoner_v2.yaml): seen families (and some grammar) only, tokenizer included
+    rng, cfg, drawn = random.Random(0), ReasonerConfig(phrasing="seen", grammar_fraction=0.3), set()
+    for _ in range(150):
+        session, _ = draw_example(rng, cfg)
+        drawn.add(session.phrasing)
+        assert set(session.phrasing_families) <= set(SEEN_FAMILIES)
+        for text in session.instruction:
+            assert not _held_out_match(text), text
+    assert drawn == {"seen", "grammar"}
+    from recipes.shapes_tiny.common import tokenizer_corpus
+
+    for line in tokenizer_corpus(60, phrasing="seen"):
+        assert not _held_out_match(line), line
+    with pytest.raises(ValueError, match="phrasing"):
+        ReasonerConfig(phrasing="unseen")
     rng, cfg = random.Random(0), EditorConfig()
     for _ in range(100):
         assert not _held_out_match(draw_turn(rng, cfg)[2])
