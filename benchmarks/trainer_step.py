@@ -38,6 +38,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--sessions", type=int, default=1, help="sessions per step")
     parser.add_argument("--compare", type=int, nargs="+", default=None, metavar="B",
                         help="sessions per step to run unbatched and batched (one table)")
+    parser.add_argument("--forwards", action="store_true",
+                        help="with --compare: only time the transformer forward at G and B x G rows")
     parser.add_argument("--unbatched", action="store_true", help="roll the sessions out one by one")
     parser.add_argument("--steps", type=int, default=4, help="denoising steps per turn")
     parser.add_argument("--tokens", type=int, default=8, help="max reasoning tokens")
@@ -166,9 +168,45 @@ def print_compare(args) -> None:
     print("| samples (turns) per second |" + "".join(cells))
 
 
+def forward_times(args, repeats: int = 5) -> None:
+    """Milliseconds per sample-forward of the transformer at G rows (one session) and B x G rows (every session of
+    `--compare`), timed interleaved (best of `repeats`), so that a loaded machine slows both alike."""
+    import torch
+
+    from trl_editr2.rollout import _plan_turn, _start_sessions, batch_conditioning
+
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = make_trainer(args, tmp, max(args.compare), True)
+        policy, config = trainer.policy, trainer.args
+        policy.eval()
+        records = [trainer.train_dataset[i] for i in range(max(args.compare))]
+        with torch.no_grad():
+            plans = [_plan_turn(policy, _start_sessions(policy.pipeline, r, config), r["instruction"][0], 0, config,
+                                (k,)) for k, r in enumerate(records)]
+            best = {}
+            for _ in range(repeats):
+                for sessions in sorted(set([1, *args.compare])):
+                    cond = batch_conditioning([c for p in plans[:sessions] for c in p.conditionings])
+                    x = torch.cat([p.latents for p in plans[:sessions]])
+                    t = plans[0].timesteps[0].expand(x.shape[0]).to(x.dtype)
+                    start = time.perf_counter()
+                    policy.velocity(x, t, cond)
+                    seconds = time.perf_counter() - start
+                    best[sessions] = min(best.get(sessions, seconds), seconds)
+    print("| sessions batched | rows | ms per forward | ms per sample-forward | vs 1 session |")
+    print("|---|---|---|---|---|")
+    for sessions, seconds in sorted(best.items()):
+        rows = sessions * args.generations
+        per = seconds / rows * 1e3
+        print(f"| {sessions} | {rows} | {seconds * 1e3:.1f} | {per:.2f} | {per / (best[1] / args.generations * 1e3):.2f} |")
+
+
 def main() -> None:
     args = parse_args()
-    if args.compare:
+    if args.forwards:
+        forward_times(args)
+    elif args.compare:
         print_compare(args)
     else:
         print_single(args)
