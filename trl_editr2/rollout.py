@@ -8,7 +8,10 @@ ODE elsewhere (`editr2.flow.sample`). The new latent is carried to the next turn
 intent names an earlier session state ("Undo the last edit.", `editr2.intent.parse_restore`) continues from that
 state exactly instead: its turn trains its reasoning tokens only (`TurnRollout.restored`). The G rollouts of a
 session share the start and, with `same_initial_noise`, each turn's initial noise; they are batched through the
-transformer, so the loss can re-run exactly the same batches (on-policy ratios of exactly 1).
+transformer, so the loss can re-run exactly the same batches (on-policy ratios of exactly 1). `rollout_sessions` rolls
+several sessions out together: one transformer batch of all their rollouts per denoising step, each session with its
+own seeds; each turn's record keeps the session's rows of that batch (prompt padding included), so the loss still
+re-runs exactly what was sampled.
 
 All randomness comes from generators seeded by `(seed, session, turn, purpose)`, never from the global RNG: a
 rollout does not depend on which process runs it or on what ran before (resume and scale-out reproduce it).
