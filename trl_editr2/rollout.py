@@ -8,7 +8,10 @@ ODE elsewhere (`editr2.flow.sample`). The new latent is carried to the next turn
 intent names an earlier session state ("Undo the last edit.", `editr2.intent.parse_restore`) continues from that
 state exactly instead: its turn trains its reasoning tokens only (`TurnRollout.restored`). The G rollouts of a
 session share the start and, with `same_initial_noise`, each turn's initial noise; they are batched through the
-transformer, so the loss can re-run exactly the same batches (on-policy ratios of exactly 1).
+transformer, so the loss can re-run exactly the same batches (on-policy ratios of exactly 1). `rollout_sessions` rolls
+several sessions out together: one transformer batch of all their rollouts per denoising step, each session with its
+own seeds; each turn's record keeps the session's rows of that batch (prompt padding included), so the loss still
+re-runs exactly what was sampled.
 
 All randomness comes from generators seeded by `(seed, session, turn, purpose)`, never from the global RNG: a
 rollout does not depend on which process runs it or on what ran before (resume and scale-out reproduce it).
@@ -26,7 +29,7 @@ import torch
 from torch import Tensor
 
 from editr2.batching import pad_prompt_embeds
-from editr2.flow import sample, sde_window, shifted_sigmas
+from editr2.flow import SampleOutput, ode_step, sample, sde_step_with_logprob, sde_window, shifted_sigmas
 from editr2.intent import Intent, parse_answer
 
 
@@ -263,9 +266,29 @@ def write_intents(policy, sessions: Sequence[Any], instruction: str, args, seed_
     return intents, text
 
 
-@torch.no_grad()
-def rollout_turn(policy, sessions: list, instruction: str, turn: int, args, seed_keys: tuple) -> tuple[TurnRollout, list]:
-    """Roll the G `sessions` forward by one turn; returns the turn's record and the G new sessions."""
+@dataclass
+class _TurnPlan:
+    """One session's turn up to the denoising loop: what `_sample_plans` integrates and `_finish_turn` records."""
+
+    sessions: list
+    instruction: str
+    turn: int
+    intents: list
+    text: TextSample | None
+    reasoned: bool
+    conditionings: list
+    conditioning: Any
+    latents: Tensor
+    timesteps: Tensor
+    sigmas: Tensor
+    window: tuple[int, ...]
+    sde_generator: torch.Generator
+    timings: dict[str, float]
+    out: Any = None
+
+
+def _plan_turn(policy, sessions: list, instruction: str, turn: int, args, seed_keys: tuple) -> _TurnPlan:
+    """Reasoning, conditioning, initial noise, schedule and SDE window of one session's turn (steps 1-3)."""
     pipe = policy.pipeline
     device = pipe._execution_device
     num_rollouts = len(sessions)
@@ -307,35 +330,131 @@ def rollout_turn(policy, sessions: list, instruction: str, turn: int, args, seed
         args.num_inference_steps, args.sde_window_size, tuple(args.sde_window_range),
         generator=seeded_generator(*seed_keys, turn, "window"),
     )
+    return _TurnPlan(sessions, instruction, turn, intents, text, reasoned, conditionings, conditioning, latents,
+                     timesteps, sigmas, window, seeded_generator(*seed_keys, turn, "sde"), timings)
 
-    # 4. Sample: SDE on the window (log-probs kept), ODE elsewhere
+
+def _batch_key(plan: _TurnPlan) -> tuple:
+    """Plans with equal keys can share the transformer's batches (same shapes, schedule and guidance)."""
+    c = plan.conditioning
+    return (tuple(plan.latents.shape[1:]), plan.latents.dtype, str(c.img_shapes), c.height, c.width,
+            tuple(c.image_latents.shape[1:]), c.negative_prompt_embeds is None, tuple(plan.sigmas.tolist()),
+            tuple(plan.timesteps.tolist()))
+
+
+def _rows_of(batched, own, rows: slice):
+    """`own` (a session's batched `TurnConditioning`) with its tensors taken from `rows` of `batched`, the
+    conditioning of several sessions: the same prompts, padded as they were in the shared batch."""
+
+    def take(tensor):
+        return None if tensor is None else tensor[rows]
+
+    return replace(
+        own,
+        prompt_embeds=take(batched.prompt_embeds),
+        prompt_embeds_mask=take(batched.prompt_embeds_mask),
+        negative_prompt_embeds=take(batched.negative_prompt_embeds),
+        negative_prompt_embeds_mask=take(batched.negative_prompt_embeds_mask),
+        image_latents=take(batched.image_latents),
+    )
+
+
+def _sample_plans(policy, plans: Sequence[_TurnPlan], args) -> None:
+    """Step 4 for several sessions' turns at once: one transformer call per denoising step for all of them.
+
+    The rollouts of all `plans` are concatenated into one batch (prompt embeddings right-padded and masked to the
+    longest); each plan keeps its own SDE window and its own SDE noise generator, and its rows take exactly the SDE /
+    ODE update `editr2.flow.sample` would give them, so only the velocities' float rounding can differ from sampling
+    each session alone (more prompt padding changes the attention's summation order). Sets `plan.out`, and sets
+    `plan.conditioning` to the plan's rows of the shared batch (padded as sampled), so that the loss, re-running one
+    session's turn, computes the velocities the samples were drawn with (on-policy ratios of exactly 1).
+    """
+    pipe = policy.pipeline
+    device = pipe._execution_device
+    start = _now(device)
+    first = plans[0]
+    sizes = [p.latents.shape[0] for p in plans]
+    bounds = [sum(sizes[:k]) for k in range(len(plans) + 1)]
+    conditioning = first.conditioning if len(plans) == 1 else batch_conditioning(
+        [c for p in plans for c in p.conditionings])
+    timesteps, sigmas = first.timesteps, first.sigmas
+    x = torch.cat([p.latents for p in plans], dim=0)  # (sum G, N, C)
+    outs = [SampleOutput(latents=p.latents, sde_steps=tuple(sorted(set(int(i) for i in p.window)))) for p in plans]
+    log_probs = [[] for _ in plans]
+    stds = [[] for _ in plans]
+    sigmas32 = torch.as_tensor(sigmas, dtype=torch.float32)
+    for i in range(len(sigmas32) - 1):
+        sigma, sigma_next = sigmas32[i], sigmas32[i + 1]
+        v = policy.velocity(x, timesteps[i].expand(x.shape[0]).to(x.dtype), conditioning)
+        pieces = []
+        for k, out in enumerate(outs):
+            rows = slice(bounds[k], bounds[k + 1])
+            if i in out.sde_steps:
+                x_next, log_prob, mean, std = sde_step_with_logprob(
+                    v[rows], x[rows], sigma, sigma_next, args.noise_level, generator=plans[k].sde_generator,
+                    sigma_max=sigmas32[1],
+                )
+                out.trajectory.append(x[rows])
+                out.next_latents.append(x_next)
+                out.means.append(mean)
+                log_probs[k].append(log_prob)
+                stds[k].append(std)
+            else:
+                x_next = ode_step(v[rows], x[rows], sigma, sigma_next).to(x.dtype)
+            pieces.append(x_next)
+        x = torch.cat(pieces, dim=0) if len(pieces) > 1 else pieces[0]
+    share = (_now(device) - start) / len(plans)
+    for k, (plan, out) in enumerate(zip(plans, outs)):
+        if len(plans) > 1:  # the loss re-runs the rows with the prompt padding they were sampled with
+            plan.conditioning = _rows_of(conditioning, plan.conditioning, slice(bounds[k], bounds[k + 1]))
+        out.latents = x[bounds[k] : bounds[k + 1]]
+        rows = out.latents.shape[0]
+        out.log_probs = torch.stack(log_probs[k], dim=1) if log_probs[k] else out.latents.new_zeros(rows, 0, dtype=torch.float32)
+        out.stds = torch.stack(stds[k], dim=1) if stds[k] else out.latents.new_zeros(rows, 0, dtype=torch.float32)
+        plan.out = out
+        plan.timings["sampling"] = share
+
+
+def _sample_one(policy, plan: _TurnPlan, args) -> None:
+    """Step 4 for one session's turn with `editr2.flow.sample` (the G rollouts in one batch). Sets `plan.out`."""
+    device = policy.pipeline._execution_device
+    start = _now(device)
+    sigmas, timesteps, conditioning = plan.sigmas, plan.timesteps, plan.conditioning
+
     def velocity_fn(x: Tensor, sigma: Tensor) -> Tensor:
         step = int((sigmas == sigma).nonzero()[0])
         return policy.velocity(x, timesteps[step].expand(x.shape[0]).to(x.dtype), conditioning)
 
-    out = sample(
-        velocity_fn, latents, sigmas, sde_steps=window, noise_level=args.noise_level,
-        generator=seeded_generator(*seed_keys, turn, "sde"),
+    plan.out = sample(
+        velocity_fn, plan.latents, sigmas, sde_steps=plan.window, noise_level=args.noise_level,
+        generator=plan.sde_generator,
     )
-    timings["sampling"] = _now(device) - start - timings["reasoning"] - timings["encode"]
+    plan.timings["sampling"] = _now(device) - start
 
-    # 5. Decode, and continue each rollout's session with its image and latent
+
+def _finish_turn(policy, plan: _TurnPlan) -> tuple[TurnRollout, list]:
+    """Step 5: decode, continue each rollout's session, and the turn's record."""
+    pipe = policy.pipeline
+    device = pipe._execution_device
+    start = _now(device)
+    out, conditioning, conditionings, intents = plan.out, plan.conditioning, plan.conditionings, plan.intents
+    sigmas, timesteps, instruction = plan.sigmas, plan.timesteps, plan.instruction
     # (a rollout whose intent names an earlier state continues from that state exactly, not from its sample)
     decoded = pipe.decode_latents(out.latents, conditioning.height, conditioning.width)  # (G, 3, H, W)
     restored = [intent.restore is not None for intent in intents]
     new_sessions = [
         pipe.restore_turn(conditionings[g].session, instruction, intents[g]) if restored[g] else
         pipe.finish_turn(conditionings[g], out.latents[g : g + 1], instruction, intents[g], decoded[g : g + 1])
-        for g in range(num_rollouts)
+        for g in range(len(intents))
     ]
-    timings["decode"] = _now(device) - start - sum(timings.values())
+    plan.timings["decode"] = _now(device) - start
 
     steps = torch.tensor(out.sde_steps, dtype=torch.long, device=sigmas.device)
     record = TurnRollout(
-        turn=turn,
+        turn=plan.turn,
         instruction=instruction,
         intents=list(intents),
-        text=text,
+        text=plan.text,
         conditioning=conditioning,
         sde_steps=out.sde_steps,
         step_timesteps=timesteps[steps],
@@ -347,11 +466,19 @@ def rollout_turn(policy, sessions: list, instruction: str, turn: int, args, seed
         old_log_probs=out.log_probs,
         final_latents=out.latents,
         images=[s.current_image for s in new_sessions],
-        timings=timings,
-        reasoned=reasoned,
+        timings=plan.timings,
+        reasoned=plan.reasoned,
         restored=restored,
     )
     return record, new_sessions
+
+
+@torch.no_grad()
+def rollout_turn(policy, sessions: list, instruction: str, turn: int, args, seed_keys: tuple) -> tuple[TurnRollout, list]:
+    """Roll the G `sessions` forward by one turn; returns the turn's record and the G new sessions."""
+    plan = _plan_turn(policy, sessions, instruction, turn, args, seed_keys)
+    _sample_one(policy, plan, args)
+    return _finish_turn(policy, plan)
 
 
 def source_image(record: dict) -> PIL.Image.Image:
@@ -365,16 +492,8 @@ def source_image(record: dict) -> PIL.Image.Image:
     )
 
 
-def rollout_session(policy, record: dict, args, seed: int) -> SessionRollout:
-    """Run `args.num_generations` rollouts of one session for `args.num_turns` turns.
-
-    Args:
-        policy: the [`~trl_editr2.policy.EditR2Policy`].
-        record: the session record (`source_image`, `instruction` list, MICE fields, ...).
-        args: the [`EditR2Config`].
-        seed: this session's rollout seed (the trainer derives it from the run seed, the step and the session id).
-    """
-    pipe = policy.pipeline
+def _start_sessions(pipe, record: dict, args) -> list:
+    """The G identical start sessions of `record` (its source image at the working size)."""
     instructions = list(record["instruction"])
     if len(instructions) < args.num_turns:
         raise ValueError(
@@ -387,9 +506,60 @@ def rollout_session(policy, record: dict, args, seed: int) -> SessionRollout:
     else:
         width, height = image.size
     session = pipe.start_session(image, height, width, args.reference_area)
-    sessions = [session] * args.num_generations
+    return [session] * args.num_generations
+
+
+def rollout_session(policy, record: dict, args, seed: int) -> SessionRollout:
+    """Run `args.num_generations` rollouts of one session for `args.num_turns` turns.
+
+    Args:
+        policy: the [`~trl_editr2.policy.EditR2Policy`].
+        record: the session record (`source_image`, `instruction` list, MICE fields, ...).
+        args: the [`EditR2Config`].
+        seed: this session's rollout seed (the trainer derives it from the run seed, the step and the session id).
+    """
+    sessions = _start_sessions(policy.pipeline, record, args)
+    source = sessions[0].source_image
     turns = []
-    for turn, instruction in enumerate(instructions[: args.num_turns]):
+    for turn, instruction in enumerate(list(record["instruction"])[: args.num_turns]):
         record_t, sessions = rollout_turn(policy, sessions, instruction, turn, args, (seed,))
         turns.append(record_t)
-    return SessionRollout(record=record, source_image=session.source_image, turns=turns, sessions=sessions)
+    return SessionRollout(record=record, source_image=source, turns=turns, sessions=sessions)
+
+
+@torch.no_grad()
+def rollout_sessions(policy, records: Sequence[dict], args, seeds: Sequence[int]) -> list[SessionRollout]:
+    """[`rollout_session`] for several sessions at once, turn by turn, with one transformer batch per denoising step.
+
+    Each session keeps its own seeds, so its reasoning tokens, initial noise, SDE window and SDE noise are those of
+    `rollout_session(policy, record, args, seed)`; the reasoning is still written session by session (its sampling
+    draws from one seeded RNG per session). At every turn the B sessions' B x G rollouts go through the transformer
+    together (sessions whose shapes or schedules differ in separate batches), which on a CPU or a GPU is much faster
+    than B calls of G. The velocities then differ from the per-session ones by float rounding only (summation order
+    in a larger batch, padding to the longest prompt), so the samples and old log-probs match `rollout_session` to a
+    tolerance, not bit for bit.
+
+    Args:
+        policy: the [`~trl_editr2.policy.EditR2Policy`].
+        records: B session records.
+        args: the [`EditR2Config`].
+        seeds: B rollout seeds, one per record.
+    """
+    if len(seeds) != len(records):
+        raise ValueError(f"pass one seed per record; got {len(seeds)} seeds for {len(records)} records.")
+    states = [_start_sessions(policy.pipeline, record, args) for record in records]
+    sources = [sessions[0].source_image for sessions in states]
+    turns: list[list[TurnRollout]] = [[] for _ in records]
+    for turn in range(args.num_turns):
+        plans = [_plan_turn(policy, sessions, list(record["instruction"])[turn], turn, args, (seed,))
+                 for sessions, record, seed in zip(states, records, seeds)]
+        groups: dict[tuple, list[_TurnPlan]] = {}
+        for plan in plans:
+            groups.setdefault(_batch_key(plan), []).append(plan)
+        for group in groups.values():
+            _sample_plans(policy, group, args)
+        for b, plan in enumerate(plans):
+            record_t, states[b] = _finish_turn(policy, plan)
+            turns[b].append(record_t)
+    return [SessionRollout(record=record, source_image=source, turns=t, sessions=sessions)
+            for record, source, t, sessions in zip(records, sources, turns, states)]

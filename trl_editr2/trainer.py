@@ -9,7 +9,8 @@ the optimizer and schedule, gradient accumulation and clipping, `accelerate` (DD
 state, `trainer_state.json`, callbacks and `report_to`. All the objective's math is in `editr2.rl` (pure functions);
 this module wires it:
 
-1. rollout (`rollout`): `trl_editr2.rollout.rollout_session` per session (G rollouts x T turns), for every
+1. rollout (`rollout`): `trl_editr2.rollout.rollout_sessions` (G rollouts x T turns per session, the transformer
+   batched over all the process's sessions; `rollout_session` per session with `batch_sessions=False`), for every
    micro-batch of the optimizer step before the first backward (the weights do not change within a step, so this is
    the same as rolling out each micro-batch just before its backward);
 2. score (`score`): the reward functions (`trl_editr2.rewards.score_samples`), combined by `editr2.rewards.combine`;
@@ -49,7 +50,7 @@ from .data import collate_sessions
 from .policy import (REASONING_ADAPTER, TRANSFORMER_ADAPTER, EditR2Policy, LossWeights, add_lora_adapters,
                      disable_dropout, prepare_reasoning_sampling)
 from .rewards import load_reward_funcs, reward_name, score_samples
-from .rollout import SessionRollout, derive_seed, rollout_session
+from .rollout import SessionRollout, derive_seed, rollout_session, rollout_sessions
 
 logger = logging.getLogger(__name__)
 
@@ -259,7 +260,11 @@ class EditR2Trainer(Trainer):
         policy.eval()
         try:
             with _root_unsharded(self.model):
-                rollouts = [rollout_session(policy, record, self.args, self.rollout_seed(record)) for record in records]
+                seeds = [self.rollout_seed(record) for record in records]
+                if self.args.batch_sessions and len(records) > 1:
+                    rollouts = rollout_sessions(policy, records, self.args, seeds)
+                else:
+                    rollouts = [rollout_session(policy, r, self.args, seed) for r, seed in zip(records, seeds)]
         finally:
             policy.train(was_training)
         self._metrics["timing/rollout"].append(time.perf_counter() - start)
