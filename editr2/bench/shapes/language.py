@@ -33,7 +33,7 @@ import re
 from dataclasses import dataclass, field
 
 from .grammar import Command, canonical_intent, check_command, formatted_instruction, nearest_free_cell
-from .sessions import OP_WEIGHTS  # how often each edit op is drawn: as in the grammar's sessions
+from .sessions import OP_WEIGHTS, propose_count, propose_tone, unique_new  # shared with the grammar's sessions
 from .world import (CELL_NAMES, COLOR_NAMES, GRID, MAX_OBJECTS, PLURALS, SHAPES, SIZES, TONE_NAMES, Desc, Obj,
                     Scene)
 
@@ -852,10 +852,6 @@ def _say_where(dlg: Dialogue, cell, rng: random.Random, style: dict, op: str, mo
     return f"{prep}{the}{rng.choice(CELL_WORDS[cell])}"
 
 
-def _unique_after(scene: Scene, desc: Desc, ignore: Obj | None = None) -> bool:
-    return all(o.desc != desc for o in scene.objects if o is not ignore)
-
-
 def _vacated(dlg: Dialogue) -> list[tuple[int, int]]:
     """Cells the last turn emptied ("where the triangle used to be")."""
     if len(dlg.scenes) < 2:
@@ -878,7 +874,7 @@ def _plan_op(op: str, dlg: Dialogue, rng: random.Random, rule: str | None, candi
         for _ in range(20):
             say = rng.choice(COLOR_NAMES) if rule is None or rng.random() < OVERRIDE_PROBABILITY else None
             desc = Desc(rng.choice(SIZES), say or rule, rng.choice(SHAPES))
-            if not _unique_after(scene, desc):
+            if not unique_new(scene, desc):
                 continue
             occupied = [o.cell for o in scene.objects]
             requested = rng.choice(occupied) if rng.random() < OCCUPIED_PROBABILITY else _pick_free(dlg, free, rng)
@@ -889,19 +885,10 @@ def _plan_op(op: str, dlg: Dialogue, rng: random.Random, rule: str | None, candi
             return _Plan(op, cmd, where=requested, say_color=say)
         return None
     if op == "background_change":
-        tone = rng.choice([t for t in TONE_NAMES if t != scene.tone])
-        return _Plan(op, Command(op, tone=tone))
+        return _Plan(op, Command(op, tone=propose_tone(scene, rng)))
     if op == "count_change":
-        groups = sorted({o.desc for o in scene.objects})
-        rng.shuffle(groups)
-        for desc in groups:
-            k = scene.count(desc)
-            room = min(len(free), MAX_OBJECTS - len(scene.objects))
-            counts = [n for n in range(1, 5)
-                      if n != k and n - k <= room and (rule is None or n < k or desc.color == rule)]
-            if counts:
-                return _Plan(op, Command(op, desc, count=rng.choice(counts)))
-        return None
+        change = propose_count(scene, free, rng, rule)
+        return None if change is None else _Plan(op, Command(op, change[0], count=change[1]))
     for i in candidates:
         old = dlg.objs[i]
         if op == "subject_remove" and len(scene.objects) > 1:
@@ -913,19 +900,19 @@ def _plan_op(op: str, dlg: Dialogue, rng: random.Random, rule: str | None, candi
                 else:
                     say = rng.choice([None, rng.choice(COLOR_NAMES)])
                 color = say or rule or old.color
-                if _unique_after(scene, Desc(old.size, color, shape), ignore=old):
+                if unique_new(scene, Desc(old.size, color, shape), ignore=old):
                     cmd = Command(op, old.desc, shape=shape, color=color,
                                   color_from_rule=say is None and rule is not None,
                                   overrides_rule=say is not None and rule not in (None, say))
                     return _Plan(op, cmd, target=i, say_color=say, say_size=rng.random() < 0.3)
         if op == "color_alter" and (rule is None or rng.random() < OVERRIDE_PROBABILITY):
-            colors = [c for c in COLOR_NAMES if c != old.color and _unique_after(scene, old.desc._replace(color=c))]
+            colors = [c for c in COLOR_NAMES if c != old.color and unique_new(scene, old.desc._replace(color=c))]
             if colors:
                 c = rng.choice(colors)
                 return _Plan(op, Command(op, old.desc, color=c, overrides_rule=rule not in (None, c)), target=i)
         if op == "size_change":
             size = "large" if old.size == "small" else "small"
-            if _unique_after(scene, old.desc._replace(size=size)):
+            if unique_new(scene, old.desc._replace(size=size)):
                 return _Plan(op, Command(op, old.desc, size=size), target=i)
         if op == "position_change":
             others = [o.cell for o in scene.objects if o.cell != old.cell]

@@ -231,8 +231,28 @@ def _apply(world: _World, cmd: Command) -> tuple[_World, int | None, frozenset]:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _unique_new(scene: Scene, desc: Desc, ignore: Obj | None = None) -> bool:
+def unique_new(scene: Scene, desc: Desc, ignore: Obj | None = None) -> bool:
+    """Whether `desc` names no object of `scene` (but `ignore`): an edit may make it."""
     return all(o.desc != desc for o in scene.objects if o is not ignore)
+
+
+def propose_tone(scene: Scene, rng: random.Random) -> str:
+    """A background tone other than the scene's (a `background_change`)."""
+    return rng.choice([t for t in TONE_NAMES if t != scene.tone])
+
+
+def propose_count(scene: Scene, free: list, rng: random.Random, rule: str | None) -> tuple[Desc, int] | None:
+    """`(desc, new count)` for a `count_change` that fits the free cells and keeps the colour rule, or None."""
+    groups = sorted({o.desc for o in scene.objects})
+    rng.shuffle(groups)
+    for desc in groups:
+        k = scene.count(desc)
+        room = min(len(free), MAX_OBJECTS - len(scene.objects))
+        counts = [n for n in range(1, 5)
+                  if n != k and n - k <= room and (rule is None or n < k or desc.color == rule)]
+        if counts:
+            return desc, rng.choice(counts)
+    return None
 
 
 def _propose(op: str, world: _World, rng: random.Random, rule: str | None, target_id: int | None = None):
@@ -245,27 +265,21 @@ def _propose(op: str, world: _World, rng: random.Random, rule: str | None, targe
         for _ in range(20):
             color = rule or rng.choice(COLOR_NAMES)
             desc = Desc(rng.choice(SIZES), color, rng.choice(SHAPES))
-            if _unique_new(scene, desc):
+            if unique_new(scene, desc):
                 cmd = Command(op, shape=desc.shape, color=color, size=desc.size, cell=rng.choice(free),
                               color_from_rule=rule is not None)
                 lit = Literal(op, shape=desc.shape, color=None if rule else color, size=desc.size, cell=cmd.cell)
                 return cmd, lit
         return None
     if op == "background_change":
-        tone = rng.choice([t for t in TONE_NAMES if t != scene.tone])
+        tone = propose_tone(scene, rng)
         return Command(op, tone=tone), Literal(op, tone=tone)
     if op == "count_change":
-        groups = sorted({o.desc for o in scene.objects})
-        rng.shuffle(groups)
-        for desc in groups:
-            k = scene.count(desc)
-            room = min(len(free), MAX_OBJECTS - len(scene.objects))
-            counts = [n for n in range(1, 5)
-                      if n != k and n - k <= room and (rule is None or n < k or desc.color == rule)]
-            if counts:
-                n = rng.choice(counts)
-                return Command(op, desc, count=n), Literal(op, desc, count=n)
-        return None
+        change = propose_count(scene, free, rng, rule)
+        if change is None:
+            return None
+        desc, n = change
+        return Command(op, desc, count=n), Literal(op, desc, count=n)
     if op == "color_alter" and rule is not None:
         return None  # a recolour would contradict the colour rule
     candidates = [target_id] if target_id is not None else world.nameable()
@@ -281,17 +295,17 @@ def _propose(op: str, world: _World, rng: random.Random, rule: str | None, targe
             for shape in shapes:
                 say = None if rule else rng.choice([None, rng.choice(COLOR_NAMES)])
                 color = rule or say or old.color
-                if _unique_new(scene, Desc(old.size, color, shape), ignore=old):
+                if unique_new(scene, Desc(old.size, color, shape), ignore=old):
                     return (Command(op, old.desc, shape=shape, color=color, color_from_rule=rule is not None),
                             Literal(op, old.desc, shape=shape, color=say))
         elif op == "color_alter":
-            colors = [c for c in COLOR_NAMES if c != old.color and _unique_new(scene, old.desc._replace(color=c))]
+            colors = [c for c in COLOR_NAMES if c != old.color and unique_new(scene, old.desc._replace(color=c))]
             if colors:
                 c = rng.choice(colors)
                 return Command(op, old.desc, color=c), Literal(op, old.desc, color=c)
         elif op == "size_change":
             size = "large" if old.size == "small" else "small"
-            if _unique_new(scene, old.desc._replace(size=size)):
+            if unique_new(scene, old.desc._replace(size=size)):
                 return Command(op, old.desc, size=size), Literal(op, old.desc, size=size)
         elif op == "position_change" and free:
             cell = rng.choice(free)
