@@ -100,6 +100,28 @@ def test_dotted_names_in_docs_exist(doc):
     assert not missing, f"{doc} names {missing}, which the code does not define"
 
 
+@lru_cache(maxsize=None)
+def _class_members() -> dict[str, set[str]]:
+    """`{class name: its members}` over every module of the packages."""
+    members: dict[str, set[str]] = {}
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            for name in _names(path):
+                if "." in name:
+                    cls, member = name.split(".", 1)
+                    members.setdefault(cls, set()).add(member)
+    return members
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_class_members_in_docs_exist(doc):
+    text = (ROOT / doc).read_text()
+    members = _class_members()
+    named = set(re.findall(r"\b(EditR2\w+|Session|Turn|Intent|TurnConditioning|TurnRollout|SessionRollout)\.(_?[a-z]\w*)", text))
+    missing = sorted(f"{cls}.{member}" for cls, member in named if cls in members and member not in members[cls])
+    assert not missing, f"{doc} names {missing}, which the classes do not define"
+
+
 def test_interfaces_give_the_real_fallback_reasons():
     text = (ROOT / "docs/interfaces.md").read_text()
     constants = {name: getattr(intent, name) for name in dir(intent) if name.startswith("FALLBACK_")}
