@@ -5,7 +5,7 @@ PY      = $(VENV)/bin/python
 PIP     = $(VENV)/bin/pip
 STAMP   = $(VENV)/.installed
 
-.PHONY: install demo test test-numerics bench clean
+.PHONY: install demo test test-fast test-numerics bench clean
 
 $(STAMP): pyproject.toml requirements-ci.txt
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+# Everything but the tests marked `slow` (training runs, subprocesses, the shipped model's quality floors): for the
+# edit-test loop. `make test` runs them all.
+test-fast: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
 
 # The float comparisons across code paths or memory layouts (marker `numerics`) once more under other CPU kernels:
 # MKL restricted to SSE4.2 (its SSE4.2 matrix-vector kernel sums in another order for operands that are not 16-byte

@@ -2,6 +2,7 @@
 
     python benchmarks/gpu_check.py                       # on a GPU machine: bf16, 512^2 and 1024^2, 2 layers
     python benchmarks/gpu_check.py --smoke               # a CPU dry run of the same code paths (tiny widths)
+    python benchmarks/gpu_check.py --memory              # adds peak memory per diffusers memory mode
 
 Components are random (no download) with Qwen-Image-Edit-2509's real widths and few layers: the transformer
 (24 heads x 128, joint dim 3584, in 64 / out 16 channels), the real VAE config, and a Qwen2.5-VL text encoder of real
@@ -13,6 +14,10 @@ runs a 2-turn session at each size and reports turn 2 (turn 1 warms up):
 - `plain (matched)`: the same with its reference sizes set to the working size;
 - `ours none`: `EditR2Pipeline(reasoning="none", reference_area=None)`, the latent carried from turn 1;
 - `ours intent`: the same with the VLM writing `--max-new-tokens` tokens first (reasoning time shown separately).
+
+With `--memory`, a second table runs `ours intent` under each of diffusers' memory modes (`MEMORY_MODES`): none
+(everything on the GPU), `enable_model_cpu_offload`, `enable_group_offload` (block level, CUDA streams) and fp8
+layerwise storage of the transformer; each mode starts from components in CPU memory.
 
 Columns: median seconds per denoising step (from step-end timestamps), turn time without reasoning, reasoning time,
 share of the turn (without reasoning) outside the transformer's forward passes, and `torch.cuda.max_memory_allocated`.
@@ -136,7 +141,49 @@ def run_variant(pipe, variant: str, size: int, args) -> dict:
     return result
 
 
-def main(argv=None) -> None:
+MEMORY_MODES = ("none", "model_cpu_offload", "group_offload", "fp8_storage")
+
+
+def memory_mode_pipeline(args, mode: str):
+    """An `EditR2Pipeline` of fresh components built in CPU memory, set up for the memory `mode` on `args.device`."""
+    from diffusers_editr2.pipeline_editr2 import EditR2Pipeline
+
+    pipe = EditR2Pipeline(**build_components(argparse.Namespace(**{**vars(args), "device": "cpu"})))
+    pipe.set_progress_bar_config(disable=True)
+    device = torch.device(args.device)
+    if mode == "model_cpu_offload":
+        pipe.enable_model_cpu_offload(device=device)
+    elif mode == "group_offload":
+        pipe.enable_group_offload(onload_device=device, offload_device=torch.device("cpu"), offload_type="block_level",
+                                  num_blocks_per_group=1, use_stream=device.type == "cuda")
+    else:
+        if mode == "fp8_storage":
+            pipe.transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn,
+                                                      compute_dtype=getattr(torch, args.dtype))
+        pipe.to(device)
+    return pipe
+
+
+def memory_table(args) -> None:
+    cuda = torch.device(args.device).type == "cuda"
+    print("\n| size | memory mode | s/step | turn w/o reasoning (s) | reasoning (s) | peak mem (GB) |")
+    print("|---|---|---|---|---|---|")
+    for mode in MEMORY_MODES:
+        pipe = memory_mode_pipeline(args, mode)
+        for size in args.sizes:
+            if cuda:
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            r = run_variant(pipe, "ours intent", size, args)
+            peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+            print(f"| {size} | {mode} | {r['step']:.4f} | {r['turn']:.3f} | {r['reasoning']:.3f} | {peak:.2f} |",
+                  flush=True)
+        del pipe
+        if cuda:
+            torch.cuda.empty_cache()
+
+
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[512, 1024])
     parser.add_argument("--steps", type=int, default=10)
@@ -152,12 +199,17 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--smoke", action="store_true", help="CPU dry run with tiny widths (checks the script only)")
+    parser.add_argument("--memory", action="store_true", help="add peak memory per diffusers memory mode")
     args = parser.parse_args(argv)
     if args.smoke:
         args.sizes, args.steps, args.max_new_tokens, args.device, args.dtype = [64], 3, 4, "cpu", "float32"
         args.heads, args.head_dim, args.text_hidden, args.text_intermediate = 2, 32, 128, 128
         args.vision_hidden, args.vae_base_dim = 32, 8
+    return args
 
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     from diffusers import QwenImageEditPlusPipeline
 
     from diffusers_editr2.pipeline_editr2 import EditR2Pipeline
@@ -183,6 +235,9 @@ def main(argv=None) -> None:
             peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
             print(f"| {size} | {variant} | {r['step']:.4f} | {r['turn']:.3f} | {r['reasoning']:.3f} | "
                   f"{100 * r['outside']:.1f}% | {peak:.2f} |", flush=True)  # fmt: skip
+    if args.memory:
+        del pipes, components
+        memory_table(args)
 
 
 if __name__ == "__main__":

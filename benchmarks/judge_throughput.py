@@ -2,7 +2,7 @@
 
     python benchmarks/judge_throughput.py --judgements 64 --delay 0.05
 
-The server (editr2.bench.judges.testing.FakeChatServer on 127.0.0.1) answers every chat-completions request after a
+The server (tests/judge_fakes.py's FakeChatServer on 127.0.0.1) answers every chat-completions request after a
 fixed delay, standing in for a vLLM server. One judgement is one IF vote on a colour edit: one request carrying two
 PNG images (64x64 by default, so that this machine's CPUs, which also run the server, are not what is measured; use
 ``--size 512`` to see the client's image-encoding cost). With an unlimited server, throughput should grow with the
@@ -13,13 +13,17 @@ stops growing past K. Prints a markdown table.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from editr2.bench.judges import IFConfig, IFJudge, OpenAIChatConfig, OpenAIChatVLM, RetryPolicy, TurnRequest
-from editr2.bench.judges.testing import FakeChatServer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from judge_fakes import FakeChatServer  # noqa: E402 - the test suite's fake server
 
 
 def requests(count: int, size: int) -> list[TurnRequest]:

@@ -7,12 +7,13 @@ This package imports ComfyUI's modules (`comfy_api`, `comfy`, `folder_paths`), s
 
 from comfy_api.latest import ComfyExtension, io
 
-from .model import register_model_folder
+from .model import install_example_input, register_model_folder
 from .nodes import NODES
 
 WEB_DIRECTORY = "./web"  # shows each Edit Turn's operative intent on the node after it runs
 
 register_model_folder()
+install_example_input()
 
 
 class EditR2Extension(ComfyExtension):

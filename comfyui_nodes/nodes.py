@@ -19,14 +19,26 @@ import torch
 from comfy_api.latest import io, ui
 
 from editr2.filmstrip import filmstrip
+from editr2.intent import REASONING_MODES
 from editr2.session import SESSION_FILE, Session, SessionFormatError
 
 from .images import pil_to_tensor, tensor_to_pil
-from .model import DEVICES, DTYPES, EditR2Model, list_models, load_model, resolve_model
+from .model import (
+    DEVICES,
+    DTYPES,
+    MEMORY_MODES,
+    EditR2Model,
+    list_loras,
+    list_models,
+    load_model,
+    load_single_files,
+    resolve_lora,
+    resolve_model,
+    with_lora,
+)
+from .single_file import list_configs, list_files, resolve_config, resolve_file
 
 CATEGORY = "Edit-R2"
-# EditR2Pipeline(reasoning=...): write the operative intent first / all instructions so far / this instruction only
-REASONING_MODES = ("intent", "history", "none")
 MAX_SEED = 0xFFFF_FFFF_FFFF_FFFF
 SESSION_SEARCH_DEPTH = 3  # how deep Load Session looks for session folders under input/ and output/
 INPUT_NOTES = "input_notes"  # session.meta key: what was done to the source image to make it editable
@@ -59,21 +71,41 @@ def _validation_result(check: Callable[[], object], errors: tuple[type[Exception
 # Model
 
 
+MODEL_OUTPUT_TOOLTIP = "The Edit-R2 model: connect it to Edit Turn's 'model' input (or to Load Edit-R2 LoRA first)."
+DTYPE_TOOLTIP = "auto: bfloat16 on a GPU that supports it, else float32. Weights stored as fp8 are cast to it."
+DEVICE_TOOLTIP = "auto: ComfyUI's device, offloaded when other models need the memory; cpu: run on the CPU."
+MEMORY_TOOLTIP = (
+    "comfyui: the whole model on the GPU for a turn (ComfyUI moves it out when other models need the room). "
+    "fp8_storage: the transformer's weights stored as float8, computed in dtype (about half its memory). "
+    "model_cpu_offload: one component at a time on the GPU. group_offload: blocks streamed to the GPU one at a time "
+    "(least memory, slowest). The real model is ~20 B (transformer) + 7 B (text encoder) parameters."
+)
+
+
+def _memory_inputs() -> list:
+    return [
+        io.Combo.Input("dtype", options=list(DTYPES), default="auto", tooltip=DTYPE_TOOLTIP),
+        io.Combo.Input("device", options=list(DEVICES), default="auto", tooltip=DEVICE_TOOLTIP),
+        io.Combo.Input("memory", options=list(MEMORY_MODES), default="comfyui", optional=True,
+                       tooltip=MEMORY_TOOLTIP),
+    ]
+
+
 class EditR2LoadModel(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return _schema(
             node_id="EditR2LoadModel",
             display_name="Load Edit-R2 Model",
-            description="Loads an Edit-R2 pipeline folder from models/editr2/ (or the shipped default).",
+            description="Loads an Edit-R2 pipeline folder (the diffusers layout, e.g. a Qwen-Image-Edit-2509 or -2511 "
+                        "folder) from models/editr2/, or the shipped tiny default. For ComfyUI's split model files "
+                        "use 'Load Edit-R2 Model (single files)'.",
             inputs=[
-                io.Combo.Input("model_name", options=list_models(), tooltip="A pipeline folder in models/editr2/."),
-                io.Combo.Input("dtype", options=list(DTYPES), default="auto",
-                               tooltip="auto: bfloat16 on a GPU that supports it, else float32."),
-                io.Combo.Input("device", options=list(DEVICES), default="auto",
-                               tooltip="auto: ComfyUI's device, offloaded when other models need the memory."),
+                io.Combo.Input("model_name", options=list_models(),
+                               tooltip="A pipeline folder (with model_index.json) in models/editr2/."),
+                *_memory_inputs(),
             ],
-            outputs=[EditR2ModelType.Output(display_name="model")],
+            outputs=[EditR2ModelType.Output(display_name="model", tooltip=MODEL_OUTPUT_TOOLTIP)],
         )
 
     @classmethod
@@ -81,8 +113,84 @@ class EditR2LoadModel(io.ComfyNode):
         return _validation_result(lambda: resolve_model(model_name), (FileNotFoundError, ValueError))
 
     @classmethod
-    def execute(cls, model_name: str, dtype: str = "auto", device: str = "auto") -> io.NodeOutput:
-        return io.NodeOutput(load_model(model_name, dtype, device))
+    def execute(cls, model_name: str, dtype: str = "auto", device: str = "auto",
+                memory: str = "comfyui") -> io.NodeOutput:
+        return io.NodeOutput(load_model(model_name, dtype, device, memory))
+
+
+class EditR2LoadSingleFiles(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return _schema(
+            node_id="EditR2LoadSingleFiles",
+            display_name="Load Edit-R2 Model (single files)",
+            description="Loads Qwen-Image-Edit-2509 or -2511 from ComfyUI's split model files: the diffusion model "
+                        "(models/diffusion_models/), the Qwen2.5-VL text encoder (models/text_encoders/) and the VAE "
+                        "(models/vae/). The configs ship with the pack; fp8 files are cast to dtype on load.",
+            inputs=[
+                io.Combo.Input("diffusion_model", options=list_files("diffusion_model"),
+                               tooltip="The Qwen-Image-Edit transformer, e.g. qwen_image_edit_2509_fp8_e4m3fn."
+                               "safetensors, from models/diffusion_models/."),
+                io.Combo.Input("text_encoder", options=list_files("text_encoder"),
+                               tooltip="Qwen2.5-VL-7B, e.g. qwen_2.5_vl_7b_fp8_scaled.safetensors, from "
+                               "models/text_encoders/. Writing intents needs a file with the LM head (lm_head)."),
+                io.Combo.Input("vae", options=list_files("vae"),
+                               tooltip="The Qwen-Image VAE, e.g. qwen_image_vae.safetensors, from models/vae/."),
+                io.Combo.Input("config", options=list_configs(), default="auto",
+                               tooltip="The release the files belong to; auto: 2511 when the diffusion model file "
+                               "says so (its marker key or '2511' in its name), else 2509."),
+                *_memory_inputs(),
+            ],
+            outputs=[EditR2ModelType.Output(display_name="model", tooltip=MODEL_OUTPUT_TOOLTIP)],
+        )
+
+    @classmethod
+    def validate_inputs(cls, diffusion_model: str, text_encoder: str, vae: str, config: str = "auto") -> bool | str:
+        def check():
+            for kind, name in (("diffusion_model", diffusion_model), ("text_encoder", text_encoder), ("vae", vae)):
+                resolve_file(kind, name)
+            resolve_config(config, diffusion_model)
+
+        return _validation_result(check, (FileNotFoundError, ValueError))
+
+    @classmethod
+    def execute(cls, diffusion_model: str, text_encoder: str, vae: str, config: str = "auto", dtype: str = "auto",
+                device: str = "auto", memory: str = "comfyui") -> io.NodeOutput:
+        return io.NodeOutput(load_single_files(diffusion_model, text_encoder, vae, config, dtype, device, memory))
+
+
+class EditR2LoadLoRA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return _schema(
+            node_id="EditR2LoadLoRA",
+            display_name="Load Edit-R2 LoRA",
+            description="Adds an Edit-R2 LoRA (an EditR2Trainer output folder in models/editr2/loras/) to the model: "
+                        "the transformer LoRA changes the edits, the reasoning LoRA the intents the text encoder "
+                        "writes. Only this wire's turns use it; chain several nodes to stack LoRAs.",
+            inputs=[
+                EditR2ModelType.Input("model", tooltip="The model to add the LoRA to (Load Edit-R2 Model output)."),
+                io.Combo.Input("lora_name", options=list_loras(),
+                               tooltip="A folder in models/editr2/loras/ with pytorch_lora_weights.safetensors "
+                               "(transformer) and/or reasoning_lora/ (text encoder), as EditR2Trainer saves them."),
+                io.Float.Input("strength", default=1.0, min=-4.0, max=4.0, step=0.05,
+                               tooltip="Scale of the transformer LoRA (0: off)."),
+                io.Float.Input("reasoning_strength", default=1.0, min=-4.0, max=4.0, step=0.05,
+                               tooltip="Scale of the reasoning LoRA, active only while the intent is written."),
+            ],
+            outputs=[EditR2ModelType.Output(display_name="model", tooltip="The model with the LoRA added.")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, lora_name: str) -> bool | str:
+        return _validation_result(lambda: resolve_lora(lora_name), (FileNotFoundError, ValueError))
+
+    @classmethod
+    def execute(cls, model: EditR2Model, lora_name: str, strength: float = 1.0,
+                reasoning_strength: float = 1.0) -> io.NodeOutput:
+        if not isinstance(model, EditR2Model):
+            raise ValueError("Load Edit-R2 LoRA: connect 'model' to a Load Edit-R2 Model output")
+        return io.NodeOutput(with_lora(model, lora_name, strength, reasoning_strength))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -97,11 +205,13 @@ class EditR2StartSession(io.ComfyNode):
             display_name="Start Edit-R2 Session",
             description="Starts a multi-turn editing session from one image, with optional persistent rules.",
             inputs=[
-                io.Image.Input("image", tooltip="The source image (a batch of one)."),
+                io.Image.Input("image", tooltip="The source image (a batch of one); its size is the session's size, "
+                               "rounded down to what the model needs."),
                 io.String.Input("rules", multiline=True, default="", optional=True,
                                 tooltip="Persistent rules, one per line, that every turn must keep."),
             ],
-            outputs=[EditR2SessionType.Output(display_name="session")],
+            outputs=[EditR2SessionType.Output(display_name="session",
+                                              tooltip="The new session: connect it to an Edit Turn.")],
         )
 
     @classmethod
@@ -161,6 +271,12 @@ def _shown_text(intent: str, notes: list[str]) -> str:
     return "\n".join([intent, *(f"note: {note}" for note in notes)])
 
 
+def _turn_ui(shown: str, image: torch.Tensor, node: type) -> dict:
+    """What Edit Turn shows on the node: the intent text (`text`) and a preview of the edited image (`images`)."""
+    preview = ui.PreviewImage(image, cls=node)
+    return {"text": (shown,), **preview.as_dict()}
+
+
 def _check_instruction(instruction: str) -> None:
     if not instruction.strip():
         raise ValueError("Edit Turn: the instruction is empty; type what this turn should change")
@@ -172,10 +288,14 @@ class EditR2EditTurn(io.ComfyNode):
         return _schema(
             node_id="EditR2EditTurn",
             display_name="Edit-R2 Edit Turn",
-            description="One editing turn: reconstructs the operative intent from the session, then edits the image.",
+            description="One editing turn: reconstructs the operative intent from the session (what this instruction "
+                        "means given the earlier turns and rules), then edits the current image with it. Shows the "
+                        "intent and the edited image on the node; two turns fed from one session branch it.",
             inputs=[
-                EditR2SessionType.Input("session"),
-                EditR2ModelType.Input("model"),
+                EditR2SessionType.Input("session", tooltip="The session to continue (Start Session, Edit Turn or "
+                                        "Load Session output)."),
+                EditR2ModelType.Input("model", tooltip="The Edit-R2 model (Load Edit-R2 Model, single files or LoRA "
+                                      "output)."),
                 io.String.Input("instruction", multiline=True, default="",
                                 tooltip="What to change in this turn; it may refer to earlier turns."),
                 io.Combo.Input("reasoning", options=list(REASONING_MODES), default="intent",
@@ -185,15 +305,20 @@ class EditR2EditTurn(io.ComfyNode):
                 io.Int.Input("steps", default=20, min=2, max=200, tooltip="Denoising steps."),
                 io.Float.Input("cfg", default=4.0, min=1.0, max=20.0, step=0.1, round=0.01,
                                tooltip="True classifier-free guidance scale (1 turns it off)."),
-                io.Int.Input("seed", default=0, min=0, max=MAX_SEED, control_after_generate=True),
+                io.Int.Input("seed", default=0, min=0, max=MAX_SEED, control_after_generate=True,
+                             tooltip="Seed of the turn's noise (and of sampled reasoning); the same seed and inputs "
+                             "give the same edit."),
                 io.String.Input("negative_prompt", multiline=True, default="", optional=True,
                                 tooltip="Used when cfg > 1 (guidance is on then, even with this left empty)."),
             ],
             outputs=[
-                EditR2SessionType.Output(display_name="session"),
-                io.Image.Output(display_name="image"),
-                io.String.Output(display_name="intent"),
+                EditR2SessionType.Output(display_name="session",
+                                         tooltip="The session with this turn added: connect the next Edit Turn."),
+                io.Image.Output(display_name="image", tooltip="This turn's edited image."),
+                io.String.Output(display_name="intent", tooltip="The operative intent that conditioned the edit (the "
+                                 "instruction itself with reasoning 'none')."),
             ],
+            is_output_node=True,  # its intent and image are shown on the node, and shown again when it is cached
         )
 
     @classmethod
@@ -213,8 +338,15 @@ class EditR2EditTurn(io.ComfyNode):
             raise ValueError(f"Edit Turn: reasoning must be one of {list(REASONING_MODES)}, got {reasoning!r}")
         if not isinstance(model, EditR2Model):
             raise ValueError("Edit Turn: connect 'model' to a Load Edit-R2 Model output")
+        if reasoning == "intent" and not model.can_reason:
+            raise ValueError(
+                "Edit Turn: this model's text-encoder file has no language-model head (lm_head.weight; ComfyUI's "
+                "Qwen2.5-VL files may leave it out), so it cannot write intents; set reasoning to 'history' or "
+                "'none', or load a text-encoder file that includes the head"
+            )
         comfy.model_management.throw_exception_if_processing_interrupted()
         model.prepare()
+        model.activate_loras()
         notes = []
         if session.num_turns == 0 and session.source_latents is None:
             session = _at_working_size(model.pipeline, session)
@@ -233,8 +365,8 @@ class EditR2EditTurn(io.ComfyNode):
             **model.call_kwargs(),  # what the model folder was trained with (VLM image size, request template)
         )
         intent = output.intents[0]
-        shown = _shown_text(intent, notes)
-        return io.NodeOutput(output.session, pil_to_tensor(output.images[0]), intent, ui=ui.PreviewText(shown))
+        image = pil_to_tensor(output.images[0])
+        return io.NodeOutput(output.session, image, intent, ui=_turn_ui(_shown_text(intent, notes), image, cls))
 
 
 class EditR2SessionImages(io.ComfyNode):
@@ -245,10 +377,11 @@ class EditR2SessionImages(io.ComfyNode):
             display_name="Edit-R2 Session Images",
             description="All images of a session as one IMAGE batch: the source (optional), then each turn.",
             inputs=[
-                EditR2SessionType.Input("session"),
-                io.Boolean.Input("include_source", default=True),
+                EditR2SessionType.Input("session", tooltip="The session whose images to take."),
+                io.Boolean.Input("include_source", default=True,
+                                 tooltip="Put the source image first (off: the turns' images only)."),
             ],
-            outputs=[io.Image.Output(display_name="images")],
+            outputs=[io.Image.Output(display_name="images", tooltip="The images as one batch, oldest first.")],
         )
 
     @classmethod
@@ -267,11 +400,12 @@ class EditR2SessionFilmstrip(io.ComfyNode):
             display_name="Edit-R2 Session Filmstrip",
             description="One image showing every turn, with its instruction and operative intent underneath.",
             inputs=[
-                EditR2SessionType.Input("session"),
+                EditR2SessionType.Input("session", tooltip="The session to draw."),
                 io.Int.Input("tile", default=256, min=16, max=2048, step=16,
                              tooltip="The longer side of each image in the strip, in pixels."),
             ],
-            outputs=[io.Image.Output(display_name="filmstrip")],
+            outputs=[io.Image.Output(display_name="filmstrip",
+                                     tooltip="One image: every turn with its instruction and intent underneath.")],
         )
 
     @classmethod
@@ -312,12 +446,13 @@ class EditR2SaveSession(io.ComfyNode):
             display_name="Save Edit-R2 Session",
             description="Saves the session (images, intents, latents) as a new folder in ComfyUI's output directory.",
             inputs=[
-                EditR2SessionType.Input("session"),
+                EditR2SessionType.Input("session", tooltip="The session to save."),
                 io.String.Input("folder_prefix", default=DEFAULT_FOLDER_PREFIX,
                                 tooltip="Relative to the output directory, and inside it; _00001, _00002, ... is "
                                 "appended."),
             ],
-            outputs=[io.String.Output(display_name="folder")],
+            outputs=[io.String.Output(display_name="folder",
+                                      tooltip="The saved folder, relative to the output directory.")],
             is_output_node=True,
         )
 
@@ -385,7 +520,9 @@ class EditR2LoadSession(io.ComfyNode):
             display_name="Load Edit-R2 Session",
             description="Loads a saved session folder from ComfyUI's input (or output) directory to continue it.",
             inputs=[io.Combo.Input("folder", options=list_sessions(), tooltip="A folder holding session.json.")],
-            outputs=[EditR2SessionType.Output(display_name="session"), io.Image.Output(display_name="image")],
+            outputs=[EditR2SessionType.Output(display_name="session", tooltip="The loaded session: continue it with "
+                                              "an Edit Turn."),
+                     io.Image.Output(display_name="image", tooltip="The session's current (latest) image.")],
         )
 
     @classmethod
@@ -407,6 +544,8 @@ class EditR2LoadSession(io.ComfyNode):
 
 NODES: list[type[io.ComfyNode]] = [
     EditR2LoadModel,
+    EditR2LoadSingleFiles,
+    EditR2LoadLoRA,
     EditR2StartSession,
     EditR2EditTurn,
     EditR2SessionImages,

@@ -7,6 +7,8 @@ Example::
 The output directory is a saved session (`editr2.session.Session.load(out)` restores it): `session.json`,
 `source.png`, `turn_01.png`, ..., `latents.safetensors`, plus `filmstrip.png` (each turn under its instruction and
 intent). Turn k is seeded with `--seed + k - 1`, so a turn does not depend on how many turns ran before it.
+With `--reasoning intent`, an instruction such as "undo that" whose intent names an earlier state ("Undo the last
+edit.", "Restore the image from before turn 2.") restores that state exactly (no denoising; the line says so).
 
 Settings not given on the command line come from the model folder's `editr2_call_defaults.json` when it has one (the
 size, steps, CFG, VLM view and request template a model was trained with, e.g. the shipped MICE-Shapes default), else
@@ -104,6 +106,8 @@ def run(args: argparse.Namespace) -> int:
     filmstrip(out.session).save(directory / "filmstrip.png")
     for k, turn in enumerate(out.session.turns, start=1):
         note = f"  [fallback: {turn.fallback_reason}]" if turn.fallback_reason else ""
+        if turn.restored_from is not None:
+            note += f"  [restored {'the source' if turn.restored_from == 0 else f'turn {turn.restored_from}'} exactly]"
         print(f"turn {k}: {turn.instruction!r} -> {turn.intent!r}{note}  ({turn.timings.get('total', 0):.2f} s)")
     print(f"wrote {directory}/turn_XX.png, session.json and filmstrip.png")
     return 0
@@ -215,12 +219,12 @@ def _check_settings(args: argparse.Namespace, kwargs: dict) -> None:
 
 def call_kwargs(args: argparse.Namespace) -> dict:
     """The `__call__` settings: the command line's, then the model folder's call defaults, then upstream's."""
-    from .bench import load_call_defaults
+    from .call_defaults import read_call_defaults
 
     given = {"num_inference_steps": args.steps, "height": args.height, "width": args.width,
              "true_cfg_scale": args.true_cfg_scale, "condition_area": args.condition_area,
              "max_new_tokens": args.max_new_tokens}
-    kwargs = {**UPSTREAM_DEFAULTS, **load_call_defaults(args.model, fallback={}),
+    kwargs = {**UPSTREAM_DEFAULTS, **read_call_defaults(args.model),
               **{k: v for k, v in given.items() if v is not None}}
     if args.reference_area is not None:  # 0 means the working size
         kwargs["reference_area"] = args.reference_area or None

@@ -12,7 +12,9 @@ history reaches the editor (`reasoning=`):
   *operative intent* (IC-CoT, `editr2.intent`), and that intent conditions the edit.
 
 The edited latent is kept in the new session's turn and is the next turn's reference latent, so the image is never
-decoded and re-encoded between turns.
+decoded and re-encoded between turns. An intent that names an earlier session state ("Undo the last edit.", "Restore
+the image from before turn 3.", `editr2.intent.parse_restore`) is an exact undo: the turn copies that state's image and
+latent ([`EditR2Pipeline.restore_turn`], `Turn.restored_from`) and no model runs.
 
 Public pieces, for callers that run their own sampler (the RL trainer):
 
@@ -52,9 +54,10 @@ from diffusers.schedulers import FlowMatchEulerDiscreteScheduler
 from diffusers.utils import logging, replace_example_docstring
 from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer, Qwen2VLProcessor
 
-from editr2.intent import Intent, build_messages, parse_answer
+from editr2.intent import REASONING_MODES, Intent, build_messages, parse_answer
 from editr2.session import Session, Turn
 
+from .call_defaults import read_call_defaults, write_call_defaults
 from .pipeline_output import EditR2PipelineOutput
 from .processing import Qwen2VLImageOnlyProcessor  # noqa: F401  (folders we save name this module: it must be imported)
 
@@ -75,7 +78,6 @@ EXAMPLE_DOC_STRING = """
         ```
 """
 
-REASONING_MODES = ("intent", "history", "none")
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 MAX_INPUT_PIXELS = 8192 * 8192  # larger inputs are refused rather than resized (they are resized to ~1 MP anyway)
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
@@ -275,7 +277,8 @@ class EditR2Pipeline(DiffusionPipeline, QwenImageLoraLoaderMixin):
     r"""Multi-turn, intent-first image editing with a Qwen-Image-Edit(-Plus) model.
 
     The components are those of diffusers' [`QwenImageEditPlusPipeline`], registered the same way, so
-    `EditR2Pipeline.from_pretrained` loads a `Qwen/Qwen-Image-Edit-2509` folder unchanged. Transformer LoRAs load
+    `EditR2Pipeline.from_pretrained` loads a `Qwen/Qwen-Image-Edit-2509` or `Qwen/Qwen-Image-Edit-2511` folder
+    unchanged (2511's transformer config sets `zero_cond_t`, which diffusers' transformer applies). Transformer LoRAs load
     through diffusers' loader (`load_lora_weights`); a *reasoning* LoRA on the text encoder through peft
     ([`load_reasoning_lora`]) is active while the VLM writes the intent and disabled while it encodes the prompt.
 
@@ -326,6 +329,8 @@ class EditR2Pipeline(DiffusionPipeline, QwenImageLoraLoaderMixin):
         self.prompt_template_encode_start_idx = 64
         self.default_sample_size = 128
         self.reasoning_prefix_cache = ReasoningPrefixCache()
+        # The `__call__` arguments the model was trained for (see `from_pretrained`); `{}` for upstream's defaults.
+        self.call_defaults: dict = {}
 
     # ------------------------------------------------------------------------------------------------------------------
     # Loading and saving
@@ -335,7 +340,7 @@ class EditR2Pipeline(DiffusionPipeline, QwenImageLoraLoaderMixin):
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         r"""Load from a diffusers folder or Hub id, e.g. a `Qwen/Qwen-Image-Edit-2509` layout, unchanged.
 
-        Like [`~DiffusionPipeline.from_pretrained`], with two differences:
+        Like [`~DiffusionPipeline.from_pretrained`], with two differences and one addition:
 
         - Without `dtype` (or the older `torch_dtype`), every component loads in `torch.float32`. diffusers' own
           default would load the transformer and VAE in float32 but let transformers load the text encoder in the dtype
@@ -346,6 +351,11 @@ class EditR2Pipeline(DiffusionPipeline, QwenImageLoraLoaderMixin):
           installed, the folder's `processor/` is loaded with the image-only
           [`~diffusers_editr2.processing.Qwen2VLImageOnlyProcessor`] instead (same files, same image and text
           processing).
+        - The folder's `editr2_call_defaults.json` (the `__call__` arguments its model was trained for: size, steps,
+          CFG, reasoning template, ...) is read into `pipe.call_defaults` (`{}` without one, e.g. for a Qwen folder or
+          a Hub id). `__call__` does not apply them by itself, so that `pipe(...)` means the same with every folder
+          (and `reasoning="none"` stays equal to `QwenImageEditPlusPipeline`): callers pass them,
+          `pipe(..., **{**pipe.call_defaults, **overrides})`.
         """
         from transformers.utils import is_torchvision_available
 
@@ -360,18 +370,22 @@ class EditR2Pipeline(DiffusionPipeline, QwenImageLoraLoaderMixin):
                 kwargs["processor"] = Qwen2VLImageOnlyProcessor.from_pretrained(
                     pretrained_model_name_or_path, subfolder="processor", **_hub_kwargs(kwargs)
                 )
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        pipe.call_defaults = read_call_defaults(pretrained_model_name_or_path)
+        return pipe
 
     def save_pretrained(self, save_directory, **kwargs):
         """Like [`~DiffusionPipeline.save_pretrained`]; refuses while a reasoning LoRA is loaded (transformers would
-        save the text encoder as adapter weights only). Save it with [`save_reasoning_lora`] and remove it first."""
+        save the text encoder as adapter weights only). Save it with [`save_reasoning_lora`] and remove it first.
+        A non-empty `pipe.call_defaults` is written as the folder's `editr2_call_defaults.json`."""
         if getattr(self.text_encoder, "_hf_peft_config_loaded", False):
             raise ValueError(
                 "The text encoder has a reasoning LoRA loaded; `save_pretrained` would save only its adapter weights. "
                 "Save the LoRA with `pipe.save_reasoning_lora(dir)`, remove it with "
                 "`pipe.text_encoder.delete_adapter(name)`, then save the pipeline."
             )
-        return super().save_pretrained(save_directory, **kwargs)
+        super().save_pretrained(save_directory, **kwargs)
+        write_call_defaults(save_directory, self.call_defaults)
 
     def save_transformer_lora(self, save_directory: str, adapter_name: str = "default") -> None:
         """Save the transformer's LoRA `adapter_name` with diffusers' `save_lora_weights`, its config (rank, alpha)
@@ -775,7 +789,8 @@ class EditR2Pipeline(DiffusionPipeline, QwenImageLoraLoaderMixin):
         r"""Reconstruct the operative intent of `prompt` in `session` (IC-CoT; like FLUX.2's `upsample_prompt`).
 
         The text encoder writes `<think>reasoning</think>intent`; [`editr2.intent.parse_answer`] extracts the intent,
-        or falls back to `prompt` and records why (`Intent.fallback_reason`, e.g. `"no_think_end_tag"`).
+        or falls back to `prompt` and records why (`Intent.fallback_reason`, e.g. `"no_think_end_tag"`). An intent
+        that names an earlier session state (`editr2.intent.parse_restore`) sets `Intent.restore`.
 
         Args:
             session ([`~editr2.session.Session`]): the session so far (its instructions, rules and current image).
@@ -792,7 +807,7 @@ class EditR2Pipeline(DiffusionPipeline, QwenImageLoraLoaderMixin):
         answer, _, _ = self.generate_reasoning(
             session, prompt, max_new_tokens, temperature, template, condition_area, generator
         )
-        return parse_answer(answer, prompt)
+        return parse_answer(answer, prompt, num_turns=session.num_turns)
 
     # ------------------------------------------------------------------------------------------------------------------
     # Conditioning
@@ -943,10 +958,11 @@ class EditR2Pipeline(DiffusionPipeline, QwenImageLoraLoaderMixin):
         chosen = [len(images) - 1]
         if reasoning == "history" and max_history_images > 0:
             chosen += list(range(len(images) - 1))[-max_history_images:]
+        restored_source = session.state_origin() == 0  # the current image is the source, restored by an undo
 
         references = []
         for index in chosen:
-            if index == 0:
+            if index == 0 or (index == len(images) - 1 and restored_source):
                 session, source_latents, size = self._source_latents(session, reference_area, device)
                 references.append((session.source_image, source_latents, size))
                 continue
@@ -1058,14 +1074,17 @@ class EditR2Pipeline(DiffusionPipeline, QwenImageLoraLoaderMixin):
             prompt_embeds_mask = conditioning.negative_prompt_embeds_mask
         batch_size, num_latents = latents.shape[:2]
         references = conditioning.image_latents.expand(batch_size, -1, -1)  # (B, N_ref, C)
-        latent_model_input = torch.cat([latents, references], dim=1)  # (B, N + N_ref, C)
+        # the transformer's compute dtype (a no-op unless components were loaded with different dtypes, e.g.
+        # torch_dtype={"transformer": torch.bfloat16, "default": torch.float32}, or with layerwise casting)
+        dtype = self.transformer.dtype
+        latent_model_input = torch.cat([latents, references], dim=1).to(dtype)  # (B, N + N_ref, C)
         with self.transformer.cache_context("uncond" if negative else "cond"):
             noise_pred = self.transformer(
                 hidden_states=latent_model_input,
                 timestep=timestep / 1000,
                 guidance=guidance,
                 encoder_hidden_states_mask=prompt_embeds_mask,
-                encoder_hidden_states=prompt_embeds,
+                encoder_hidden_states=prompt_embeds.to(dtype),
                 img_shapes=conditioning.img_shapes * batch_size,
                 attention_kwargs=attention_kwargs,
                 return_dict=False,
@@ -1139,6 +1158,40 @@ class EditR2Pipeline(DiffusionPipeline, QwenImageLoraLoaderMixin):
         )
         return conditioning.session.append(turn)
 
+    def restore_turn(
+        self,
+        session: Session,
+        instruction: str,
+        intent: Intent,
+        timings: dict[str, float] | None = None,
+        meta: dict | None = None,
+    ) -> Session:
+        """The new session for an intent that names an earlier state (`intent.restore`): a turn holding that state's
+        image and carried latent, the same objects ([`~editr2.session.Session.restore`]); no model runs."""
+        if intent.restore is None:
+            raise ValueError("`intent.restore` is None: this intent is an edit; pass it to `__call__` instead.")
+        return session.restore(
+            intent.restore,
+            instruction,
+            intent.text,
+            reasoning=intent.reasoning,
+            fallback_reason=intent.fallback_reason,
+            timings=dict(timings or {}),
+            meta=dict(meta or {}),
+        )
+
+    def _restored_output(self, session: Session, output_type: str, device):
+        """The images `__call__` returns for a restore turn: the restored image (or its latent) as `output_type`."""
+        turn = session.turns[-1]
+        if output_type == "latent":
+            if turn.latents is not None:
+                return turn.latents
+            return self.encode_image(turn.image, session.size[1], session.size[0], device=device)
+        if output_type == "pil":
+            return [turn.image]
+        array = self.image_processor.pil_to_numpy([turn.image])
+        return array if output_type == "np" else self.image_processor.numpy_to_pt(array)
+
     # ------------------------------------------------------------------------------------------------------------------
     # Calls
     # ------------------------------------------------------------------------------------------------------------------
@@ -1188,7 +1241,10 @@ class EditR2Pipeline(DiffusionPipeline, QwenImageLoraLoaderMixin):
             reasoning (`str`, defaults to `"intent"`):
                 How the history reaches the editor: `"intent"` (the VLM writes the operative intent first),
                 `"history"` (all instructions + up to `max_history_images` earlier images) or `"none"` (the current
-                instruction only, exactly diffusers' `QwenImageEditPlusPipeline`).
+                instruction only, exactly diffusers' `QwenImageEditPlusPipeline`). With `"intent"`, an intent that
+                names an earlier session state ("Restore the image from before turn 3.", "Undo the last edit.", see
+                `editr2.intent.parse_restore`) is an exact undo: the new turn holds that state's image and carried
+                latent unchanged (`Turn.restored_from`), and neither the transformer nor the VAE runs.
             negative_prompt (`str`, *optional*):
                 Enables true classifier-free guidance together with `true_cfg_scale > 1` (`" "` is enough).
             true_cfg_scale (`float`, defaults to 4.0):
@@ -1282,6 +1338,17 @@ class EditR2Pipeline(DiffusionPipeline, QwenImageLoraLoaderMixin):
             text = history_prompt(session.instructions, prompt) if reasoning == "history" else prompt
             intent = Intent(text)
         timings["reasoning"] = _sync(device) - start
+
+        # 3b. An intent naming an earlier state restores it exactly: no transformer, no VAE, nothing to redraw
+        if intent.restore is not None:
+            timings["total"] = _sync(device) - start
+            meta = {"reasoning": reasoning, "restored_from": intent.restore, "conditioning": intent.text}
+            new_session = self.restore_turn(session, prompt, intent, timings, meta)
+            images = self._restored_output(new_session, output_type, device)
+            self.maybe_free_model_hooks()
+            if not return_dict:
+                return (images, [intent.text], new_session)
+            return EditR2PipelineOutput(images=images, intents=[intent.text], session=new_session)
 
         # 4. Encode the prompt and prepare the reference latents (carried from the previous turn)
         conditioning = self.prepare_conditioning(
@@ -1472,7 +1539,10 @@ class ReasoningPrefixCache:
             (m.disable_adapters, tuple(m.active_adapters)) for m in model.modules() if isinstance(m, BaseTunerLayer)
         )[:1]
         first = next(model.parameters())
-        return id(model), first.device, first.dtype, adapters, tuple(p._version for p in model.parameters())
+        # inference tensors (weights moved by offload hooks under torch.inference_mode, as ComfyUI runs nodes) have
+        # no version counter: their storage stands in for it (a move or a new tensor gives a new one)
+        versions = tuple(p.data_ptr() if p.is_inference() else p._version for p in model.parameters())
+        return id(model), first.device, first.dtype, adapters, versions
 
     @staticmethod
     def _text_prefix(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:

@@ -8,8 +8,8 @@ Everything here is built locally from configs, with no download:
 - [`tiny_processor`]: the image-only Qwen2-VL processor ([`Qwen2VLImageOnlyProcessor`]) with a small patch size.
 - [`tiny_components`]: the six components exactly as `QwenImageEditPlusPipeline` registers them, at tiny sizes.
 - [`tiny_pipeline`]: an [`EditR2Pipeline`] of those components.
-- [`save_qwen_image_edit_plus_layout`]: a folder laid out like the real `Qwen/Qwen-Image-Edit-2509` repository
-  (`model_index.json` naming `QwenImageEditPlusPipeline`, the same subfolders and file names), at tiny size.
+- [`save_qwen_image_edit_plus_layout`]: a folder laid out like the real `Qwen/Qwen-Image-Edit-2509` or `-2511`
+  repository (`model_index.json` naming `QwenImageEditPlusPipeline`, the same subfolders and file names), at tiny size.
 """
 
 from __future__ import annotations
@@ -288,10 +288,21 @@ def _tiny_vae():
     ).eval()
 
 
-def _tiny_transformer():
+# What the transformer config of each Qwen-Image-Edit(-Plus) release sets beyond 2509's (diffusers'
+# QwenImageTransformer2DModel): 2511 gives the reference-image tokens their own modulation, computed at timestep 0.
+QWEN_IMAGE_EDIT_VARIANTS = {"2509": {}, "2511": {"zero_cond_t": True}}
+
+
+def _check_variant(variant: str) -> None:
+    if variant not in QWEN_IMAGE_EDIT_VARIANTS:
+        raise ValueError(f"`variant` must be one of {list(QWEN_IMAGE_EDIT_VARIANTS)}, got {variant!r}.")
+
+
+def _tiny_transformer(variant: str = "2509"):
     from diffusers import QwenImageTransformer2DModel
 
     return QwenImageTransformer2DModel(
+        **QWEN_IMAGE_EDIT_VARIANTS[variant],
         patch_size=2,
         in_channels=16,  # z_dim * 2 * 2 (packed latents)
         out_channels=4,
@@ -304,20 +315,27 @@ def _tiny_transformer():
     ).eval()
 
 
-def tiny_components(seed: int = 0, tokenizer_cache_dir: str | os.PathLike | None = None) -> dict:
+def tiny_components(
+    seed: int = 0, tokenizer_cache_dir: str | os.PathLike | None = None, variant: str = "2509"
+) -> dict:
     """The six components of `QwenImageEditPlusPipeline`, tiny and random (seeded; the global RNG is untouched).
+
+    Args:
+        variant (`str`, defaults to `"2509"`): the release whose transformer config to follow, `"2509"` or `"2511"`
+            (`zero_cond_t=True`, see `QWEN_IMAGE_EDIT_VARIANTS`). The weights are the same for the same seed.
 
     Returns:
         `dict` with `scheduler`, `vae`, `text_encoder`, `tokenizer`, `processor`, `transformer`.
     """
     from diffusers import FlowMatchEulerDiscreteScheduler
 
+    _check_variant(variant)
     tokenizer = tiny_tokenizer(tokenizer_cache_dir)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         vae = _tiny_vae()
         torch.manual_seed(seed)
-        transformer = _tiny_transformer()
+        transformer = _tiny_transformer(variant)
         torch.manual_seed(seed)
         text_encoder = _tiny_text_encoder(tokenizer)
     return {
@@ -330,7 +348,12 @@ def tiny_components(seed: int = 0, tokenizer_cache_dir: str | os.PathLike | None
     }
 
 
-def tiny_pipeline(seed: int = 0, pipeline_class=None, tokenizer_cache_dir: str | os.PathLike | None = None):
+def tiny_pipeline(
+    seed: int = 0,
+    pipeline_class=None,
+    tokenizer_cache_dir: str | os.PathLike | None = None,
+    variant: str = "2509",
+):
     """An [`EditR2Pipeline`] (or `pipeline_class`) of tiny random components; runs a 4-turn session in seconds on CPU.
 
     Args:
@@ -338,12 +361,13 @@ def tiny_pipeline(seed: int = 0, pipeline_class=None, tokenizer_cache_dir: str |
         pipeline_class (`type`, *optional*): another class taking the same six components, e.g. diffusers'
             `QwenImageEditPlusPipeline` for parity checks.
         tokenizer_cache_dir (`str`, *optional*): see [`tiny_tokenizer`].
+        variant (`str`, defaults to `"2509"`): `"2509"` or `"2511"`, see [`tiny_components`].
     """
     if pipeline_class is None:
         from .pipeline_editr2 import EditR2Pipeline
 
         pipeline_class = EditR2Pipeline
-    pipe = pipeline_class(**tiny_components(seed, tokenizer_cache_dir))
+    pipe = pipeline_class(**tiny_components(seed, tokenizer_cache_dir, variant))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -380,8 +404,11 @@ def _write_tokenizer_files(tokenizer, directory: Path, with_tokenizer_json: bool
         (directory / "tokenizer.json").unlink()
 
 
-def save_qwen_image_edit_plus_layout(directory: str | os.PathLike, seed: int = 0) -> Path:
-    """Write tiny components in the layout of the real `Qwen/Qwen-Image-Edit-2509` repository.
+def save_qwen_image_edit_plus_layout(directory: str | os.PathLike, seed: int = 0, variant: str = "2509") -> Path:
+    """Write tiny components in the layout of the real `Qwen/Qwen-Image-Edit-2509` (or `-2511`) repository.
+
+    Both releases share the layout and `model_index.json`; 2511's transformer config adds `"zero_cond_t": true`
+    (`variant="2511"`).
 
     The folder has the upstream `model_index.json` (`"_class_name": "QwenImageEditPlusPipeline"`, transformers'
     `Qwen2VLProcessor` and `Qwen2Tokenizer`), and the upstream file names: sharded `model-0000k-of-0000n.safetensors`
@@ -394,7 +421,7 @@ def save_qwen_image_edit_plus_layout(directory: str | os.PathLike, seed: int = 0
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    components = tiny_components(seed)
+    components = tiny_components(seed, variant=variant)
     tokenizer, processor = components["tokenizer"], components["processor"]
 
     components["scheduler"].save_pretrained(directory / "scheduler")

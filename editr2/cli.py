@@ -3,6 +3,10 @@
 Each subcommand lives in its own module, which defines ``add_arguments(parser)`` and ``run(args) -> int`` and keeps
 its heavy imports (diffusers, transformers, trl) inside ``run`` so that ``editr2 --help`` stays fast. The module's
 docstring's first line is the subcommand's help.
+
+This is the one place where the core (`editr2`) reaches an integration: the core commands that take a ``--model``
+(``demo``, ``bench shapes``, ``bench mice``) load it with `model_loader` (the diffusers integration's
+`load_bench_editor`), and ``edit`` is the diffusers integration's own command.
 """
 
 from __future__ import annotations
@@ -18,7 +22,18 @@ COMMANDS: dict[tuple[str, ...], str] = {
     ("bench", "shapes"): "editr2.bench.shapes_cli",
     ("bench", "mice"): "editr2.bench.mice_cli",
     ("bench", "intent"): "editr2.bench.intent_cli",
+    ("plan",): "trl_editr2.plan_cli",
 }
+
+
+def model_loader():
+    """`diffusers_editr2.bench.load_bench_editor`, how the core commands load a ``--model`` (imported only then, so
+    that the core itself imports no integration)."""
+    try:
+        from diffusers_editr2.bench import load_bench_editor
+    except ImportError as err:
+        raise SystemExit(f"--model needs the diffusers integration: pip install 'editr2[diffusers]' ({err}).") from None
+    return load_bench_editor
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
                 sub = groups[prefix[:-1]].add_parser(prefix[-1], help=f"{' '.join(prefix)} subcommands")
                 groups[prefix] = sub.add_subparsers(dest="_".join(prefix) + "_command", required=True)
         doc = (module.__doc__ or "").strip().splitlines()
-        sub = groups[path[:-1]].add_parser(path[-1], help=doc[0] if doc else None, description=module.__doc__)
+        sub = groups[path[:-1]].add_parser(path[-1], help=doc[0] if doc else None, description=module.__doc__,
+                                           formatter_class=argparse.RawDescriptionHelpFormatter)  # keep its layout
         module.add_arguments(sub)
         sub.set_defaults(_run=module.run)
     return parser

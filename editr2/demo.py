@@ -11,9 +11,9 @@ import argparse
 import json
 from pathlib import Path
 
+from editr2.intent import REASONING_MODES
+
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "checkpoints" / "editr2-shapes-tiny"
-# A model folder may carry the __call__ arguments it was trained for (size, steps, CFG, ...); the demo uses them.
-CALL_DEFAULTS_FILE = "editr2_call_defaults.json"
 SYMBOLIC_EDITORS = ("oracle", "literal", "identity")
 
 
@@ -24,13 +24,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sessions", type=int, default=50, help="sessions per family for the symbolic run")
     parser.add_argument("--turns", type=int, default=3, help="turns per session (default 3)")
     parser.add_argument("--seed", type=int, default=1000, help="first session seed (held-out range by default)")
-    parser.add_argument("--reasoning", choices=("intent", "history", "none"), default="intent",
+    parser.add_argument("--reasoning", choices=REASONING_MODES, default="intent",
                         help="how the history reaches the model (default: intent)")
 
 
 def run(args: argparse.Namespace) -> int:
     if not args.symbolic and (args.model / "model_index.json").is_file():
-        return _run_model(args)
+        from editr2.cli import model_loader  # the diffusers integration's; the model's call defaults apply
+
+        return _run_model(args, model_loader()(args.model, args.reasoning, seed=args.seed, turn_seeds=False))
     if not args.symbolic:
         print(f"No model at {args.model}: scoring the symbolic reference editors instead.\n")
     return _run_symbolic(args)
@@ -57,24 +59,16 @@ def _run_symbolic(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_model(args: argparse.Namespace) -> int:
-    import torch
-
-    from diffusers_editr2 import EditR2Pipeline
-    from diffusers_editr2.bench import load_call_defaults
+def _run_model(args: argparse.Namespace, editor) -> int:
     from editr2.bench.metrics import score_session
     from editr2.bench.shapes.sessions import generate_session
     from editr2.filmstrip import filmstrip
 
-    pipe = EditR2Pipeline.from_pretrained(args.model, dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
-    call_kwargs = load_call_defaults(args.model)  # the folder's CALL_DEFAULTS_FILE, else the image's own size
     summary = {}
     for family in ("cm", "cu"):
         truth = generate_session(family, args.turns, args.seed)
-        out = pipe.edit_session(truth.source_image(), list(truth.instruction), reasoning=args.reasoning,
-                                generator=torch.manual_seed(args.seed), **call_kwargs)
-        session = out.session
+        editor.edit_session(truth.source_image(), list(truth.instruction), truth)
+        session = editor.session
         scores = score_session(truth, [session.source_image, *session.images[1:]])
         print(f"== {family} session (seed {args.seed}) ==")
         for turn, s in zip(session.turns, scores):

@@ -7,8 +7,11 @@ and writes a short reasoning trace followed by one self-contained instruction::
     Make the blue square large; only the edited object may be red, nothing else changes colour.
 
 This module builds that request (:func:`build_messages`), parses the answer (:func:`parse_answer`, which falls back to
-the raw instruction and records why), formats training targets (:func:`format_answer`) and provides a deterministic
-:class:`RuleBasedReconstructor` that needs no model: the baseline, and the gold-target generator for reasoner SFT.
+the raw instruction and records why) and formats training targets (:func:`format_answer`). An intent may name an
+earlier session state instead of an edit ("Restore the image from before turn 3.", "Undo the last edit."):
+:func:`parse_restore` reads it into `Intent.restore`, and the pipeline then restores that state exactly. The
+deterministic rule-based reconstructor that needs no model (a benchmark baseline) is
+`editr2.bench.shapes.reconstruct`'s.
 """
 
 from __future__ import annotations
@@ -18,6 +21,10 @@ from dataclasses import dataclass
 from typing import Sequence
 
 THINK_START, THINK_END = "<think>", "</think>"
+
+# How the session history reaches the editing model: as one reconstructed intent ("intent", IC-CoT), as the earlier
+# instructions prepended to this one ("history"), or not at all ("none": the upstream single-turn edit).
+REASONING_MODES = ("intent", "history", "none")
 
 SYSTEM_PROMPT = (
     "You are the planner of a multi-turn image editor. First reason briefly about the editing session inside "
@@ -50,11 +57,15 @@ class Intent:
         reasoning (`str`): the reasoning trace (the text inside the think tags), `""` when there is none.
         fallback_reason (`str`, *optional*): why the model's answer was not used (then `text` is the raw
             instruction); `None` when the answer parsed cleanly.
+        restore (`int`, *optional*): the earlier session state the intent names ([`parse_restore`]): 0 = the source
+            image, k = the image after turn k. The pipeline then continues from that state exactly, without editing.
+            `None` for an ordinary edit.
     """
 
     text: str
     reasoning: str = ""
     fallback_reason: str | None = None
+    restore: int | None = None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -156,13 +167,15 @@ def format_answer(reasoning: str, intent: str) -> str:
     return f"{THINK_START}{reasoning.strip()}{THINK_END}{intent.strip()}"
 
 
-def parse_answer(text: str, instruction: str, *, max_chars: int = 600) -> Intent:
+def parse_answer(text: str, instruction: str, *, max_chars: int = 600, num_turns: int | None = None) -> Intent:
     """Parse a reasoner's answer into an [`Intent`]; fall back to `instruction` and record why.
 
     Args:
         text (`str`): the generated text (special tokens already removed).
         instruction (`str`): the raw instruction, used when the answer cannot be.
         max_chars (`int`, defaults to 600): an intent longer than this is refused as `"too_long"`.
+        num_turns (`int`, *optional*): the turns in the session before this one. When given, an intent naming an
+            earlier state ([`parse_restore`]) sets `Intent.restore`; when `None`, no restore is read.
     """
     raw = (text or "").strip()
     if not raw:
@@ -176,109 +189,64 @@ def parse_answer(text: str, instruction: str, *, max_chars: int = 600) -> Intent
         return Intent(instruction, reasoning, FALLBACK_EMPTY_AFTER_THINK)
     if len(answer) > max_chars:
         return Intent(instruction, reasoning, FALLBACK_TOO_LONG)
-    return Intent(answer, reasoning, None)
+    restore = None if num_turns is None else parse_restore(answer, num_turns)
+    return Intent(answer, reasoning, None, restore)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# The rule-based reconstructor (no model)
+# References to earlier session states (exact undo)
 # ---------------------------------------------------------------------------------------------------------------------
 
-# What each MICE instruction form makes the "focus" object of the turn: the object later pronouns refer to.
-_FOCUS_PATTERNS = [
-    re.compile(r"^replace (?:the )?(?P<old>.+?) with (?:a |an |the )?(?P<obj>.+?)$", re.IGNORECASE),
-    re.compile(r"^add (?:a |an |the )?(?P<obj>.+?) on the \w+ of .+$", re.IGNORECASE),
-    re.compile(r"^change the (?:count|number|colou?r|material|size) of (?:the )?(?P<obj>.+?) to .+$", re.IGNORECASE),
-    re.compile(r"^change the position of (?:the )?(?P<obj>.+?) to .+$", re.IGNORECASE),
-    re.compile(r"^(?:move|enlarge|shrink|recolou?r) (?:the )?(?P<obj>.+?)(?: to .+)?$", re.IGNORECASE),
-    re.compile(r"^add text '(?P<obj>[^']+)'", re.IGNORECASE),
-    re.compile(r"^remove (?:the )?(?P<obj>.+?)$", re.IGNORECASE),
-    re.compile(r"^add (?:a |an |the )?(?P<obj>.+?)$", re.IGNORECASE),
-]
-_QUOTED = re.compile(r"((?<!\w)'[^']*'(?!\w)|\"[^\"]*\")")
-_PRONOUNS = re.compile(r"\b(it|its|them|they|the one|that one|that object|this object)\b", re.IGNORECASE)
+_NUMBER_WORDS = {"first": 1, "second": 2, "third": 3, "fourth": 4, "fifth": 5, "sixth": 6, "seventh": 7, "eighth": 8,
+                 "ninth": 9, "tenth": 10, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7,
+                 "eight": 8, "nine": 9, "ten": 10}
+_N = r"\[?(\d+|" + "|".join(_NUMBER_WORDS) + r")\]?"
+_STATE = r"(?:restore|return to|go back to|revert to|back to)\s+(?:the\s+)?(?:image|state|scene|picture)"
+_RESTORE_BEFORE = re.compile(rf"^\s*{_STATE}\s+(?:from\s+|as it was\s+)?before\s+turn\s+{_N}\b", re.I)
+_RESTORE_AFTER = re.compile(rf"^\s*{_STATE}\s+(?:from\s+|as it was\s+)?after\s+turn\s+{_N}\b", re.I)
+_RESTORE_SOURCE = re.compile(rf"^\s*{_STATE}\s+(?:from\s+)?before\s+(?:any|every)\s+edits?\b"
+                             r"|^\s*(?:restore|return to|go back to|revert to)\s+the\s+(?:original|source)\s+image\b",
+                             re.I)
+_UNDO_LAST = re.compile(r"^\s*undo\s+the\s+(?:last|previous)\s+(?:edit|turn|change)\b", re.I)
 
 
-def focus_object(instruction: str) -> str | None:
-    """The object an instruction acts on or creates (what a later "it" refers to), or `None`."""
-    text = instruction.strip().rstrip(".")
-    if text.lower().startswith("change the background"):
-        return None
-    for pattern in _FOCUS_PATTERNS:
-        match = pattern.match(text)
-        if match and not _PRONOUNS.fullmatch(match.group("obj")):
-            return match.group("obj").strip()
-    return None
+def _turn_number(word: str) -> int:
+    return int(word) if word.isdigit() else _NUMBER_WORDS[word.lower()]
 
 
-class RuleBasedReconstructor:
-    """Deterministic intent reconstruction from the text history alone (no model, no image).
+def parse_restore(text: str, num_turns: int) -> int | None:
+    """The earlier session state an intent names, or `None` when it names none (an ordinary edit).
 
-    - Persistent rules stated in any turn (or passed explicitly) are folded into every intent from that turn on, in
-      the canonical phrasing of [`Rule.canonical`].
-    - Pronouns ("it", "them", "the one") are replaced by the most recent focus object of the history.
-    - MICE-Shapes sessions (recognised by their grammar) are delegated to the shapes world's own text-only resolver,
-      which also resolves "the one you added first" and "undo that".
+    States are numbered as `Session.images` is: 0 = the source image, k = the image after turn k. Accepted forms
+    (case-insensitive, at the start of the intent; whatever follows, e.g. a persistent rule, is ignored):
+
+    - `Restore the image from before turn N` (MICE-Shapes' gold form; `[N]` too): state N - 1;
+    - `Go back to the image after turn N` / `Restore the image after turn N` / `Return to the state after turn N`:
+      state N ("image", "state", "scene" or "picture"; "restore", "return to", "go back to", "revert to", "back to");
+    - `Restore the original image` / `Go back to the source image` / `Restore the image from before any edit`: 0;
+    - `Undo the last edit` / `Undo the previous edit (...), restoring the image from before it` (the gold plain-undo
+      form): the state before the last turn, `num_turns - 1`.
+
+    Turns are counted from 1, in numbers or words up to "tenth". A state that does not exist yet (after turn
+    `num_turns` is the current one and may be named; later ones may not), or an undo at the first turn, names none:
+    `None` is returned and the intent is an ordinary edit instruction.
 
     Args:
-        domain (`str`, defaults to `"auto"`): `"mice"` for the generic resolver, `"shapes"` for the shapes resolver,
-            `"auto"` to use the shapes resolver when it accepts the session.
+        text (`str`): the operative intent.
+        num_turns (`int`): the turns in the session before the one this intent is for.
     """
-
-    def __init__(self, domain: str = "auto"):
-        if domain not in ("auto", "mice", "shapes"):
-            raise ValueError(f"domain must be 'auto', 'mice' or 'shapes', got {domain!r}.")
-        self.domain = domain
-
-    def __call__(self, history: Sequence[str], instruction: str, rules: Sequence[str] = ()) -> Intent:
-        if not instruction or not instruction.strip():
-            raise ValueError("`instruction` is empty: pass the user's editing instruction for this turn.")
-        if self.domain != "mice" and not rules:
-            shapes = self._shapes(history, instruction)
-            if shapes is not None:
-                return shapes
-        return self._generic(history, instruction, rules)
-
-    def _shapes(self, history: Sequence[str], instruction: str) -> Intent | None:
-        from editr2.bench.shapes import reconstruct as shapes_reconstruct  # the shapes world is part of the core
-
-        try:
-            reasoning, text = shapes_reconstruct.reconstruct(list(history), instruction)
-        except ValueError:
-            if self.domain == "shapes":
-                raise
-            return None
-        return Intent(text, reasoning)
-
-    def _generic(self, history: Sequence[str], instruction: str, rules: Sequence[str]) -> Intent:
-        notes: list[str] = []
-        active = [parse_rule(r) for r in rules]
-        focus = None
-        for k, past in enumerate(history, start=1):
-            rule, edit = split_rule(past)
-            if rule is not None:
-                active.append(rule)
-                notes.append(f"Turn {k} set a persistent rule: {rule.canonical()}.")
-            focus = focus_object(self._resolve(edit, focus)) or focus
-        rule, edit = split_rule(instruction)
-        if rule is not None:
-            active.append(rule)
-            notes.append(f"This turn sets a persistent rule: {rule.canonical()}.")
-        resolved = self._resolve(edit or instruction, focus)
-        if resolved != (edit or instruction):
-            notes.append(f"The pronoun refers to {focus}, the object of the last edit.")
-        text = resolved.strip().rstrip(".")
-        for r in dict.fromkeys(active):
-            text += f"; {r.canonical()}"
-        if not notes:
-            notes.append("The instruction is already self-contained.")
-        return Intent(text[:1].upper() + text[1:] + ".", " ".join(notes))
-
-    @staticmethod
-    def _resolve(instruction: str, focus: str | None) -> str:
-        if focus is None:
-            return instruction
-        noun = focus if re.match(r"(?:(?:the|a|an)\s|['\"])", focus, re.IGNORECASE) else f"the {focus}"
-        swap = lambda m: noun if m.group(1).lower() != "its" else f"{noun}'s"  # noqa: E731
-        # Quoted text ("Add text 'Call it a day'") is content, not a reference: leave it as written.
-        parts = _QUOTED.split(instruction)
-        return "".join(part if part.startswith(("'", '"')) else _PRONOUNS.sub(swap, part) for part in parts)
+    if not isinstance(text, str):
+        raise TypeError(f"`text` must be a str (the operative intent), got {type(text).__name__}")
+    if isinstance(num_turns, bool) or not isinstance(num_turns, int) or num_turns < 0:
+        raise ValueError(f"`num_turns` must be the number of turns so far (an int >= 0), got {num_turns!r}")
+    if match := _RESTORE_BEFORE.match(text):
+        index = _turn_number(match.group(1)) - 1
+    elif match := _RESTORE_AFTER.match(text):
+        index = _turn_number(match.group(1))
+    elif _RESTORE_SOURCE.match(text):
+        index = 0
+    elif _UNDO_LAST.match(text):
+        index = num_turns - 1
+    else:
+        return None
+    return index if 0 <= index <= num_turns else None

@@ -151,6 +151,9 @@ class Turn:
         timings: seconds per stage ("reasoning", "encode", "denoise", "decode", "total"); finite numbers.
         latents: `(1, N, C)` packed, normalised latent of `image`, carried to the next turn; or None.
         meta: JSON-serialisable extras (task_type, reasoning mode, ...). Treat as read-only: it is shared, not copied.
+        restored_from: the earlier session state this turn restored (0 = the source, k = the state after turn k), or
+            None for an ordinary edit. A restore turn holds that state's image and latents (the same objects, see
+            `Session.restore`); nothing was generated.
     """
 
     instruction: str
@@ -162,8 +165,14 @@ class Turn:
     timings: dict[str, float] = field(default_factory=dict)
     latents: torch.Tensor | None = None
     meta: dict = field(default_factory=dict)
+    restored_from: int | None = None
 
     def __post_init__(self):
+        if self.restored_from is not None:
+            _check_type(self.restored_from, int, "Turn.restored_from")
+            if self.restored_from < 0:
+                raise ValueError(f"Turn.restored_from must be a state index >= 0 (0 = the source), got "
+                                 f"{self.restored_from}")
         for name in ("instruction", "intent", "reasoning"):
             _check_type(getattr(self, name), str, f"Turn.{name}")
         if self.image is not None:
@@ -180,7 +189,7 @@ class Turn:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Turn):
             return NotImplemented
-        plain = ("instruction", "intent", "reasoning", "fallback_reason", "seed", "timings", "meta")
+        plain = ("instruction", "intent", "reasoning", "fallback_reason", "seed", "timings", "meta", "restored_from")
         return (
             all(getattr(self, k) == getattr(other, k) for k in plain)
             and _same_image(self.image, other.image)
@@ -212,6 +221,9 @@ class Session:
         object.__setattr__(self, "rules", tuple(self.rules))
         for i, turn in enumerate(self.turns):
             _check_type(turn, Turn, f"Session.turns[{i}]")
+            if turn.restored_from is not None and turn.restored_from > i:
+                raise ValueError(f"Session.turns[{i}].restored_from is {turn.restored_from}, but only states 0..{i} "
+                                 "exist before that turn")
             if turn.image is not None and turn.image.size != self.source_image.size:
                 raise ValueError(
                     f"Session.turns[{i}].image has size {turn.image.size}, the source has {self.source_image.size}; "
@@ -245,6 +257,46 @@ class Session:
         if not 0 <= num_turns <= self.num_turns:
             raise ValueError(f"num_turns must be in [0, {self.num_turns}], got {num_turns}")
         return replace(self, turns=self.turns[:num_turns])
+
+    def restore(self, index: int, instruction: str, intent: str | None = None, **turn_fields) -> Session:
+        """Returns a new session with one more turn that restores the state after turn `index` (0 = the source).
+
+        The new turn holds that state's image and latents, the same objects (shared, never copied or regenerated), and
+        records `restored_from=index`; later turns continue from it exactly as from the restored state. Restoring the
+        source gives the turn the source image and the source latents only when they are at the working size
+        (`meta["source_latents_size"]`); otherwise its latents are None and the pipeline uses the source's reference
+        latent for the next turn (`state_origin`).
+
+        Args:
+            index (`int`): the state to restore, `0 <= index <= num_turns`.
+            instruction (`str`): the user's text of this turn.
+            intent (`str`, *optional*): the operative intent (defaults to `instruction`).
+            turn_fields: other [`Turn`] fields (`reasoning`, `fallback_reason`, `seed`, `timings`, `meta`).
+        """
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index <= self.num_turns:
+            raise ValueError(f"`index` must be a state of this session, an int in [0, {self.num_turns}] (0 = the "
+                             f"source, k = after turn k), got {index!r}")
+        state = self.truncate(index)
+        image, latents = state.current_image, state.current_latents
+        if state.state_origin(index) == 0 and list(self.meta.get("source_latents_size") or []) != list(self.size):
+            latents = None  # the source's latent is at the reference size, not the working size
+        turn = Turn(instruction=instruction, image=image, intent=instruction if intent is None else intent,
+                    latents=latents, restored_from=index, **turn_fields)
+        return self.append(turn)
+
+    def state_origin(self, index: int | None = None) -> int:
+        """The state whose image the state after turn `index` shows (default: the current one), following restore
+        turns and turns without an image back to the turn that drew it; 0 = the source image."""
+        index = self.num_turns if index is None else index
+        while index > 0:
+            turn = self.turns[index - 1]
+            if turn.restored_from is not None:
+                index = turn.restored_from
+            elif turn.image is None:
+                index -= 1
+            else:
+                return index
+        return 0
 
     def with_rule(self, rule: str) -> Session:
         """Returns a new session with the persistent `rule` added (unchanged if it is already there)."""
@@ -431,6 +483,7 @@ def _write_session(session: Session, directory: pathlib.Path) -> None:
                 "meta": turn.meta,
                 "image": f"{name}.png" if turn.image is not None else None,
                 "latents": name if turn.latents is not None else None,
+                "restored_from": turn.restored_from,
             }
         )
     if latents:
@@ -599,7 +652,12 @@ def _read_session(directory: pathlib.Path) -> Session:
             meta=_get(t, "meta", dict, where, file),
             image=_get(t, "image", str, where, file, optional=True),
             latents=_get(t, "latents", str, where, file, optional=True),
+            # absent in files written before restores were recorded: an ordinary edit
+            restored_from=_get(t, "restored_from", int, where, file, optional=True) if "restored_from" in t else None,
         )
+        restored = fields[i]["restored_from"]
+        if restored is not None and not 0 <= restored <= i:
+            raise SessionFormatError(file, f"{where}.restored_from", f"expected a state in [0, {i}], got {restored}")
         for key, value in fields[i]["timings"].items():
             if not _is(value, (int, float)):
                 raise SessionFormatError(file, f"{where}.timings.{key}", _type_error((float,), value))

@@ -34,7 +34,7 @@ def model_folder(tiny_dir, tmp_path_factory):
     import json
     import shutil
 
-    from editr2.demo import CALL_DEFAULTS_FILE
+    from diffusers_editr2.call_defaults import CALL_DEFAULTS_FILE
 
     def make(call_defaults: dict | None = None):
         folder = tmp_path_factory.mktemp("model") / "model"
@@ -53,6 +53,16 @@ def qwen_edit_plus_dir(tmp_path_factory):
     from diffusers_editr2.testing import save_qwen_image_edit_plus_layout
 
     return save_qwen_image_edit_plus_layout(tmp_path_factory.mktemp("qwen-edit-plus") / "Qwen-Image-Edit-2509")
+
+
+@pytest.fixture(scope="session")
+def qwen_edit_2511_dir(tmp_path_factory):
+    """Tiny components in the folder layout of the real `Qwen/Qwen-Image-Edit-2511` repository (`zero_cond_t`)."""
+    pytest.importorskip("diffusers")
+    from diffusers_editr2.testing import save_qwen_image_edit_plus_layout
+
+    folder = tmp_path_factory.mktemp("qwen-edit-2511") / "Qwen-Image-Edit-2511"
+    return save_qwen_image_edit_plus_layout(folder, variant="2511")
 
 
 @pytest.fixture(scope="module")

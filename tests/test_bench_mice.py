@@ -20,7 +20,7 @@ from PIL import Image
 
 from editr2.bench import mice_cli
 from editr2.bench.judges import CCJudge, GAConfig, GAJudge, IFConfig, IFJudge, JudgeSet, RetryPolicy
-from editr2.bench.judges.testing import (
+from judge_fakes import (
     FakeChatServer,
     PixelFeatures,
     ScriptedDetector,
@@ -58,7 +58,7 @@ def scripted_judges(if_answer="yes", ga_answer=None) -> JudgeSet:
 def test_run_bench_scores_reports_and_filmstrips(tmp_path):
     sessions = load_sessions(FIXTURE, limit=4)
     images = placeholder_images(tmp_path / "images", sessions)
-    summary = mice_cli.run_bench(FIXTURE, images, mice_cli.IdentityEditor(), scripted_judges(), tmp_path / "out",
+    summary = mice_cli.run_mice_bench(FIXTURE, images, mice_cli.IdentityEditor(), scripted_judges(), tmp_path / "out",
                                  limit=4, log=lambda text: None)
     assert (summary.finished, summary.skipped, summary.errors) == (4, 0, 0)
     records = read_results(summary.results_path)
@@ -115,7 +115,7 @@ def test_bad_inputs_become_per_session_errors(tmp_path):
             return outputs[:-1] if session.line == 6 else outputs
 
     judges = scripted_judges(if_answer="I am not sure")  # IF never parses -> missing, never a score
-    summary = mice_cli.run_bench(sessions_path, images, ShortEditor(), judges, tmp_path / "out",
+    summary = mice_cli.run_mice_bench(sessions_path, images, ShortEditor(), judges, tmp_path / "out",
                                  log=lambda text: None)
     assert summary.finished == 7 and summary.errors == 6
     by_line = {r["line"]: r for r in read_results(summary.results_path)}
@@ -148,7 +148,7 @@ def test_editor_exception_is_a_session_error(tmp_path):
             return [source] * len(instructions)
 
     editor = Exploding()
-    summary = mice_cli.run_bench(FIXTURE, images, editor, scripted_judges(), tmp_path / "out", limit=2,
+    summary = mice_cli.run_mice_bench(FIXTURE, images, editor, scripted_judges(), tmp_path / "out", limit=2,
                                  filmstrips=False, log=lambda text: None)
     records = read_results(summary.results_path)
     assert records[0]["status"] == "error" and "GPU on fire" in records[0]["error"]
@@ -156,10 +156,10 @@ def test_editor_exception_is_a_session_error(tmp_path):
     assert not (tmp_path / "out" / "filmstrips").exists()
     # A second call skips both; --rerun-errors runs the failed one again.
     editor.fire = False  # the same editor (same name, so the same recorded configuration), now working
-    again = mice_cli.run_bench(FIXTURE, images, editor, scripted_judges(), tmp_path / "out",
+    again = mice_cli.run_mice_bench(FIXTURE, images, editor, scripted_judges(), tmp_path / "out",
                                limit=2, filmstrips=False, log=lambda text: None)
     assert (again.finished, again.skipped) == (0, 2)
-    rerun = mice_cli.run_bench(FIXTURE, images, editor, scripted_judges(), tmp_path / "out",
+    rerun = mice_cli.run_mice_bench(FIXTURE, images, editor, scripted_judges(), tmp_path / "out",
                                limit=2, filmstrips=False, rerun_errors=True, log=lambda text: None)
     assert (rerun.finished, rerun.skipped, rerun.errors) == (1, 1, 0)
 
@@ -226,6 +226,7 @@ def test_editr2_cli_routes_bench_mice():
     assert args._run is mice_cli.run
 
 
+@pytest.mark.slow
 def test_resume_after_kill(tmp_path):
     sessions = load_sessions(FIXTURE, limit=8)
     images = placeholder_images(tmp_path / "images", sessions)
@@ -416,22 +417,22 @@ def test_rejudge_missing_after_a_judge_outage(tmp_path):
             return super().edit_session(source, instructions, session)
 
     out = tmp_path / "out"
-    first = mice_cli.run_bench(FIXTURE, images, Counting(), judges(), out, limit=3, log=lambda text: None)
+    first = mice_cli.run_mice_bench(FIXTURE, images, Counting(), judges(), out, limit=3, log=lambda text: None)
     assert (first.done, first.errors, first.missing) == (3, 0, 18)  # 3 sessions x 3 turns x (IF, GA)
     assert sorted(p.name for p in (out / "turns" / sessions[0].session_id).iterdir()) == \
         ["turn_1.png", "turn_2.png", "turn_3.png"]
     outage[0] = False
     # --rerun-errors does not touch them: they are not errors.
-    again = mice_cli.run_bench(FIXTURE, images, Counting(), judges(), out, limit=3, rerun_errors=True,
+    again = mice_cli.run_mice_bench(FIXTURE, images, Counting(), judges(), out, limit=3, rerun_errors=True,
                                log=lambda text: None)
     assert (again.finished, again.missing) == (0, 18)
     # Re-judging: no editing, every missing judgement judged again, the rewards recomputed.
-    rejudged = mice_cli.run_bench(FIXTURE, images, None, judges(), out, limit=3, rejudge=True,
+    rejudged = mice_cli.run_mice_bench(FIXTURE, images, None, judges(), out, limit=3, rejudge=True,
                                   config={"bench": "mice", "editor": "identity", "metrics": ["IF", "GA"]},
                                   log=lambda text: None)
     assert (rejudged.rejudged, rejudged.finished, rejudged.errors) == (3, 0, 0)
     assert Counting.calls == 3
-    fresh = mice_cli.run_bench(FIXTURE, images, mice_cli.IdentityEditor(), judges(), tmp_path / "fresh", limit=3,
+    fresh = mice_cli.run_mice_bench(FIXTURE, images, mice_cli.IdentityEditor(), judges(), tmp_path / "fresh", limit=3,
                                filmstrips=False, log=lambda text: None)
     # What is still missing is what an uninterrupted run leaves missing ("yes" is not a count).
     assert rejudged.missing == fresh.missing == 1
@@ -485,7 +486,7 @@ def test_report_labels_the_reward_of_the_metrics_computed(tmp_path):
     images = placeholder_images(tmp_path / "images", sessions)
     full = scripted_judges()
     judges = JudgeSet(full.if_judge, None, full.ga_judge)  # IF and GA only
-    mice_cli.run_bench(FIXTURE, images, mice_cli.IdentityEditor(), judges, tmp_path / "out", limit=1,
+    mice_cli.run_mice_bench(FIXTURE, images, mice_cli.IdentityEditor(), judges, tmp_path / "out", limit=1,
                        filmstrips=False, log=lambda text: None)
     report = (tmp_path / "out" / "report.md").read_text()
     assert "Reward = 0.3 IF + 0.4 GA, only where all parts have a score. CC not computed" in report

@@ -42,8 +42,12 @@ def test_bench_shapes_scores_a_model(model_dir, tmp_path, calls, reasoning, fami
     assert main(["bench", "shapes", "--model", str(model_dir), "--reasoning", reasoning, "--family", family,
                  "--sessions", "2", "--turns", "2", "--seed", "5", "--out", str(out), "--no-progress"]) == 0
     results = json.loads((out / "results.json").read_text())
-    assert set(results) == {"per_turn", "mean", "config"}
+    assert set(results) == {"per_turn", "mean", "restores", "config", "drift"}
     assert [row["turn"] for row in results["per_turn"]] == [1, 2]
+    vae = results["drift"]["vae"]  # the model's VAE alone: carried latent vs re-encoding each turn
+    assert vae["sessions"] == 2 and [row["turn"] for row in vae["per_turn"]] == [1, 2]
+    assert vae["per_turn"][0]["carried_bg_mean"] == vae["per_turn"][0]["reencoded_bg_mean"]
+    assert "VAE re-encoded bg mean" in (out / "report.md").read_text()
     for row in [*results["per_turn"], results["mean"]]:
         assert {k for k in row if k != "turn"} == {"IF", "CC", "GA", "reward"}
         assert all(0.0 <= row[k] <= 1.0 for k in ("IF", "CC", "GA", "reward"))
@@ -106,21 +110,22 @@ def test_bench_shapes_refuses_model_options_without_a_model(model_dir, tmp_path,
 def test_call_defaults_and_editor_api(model_dir, tiny_dir, tmp_path):
     import torch
 
-    from diffusers_editr2.bench import PipelineEditor, load_bench_editor, load_call_defaults
+    from diffusers_editr2.bench import PipelineEditor, load_bench_editor
+    from diffusers_editr2.call_defaults import CALL_DEFAULTS_FILE, read_call_defaults
     from diffusers_editr2.pipeline_editr2 import EditR2Pipeline
     from editr2.bench.shapes import generate_session
     from editr2.bench.shapes.runner import run_session
-    from editr2.demo import CALL_DEFAULTS_FILE
 
-    assert load_call_defaults(model_dir) == DEFAULTS
-    assert load_call_defaults(tiny_dir) == {"reference_area": None}  # no file: work at the image's own size
-    assert load_call_defaults(tiny_dir, fallback={}) == {}  # no file, upstream's defaults (real Qwen folders)
-    assert load_call_defaults(model_dir, fallback={}) == DEFAULTS
+    assert read_call_defaults(model_dir) == DEFAULTS
+    assert load_bench_editor(tiny_dir).call_kwargs == {"reference_area": None}  # no file: work at the image's size
+    assert read_call_defaults(tiny_dir) == {}  # no file, upstream's defaults (real Qwen folders)
+    assert load_bench_editor(tiny_dir, fallback={}).call_kwargs == {}
+    assert load_bench_editor(model_dir, fallback={}).call_kwargs == DEFAULTS
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / CALL_DEFAULTS_FILE).write_text("[64, 64]")
     with pytest.raises(ValueError, match="JSON object"):
-        load_call_defaults(bad)
+        read_call_defaults(bad)
 
     editor = load_bench_editor(model_dir, "none", seed=3, call_kwargs={"max_new_tokens": 1})
     assert editor.name == "editr2-none" and editor.call_kwargs == {**DEFAULTS, "max_new_tokens": 1}

@@ -21,7 +21,8 @@ def test_cli_writes_the_three_files(tmp_path, editor, family, capsys):
     assert _run(["--editor", editor, "--family", family, "--sessions", "4", "--turns", "3", "--seed", "7",
                  "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
-    assert set(results) == {"per_turn", "mean", "config"}
+    assert set(results) == {"per_turn", "mean", "restores", "config", "drift"}
+    assert [row["turn"] for row in results["drift"]["per_turn"]] == [1, 2, 3]
     assert [row["turn"] for row in results["per_turn"]] == [1, 2, 3]
     assert all(set(row) == {"turn", "IF", "CC", "GA", "reward"} for row in results["per_turn"])
     assert set(results["mean"]) == {"IF", "CC", "GA", "reward"}
@@ -31,7 +32,9 @@ def test_cli_writes_the_three_files(tmp_path, editor, family, capsys):
         assert results["mean"] == {"IF": 1.0, "CC": 1.0, "GA": 1.0, "reward": 1.0}
     report = (out / "report.md").read_text()
     assert "| turn | IF | CC | GA | reward |" in report and "**mean**" in report
+    assert "## Drift per turn (4 sessions)" in report and "## Decay summary" in report
     assert (out / "per_turn.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "drift.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "wrote" in capsys.readouterr().out
 
 
@@ -41,7 +44,7 @@ def test_cli_is_registered_and_validates():
     assert COMMANDS[("bench", "shapes")] == "editr2.bench.shapes_cli"
     assert shapes_cli.__doc__.strip().splitlines()[0]
     with pytest.raises(SystemExit):
-        _run(["--turns", "9", "--out", "x"])
+        _run(["--turns", "17", "--out", "x"])
     with pytest.raises(SystemExit):
         _run(["--editor", "magic", "--out", "x"])
 

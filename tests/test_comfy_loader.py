@@ -10,6 +10,7 @@ import importlib.util
 import inspect
 import json
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -19,7 +20,8 @@ from comfy_stubs.install import installed
 REPO = pathlib.Path(__file__).resolve().parent.parent
 WORKFLOW = REPO / "example_workflows" / "editr2_three_turns.json"
 NODE_IDS = {
-    "EditR2LoadModel", "EditR2StartSession", "EditR2EditTurn", "EditR2SessionImages", "EditR2SessionFilmstrip",
+    "EditR2LoadModel", "EditR2LoadSingleFiles", "EditR2LoadLoRA", "EditR2StartSession", "EditR2EditTurn",
+    "EditR2SessionImages", "EditR2SessionFilmstrip",
     "EditR2SaveSession", "EditR2LoadSession",
 }  # fmt: skip
 
@@ -66,9 +68,15 @@ def test_pack_registers_every_node(comfy, pack):
             for name, (io_type, options) in inputs.items():
                 assert isinstance(io_type, str) and isinstance(options, dict), (node_id, name)
                 json.dumps(options)  # /object_info must serialise it
+                assert options.get("tooltip"), f"{node_id}.{name} has no tooltip"
         assert all(isinstance(t, str) for t in node.RETURN_TYPES())
+        for output in schema.outputs:
+            assert output.tooltip, f"{node_id} output {output.display_name} has no tooltip"
+        assert len(schema.description) > 40, f"{node_id} needs a description (its help text)"
+        assert (web / "docs" / f"{node_id}.md").is_file(), f"{node_id} has no help page (web/docs/<node>.md)"
     output_nodes = {node_id for node_id, node in nodes.items() if node.GET_SCHEMA().is_output_node}
-    assert output_nodes == {"EditR2SaveSession"}
+    # Edit Turn shows its intent and image, and ComfyUI re-sends a cached output node's display on a re-queue
+    assert output_nodes == {"EditR2SaveSession", "EditR2EditTurn"}
 
 
 def test_root_init_is_inert_outside_comfyui(tmp_path):
@@ -129,6 +137,19 @@ def test_requirements_txt_matches_pyproject():
         expected += extras[requirement[len("editr2[") : -1]] if requirement.startswith("editr2[") else [requirement]
     lines = (REPO / "requirements.txt").read_text().splitlines()
     listed = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
-    assert sorted(listed) == sorted(expected)
+    assert sorted(listed) == sorted(set(expected))
     comfy = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["comfy"]
     assert comfy["PublisherId"] and comfy["DisplayName"] and comfy["requires-comfyui"].startswith(">=0.3")
+
+
+def test_registry_metadata_is_complete():
+    """What the Comfy Registry shows and installs: the license file, OS / GPU classifiers, every runtime dependency
+    (the registry installs [project] dependencies), documentation and issue-tracker links."""
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert "Apache License" in (REPO / "LICENSE").read_text() and project["license"]["text"] == "Apache-2.0"
+    assert any(c.startswith("Operating System ::") for c in project["classifiers"])
+    assert any(c.startswith("Environment :: GPU ::") for c in project["classifiers"])
+    names = {re.split(r"[<>=!\[ ]", d)[0] for d in project["dependencies"]}
+    assert {"torch", "diffusers", "transformers", "peft", "accelerate", "safetensors", "tokenizers"} <= names
+    assert {"Repository", "Documentation", "Bug Tracker"} <= set(project["urls"])

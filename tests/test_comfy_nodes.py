@@ -32,6 +32,12 @@ def tiny_model(comfy, tiny_dir):
     return comfy.nodes.EditR2LoadModel.execute(TINY_MODEL, "float32", "cpu")[0]
 
 
+def shown(result) -> str:
+    """The text an Edit Turn shows on its node."""
+    (text,) = result.ui["text"]
+    return text
+
+
 def comfy_image(seed=0, batch=1, size=SIZE, channels=3):
     generator = torch.Generator().manual_seed(seed)
     return torch.rand(batch, size, size, channels, generator=generator)  # (B, H, W, C) in 0..1
@@ -53,7 +59,7 @@ def turn(comfy, session, model, instruction, seed=0, steps=2, reasoning="none", 
 def test_every_node_has_a_valid_prefixed_schema(comfy):
     schemas = [node.GET_SCHEMA() for node in comfy.nodes.NODES]
     ids = [s.node_id for s in schemas]
-    assert len(set(ids)) == len(ids) == 7
+    assert len(set(ids)) == len(ids) == 9
     for schema in schemas:
         assert schema.node_id.startswith("EditR2") and schema.category == "Edit-R2"
         assert schema.display_name and schema.description
@@ -219,7 +225,7 @@ def test_three_turn_chain(comfy, tiny_model):
         session, image, intent = result.args
         assert isinstance(session, Session) and session.num_turns == i + 1
         assert image.shape == (1, SIZE, SIZE, 3) and 0 <= image.min() and image.max() <= 1
-        assert isinstance(intent, str) and intent and result.ui.value == intent
+        assert isinstance(intent, str) and intent and shown(result) == intent
         intents.append(intent)
     assert session.instructions == instructions and session.intents == intents
     assert [bar.values for bar in comfy.utils.BARS] == [[1, 2, 3]] * 3  # one progress bar per turn, one tick a step
@@ -299,20 +305,20 @@ def test_converted_inputs_are_reported(comfy, tiny_model, caplog):
     new_session, image, intent = result.args
     assert image.shape == (1, 48, 32, 3) and new_session.size == (32, 48)
     assert any("resized from 37x53 to 32x48" in r.getMessage() for r in caplog.records)
-    shown = result.ui.value.splitlines()
-    assert shown[0] == intent and "\n" not in intent  # the intent output itself stays the intent
-    assert any(line.startswith("note:") and "alpha channel was dropped" in line for line in shown)
-    assert any(line.startswith("note:") and "resized from 37x53 to 32x48" in line for line in shown)
+    shown_lines = shown(result).splitlines()
+    assert shown_lines[0] == intent and "\n" not in intent  # the intent output itself stays the intent
+    assert any(line.startswith("note:") and "alpha channel was dropped" in line for line in shown_lines)
+    assert any(line.startswith("note:") and "resized from 37x53 to 32x48" in line for line in shown_lines)
     notes = new_session.meta["input_notes"]
     assert len(notes) == 2 and "RGBA" in notes[0] and "37x53" in notes[1]
 
     grey = start(comfy, comfy_image(channels=1))
     assert "greyscale" in grey.meta["input_notes"][0]
-    assert "greyscale" in turn(comfy, grey, tiny_model, "add a red circle").ui.value
+    assert "greyscale" in shown(turn(comfy, grey, tiny_model, "add a red circle"))
     later = turn(comfy, new_session, tiny_model, "make it blue")
-    assert later.ui.value == later[2]  # notes belong to the turn that made the conversion
+    assert shown(later) == later[2]  # notes belong to the turn that made the conversion
     plain = turn(comfy, start(comfy), tiny_model, "add a red circle")
-    assert plain.ui.value == plain[2] and "input_notes" not in plain[0].meta
+    assert shown(plain) == plain[2] and "input_notes" not in plain[0].meta
 
 
 def test_edit_turn_applies_the_model_folders_call_defaults(comfy, tiny_dir, monkeypatch):
@@ -342,3 +348,21 @@ def test_edit_turn_applies_the_model_folders_call_defaults(comfy, tiny_dir, monk
     (kwargs,) = calls
     assert kwargs["condition_area"] == 1024 and kwargs["template"] == template and kwargs["max_new_tokens"] == 3
     assert kwargs["num_inference_steps"] == 2  # the node's own input wins over the folder's steps
+
+
+def test_edit_turn_restores_an_earlier_state_exactly(comfy, tiny_model, monkeypatch):
+    session = start(comfy)
+    for i, instruction in enumerate(["add a red square", "make it green", "move it to the right"]):
+        session = turn(comfy, session, tiny_model, instruction, seed=i)[0]
+
+    def generate_reasoning(session, prompt, *args, **kwargs):
+        return "<think>Undo the move.</think>Restore the image from before turn 3.", None, None
+
+    monkeypatch.setattr(tiny_model.pipeline, "generate_reasoning", generate_reasoning)
+    result = turn(comfy, session, tiny_model, "undo that", seed=3, reasoning="intent")
+    restored, image, intent = result.args
+    assert intent == "Restore the image from before turn 3." and shown(result) == intent
+    assert restored.num_turns == 4 and restored.turns[-1].restored_from == 2
+    assert torch.equal(restored.turns[-1].latents, session.turns[1].latents)
+    assert restored.turns[-1].image.tobytes() == session.turns[1].image.tobytes()
+    assert torch.equal(image, comfy.nodes.EditR2SessionImages.execute(session, False)[0][1:2])

@@ -20,6 +20,7 @@ import urllib.error
 import urllib.request
 
 import pytest
+from comfy_files import write_single_files, write_trainer_lora
 from comfy_stubs.workflow_api import ui_to_api
 from PIL import Image
 
@@ -32,8 +33,11 @@ pytestmark = pytest.mark.skipif(
 REPO = pathlib.Path(__file__).resolve().parent.parent
 WORKFLOW = REPO / "example_workflows" / "editr2_three_turns.json"
 TINY_MODEL = "editr2-tiny-test"
+TINY_CONFIG = "tiny-qwen-image-edit"
+TINY_LORA = "tiny-lora"
 NODE_IDS = {
-    "EditR2LoadModel", "EditR2StartSession", "EditR2EditTurn", "EditR2SessionImages", "EditR2SessionFilmstrip",
+    "EditR2LoadModel", "EditR2LoadSingleFiles", "EditR2LoadLoRA", "EditR2StartSession", "EditR2EditTurn",
+    "EditR2SessionImages", "EditR2SessionFilmstrip",
     "EditR2SaveSession", "EditR2LoadSession",
 }  # fmt: skip
 START_TIMEOUT_S = 240
@@ -145,8 +149,11 @@ class Server:
         return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else ""
 
     def get(self, path: str):
+        return json.loads(self.get_bytes(path))
+
+    def get_bytes(self, path: str) -> bytes:
         with urllib.request.urlopen(self.url + path, timeout=30) as response:
-            return json.loads(response.read())
+            return response.read()
 
     def post(self, path: str, body) -> tuple[int, dict]:
         request = urllib.request.Request(
@@ -186,8 +193,16 @@ def server(tmp_path_factory, tiny_dir):
         (root / "base" / folder).mkdir(parents=True)
     input_dir = root / "base" / "input"
     Image.new("RGB", (64, 64), (200, 180, 150)).save(input_dir / "example.png")
+    # ComfyUI's split model files (tiny, in its key layout) with their config, and an Edit-R2 LoRA folder
+    written = write_single_files(root / "models", variant="2511", config_name=TINY_CONFIG)
+    shutil.copytree(tiny_dir, models / "tiny-for-lora")
+    write_trainer_lora(models / "loras" / TINY_LORA)
     extra_paths = root / "extra_model_paths.yaml"
-    extra_paths.write_text(f"editr2_tests:\n    custom_nodes: {packs}\n    editr2: {models}\n")
+    extra_paths.write_text(
+        f"editr2_tests:\n    custom_nodes: {packs}\n    editr2: {models}\n"
+        f"    diffusion_models: {root / 'models' / 'diffusion_models'}\n"
+        f"    text_encoders: {root / 'models' / 'text_encoders'}\n    vae: {root / 'models' / 'vae'}\n"
+    )
 
     pythonpath = []
     if not _torchvision_imports():
@@ -197,6 +212,7 @@ def server(tmp_path_factory, tiny_dir):
         pythonpath.append(str(standin))
 
     server = Server(root)
+    server.single_files = written["names"]
     try:
         server.start(extra_paths, pythonpath)
         yield server
@@ -236,6 +252,12 @@ def test_example_workflow_and_web_extension_are_served(server):
     served = server.get("/api/workflow_templates/editr2/editr2_three_turns.json")
     assert served == json.loads(WORKFLOW.read_text())
     assert "/extensions/editr2/editr2.js" in server.get("/extensions")
+    # the template browser's thumbnail is <name>.jpg
+    thumbnail = server.get_bytes("/api/workflow_templates/editr2/editr2_three_turns.jpg")
+    assert thumbnail[:3] == b"\xff\xd8\xff"  # a JPEG
+    # the template's input image was copied into the input directory when the pack loaded
+    (image_loader,) = [n for n in served["nodes"] if n["type"] == "LoadImage"]
+    assert (server.root / "base" / "input" / image_loader["widgets_values"][0]).is_file()
 
 
 def test_example_workflow_runs(server, example_prompt):
@@ -248,6 +270,13 @@ def test_example_workflow_runs(server, example_prompt):
     turns = _nodes_of(prompt, "EditR2EditTurn")
     intents = [entry["outputs"][node_id]["text"][0] for node_id in turns]
     assert len(intents) == 3 and all(isinstance(t, str) and t.strip() for t in intents)
+    assert all(len(entry["outputs"][node_id]["images"]) == 1 for node_id in turns)  # each turn's image preview
+
+    # queued again unchanged: every node is cached, and each turn still shows its intent and image
+    again = server.run(prompt)
+    assert again["status"]["status_str"] == "success", json.dumps(again["status"])[-3000:]
+    assert [again["outputs"][node_id]["text"][0] for node_id in turns] == intents
+    assert all(again["outputs"][node_id]["images"] for node_id in turns)
 
     (saver,) = _nodes_of(prompt, "SaveImage")
     (saved,) = entry["outputs"][saver]["images"]
@@ -278,7 +307,7 @@ def test_miswired_and_bad_graphs_are_rejected_with_node_errors(server, example_p
 
 
 def test_empty_instruction_and_escaping_prefix_are_refused_at_queue_time(server, example_prompt):
-    """Both are validation errors (HTTP 400) before anything runs, not failures after the model load and turns."""
+    """Both are validation errors at queue time, not failures after the model load and turns."""
     prompt = json.loads(json.dumps(example_prompt))
     (loader,) = _nodes_of(prompt, "EditR2LoadModel")
     prompt[loader]["inputs"]["model_name"] = TINY_MODEL
@@ -287,7 +316,8 @@ def test_empty_instruction_and_escaping_prefix_are_refused_at_queue_time(server,
     prompt["save_session"] = {"class_type": "EditR2SaveSession",
                               "inputs": {"session": [last_turn, 0], "folder_prefix": "."}}
     status, body = server.post("/prompt", {"prompt": prompt})
-    assert status == 400, body
+    # Edit Turns are output nodes, so the earlier (valid) turns may still be queued (200); the bad nodes never are
+    assert status in (200, 400) and last_turn in body["node_errors"], body
     turn_errors = body["node_errors"][last_turn]["errors"]
     assert any("instruction is empty" in e["details"] for e in turn_errors), turn_errors
     save_errors = body["node_errors"]["save_session"]["errors"]
@@ -322,3 +352,65 @@ def test_missing_default_model_is_a_validation_error(server, example_prompt):
     assert status == 400 and loader in body["node_errors"], body
     details = body["node_errors"][loader]["errors"][0]["details"]
     assert "editr2-shapes-tiny" in details and "not found" in details
+
+
+def test_single_files_lora_and_low_vram_run(server):
+    """ComfyUI's split files (a 2511 transformer file: its marker key switches zero_cond_t on) under model CPU
+    offload, and a LoRA on a pipeline folder next to the same folder without it, in one prompt."""
+    names = server.single_files
+    info = server.get("/object_info")
+    single = info["EditR2LoadSingleFiles"]["input"]["required"]
+    assert names["diffusion_model"] in single["diffusion_model"][1]["options"]
+    assert names["text_encoder"] in single["text_encoder"][1]["options"]
+    assert names["vae"] in single["vae"][1]["options"]
+    assert TINY_CONFIG in single["config"][1]["options"]
+    assert TINY_LORA in info["EditR2LoadLoRA"]["input"]["required"]["lora_name"][1]["options"]
+
+    prompt = {
+        "image": {"class_type": "LoadImage", "inputs": {"image": "example.png"}},
+        "scale": {"class_type": "ImageScale", "inputs": {"image": ["image", 0], "upscale_method": "bilinear",
+                                                         "width": 32, "height": 32, "crop": "center"}},
+        "start": {"class_type": "EditR2StartSession", "inputs": {"image": ["scale", 0], "rules": ""}},
+        "files": {"class_type": "EditR2LoadSingleFiles", "inputs": {
+            "diffusion_model": names["diffusion_model"], "text_encoder": names["text_encoder"], "vae": names["vae"],
+            "config": TINY_CONFIG, "dtype": "float32", "device": "cpu", "memory": "model_cpu_offload"}},
+        "turn_files": {"class_type": "EditR2EditTurn", "inputs": {
+            "session": ["start", 0], "model": ["files", 0], "instruction": "add a red circle", "reasoning": "intent",
+            "steps": 2, "cfg": 1.0, "seed": 0}},
+        "folder": {"class_type": "EditR2LoadModel", "inputs": {"model_name": "tiny-for-lora", "dtype": "float32",
+                                                               "device": "cpu"}},
+        "lora": {"class_type": "EditR2LoadLoRA", "inputs": {"model": ["folder", 0], "lora_name": TINY_LORA,
+                                                            "strength": 0.8, "reasoning_strength": 1.0}},
+        "turn_lora": {"class_type": "EditR2EditTurn", "inputs": {
+            "session": ["start", 0], "model": ["lora", 0], "instruction": "add a red circle", "reasoning": "intent",
+            "steps": 2, "cfg": 1.0, "seed": 0}},
+        "turn_base": {"class_type": "EditR2EditTurn", "inputs": {
+            "session": ["start", 0], "model": ["folder", 0], "instruction": "add a red circle", "reasoning": "intent",
+            "steps": 2, "cfg": 1.0, "seed": 0}},
+    }  # fmt: skip
+    entry = server.run(prompt)
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[-3000:] + server.log_tail()
+    for node_id in ("turn_files", "turn_lora", "turn_base"):
+        assert entry["outputs"][node_id]["text"][0].strip() and entry["outputs"][node_id]["images"]
+    previews = []
+    for node_id in ("turn_lora", "turn_base"):
+        (preview,) = entry["outputs"][node_id]["images"]
+        with Image.open(server.root / "base" / preview["type"] / preview["subfolder"] / preview["filename"]) as im:
+            previews.append(list(im.convert("RGB").getdata()))
+    assert previews[0] != previews[1]  # the transformer LoRA changes the edit; the wire without it is unchanged
+
+
+def test_single_file_errors_are_validation_errors(server):
+    prompt = {
+        "files": {"class_type": "EditR2LoadSingleFiles", "inputs": {
+            "diffusion_model": "missing.safetensors", "text_encoder": server.single_files["text_encoder"],
+            "vae": server.single_files["vae"], "config": "auto", "dtype": "float32", "device": "cpu"}},
+        "image": {"class_type": "LoadImage", "inputs": {"image": "example.png"}},
+        "start": {"class_type": "EditR2StartSession", "inputs": {"image": ["image", 0], "rules": ""}},
+        "turn": {"class_type": "EditR2EditTurn", "inputs": {
+            "session": ["start", 0], "model": ["files", 0], "instruction": "add a red circle", "reasoning": "none",
+            "steps": 2, "cfg": 1.0, "seed": 0}},
+    }  # fmt: skip
+    status, body = server.post("/prompt", {"prompt": prompt})
+    assert status == 400 and "files" in body["node_errors"], body
+    assert "missing.safetensors" in body["node_errors"]["files"]["errors"][0]["details"]

@@ -4,6 +4,7 @@ import argparse
 import json
 
 import pytest
+import torch
 from PIL import Image
 
 from diffusers_editr2.testing import tiny_image
@@ -203,3 +204,26 @@ def test_model_load_error_is_one_line(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert err.startswith("editr2 edit: error: cannot load the model") and err.count("\n") == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_edit_undo_restores_the_earlier_turn_exactly(qwen_edit_plus_dir, tmp_path, capsys, monkeypatch):
+    from diffusers_editr2.pipeline_editr2 import EditR2Pipeline
+
+    def generate_reasoning(self, session, prompt, *args, **kwargs):
+        answer = "Undo the last edit." if prompt == "undo that" else prompt.capitalize() + "."
+        return f"<think>Turn {session.num_turns + 1}.</think>{answer}", None, None
+
+    monkeypatch.setattr(EditR2Pipeline, "generate_reasoning", generate_reasoning)
+    tiny_image(0, size=(40, 40)).save(tmp_path / "in.png")
+    argv = ["edit", "--model", str(qwen_edit_plus_dir), "--image", str(tmp_path / "in.png"), "make the sign yellow",
+            "now make it black", "undo that", "--out", str(tmp_path / "out"), "--steps", "2", "--height", "32",
+            "--width", "32", "--true-cfg-scale", "1", "--reference-area", "0", "--reasoning", "intent"]  # fmt: skip
+    assert main(argv) == 0
+    out = tmp_path / "out"
+    session = Session.load(out)
+    assert [t.restored_from for t in session.turns] == [None, None, 1]
+    assert session.turns[2].intent == "Undo the last edit."
+    assert session.turns[2].image.tobytes() == session.turns[0].image.tobytes()
+    assert (out / "turn_03.png").read_bytes() == (out / "turn_01.png").read_bytes()
+    assert torch.equal(session.turns[2].latents, session.turns[0].latents)
+    assert "turn 3: 'undo that' -> 'Undo the last edit.'  [restored turn 1 exactly]" in capsys.readouterr().out

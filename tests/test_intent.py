@@ -5,14 +5,14 @@ from pathlib import Path
 
 import pytest
 
-from editr2.bench.intent_score import score_session, score_sessions
+from editr2.bench.intent_score import score_intents, score_sessions
+from editr2.bench.shapes.reconstruct import RuleBasedReconstructor
 from editr2.intent import (
     FALLBACK_EMPTY,
     FALLBACK_EMPTY_AFTER_THINK,
     FALLBACK_NO_END_TAG,
     FALLBACK_TOO_LONG,
     Intent,
-    RuleBasedReconstructor,
     build_messages,
     find_rules,
     format_answer,
@@ -109,7 +109,7 @@ def test_intent_scoring_separates_reconstructor_from_raw_instructions():
 
 def test_score_session_checks_lengths():
     with pytest.raises(ValueError, match="formatted_instruction"):
-        score_session(["a", "b"], ["a"], RuleBasedReconstructor("mice"))
+        score_intents(["a", "b"], ["a"], RuleBasedReconstructor("mice"))
 
 
 def test_bench_intent_cli_scores_the_fixture(tmp_path, capsys):

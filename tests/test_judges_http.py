@@ -18,7 +18,7 @@ from editr2.bench.judges import (
     RetryPolicy,
     TurnRequest,
 )
-from editr2.bench.judges.testing import FakeChatServer, prompt_of
+from judge_fakes import FakeChatServer, prompt_of
 
 FAST = RetryPolicy(max_attempts=2, initial_backoff_s=0.0)
 

@@ -23,7 +23,7 @@ from editr2.bench.judges import (
     load_judge_config,
 )
 from editr2.bench.judges.config import JudgeConfig
-from editr2.bench.judges.testing import build_tiny_detector, build_tiny_features, build_tiny_vlm
+from judge_fakes import build_tiny_detector, build_tiny_features, build_tiny_vlm
 
 pytest.importorskip("transformers")
 FAST = RetryPolicy(max_attempts=2, initial_backoff_s=0.0)

@@ -29,7 +29,7 @@ from editr2.bench.judges import (
 from editr2.bench.judges.backends import Detection, count_distinct, iou
 from editr2.bench.judges.cc_judge import masked_patch_similarity, pair_similarity
 from editr2.bench.judges.protocol import BackendError, call_with_retries, parse_count, run_votes
-from editr2.bench.judges.testing import PixelFeatures, ScriptedDetector, ScriptedVLM
+from judge_fakes import PixelFeatures, ScriptedDetector, ScriptedVLM
 from editr2.bench.mice import load_sessions
 
 FIXTURE = Path(__file__).parent / "fixtures" / "mice_cm_sample.jsonl"

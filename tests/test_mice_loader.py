@@ -10,12 +10,12 @@ from editr2.bench.mice import (
     TASK_TYPES,
     MiceFormatError,
     MiceSession,
-    append_result,
     iter_session_lines,
     load_sessions,
     read_results,
     write_sessions,
 )
+from editr2.bench.resume import append_result
 
 FIXTURE = Path(__file__).parent / "fixtures" / "mice_cm_sample.jsonl"
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mice" / "cm_train.jsonl"

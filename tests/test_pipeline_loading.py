@@ -60,6 +60,65 @@ def test_real_qwen_image_edit_2509_layout_loads_unchanged(qwen_edit_plus_dir):
     assert pipe(image=image, prompt="make it red", generator=gen(0), **{**KWARGS, "reasoning": "intent"}).intents
 
 
+def test_real_qwen_image_edit_2511_layout_loads_unchanged(qwen_edit_2511_dir, qwen_edit_plus_dir):
+    folder = qwen_edit_2511_dir
+    assert json.loads((folder / "model_index.json").read_text()) == QWEN_IMAGE_EDIT_PLUS_MODEL_INDEX
+    assert json.loads((folder / "transformer" / "config.json").read_text())["zero_cond_t"] is True
+    pipe = EditR2Pipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.transformer.config.zero_cond_t is True
+    assert all(block.zero_cond_t for block in pipe.transformer.transformer_blocks)
+
+    image = tiny_image(0)
+    loaded = pipe(image=image, prompt="make it red", generator=gen(0), **KWARGS)
+    built = tiny_pipeline(seed=0, variant="2511")(image=image, prompt="make it red", generator=gen(0), **KWARGS)
+    assert np.array_equal(loaded.images, built.images)
+    # the same weights as the 2509 folder: only zero_cond_t differs, and it changes the edit
+    pipe_2509 = EditR2Pipeline.from_pretrained(qwen_edit_plus_dir)
+    pipe_2509.set_progress_bar_config(disable=True)
+    for name, tensor in pipe_2509.transformer.state_dict().items():
+        assert torch.equal(tensor, pipe.transformer.state_dict()[name]), name
+    other = pipe_2509(image=image, prompt="make it red", generator=gen(0), **KWARGS)
+    latent_diff = (other.session.turns[0].latents - loaded.session.turns[0].latents).abs().max()
+    assert latent_diff > 1e-3, latent_diff
+    # a multi-turn session with the reasoning step, guidance on (batched references through zero_cond_t)
+    out = pipe.edit_session(image, ["make it red", "now make it blue"], generator=gen(1),
+                            **{**KWARGS, "reasoning": "intent", "true_cfg_scale": 2.0, "negative_prompt": " "})
+    assert out.session.num_turns == 2 and np.isfinite(out.images).all()
+
+
+@pytest.mark.parametrize("cfg", [False, True])
+def test_peer_parity_on_the_2511_layout(qwen_edit_2511_dir, monkeypatch, cfg):
+    """reasoning="none" equals diffusers' QwenImageEditPlusPipeline for Qwen-Image-Edit-2511 (zero_cond_t) too."""
+    from diffusers import QwenImageEditPlusPipeline
+    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as upstream
+
+    ours = EditR2Pipeline.from_pretrained(qwen_edit_2511_dir)
+    reference = QwenImageEditPlusPipeline(**ours.components)  # the same component objects
+    assert ours.transformer.config.zero_cond_t is True
+    for p in (reference, ours):
+        p.set_progress_bar_config(disable=True)
+    monkeypatch.setattr(upstream, "VAE_IMAGE_SIZE", 32 * 32)  # upstream's reference sizes, shrunk to tiny
+    monkeypatch.setattr(upstream, "CONDITION_IMAGE_SIZE", 32 * 32)
+    image = tiny_image(0)
+    settings = dict(height=32, width=32, num_inference_steps=3, true_cfg_scale=4.0 if cfg else 1.0)
+    if cfg:
+        settings["negative_prompt"] = "blurry"
+    expected = reference(image=image, prompt="make it red", generator=gen(3), output_type="latent", **settings)
+    out = ours(image=image, prompt="make it red", reasoning="none", generator=gen(3), output_type="latent",
+               reference_area=32 * 32, condition_area=32 * 32, **settings)  # fmt: skip
+    # the same computation on the same component objects: bit-equal
+    assert torch.equal(out.images, expected.images)
+    assert float(expected.images.std()) > 0.01
+
+
+def test_tiny_components_refuse_an_unknown_variant():
+    from diffusers_editr2.testing import tiny_components
+
+    with pytest.raises(ValueError, match="2511"):
+        tiny_components(variant="2512")
+
+
 def test_transformer_lora_save_load_reproduces_outputs(tmp_path):
     pipe = tiny_pipeline(seed=0)
     image = tiny_image(1)
@@ -152,6 +211,7 @@ def test_from_pretrained_loads_every_component_in_one_dtype(tiny_dir, tmp_path):
     assert set(dtypes(old_name).values()) == {torch.float16}
 
 
+@pytest.mark.slow
 def test_a_saved_pipeline_loads_in_a_fresh_process(tiny_dir):
     """Nothing but `from diffusers_editr2 import EditR2Pipeline` is needed to load a folder we saved."""
     import subprocess

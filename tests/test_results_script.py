@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # subprocesses / training runs: `make test` runs them, `make test-fast` skips them
+
 pytest.importorskip("diffusers")
 
 SCRIPT = Path(__file__).resolve().parents[1] / "recipes" / "shapes_tiny" / "results.py"

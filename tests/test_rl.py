@@ -11,6 +11,10 @@ from editr2.rl import (
     gaussian_mean_kl,
     group_advantages,
     is_finite_loss,
+    joint_clipped_loss,
+    session_group_ids,
+    token_logps_from_logits,
+    training_masks,
     trajectory_filter,
 )
 
@@ -188,3 +192,121 @@ def test_global_std_over_many_sessions_keeps_noise_small():
     ids = torch.arange(16).repeat_interleave(18)
     together = group_advantages(batch, ids, global_std=True)[:18]
     assert together.abs().mean() < 0.01
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Token log-probs, group ids, masks
+
+
+def test_token_logps_from_logits():
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 3, 6, generator=gen)
+    ids = torch.tensor([[0, 5, 2], [4, 1, 1]])
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    got = token_logps_from_logits(logits, ids, mask, temperature=0.5)
+    expected = torch.log_softmax(logits / 0.5, dim=-1).gather(-1, ids[..., None])[..., 0]
+    assert torch.equal(got[mask], expected[mask]) and got[1, 2] == 0  # same ops: bit-equal; padding is 0
+    # a suppressed token has probability 0: the log-probs are those over the rest of the vocabulary
+    kept = [0, 1, 2, 4, 5]
+    got = token_logps_from_logits(logits, ids, temperature=0.5, suppressed_ids=[3])
+    rest = torch.log_softmax(logits[..., kept] / 0.5, dim=-1)
+    expected = rest.gather(-1, torch.tensor([kept.index(int(i)) for i in ids.flatten()]).view(2, 3, 1))[..., 0]
+    torch.testing.assert_close(got, expected)  # a softmax over 5 vs 6 columns: rounding may differ
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        token_logps_from_logits(logits, ids, temperature=0.0)
+    with pytest.raises(ValueError, match=r"logits\[:, P - 1 : -1\]"):
+        token_logps_from_logits(logits[:, :2], ids)
+
+
+def test_session_group_ids():
+    # 2 sessions x 2 rollouts x 3 turns, in (session, rollout, turn) order
+    assert session_group_ids(2, 2, 3).tolist() == [0] * 6 + [1] * 6
+    assert session_group_ids(2, 2, 3, "turn").tolist() == [0, 1, 2, 0, 1, 2, 3, 4, 5, 3, 4, 5]
+    assert session_group_ids(0, 2, 3).numel() == 0
+    with pytest.raises(ValueError, match="group_key must be one of"):
+        session_group_ids(2, 2, 3, "rollout")
+
+
+def test_trajectory_filter_over_sessions_and_training_masks():
+    scores = torch.tensor([[[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]], [[1.0, 1.0, 0.0], [math.nan, 0.0, 1.0]]])  # (B, G, T)
+    keep = trajectory_filter(scores)
+    assert torch.equal(keep, torch.stack([trajectory_filter(s) for s in scores]))  # as each session on its own
+    rewards = torch.ones(2, 2, 3)
+    rewards[1, 1, 0] = math.nan  # a missing reward trains nothing
+    image, text = training_masks(rewards, keep)
+    assert torch.equal(image, keep & ~torch.isnan(rewards)) and torch.equal(text, image)
+    image, text = training_masks(rewards, keep, filter_text=True)  # the reasoning of filtered turns still trains
+    assert torch.equal(text, ~torch.isnan(rewards)) and not image[0, 0, 2]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Per-rollout surrogate and the joint loss
+
+
+def _joint_inputs(seed: int = 5):
+    gen = torch.Generator().manual_seed(seed)
+    G, K, L = 3, 2, 4
+    return dict(
+        advantages=torch.tensor([1.5, -0.7, 2.0]),
+        step_log_probs=(0.2 * torch.randn(G, K, generator=gen)).requires_grad_(),
+        old_step_log_probs=torch.zeros(G, K),
+        image_mask=torch.tensor([True, True, False]),
+        step_kl=(torch.rand(G, K, generator=gen)).requires_grad_(),
+        token_logps=(0.2 * torch.randn(G, L, generator=gen)).requires_grad_(),
+        old_token_logps=torch.zeros(G, L),
+        token_mask=torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0]], dtype=torch.bool),
+    )
+
+
+def test_joint_clipped_loss_matches_the_per_rollout_formula():
+    x = _joint_inputs()
+    out = joint_clipped_loss(**x, clip_range_image=0.1, beta=0.3, clip_range_text=(0.2, 0.3), scale=0.25)
+    # the paper's accounting, rollout by rollout and step by step (the Python loop this function replaces)
+    G, K = x["step_log_probs"].shape
+    expected = []
+    for g in range(G):
+        total = torch.zeros(())
+        for j in range(K):
+            keep = x["image_mask"][g : g + 1]
+            step, _, _ = clipped_surrogate(x["step_log_probs"][g, j : j + 1], x["old_step_log_probs"][g, j : j + 1],
+                                           x["advantages"][g], 0.1, mask=keep)
+            total = total + step + 0.3 * torch.where(keep, x["step_kl"][g, j], torch.zeros(()))[0]
+        text, _, _ = clipped_surrogate(x["token_logps"][g], x["old_token_logps"][g], x["advantages"][g], (0.2, 0.3),
+                                       mask=x["token_mask"][g])
+        expected.append((total + text) / K)
+    expected = torch.stack(expected)
+    torch.testing.assert_close(out["per_rollout"], expected, atol=1e-7, rtol=1e-6)  # batched sums: a tolerance
+    torch.testing.assert_close(out["loss"], 0.25 * expected.sum(), atol=1e-7, rtol=1e-6)
+    assert out["n_image"] == 2 * K and out["n_text"] == 3
+    assert torch.equal(out["kl"][2], torch.zeros(K)) and torch.equal(out["kl"][:2], x["step_kl"][:2].detach())
+    assert out["ratio_image"].shape == (G, K) and out["ratio_text"].shape == (G, 4)
+
+
+def test_joint_clipped_loss_masked_terms_have_exactly_zero_gradient():
+    x = _joint_inputs(6)
+    x["old_step_log_probs"][2] = math.nan  # rollout 2's image is filtered: garbage there must not leak
+    x["old_token_logps"][0, 3] = math.inf  # padding
+    out = joint_clipped_loss(**x, clip_range_image=0.9, beta=0.3, clip_range_text=0.9)  # nothing clipped
+    assert torch.isfinite(out["loss"])
+    out["loss"].backward()
+    assert torch.equal(x["step_log_probs"].grad[2], torch.zeros(2)) and (x["step_log_probs"].grad[:2] != 0).all()
+    assert torch.equal(x["step_kl"].grad[2], torch.zeros(2))
+    assert torch.equal(x["token_logps"].grad[~x["token_mask"]], torch.zeros(4))
+    # on-policy: every ratio is exactly 1
+    on = joint_clipped_loss(x["advantages"], x["step_log_probs"], x["step_log_probs"].detach(), x["image_mask"], 0.1,
+                            token_logps=x["token_logps"], old_token_logps=x["token_logps"].detach(),
+                            token_mask=x["token_mask"], clip_range_text=0.2)
+    assert torch.equal(on["ratio_image"], torch.ones(3, 2)) and torch.equal(on["ratio_text"], torch.ones(3, 4))
+    assert on["clip_image"] == 0 and on["clip_text"] == 0 and torch.equal(on["kl"], torch.zeros(3, 2))
+
+
+def test_joint_clipped_loss_errors():
+    x = _joint_inputs()
+    with pytest.raises(ValueError, match="beta > 0 needs step_kl"):
+        joint_clipped_loss(x["advantages"], x["step_log_probs"], x["old_step_log_probs"], x["image_mask"], 0.1,
+                           beta=0.1)
+    with pytest.raises(ValueError, match=r"must be \(G,\)"):
+        joint_clipped_loss(x["advantages"][:2], x["step_log_probs"], x["old_step_log_probs"], x["image_mask"], 0.1)
+    with pytest.raises(ValueError, match="pass old_token_logps, token_mask and clip_range_text"):
+        joint_clipped_loss(x["advantages"], x["step_log_probs"], x["old_step_log_probs"], x["image_mask"], 0.1,
+                           token_logps=x["token_logps"])

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # subprocesses / training runs: `make test` runs them, `make test-fast` skips them
+
 RUN_PY = Path(__file__).resolve().parents[1] / "recipes" / "shapes_tiny" / "rl_demo.py"
 _spec = importlib.util.spec_from_file_location("rl_demo_run", RUN_PY)
 run = importlib.util.module_from_spec(_spec)

@@ -188,8 +188,8 @@ def test_trajectory_filter_masks_turns_after_an_if_zero(trainer, rollouts):
         batch = _score(trainer, rollouts, [IF], filter_text=filter_text, trajectory_filter="if_zero")
         expected_image = torch.ones(2, 2, 2, dtype=torch.bool)  # (B, G, T)
         expected_image[0, 0, 1] = False
-        assert torch.equal(batch.image_mask, expected_image)
-        assert torch.equal(batch.text_mask, torch.ones_like(expected_image) if filter_text else expected_image)
+        assert torch.equal(batch["image_mask"], expected_image)
+        assert torch.equal(batch["text_mask"], torch.ones_like(expected_image) if filter_text else expected_image)
         assert trainer._metrics["filter/frac_filtered"][-1] == pytest.approx(1 / 8)
 
 
@@ -201,7 +201,7 @@ def test_trajectory_filter_masks_turns_after_an_if_zero(trainer, rollouts):
 @pytest.mark.parametrize("group_key", ["session", "turn"])
 def test_advantages_have_zero_mean_per_group(trainer, rollouts, group_key):
     batch = _score(trainer, rollouts, [pixel_hash_reward], group_key=group_key, global_std=False, trajectory_filter="none")
-    adv = batch.advantages  # (B, G, T)
+    adv = batch["advantages"]  # (B, G, T)
     assert adv.abs().sum() > 0
     groups = adv.flatten(1) if group_key == "session" else adv.permute(0, 2, 1)  # (B, G*T) or (B, T, G)
     torch.testing.assert_close(groups.mean(-1), torch.zeros(groups.shape[:-1]), atol=1e-6, rtol=0)
@@ -226,15 +226,15 @@ def test_missing_or_failing_rewards_never_become_scores(trainer, rollouts):
     assert calls["flaky"] == 2
     missing = torch.zeros(2, 2, 2, dtype=torch.bool)
     missing[:, 1, 1] = True
-    assert torch.equal(batch.advantages[missing], torch.zeros(2))
-    assert torch.equal(batch.image_mask, ~missing) and torch.equal(batch.text_mask, ~missing)
+    assert torch.equal(batch["advantages"][missing], torch.zeros(2))
+    assert torch.equal(batch["image_mask"], ~missing) and torch.equal(batch["text_mask"], ~missing)
     assert trainer._metrics["rewards/partial/missing"][-1] == pytest.approx(0.25)
     assert trainer._metrics["rewards/flaky/failures"][-1] == 0
-    assert batch.advantages[~missing].abs().min() > 0  # the valid samples keep their own spread
+    assert batch["advantages"][~missing].abs().min() > 0  # the valid samples keep their own spread
 
     batch = _score(trainer, rollouts, [broken, flaky], trajectory_filter="none", reward_retries=1)
-    assert torch.equal(batch.advantages, torch.zeros_like(batch.advantages))
-    assert not batch.image_mask.any() and not batch.text_mask.any()
+    assert torch.equal(batch["advantages"], torch.zeros_like(batch["advantages"]))
+    assert not batch["image_mask"].any() and not batch["text_mask"].any()
     assert trainer._metrics["rewards/broken/failures"][-1] == 1
     assert trainer._metrics["rewards/broken/missing"][-1] == 1
     assert math.isnan(trainer._metrics["reward"][-1])

@@ -6,7 +6,7 @@ import pytest
 
 from editr2.bench.shapes import Command, Desc, Literal, Obj, Scene, apply_command, canonical_intent, parse_instruction
 from editr2.bench.shapes.grammar import (RULE_TEMPLATES, TASK_TYPES, TEMPLATES, check_command, formatted_instruction,
-                                         realize, resolve_literal, split_rule)
+                                         realize, resolve_literal, split_color_rule)
 from editr2.bench.shapes.world import CELL_NAMES, COLOR_NAMES, SHAPES, SIZES, TONE_NAMES
 
 RED_CIRCLE = Obj("circle", "red", "small", (0, 0))
@@ -117,7 +117,7 @@ def test_every_phrasing_parses_back_exactly():
 
 def test_rule_split_and_unknown_text():
     text = RULE_TEMPLATES[0].format(c="blue") + " With this rule active, Remove the small red circle"
-    assert split_rule(text) == ("blue", "Remove the small red circle")
+    assert split_color_rule(text) == ("blue", "Remove the small red circle")
     assert parse_instruction(text).rule_color == "blue"
     # Real MICE instructions (from ../shared/data/mice/cm_train.jsonl) are not in this grammar.
     for real in ["Replace plastic silver robot figurine with teapot", "Change the count of teapot to 3",

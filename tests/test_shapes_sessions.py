@@ -27,7 +27,7 @@ def test_sessions_are_seeded_and_deterministic():
     assert generate_session("cu", 5, 12).to_json() != a.to_json()
     assert generate_session("cm", 3, 11).to_json() != generate_session("cu", 3, 11).to_json()
     with pytest.raises(ValueError, match="num_turns"):
-        generate_session("cm", 9, 0)
+        generate_session("cm", 17, 0)
     with pytest.raises(ValueError, match="family"):
         generate_session("xx", 3, 0)
 

@@ -25,10 +25,10 @@ def _dtypes(pipe) -> set:
 
 def _python_api(tmp_path):
     from diffusers_editr2 import EditR2Pipeline
-    from diffusers_editr2.bench import load_call_defaults
+    from diffusers_editr2.call_defaults import read_call_defaults
     from editr2.bench.shapes import generate_session
 
-    call = {**load_call_defaults(SHIPPED), **FAST}
+    call = {**read_call_defaults(SHIPPED), **FAST}
     source = generate_session("cm", num_turns=1, seed=0)
     for kwargs, dtype in [({}, torch.float32), ({"dtype": torch.bfloat16}, torch.bfloat16)]:
         pipe = EditR2Pipeline.from_pretrained(SHIPPED, **kwargs)
@@ -66,7 +66,7 @@ def _bench_shapes(tmp_path):
 def _bench_mice(tmp_path):
     from PIL import Image
 
-    from editr2.bench.judges.testing import FakeChatServer, prompt_of
+    from judge_fakes import FakeChatServer, prompt_of
     from editr2.bench.mice import load_sessions, read_results
     from editr2.cli import main
 

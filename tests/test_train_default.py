@@ -52,6 +52,7 @@ def stages(tmp_path_factory):
     return root / "vae", root / "reasoner", vae_metrics, reasoner_metrics
 
 
+@pytest.mark.slow
 def test_vae_stage_trains_resumes_exactly_and_exports(stages, tmp_path):
     vae_dir, _, metrics, _ = stages
     assert 0.0 <= metrics["scene_accuracy"] <= 1.0 and metrics["scene_accuracy_originals"] == 1.0
@@ -88,6 +89,7 @@ def test_single_frame_convs_are_exact():
     torch.testing.assert_close(fast, reference, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_reasoner_stage_trains_resumes_exactly(stages, tmp_path):
     _, reasoner_dir, _, metrics = stages
     assert set(metrics) >= {"cm", "cu", "exact_match"} and 0.0 <= metrics["exact_match"] <= 1.0
@@ -102,6 +104,7 @@ def test_reasoner_stage_trains_resumes_exactly(stages, tmp_path):
     _assert_same(_weights(reasoner_dir, "text_encoder"), _weights(split, "text_encoder"))
 
 
+@pytest.mark.slow
 def test_reasoning_lora_on_a_frozen_base(stages, tmp_path):
     from diffusers_editr2 import EditR2Pipeline  # noqa: F401  (the pipeline loads the exported LoRA)
 
@@ -191,6 +194,7 @@ def test_batched_conditioning_matches_the_pipeline(stages):
         assert batched.img_shapes == single.img_shapes
 
 
+@pytest.mark.slow
 def test_editor_stage_resumes_exactly_and_export_loads(stages, tmp_path):
     from diffusers_editr2 import EditR2Pipeline
     from editr2.bench.shapes import generate_session
@@ -253,6 +257,7 @@ def test_shipped_checkpoint_is_small_and_loads(shipped):
 
 
 @torch.no_grad()
+@pytest.mark.slow
 def test_shipped_checkpoint_floors(shipped):
     """Floors set from the measured values (model card), with margin: the VAE round trip read by the oracle parser
     (measured on these 16 scenes: 81% whole scenes, 93% of objects) and one-turn edits from the gold intent (measured:
@@ -280,6 +285,7 @@ def test_shipped_checkpoint_floors(shipped):
 
 
 @torch.no_grad()
+@pytest.mark.slow
 def test_shipped_checkpoint_follows_instructions_in_fixed_sessions(shipped):
     """The whole model (reasoner writes the intent, editor applies it) on 4 cm + 4 cu fixed 2-turn sessions, with the
     folder's call defaults: IF measured 0.50 (cm 0.75, cu 0.25), CC 0.87; the floors leave margin for platforms."""
@@ -294,6 +300,7 @@ def test_shipped_checkpoint_follows_instructions_in_fixed_sessions(shipped):
     assert np.mean([s.CC for s in scores]) >= 0.6
 
 
+@pytest.mark.slow
 def test_shipped_checkpoint_runs_an_intent_session(shipped):
     from editr2.bench.shapes import generate_session
     from editr2.bench.shapes.runner import run_session

@@ -132,6 +132,7 @@ def test_run_settings_are_checked():
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
 
 
+@pytest.mark.slow
 def test_a_resumed_run_says_so_in_its_log(tmp_path, capsys):
     cfg = train_vae.VAEConfig(**MICRO_VAE, max_steps=2)
     assert train_vae.train(cfg, tmp_path, show_progress=False, stop_after=1) is None
@@ -145,6 +146,7 @@ def test_a_resumed_run_says_so_in_its_log(tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_max_minutes_checkpoints_exports_and_resumes_exactly(tmp_path):
     full, capped = tmp_path / "full", tmp_path / "capped"
     train_vae.train(train_vae.VAEConfig(**MICRO_VAE, max_steps=3), full, show_progress=False)
@@ -157,6 +159,7 @@ def test_max_minutes_checkpoints_exports_and_resumes_exactly(tmp_path):
     _assert_same(_weights(full), _weights(capped))  # = the uninterrupted run, bit for bit
 
 
+@pytest.mark.slow
 def test_data_workers_do_not_change_the_run(tmp_path):
     for workers in (0, 2):
         train_vae.train(train_vae.VAEConfig(**MICRO_VAE, max_steps=2, data_workers=workers), tmp_path / str(workers),

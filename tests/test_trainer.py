@@ -228,6 +228,16 @@ def test_reward_weights_with_an_unknown_name_fail_before_the_model_loads(tmp_pat
         EditR2Trainer(str(tmp_path / "no-such-model"), ["shapes_oracle"], args=args, train_dataset=tiny_dataset())
 
 
+def test_default_reward_weights_apply_to_the_functions_they_name():
+    from trl_editr2 import EditR2Trainer
+
+    resolve = EditR2Trainer._resolve_weights
+    assert resolve({"IF": 0.3, "CC": 0.3, "GA": 0.4}, ["IF", "GA"]) == {"IF": 0.3, "GA": 0.4}
+    assert resolve({"IF": 0.3, "CC": 0.3, "GA": 0.4}, ["pixel_hash_reward"]) == {"pixel_hash_reward": 1.0}
+    with pytest.raises(ValueError, match="GAA"):  # a dict the user wrote is checked key by key
+        resolve({"IF": 0.3, "CC": 0.3, "GAA": 0.4}, ["IF", "CC", "GA"])
+
+
 def _named(fn, name):
     fn.__name__ = name
     return fn
@@ -285,13 +295,14 @@ def test_advantages_are_normalised_over_every_micro_batch_of_the_step(tmp_path, 
                            trajectory_filter="none", max_steps=1, gradient_accumulation_steps=2,
                            per_device_train_batch_size=1, global_std_min_samples=0)
     seen = []
-    learn = type(trainer).learn
+    prepare = type(trainer)._prepare_inputs
 
-    def spy(self, model, batch):
-        seen.append({ro.record["session_id"]: batch.advantages[i].clone() for i, ro in enumerate(batch.rollouts)})
-        return learn(self, model, batch)
+    def spy(self, inputs):  # each micro-step's batch dict
+        batch = prepare(self, inputs)
+        seen.append({ro.record["session_id"]: batch["advantages"][i].clone() for i, ro in enumerate(batch["rollouts"])})
+        return batch
 
-    monkeypatch.setattr(type(trainer), "learn", spy)
+    monkeypatch.setattr(type(trainer), "_prepare_inputs", spy)
     trainer.train()
     advantages = {sid: adv for step in seen for sid, adv in step.items()}
     assert len(seen) == 2 and len(advantages) == 2
@@ -362,3 +373,35 @@ def test_script_resume_true_skips_a_half_written_checkpoint(uninterrupted, tmp_p
     got = load_file(resumed / "trainable_state.safetensors")
     for key in expected:
         assert torch.equal(expected[key], got[key]), key
+
+
+def test_a_restoring_rollout_trains_its_reasoning_but_not_an_image(tmp_path, monkeypatch):
+    import trl_editr2.rollout as rollout_module
+    from trl_editr2.testing import pixel_hash_reward, tiny_dataset, tiny_trainer
+
+    real = rollout_module.generate_answers
+
+    def answers_with_an_undo(pipe, sessions, instruction, args, generator):
+        answers, *rest = real(pipe, sessions, instruction, args, generator)
+        if sessions[0].num_turns == 1:  # turn 2: rollout 0 takes turn 1 back, rollout 1 edits
+            answers = ["<think>Take it back.</think>Undo the last edit.", "<think>Edit.</think>Make it blue."]
+        return answers, *rest
+
+    monkeypatch.setattr(rollout_module, "generate_answers", answers_with_an_undo)
+    trainer = tiny_trainer(tmp_path, reward_funcs=[pixel_hash_reward], reward_weights={"pixel_hash_reward": 1.0},
+                           trajectory_filter="none", num_turns=2, dataset=tiny_dataset(num_turns=2), max_steps=1,
+                           global_std_min_samples=0)
+    (rollout,) = trainer.rollout([tiny_dataset(num_turns=2)[0]])
+    first, second = rollout.turns
+    assert first.restored == [False, False] and second.restored == [True, False]
+    undone, edited = rollout.sessions
+    assert undone.turns[1].restored_from == 0 and edited.turns[1].restored_from is None
+    assert second.images[0].tobytes() == undone.source_image.tobytes()  # back to the source, exactly
+    assert second.intents[0].restore == 0 and second.text is not None
+    batch = trainer.score([rollout])
+    assert batch["image_mask"][0, :, 1].tolist() == [False, True]  # no image steps of the undo are trained
+    assert batch["text_mask"][0, :, 1].tolist() == [True, True]  # its reasoning tokens are
+    assert batch["image_mask"][0, :, 0].tolist() == [True, True]
+    trainer.train()  # a step with a restore turn trains (finite loss)
+    assert trainer.state.global_step == 1
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in trainer.state.log_history if "loss" in h)

@@ -20,6 +20,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+pytestmark = pytest.mark.slow  # subprocesses / training runs: `make test` runs them, `make test-fast` skips them
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "trl_editr2" / "scripts" / "editr2.py"
 SHAPES_TINY = REPO / "examples" / "configs" / "shapes_tiny.yaml"

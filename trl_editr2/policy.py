@@ -2,9 +2,9 @@
 
 It registers the pipeline's transformer and text encoder as submodules (with a LoRA adapter each; everything else
 frozen), and its `forward` is the Edit-R2 loss of one turn's G rollouts. Going through `forward` is what lets
-`accelerate` wrap the policy (DDP, FSDP) and synchronise gradients. All math comes from `editr2.flow` / `editr2.rl`
-and all model calls from the pipeline; the one addition here is the teacher-forced token log-probs of the reasoning
-(marked below), which the pipeline does not offer.
+`accelerate` wrap the policy (DDP, FSDP) and synchronise gradients. This module only makes the model calls (the
+pipeline's velocities, and the text encoder's teacher-forced logits of the reasoning, which the pipeline does not
+offer); all math comes from `editr2.flow` (SDE step log-probs) and `editr2.rl` (the loss).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from editr2.flow import sde_step_with_logprob
-from editr2.rl import clipped_surrogate, gaussian_mean_kl
+from editr2.rl import gaussian_mean_kl, joint_clipped_loss, token_logps_from_logits
 
 if TYPE_CHECKING:
     from .config import EditR2Config
@@ -128,10 +128,10 @@ def disable_dropout(model: nn.Module) -> None:
 def completion_logps(text_encoder: nn.Module, text: TextSample, temperature: float) -> Tensor:
     """Teacher-forced token log-probs of the reasoning answers, at the sampling temperature.
 
-    Added here, wrapping the pipeline's text encoder: `log_softmax(logits / temperature)` of each completion token
-    over the vocabulary without the vision placeholders (the sampler suppresses them, see
-    [`prepare_reasoning_sampling`]), computed by one forward over `[prompt | completion]` (with the reasoning adapter
-    as it is set, normally active).
+    Added here, wrapping the pipeline's text encoder: one forward over `[prompt | completion]` (with the reasoning
+    adapter as it is set, normally active) gives the logits, and `editr2.rl.token_logps_from_logits` the
+    `log_softmax(logits / temperature)` of each completion token over the vocabulary without the vision placeholders
+    (the sampler suppresses them, see [`prepare_reasoning_sampling`]).
     The rollout calls it without gradients for the old log-probs (the paper recomputes them this way rather than
     keeping the sampler's: the same batch through the same kernels gives ratios of exactly 1) and the loss calls it
     with gradients on the same batch.
@@ -154,11 +154,10 @@ def completion_logps(text_encoder: nn.Module, text: TextSample, temperature: flo
             [inputs["mm_token_type_ids"], torch.zeros_like(completion_ids)], dim=1
         )
     logits = text_encoder(**inputs, use_cache=False).logits  # (G, P + L, V)
-    logits = logits[:, prompt_len - 1 : -1].float() / temperature  # (G, L, V): position k predicts token k + 1
-    suppressed = vision_token_ids(text_encoder)
-    logits[..., suppressed] = -float("inf")  # as the sampler (SuppressTokensLogitsProcessor)
-    logps = torch.log_softmax(logits, dim=-1).gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)  # (G, L)
-    return torch.where(text.completion_mask, logps, torch.zeros_like(logps))
+    return token_logps_from_logits(  # position P - 1 + k predicts completion token k
+        logits[:, prompt_len - 1 : -1], completion_ids, text.completion_mask, temperature=temperature,
+        suppressed_ids=vision_token_ids(text_encoder),  # as the sampler (SuppressTokensLogitsProcessor)
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -231,31 +230,20 @@ class EditR2Policy(nn.Module):
     # -- the loss ------------------------------------------------------------------------------------------------------
 
     def forward(self, turn: TurnRollout, weights: LossWeights) -> dict[str, Tensor]:
-        """The Edit-R2 loss of one turn's G rollouts.
+        """The Edit-R2 loss of one turn's G rollouts ([`editr2.rl.joint_clipped_loss`]).
 
-        Per rollout `g` (the paper's accounting, where the text loss rides on the first of the K window steps):
-
-            loss_g = (1 / K) * [ sum_j (L_img[g, j] + beta * KL[g, j]) * image_mask[g] + L_text[g] * text_mask[g] ]
-
-        with `L_img` and `L_text` (token mean) the clipped surrogates of `editr2.rl.clipped_surrogate` at
-        `clip_range_image` / `clip_range_text`, and `KL` `editr2.rl.gaussian_mean_kl` against the adapter-off model.
-        Masked terms are excluded with `where`, so they contribute exactly zero gradient even if not finite.
+        Re-scores each SDE-window step of the stored trajectory under the current policy (and, with `beta > 0`, under
+        the adapter-off reference for the KL) and the reasoning tokens, then hands the log-probs to the loss.
 
         Returns:
-            `dict` with `loss` (`scale * sum_g loss_g`), and detached diagnostics: `ratio_image (G, K)`,
-            `ratio_text (G, L)` (1 at padding), `kl (G, K)`, `clip_image`/`clip_text` (sum of clip fractions over
-            kept entries) and `n_image`/`n_text` (how many entries were kept).
+            `joint_clipped_loss`'s dict: `loss` (`scale * sum_g loss_g`) and detached diagnostics: `ratio_image (G, K)`,
+            `ratio_text (G, L)` (when the text trains), `kl (G, K)`, `clip_image`/`clip_text` and
+            `n_image`/`n_text`.
         """
         args = self.args
-        adv = weights.advantages.float()  # (G,)
-        num_rollouts = adv.shape[0]
-        num_steps = len(turn.sde_steps)
-        per_rollout = torch.zeros(num_rollouts, device=adv.device)  # (G,)
-        out = {"clip_image": adv.new_zeros(()), "clip_text": adv.new_zeros(()), "n_image": 0, "n_text": 0}
-
-        # Image: re-score each SDE-window step of the stored trajectory under the current policy
-        ratios_image, kls = [], []
-        for j in range(num_steps):
+        num_rollouts = weights.advantages.shape[0]
+        log_probs, kls = [], []
+        for j in range(len(turn.sde_steps)):  # one transformer batch of the G rollouts per step, as at rollout time
             x, x_next = turn.latents[j], turn.next_latents[j]  # (G, N, C)
             timestep = turn.step_timesteps[j].expand(num_rollouts).to(x.dtype)  # (G,)
             sigma, sigma_next = turn.step_sigmas[j], turn.step_sigmas_next[j]
@@ -263,60 +251,30 @@ class EditR2Policy(nn.Module):
             _, log_prob, mean, std = sde_step_with_logprob(
                 v, x, sigma, sigma_next, args.noise_level, prev_sample=x_next, sigma_max=turn.sigma_max
             )
-            step_loss, clip_sum, kept, ratio = _per_rollout_surrogate(
-                log_prob.unsqueeze(1), turn.old_log_probs[:, j : j + 1], adv, args.clip_range_image,
-                weights.image_mask.unsqueeze(1),
-            )
-            ratios_image.append(ratio[:, 0])
-            out["clip_image"], out["n_image"] = out["clip_image"] + clip_sum, out["n_image"] + kept
+            log_probs.append(log_prob)  # (G,)
             if args.beta > 0:
                 with torch.no_grad():
                     v_ref = self.velocity(x, timestep, turn.conditioning, reference=True)
                     _, _, ref_mean, _ = sde_step_with_logprob(
                         v_ref, x, sigma, sigma_next, args.noise_level, prev_sample=x_next, sigma_max=turn.sigma_max
                     )
-                kl = gaussian_mean_kl(mean, ref_mean, std)  # (G,)
-                kl = torch.where(weights.image_mask, kl, torch.zeros_like(kl))
-                step_loss = step_loss + args.beta * kl
-                kls.append(kl.detach())
-            per_rollout = per_rollout + step_loss
-        out["ratio_image"] = torch.stack(ratios_image, dim=1)  # (G, K)
-        out["kl"] = torch.stack(kls, dim=1) if kls else adv.new_zeros(num_rollouts, num_steps)
-
-        # Text: the reasoning tokens, one scalar advantage per rollout (the image's)
+                kls.append(gaussian_mean_kl(mean, ref_mean, std))  # (G,)
+        text = {}
         if turn.text is not None and args.train_reasoning:
-            logps = self.token_logps(turn.text)  # (G, L)
-            mask = turn.text.completion_mask & weights.text_mask.unsqueeze(1)  # (G, L)
-            text_loss, clip_sum, kept, ratio = _per_rollout_surrogate(
-                logps, turn.text.old_logps, adv, args.clip_range_text, mask
+            text = dict(
+                token_logps=self.token_logps(turn.text),  # (G, L)
+                old_token_logps=turn.text.old_logps,
+                token_mask=turn.text.completion_mask & weights.text_mask.unsqueeze(1),  # (G, L)
+                clip_range_text=args.clip_range_text,
             )
-            per_rollout = per_rollout + text_loss
-            out["ratio_text"] = ratio  # (G, L)
-            out["clip_text"], out["n_text"] = clip_sum, kept
-
-        out["loss"] = weights.scale * per_rollout.sum() / max(num_steps, 1)
-        return out
-
-
-def _per_rollout_surrogate(log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, clip_range: float, mask: Tensor):
-    """`editr2.rl.clipped_surrogate` row by row: each rollout's own mean over its kept entries.
-
-    Args:
-        log_prob, old_log_prob: `(G, M)` (M = 1 for an image step, L tokens for the text).
-        advantages: `(G,)`.
-        mask: `(G, M)` bool.
-
-    Returns:
-        `(loss (G,), sum of clip fractions over rows with a kept entry, number of such rows, ratio (G, M) detached)`.
-    """
-    losses, ratios = [], []
-    clip_sum, kept = log_prob.new_zeros(()), 0
-    for g in range(log_prob.shape[0]):
-        loss, clip_fraction, ratio = clipped_surrogate(
-            log_prob[g], old_log_prob[g], advantages[g], clip_range, mask=mask[g]
+        return joint_clipped_loss(
+            weights.advantages,
+            torch.stack(log_probs, dim=1) if log_probs else turn.old_log_probs.new_zeros(num_rollouts, 0),  # (G, K)
+            turn.old_log_probs,
+            weights.image_mask,
+            args.clip_range_image,
+            step_kl=torch.stack(kls, dim=1) if kls else None,  # (G, K)
+            beta=args.beta,
+            scale=weights.scale,
+            **text,
         )
-        losses.append(loss)
-        ratios.append(ratio.detach())
-        if bool(mask[g].any()):
-            clip_sum, kept = clip_sum + clip_fraction.detach(), kept + 1
-    return torch.stack(losses), clip_sum, kept, torch.stack(ratios)

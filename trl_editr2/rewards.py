@@ -23,6 +23,7 @@ import math
 import numbers
 import os
 import sys
+import time
 from typing import Any, Callable, Sequence
 
 from editr2.rewards import collect
@@ -196,11 +197,20 @@ def _is_factory(fn: Callable) -> bool:
 
 
 def _with_retries(fn: Callable, name: str, retries: int, failures: dict[str, int],
-                  nonfinite: dict[str, int]) -> Callable:
+                  nonfinite: dict[str, int], timings: dict[str, float] | None = None) -> Callable:
     """`fn` called up to `1 + retries` times; after the last failure its scores are all `None` (missing). Non-finite
-    scores become `None`, counted in `nonfinite[name]`."""
+    scores become `None`, counted in `nonfinite[name]`. With `timings`, the seconds spent (retries included) are
+    stored under `name`."""
 
     def call(prompts, images, **kwargs):
+        start = time.perf_counter()
+        try:
+            return attempts(prompts, images, **kwargs)
+        finally:
+            if timings is not None:
+                timings[name] = time.perf_counter() - start
+
+    def attempts(prompts, images, **kwargs):
         for attempt in range(retries + 1):
             try:
                 values = fn(prompts, images, **kwargs)
@@ -231,8 +241,13 @@ def _nonfinite_as_missing(values, name: str, nonfinite: dict[str, int]):
 
 
 def score_samples(reward_funcs: Sequence[Callable], prompts: Sequence[str], images: Sequence, retries: int = 1,
+                  timings: dict[str, float] | None = None,
                   **kwargs) -> tuple[dict[str, list[float | None]], dict[str, int], dict[str, int]]:
-    """Call every reward function on the batch.
+    """Call every reward function on the batch (one call each, with all of the step's samples: a judge sends them
+    as parallel requests, up to its back-end's `max_concurrency`).
+
+    `timings`, when given, receives each function's seconds by name (the trainer logs them as
+    `timing/reward/{name}`).
 
     Returns:
         `(scores, failures, nonfinite)`: `{name: [float | None per sample]}` validated by `editr2.rewards.collect` (a
@@ -242,6 +257,6 @@ def score_samples(reward_funcs: Sequence[Callable], prompts: Sequence[str], imag
     """
     failures: dict[str, int] = {}
     nonfinite: dict[str, int] = {}
-    wrapped = {reward_name(fn): _with_retries(fn, reward_name(fn), retries, failures, nonfinite)
+    wrapped = {reward_name(fn): _with_retries(fn, reward_name(fn), retries, failures, nonfinite, timings)
                for fn in reward_funcs}
     return collect(wrapped, prompts, images, **kwargs), failures, nonfinite

@@ -4,7 +4,9 @@ Per turn, for each of the G rollouts: the text encoder writes the operative inte
 temperature; old token log-probs recomputed by one teacher-forced pass; at the first turn only with
 `reason_at_first_turn`, else the raw instruction is used there, as in the paper's code), the intent is encoded with the rollout's
 current image, and the image is sampled from noise with the SDE on a short window of steps (log-probs kept) and the
-ODE elsewhere (`editr2.flow.sample`). The new latent is carried to the next turn as the reference. The G rollouts of a
+ODE elsewhere (`editr2.flow.sample`). The new latent is carried to the next turn as the reference. A rollout whose
+intent names an earlier session state ("Undo the last edit.", `editr2.intent.parse_restore`) continues from that
+state exactly instead: its turn trains its reasoning tokens only (`TurnRollout.restored`). The G rollouts of a
 session share the start and, with `same_initial_noise`, each turn's initial noise; they are batched through the
 transformer, so the loss can re-run exactly the same batches (on-policy ratios of exactly 1).
 
@@ -26,8 +28,6 @@ from torch import Tensor
 from editr2.batching import pad_prompt_embeds
 from editr2.flow import sample, sde_window, shifted_sigmas
 from editr2.intent import Intent, parse_answer
-
-from .policy import completion_logps
 
 
 @dataclass
@@ -68,6 +68,10 @@ class TurnRollout:
         timings: seconds spent in `reasoning`, `encode`, `sampling`, `decode`.
         reasoned: whether an intent was written at this turn (False with `reasoning="none"`, and at the first turn
             with `reason_at_first_turn=False`: the raw instruction conditioned the edit).
+        restored: per rollout, whether its intent named an earlier state (`Intent.restore`): that rollout's turn is an
+            exact copy of the state (`EditR2Pipeline.restore_turn`), its image was not sampled, and its SDE steps (the
+            batch still carries a row for it, so shapes stay `(G, ...)`) are discarded and never trained; its reasoning
+            tokens train as usual. Empty means none.
     """
 
     turn: int
@@ -87,6 +91,7 @@ class TurnRollout:
     images: list[PIL.Image.Image]
     timings: dict[str, float] = field(default_factory=dict)
     reasoned: bool = True
+    restored: list[bool] = field(default_factory=list)
 
 
 @dataclass
@@ -249,12 +254,12 @@ def write_intents(policy, sessions: Sequence[Any], instruction: str, args, seed_
     answers, prompt, ids, mask = generate_answers(
         pipe, sessions, instruction, args, seeded_generator(*seed_keys, "reasoning")
     )
-    intents = [parse_answer(answer, instruction) for answer in answers]
+    intents = [parse_answer(answer, instruction, num_turns=s.num_turns) for answer, s in zip(answers, sessions)]
     if not args.train_reasoning:
         return intents, None
     text = TextSample(prompt, ids, mask, old_logps=None)
     with torch.no_grad():
-        text.old_logps = completion_logps(policy.text_encoder, text, args.reasoning_temperature)
+        text.old_logps = policy.token_logps(text)  # at `args.reasoning_temperature` (the policy's args)
     return intents, text
 
 
@@ -315,8 +320,11 @@ def rollout_turn(policy, sessions: list, instruction: str, turn: int, args, seed
     timings["sampling"] = _now(device) - start - timings["reasoning"] - timings["encode"]
 
     # 5. Decode, and continue each rollout's session with its image and latent
+    # (a rollout whose intent names an earlier state continues from that state exactly, not from its sample)
     decoded = pipe.decode_latents(out.latents, conditioning.height, conditioning.width)  # (G, 3, H, W)
+    restored = [intent.restore is not None for intent in intents]
     new_sessions = [
+        pipe.restore_turn(conditionings[g].session, instruction, intents[g]) if restored[g] else
         pipe.finish_turn(conditionings[g], out.latents[g : g + 1], instruction, intents[g], decoded[g : g + 1])
         for g in range(num_rollouts)
     ]
@@ -341,6 +349,7 @@ def rollout_turn(policy, sessions: list, instruction: str, turn: int, args, seed
         images=[s.current_image for s in new_sessions],
         timings=timings,
         reasoned=reasoned,
+        restored=restored,
     )
     return record, new_sessions
 

@@ -1,22 +1,27 @@
 """`EditR2Trainer`: joint reasoning + flow-matching RL over multi-turn editing sessions, as a `transformers.Trainer`.
 
-The trainer subclasses `transformers.Trainer` (like TRL's GRPOTrainer, not a subclass of it) and overrides
-`training_step` (rollout -> rewards -> advantages -> filter -> loss), `log` (TRL-named metrics), `_save` /
-`_load_from_checkpoint` (LoRA adapters in the pipeline's formats + an exact trainable state for resuming). Everything
-else is the Trainer's: the optimizer and schedule, gradient accumulation and clipping, `accelerate` (DDP / FSDP),
-checkpoints with RNG state, `trainer_state.json`, callbacks and `report_to`. The steps are small functions:
+The trainer subclasses `transformers.Trainer` (like TRL's GRPOTrainer, not a subclass of it) and follows
+GRPOTrainer's structure and names: `_prepare_inputs` hands each micro-step its part of the optimizer step's batch,
+made once per step by `_generate_and_score_completions`; `compute_loss(model, inputs)` (-> `_compute_loss`) is the
+Edit-R2 loss of a batch dict; `log` adds the TRL-named metrics; `_save` / `_load_from_checkpoint` write and read the
+LoRA adapters in the pipeline's formats + an exact trainable state for resuming. Everything else is the Trainer's:
+the optimizer and schedule, gradient accumulation and clipping, `accelerate` (DDP / FSDP), checkpoints with RNG
+state, `trainer_state.json`, callbacks and `report_to`. All the objective's math is in `editr2.rl` (pure functions);
+this module wires it:
 
-1. rollout: `trl_editr2.rollout.rollout_session` per session (G rollouts x T turns), for every micro-batch of the
-   optimizer step before the first backward (the weights do not change within a step, so this is the same as rolling
-   out each micro-batch just before its backward);
-2. score: the reward functions (`trl_editr2.rewards.score_samples`), combined by `editr2.rewards.combine`; missing
-   rewards (None, NaN, inf, a raising function) are counted, and steps without any valid reward stop the run
+1. rollout (`rollout`): `trl_editr2.rollout.rollout_session` per session (G rollouts x T turns), for every
+   micro-batch of the optimizer step before the first backward (the weights do not change within a step, so this is
+   the same as rolling out each micro-batch just before its backward);
+2. score (`score`): the reward functions (`trl_editr2.rewards.score_samples`), combined by `editr2.rewards.combine`;
+   missing rewards (None, NaN, inf, a raising function) are counted, and steps without any valid reward stop the run
    (`max_steps_without_reward`);
-3. advantage: `editr2.rl.group_advantages` over the whole step's batch (every process, every micro-batch), grouped per
-   `group_key`;
-4. filter: `editr2.rl.trajectory_filter` on the filter reward (IF);
-5. loss: `EditR2Policy.forward` per (session, turn), one backward each; a non-finite loss on any process skips the
-   optimizer step (all gradients dropped) and is counted in `skipped_steps`.
+3. advantage: `editr2.rl.group_advantages` over the whole step's batch (every process, every micro-batch), in the
+   groups of `editr2.rl.session_group_ids` (`group_key`);
+4. filter: `editr2.rl.trajectory_filter` on the filter reward (IF), `editr2.rl.training_masks`;
+5. loss (`training_step`): `compute_loss` on each (session, turn) of the micro-batch, one backward each (only one
+   turn's graph is alive at a time); `EditR2Policy.forward` re-scores the turn and returns
+   `editr2.rl.joint_clipped_loss`. A non-finite loss on any process skips the optimizer step (all gradients dropped)
+   and is counted in `skipped_steps`.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import math
 import os
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import replace
 from typing import Callable, Sequence
 
 import torch
@@ -36,10 +41,10 @@ from torch import Tensor
 from transformers import Trainer
 
 from editr2.rewards import combine
-from editr2.rl import (frac_reward_zero_std, group_advantages, is_finite_loss, missing_rewards, std_sample_count,
-                       trajectory_filter)
+from editr2.rl import (frac_reward_zero_std, group_advantages, is_finite_loss, missing_rewards, session_group_ids,
+                       std_sample_count, training_masks, trajectory_filter)
 
-from .config import EditR2Config
+from .config import PAPER_REWARD_WEIGHTS, EditR2Config
 from .data import collate_sessions
 from .policy import (REASONING_ADAPTER, TRANSFORMER_ADAPTER, EditR2Policy, LossWeights, add_lora_adapters,
                      disable_dropout, prepare_reasoning_sampling)
@@ -63,32 +68,7 @@ PER_TURN_FIELDS = ("task_type", "formatted_instruction", "bg_consistency", "unch
 NOT_FORWARDED = ("instruction", "source_image")
 
 
-@dataclass
-class StepBatch:
-    """What one training step learns from (local to this process). N = B sessions x G rollouts x T turns.
-
-    Args:
-        rollouts: the B sessions' rollouts.
-        advantages: `(B, G, T)` float32.
-        image_mask, text_mask: `(B, G, T)` bool: which (rollout, turn) trains its image steps / reasoning tokens.
-        valid_rewards: how many samples of the whole step (all processes) have a valid reward.
-    """
-
-    rollouts: list[SessionRollout]
-    advantages: Tensor
-    image_mask: Tensor
-    text_mask: Tensor
-    valid_rewards: int = 0
-
-    def split(self, sizes: Sequence[int]) -> list["StepBatch"]:
-        """Consecutive parts of `sizes` sessions each (one per micro-batch of the optimizer step)."""
-        parts, start = [], 0
-        for size in sizes:
-            end = start + size
-            parts.append(StepBatch(self.rollouts[start:end], self.advantages[start:end], self.image_mask[start:end],
-                                   self.text_mask[start:end], self.valid_rewards))
-            start = end
-        return parts
+SAMPLE_KEYS = ("rewards", "advantages", "image_mask", "text_mask")  # the (B, G, T) entries of a batch dict
 
 
 class EditR2Trainer(Trainer):
@@ -157,7 +137,8 @@ class EditR2Trainer(Trainer):
         self._accum_index = 0  # micro-steps done in the current optimizer step
         self._skip_update = False  # a non-finite loss was seen in the current optimizer step
         self._step_inputs: list = []  # the micro-batches of the current optimizer step (from get_batch_samples)
-        self._step_batches: list[StepBatch] | None = None  # their rollouts, scored together
+        self._buffered_inputs: list[dict] | None = None  # their batch dicts, rolled out and scored together
+        self._loss_sums: dict[str, float] = defaultdict(float)  # loss diagnostics of the current micro-step
         self._steps_without_reward = 0  # optimizer steps in a row without any valid reward
         self._warned_std_samples = False
 
@@ -194,12 +175,15 @@ class EditR2Trainer(Trainer):
     @staticmethod
     def _resolve_weights(weights, names: list[str]) -> dict[str, float]:
         """Reward weights by name: a dict (missing names weigh 1, unknown names are an error), or a list aligned with
-        the reward functions (TRL)."""
+        the reward functions (TRL). The default, the paper's `{"IF": 0.3, "CC": 0.3, "GA": 0.4}`, applies to the
+        functions of those names; its other keys are ignored (e.g. with custom reward functions only)."""
         if isinstance(weights, (list, tuple)):
             if len(weights) != len(names):
                 raise ValueError(f"reward_weights has {len(weights)} entries for {len(names)} reward functions "
                                  f"{names}; pass one weight per function or a dict by name.")
             return {n: float(w) for n, w in zip(names, weights)}
+        if dict(weights) == PAPER_REWARD_WEIGHTS:
+            weights = {k: v for k, v in weights.items() if k in names}
         unknown = [k for k in weights if k not in names]
         if unknown:
             raise ValueError(
@@ -218,7 +202,7 @@ class EditR2Trainer(Trainer):
         return self.accelerator.unwrap_model(self.model)
 
     # ------------------------------------------------------------------------------------------------------------------
-    # 1-4. Rollout, score, advantage, filter
+    # 1-4. Rollout, score, advantage, filter: `_generate_and_score_completions`
     # ------------------------------------------------------------------------------------------------------------------
 
     def rollout_seed(self, record: dict) -> int:
@@ -288,19 +272,29 @@ class EditR2Trainer(Trainer):
             self._metrics[f"timing/rollout/{key}"].append(value)
         return rollouts
 
-    def generate_and_score(self, records: list[dict]) -> StepBatch:
-        """Roll out the local sessions, then score them (see [`score`])."""
-        return self.score(self.rollout(records))
+    def _generate_and_score_completions(self, inputs: list[dict]) -> dict:
+        """Roll out the local sessions `inputs` (see [`rollout`]), then score them (see [`score`]): the batch dict."""
+        return self.score(self.rollout(inputs))
 
-    def score(self, rollouts: list[SessionRollout]) -> StepBatch:
-        """Rewards, advantages (over all processes' samples) and the trajectory filter's masks; logs the metrics."""
+    def score(self, rollouts: list[SessionRollout]) -> dict:
+        """Rewards, advantages (over all processes' samples) and the trajectory filter's masks; logs the metrics.
+
+        Returns:
+            The batch dict of B sessions x G rollouts x T turns: `rollouts` (B `SessionRollout`s; each turn keeps
+            what the loss re-scores, with the old log-probs computed at rollout time, TRL's `old_per_token_logps`:
+            `old_log_probs (G, K)` of the SDE steps, `text.old_logps (G, L)` of the reasoning), `rewards`
+            (B, G, T) (NaN = missing), `advantages` (B, G, T), `image_mask` / `text_mask` (B, G, T) bool (which
+            samples train their SDE steps / reasoning tokens) and `num_valid_rewards` (over all processes).
+        """
         args = self.args
         num_gen, num_turns = args.num_generations, args.num_turns
 
         # 2. Score: one call per reward function on all local samples
         start = time.perf_counter()
         prompts, images, kwargs = self.reward_kwargs(rollouts)
-        scores, failures, nonfinite = score_samples(self.reward_funcs, prompts, images, args.reward_retries, **kwargs)
+        reward_times: dict[str, float] = {}
+        scores, failures, nonfinite = score_samples(self.reward_funcs, prompts, images, args.reward_retries,
+                                                    reward_times, **kwargs)
         combined = combine(scores, self.reward_weights)
         reward_time = time.perf_counter() - start
 
@@ -313,9 +307,7 @@ class EditR2Trainer(Trainer):
 
         # 3. Advantages over the batch gathered from every process (sessions are whole on one process)
         all_rewards = self._gather(rewards.view(-1))  # (P * B * G * T,)
-        sample = torch.arange(all_rewards.numel())
-        session_index = sample // (num_gen * num_turns)
-        group_ids = session_index if args.group_key == "session" else session_index * num_turns + sample % num_turns
+        group_ids = session_group_ids(all_rewards.numel() // (num_gen * num_turns), num_gen, num_turns, args.group_key)
         all_adv = group_advantages(all_rewards, group_ids, global_std=args.global_std, clip=args.adv_clip_max)
         std_samples = std_sample_count(all_rewards, group_ids, global_std=args.global_std)
         self._check_std_samples(std_samples)
@@ -326,11 +318,13 @@ class EditR2Trainer(Trainer):
         if args.trajectory_filter == "none":
             keep = torch.ones_like(rewards, dtype=torch.bool)
         else:
-            filter_scores = as_tensor(scores[args.filter_reward_name])
-            keep = torch.stack([trajectory_filter(s, args.trajectory_filter, args.filter_threshold) for s in filter_scores])
-        valid = ~torch.isnan(rewards)
-        image_mask = keep & valid
-        text_mask = (keep | args.filter_text) & valid
+            keep = trajectory_filter(as_tensor(scores[args.filter_reward_name]), args.trajectory_filter,
+                                     args.filter_threshold)  # (B, G, T)
+        image_mask, text_mask = training_masks(rewards, keep, args.filter_text)
+        # a turn that restored an earlier state sampled no image of its own: only its reasoning trains
+        restored = torch.tensor([[[bool(turn.restored) and turn.restored[g] for turn in ro.turns]
+                                  for g in range(num_gen)] for ro in rollouts], dtype=torch.bool).view_as(image_mask)
+        image_mask = image_mask & ~restored
 
         # Metrics (TRL names), over the gathered batch
         metrics = self._metrics
@@ -364,8 +358,16 @@ class EditR2Trainer(Trainer):
             if lengths:
                 metrics["reasoning/mean_length"].append(sum(lengths) / len(lengths))
         metrics["timing/reward"].append(reward_time)
-        valid_rewards = int((~missing_rewards(all_rewards)).sum())
-        return StepBatch(rollouts, advantages, image_mask, text_mask, valid_rewards)
+        for name, seconds in reward_times.items():  # per reward function (e.g. each judge's server round trips)
+            metrics[f"timing/reward/{name}"].append(seconds)
+        return {
+            "rollouts": rollouts,
+            "rewards": rewards,
+            "advantages": advantages,
+            "image_mask": image_mask,
+            "text_mask": text_mask,
+            "num_valid_rewards": int((~missing_rewards(all_rewards)).sum()),
+        }
 
     def _check_std_samples(self, count: int) -> None:
         """Warn once when the global std is taken over fewer valid rewards than `global_std_min_samples`."""
@@ -379,13 +381,13 @@ class EditR2Trainer(Trainer):
                 self.state.global_step, count, args.global_std_min_samples,
             )
 
-    def check_rewards(self, batch: StepBatch) -> None:
+    def check_rewards(self, batch: dict) -> None:
         """Stop when `max_steps_without_reward` optimizer steps in a row had no valid reward (on any process).
 
         Raises:
             RuntimeError: naming the missing reward functions' failures, when the limit is reached.
         """
-        if batch.valid_rewards > 0:
+        if batch["num_valid_rewards"] > 0:
             self._steps_without_reward = 0
             return
         self._steps_without_reward += 1
@@ -407,113 +409,123 @@ class EditR2Trainer(Trainer):
             )
 
     # ------------------------------------------------------------------------------------------------------------------
-    # 5. Loss
-    # ------------------------------------------------------------------------------------------------------------------
-
-    def learn(self, model, batch: StepBatch) -> Tensor:
-        """Forward + backward of every (session, turn) of the batch; returns the summed (scaled) loss, detached.
-
-        A non-finite loss on any process drops every gradient of the current optimizer step (all processes agree).
-        """
-        num_local = batch.advantages.numel()
-        scale = 1.0 / (num_local * self._accumulation_steps())
-        device = self.accelerator.device
-        chunks = [(b, t) for b, ro in enumerate(batch.rollouts) for t in range(len(ro.turns))]
-        total = torch.zeros((), device=device)
-        finite = True
-        sums = defaultdict(float)
-        for k, (b, t) in enumerate(chunks):
-            turn = batch.rollouts[b].turns[t]
-            weights = LossWeights(
-                advantages=batch.advantages[b, :, t].to(device),
-                image_mask=batch.image_mask[b, :, t].to(device),
-                text_mask=batch.text_mask[b, :, t].to(device),
-                scale=scale,
-            )
-            sync = k == len(chunks) - 1
-            context = contextlib.nullcontext() if sync else self.accelerator.no_sync(model)
-            with context:
-                with self.compute_loss_context_manager():
-                    out = model(turn, weights)
-                self.accelerator.backward(out["loss"])
-            finite = finite and is_finite_loss(out["loss"])
-            total = total + out["loss"].detach()
-            sums["clip_image"] += float(out["clip_image"])
-            sums["n_image"] += out["n_image"]
-            sums["clip_text"] += float(out["clip_text"])
-            sums["n_text"] += out["n_text"]
-            kept = weights.image_mask
-            sums["kl"] += float(out["kl"][kept].sum())
-            sums["n_kl"] += int(kept.sum()) * out["kl"].shape[1]
-
-        # All processes skip together: a NaN/inf anywhere drops this optimizer step's gradients everywhere
-        all_finite = bool(self._gather(torch.tensor([float(finite)])).min() > 0)
-        if not all_finite or self._skip_update:
-            if not self._skip_update:
-                self._skipped_steps += 1
-                logger.warning("Non-finite loss at step %d: the optimizer step is skipped.", self.state.global_step)
-            self._skip_update = True
-            model.zero_grad(set_to_none=True)  # optimizers skip parameters without a gradient
-            total = torch.zeros((), device=device)
-
-        keys = ("clip_image", "n_image", "clip_text", "n_text", "kl", "n_kl")
-        totals = self._gather(torch.tensor([float(sums[k]) for k in keys])).view(-1, len(keys)).sum(0)
-        sums = dict(zip(keys, totals.tolist()))
-        self._metrics["clip_ratio/image"].append(sums["clip_image"] / max(sums["n_image"], 1))
-        if self.args.train_reasoning:
-            self._metrics["clip_ratio/text"].append(sums["clip_text"] / max(sums["n_text"], 1))
-        self._metrics["kl"].append(sums["kl"] / max(sums["n_kl"], 1))
-        return total
-
-    # ------------------------------------------------------------------------------------------------------------------
-    # Trainer overrides
+    # 5. Loss: `training_step` -> `_prepare_inputs`, then `compute_loss` and a backward per (session, turn)
     # ------------------------------------------------------------------------------------------------------------------
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         """The Trainer's micro-batches of one optimizer step, kept so that the first `training_step` of the step rolls
         out and scores all of them together (advantages normalised over the whole step's batch)."""
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
-        self._step_inputs, self._step_batches = list(batch_samples), None
+        self._step_inputs, self._buffered_inputs = list(batch_samples), None
         return batch_samples, num_items_in_batch
 
-    def step_batch(self, inputs: list[dict]) -> StepBatch:
-        """This micro-batch's part of the optimizer step's scored batch (rolled out and scored at its first micro-step;
-        a call outside the training loop scores `inputs` alone)."""
+    def _prepare_inputs(self, inputs: list[dict]) -> dict:
+        """This micro-batch's batch dict (TRL's buffered generation batch): at the optimizer step's first micro-step,
+        every micro-batch of the step is rolled out and scored together (`_generate_and_score_completions`); a call
+        outside the training loop scores `inputs` alone. Adds `loss_scale`, so that every local sample of the step
+        weighs the same in the accumulated gradient."""
         index = next((i for i, micro in enumerate(self._step_inputs) if micro is inputs), None)
         if index is None:
-            self._step_inputs, self._step_batches, index = [inputs], None, 0
-        if self._step_batches is None:
-            records = [record for micro in self._step_inputs for record in micro]
-            batch = self.generate_and_score(records)
+            self._step_inputs, self._buffered_inputs, index = [inputs], None, 0
+        if self._buffered_inputs is None:
+            batch = self._generate_and_score_completions([record for micro in self._step_inputs for record in micro])
             self.check_rewards(batch)
-            self._step_batches = batch.split([len(micro) for micro in self._step_inputs])
-        return self._step_batches[index]
+            self._buffered_inputs = _split_batch(batch, [len(micro) for micro in self._step_inputs])
+        batch = self._buffered_inputs[index]
+        return {**batch, "loss_scale": 1.0 / (batch["advantages"].numel() * self._accumulation_steps())}
 
     def training_step(self, model, inputs: list[dict], num_items_in_batch=None) -> Tensor:
-        """One micro-step: (at the step's first micro-step, rollout + score + advantages + filter of every micro-batch
-        of the step), then this micro-batch's loss and its backward."""
+        """TRL's step (`_prepare_inputs`, `compute_loss`, backward) with one backward per (session, turn) of the
+        micro-batch, so that only one turn's graph is alive at a time (gradients are synchronised at the last one).
+
+        A non-finite loss on any process drops every gradient of the current optimizer step (all processes agree).
+
+        Returns:
+            The micro-batch's summed (scaled) loss, detached (0 when the step is skipped).
+        """
         if self._accum_index == 0:
             self._skip_update = False
         if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
             self.optimizer.train()
         start = time.perf_counter()
-        batch = self.step_batch(inputs)
-        model.train()
+        inputs = self._prepare_inputs(inputs)
         learn_start = time.perf_counter()
-        loss = self.learn(model, batch)
+        total = self.learn(model, inputs)
+        self._log_loss_metrics()
         end = time.perf_counter()
         self._metrics["timing/learn"].append(end - learn_start)
         self._metrics["timing/step"].append(end - start)
         self._metrics["skipped_steps"].append(float(self._skipped_steps))
         self._accum_index = (self._accum_index + 1) % self._accumulation_steps()
-        return loss.detach()
+        return total
+
+    def learn(self, model, inputs: dict) -> Tensor:
+        """Forward + backward of every (session, turn) of the micro-batch `inputs` (a batch dict of
+        `_prepare_inputs`); returns the summed (scaled) loss, detached. A non-finite loss on any process drops every
+        gradient of the current optimizer step (all processes agree), and the loss returned is 0."""
+        model.train()
+        turns = _turn_batches(inputs)
+        total, finite = torch.zeros((), device=self.accelerator.device), True
+        for k, turn in enumerate(turns):
+            context = contextlib.nullcontext() if k == len(turns) - 1 else self.accelerator.no_sync(model)
+            with context:
+                with self.compute_loss_context_manager():
+                    loss = self.compute_loss(model, turn)
+                self.accelerator.backward(loss)
+            finite = finite and is_finite_loss(loss)
+            total = total + loss.detach()
+        # All processes skip together: a NaN/inf anywhere drops this optimizer step's gradients everywhere
+        if not bool(self._gather(torch.tensor([float(finite)])).min() > 0) or self._skip_update:
+            if not self._skip_update:
+                self._skipped_steps += 1
+                logger.warning("Non-finite loss at step %d: the optimizer step is skipped.", self.state.global_step)
+            self._skip_update = True
+            model.zero_grad(set_to_none=True)  # optimizers skip parameters without a gradient
+            total = torch.zeros((), device=self.accelerator.device)
+        return total
+
+    def compute_loss(self, model, inputs: dict, return_outputs=False, num_items_in_batch=None) -> Tensor:
+        """The Edit-R2 loss of a batch dict (see [`_compute_loss`]); `training_step` calls it per (session, turn)."""
+        if return_outputs:
+            raise ValueError("EditR2Trainer.compute_loss returns the loss only; pass return_outputs=False.")
+        return self._compute_loss(model, inputs)
+
+    def _compute_loss(self, model, inputs: dict) -> Tensor:
+        """`loss_scale * sum` over the batch's sessions, turns and rollouts of the Edit-R2 loss
+        (`editr2.rl.joint_clipped_loss` through `EditR2Policy.forward`, which re-scores the turn under the current
+        policy); adds the clip and KL diagnostics to the micro-step's metrics."""
+        device = self.accelerator.device
+        scale = inputs.get("loss_scale", 1.0 / inputs["advantages"].numel())
+        total = torch.zeros((), device=device)
+        for b, ro in enumerate(inputs["rollouts"]):
+            for t, turn in enumerate(ro.turns):
+                weights = LossWeights(
+                    advantages=inputs["advantages"][b, :, t].to(device),
+                    image_mask=inputs["image_mask"][b, :, t].to(device),
+                    text_mask=inputs["text_mask"][b, :, t].to(device),
+                    scale=scale,
+                )
+                out = model(turn, weights)
+                total = total + out["loss"]
+                for key in ("clip_image", "n_image", "clip_text", "n_text"):
+                    self._loss_sums[key] += float(out.get(key, 0))
+                self._loss_sums["kl"] += float(out["kl"][weights.image_mask].sum())
+        return total
+
+    def _log_loss_metrics(self) -> None:
+        """The micro-step's clip ratios and KL (TRL's names), summed over every process."""
+        keys = ("clip_image", "n_image", "clip_text", "n_text", "kl")
+        totals = self._gather(torch.tensor([float(self._loss_sums[k]) for k in keys])).view(-1, len(keys)).sum(0)
+        sums = dict(zip(keys, totals.tolist()))
+        self._loss_sums.clear()
+        self._metrics["clip_ratio/image"].append(sums["clip_image"] / max(sums["n_image"], 1))
+        if self.args.train_reasoning:
+            self._metrics["clip_ratio/text"].append(sums["clip_text"] / max(sums["n_text"], 1))
+        self._metrics["kl"].append(sums["kl"] / max(sums["n_image"], 1))
 
     def _accumulation_steps(self) -> int:
         """Micro-steps in the current optimizer step (the Trainer sets it per step; fewer at an epoch's end)."""
         return getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        raise NotImplementedError("EditR2Trainer computes its loss in training_step (rollouts come first).")
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         raise NotImplementedError("EditR2Trainer has no evaluation loop; evaluate with `editr2 bench`.")
@@ -692,8 +704,31 @@ def resolve_checkpoint(resume_from_checkpoint, output_dir: str | os.PathLike) ->
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Small statistics for logging
+# Helpers: batch dicts, FSDP, adapter files, statistics for logging
 # ---------------------------------------------------------------------------------------------------------------------
+
+
+def _split_batch(batch: dict, sizes: Sequence[int]) -> list[dict]:
+    """The batch dict cut into consecutive parts of `sizes` sessions each (one per micro-batch of the step)."""
+    parts, start = [], 0
+    for size in sizes:
+        end = start + size
+        part = {**batch, "rollouts": batch["rollouts"][start:end]}
+        part.update({key: batch[key][start:end] for key in SAMPLE_KEYS})
+        parts.append(part)
+        start = end
+    return parts
+
+
+def _turn_batches(batch: dict) -> list[dict]:
+    """The batch dict cut into one batch dict per (session, turn): the unit of one forward and one backward."""
+    parts = []
+    for b, ro in enumerate(batch["rollouts"]):
+        for t, turn in enumerate(ro.turns):
+            part = {**batch, "rollouts": [replace(ro, turns=[turn])]}
+            part.update({key: batch[key][b : b + 1, :, t : t + 1] for key in SAMPLE_KEYS})  # (1, G, 1)
+            parts.append(part)
+    return parts
 
 
 @contextlib.contextmanager

@@ -1,16 +1,16 @@
-"""Symbolic MICE-Shapes editors: reference points that show the metrics discriminate.
+"""Bench editors: the one editor protocol of `editr2 bench shapes` and `editr2 bench mice`, and the symbolic
+MICE-Shapes editors (reference points that show the metrics discriminate).
 
-An editor is any callable `editor(images, history, instruction) -> PIL.Image.Image`:
+An editor edits a whole session: `editor.edit_session(source, instructions, session) -> [one PIL image per turn]`
+(`Editor`), where `session` is the bench's session object (a `ShapesSession` or a `MiceSession`: ground truth for the
+editors that use it). `diffusers_editr2.bench.PipelineEditor` is the model editor.
 
-- `images`: the session's images so far, `[source, image after turn 1, ..., current image]`;
-- `history`: the earlier instructions (`len(history) == len(images) - 1`);
-- `instruction`: this turn's raw instruction.
-
-An editor that needs the session's ground truth also has `bind(session) -> editor` (the runner calls it once per
-session). The three here:
+The symbolic editors work turn by turn (`TurnEditor`): `editor(images, history, instruction) -> PIL image`, with
+`images` the session's images so far (`[source, image after turn 1, ..., current image]`) and `history` the earlier
+instructions; `bind(session)` gives a fresh editor for one session. The three here:
 
 - `oracle`: paints the ground-truth scene of the turn (IF = CC = GA = 1 by construction).
-- `identity`: returns the current image unchanged (IF = 0).
+- `identity`: returns the current image unchanged (IF = 0; a floor for IF and GA, a ceiling for CC on real images).
 - `literal`: reads only the current instruction's words (`grammar.parse_instruction`) and applies them to the parsed
   current image: no pronoun or back-reference resolution, no undo, no persistent rule (an added object whose
   instruction names no colour gets `grammar.LITERAL_DEFAULT_COLOR`).
@@ -22,7 +22,7 @@ smoothly filled where every image had an object), then paints the objects over i
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Sequence
+from typing import Any, Iterable, Protocol, Sequence
 
 import numpy as np
 from PIL import Image
@@ -33,7 +33,35 @@ from .shapes.render import compose, tint, to_array, to_image
 from .shapes.sessions import ShapesSession
 from .shapes.world import Obj
 
-Editor = Callable[[Sequence[Image.Image], Sequence[str], str], Image.Image]
+
+
+class Editor(Protocol):
+    """Edits a whole session: returns one output image per instruction, in order."""
+
+    name: str
+
+    def edit_session(self, source: Image.Image, instructions: Sequence[str], session: Any) -> list[Image.Image]:
+        ...
+
+
+class TurnEditor:
+    """An `Editor` made of one call per turn: subclasses define `__call__(images, history, instruction)` and, when
+    they keep per-session state or need the ground truth, `bind(session)` (returning a fresh editor)."""
+
+    name = "editor"
+
+    def bind(self, session) -> "TurnEditor":
+        return self
+
+    def edit_session(self, source, instructions, session):
+        editor = self.bind(session)
+        images = [source]
+        for t, instruction in enumerate(instructions):
+            out = editor(list(images), list(instructions[:t]), instruction)
+            if not isinstance(out, Image.Image):
+                raise TypeError(f"The editor returned {type(out).__name__}: return a PIL.Image.Image.")
+            images.append(out.convert("RGB"))
+        return images[1:]
 
 
 class _ParseCache:
@@ -81,7 +109,7 @@ def repaint(images: Sequence[Image.Image], objects: Iterable[Obj], tone: str,
     return to_image(compose(background, list(objects), size))
 
 
-class IdentityEditor:
+class IdentityEditor(TurnEditor):
     """Returns the current image unchanged."""
 
     name = "identity"
@@ -90,7 +118,7 @@ class IdentityEditor:
         return images[-1].copy()
 
 
-class OracleEditor:
+class OracleEditor(TurnEditor):
     """Paints the ground-truth scene of each turn over the copied background. Bind it to a session first."""
 
     name = "oracle"
@@ -112,7 +140,7 @@ class OracleEditor:
         return repaint(images, scene.objects, scene.tone, self._parse(images))
 
 
-class LiteralEditor:
+class LiteralEditor(TurnEditor):
     """Applies the current instruction's literal words to the parsed current image (see the module docstring)."""
 
     name = "literal"

@@ -18,7 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from editr2.bench.intent_score import score_sessions
     from editr2.bench.mice import load_sessions
-    from editr2.intent import Intent, RuleBasedReconstructor
+    from editr2.bench.shapes.reconstruct import RuleBasedReconstructor
+    from editr2.intent import Intent
 
     sessions = load_sessions(args.sessions)[: args.limit]
     if args.reconstructor == "rule":

@@ -16,7 +16,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from editr2.intent import Intent, RuleBasedReconstructor, split_rule
+from editr2.bench.shapes.reconstruct import RuleBasedReconstructor
+from editr2.intent import Intent, split_rule
 
 _BRACKETED = re.compile(r"\[([^\]]+)\]")
 _SCOPE = re.compile(r"\bonly\b.{0,40}\b(edited|changed|modified|added|edit)\b", re.IGNORECASE)
@@ -25,7 +26,7 @@ Reconstructor = Callable[[Sequence[str], str], Intent]
 
 
 @dataclass
-class TurnScore:
+class IntentScore:
     """Text-side scores of one turn's intent (`rule_kept` is `None` where no rule is active)."""
 
     turn: int
@@ -38,7 +39,7 @@ class TurnScore:
 class IntentReport:
     """Per-turn scores of every session plus their means (per turn index and overall)."""
 
-    sessions: list[list[TurnScore]] = field(default_factory=list)
+    sessions: list[list[IntentScore]] = field(default_factory=list)
 
     def summarise(self) -> dict:
         rows: dict[int, dict[str, list[float]]] = {}
@@ -54,7 +55,7 @@ class IntentReport:
         return {"per_turn": per_turn, "mean": {k: mean(v) for k, v in flat.items()}, "sessions": len(self.sessions)}
 
 
-def score_turn(intent: str, formatted_instruction: str, rule_attribute: str | None, turn: int) -> TurnScore:
+def score_turn(intent: str, formatted_instruction: str, rule_attribute: str | None, turn: int) -> IntentScore:
     """Score one intent against the turn's bracketed objects and the active rule's attribute (if any)."""
     lowered = intent.lower()
     objects = [o.strip().lower() for o in _BRACKETED.findall(formatted_instruction)]
@@ -62,12 +63,12 @@ def score_turn(intent: str, formatted_instruction: str, rule_attribute: str | No
     rule_kept = None
     if rule_attribute is not None:
         rule_kept = rule_attribute.lower() in lowered and bool(_SCOPE.search(intent))
-    return TurnScore(turn=turn, resolved=resolved, rule_kept=rule_kept, intent=intent)
+    return IntentScore(turn=turn, resolved=resolved, rule_kept=rule_kept, intent=intent)
 
 
-def score_session(
+def score_intents(
     instructions: Sequence[str], formatted_instructions: Sequence[str], reconstructor: Reconstructor
-) -> list[TurnScore]:
+) -> list[IntentScore]:
     """Reconstruct each turn's intent from the raw history and score it.
 
     Args:
@@ -94,5 +95,5 @@ def score_sessions(sessions, reconstructor: Reconstructor | None = None) -> Inte
     reconstructor = reconstructor or RuleBasedReconstructor("mice")
     report = IntentReport()
     for instructions, formatted in sessions:
-        report.sessions.append(score_session(instructions, formatted, reconstructor))
+        report.sessions.append(score_intents(instructions, formatted, reconstructor))
     return report

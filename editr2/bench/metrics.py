@@ -17,6 +17,11 @@ G_t the ground-truth scene:
   later turn. rule_k = 1 without a persistent rule; under one, the key holds *including* the rule's colour and no
   object outside the edited cells changed colour.
 - **reward** = 0.3 IF + 0.3 CC + 0.4 GA (`editr2.rewards.DEFAULT_WEIGHTS`).
+
+An undo turn (gold command "undo", restoring scene r: the one before the last edit, or `Command.restore`) is also
+scored against the state it restores: **restore_CC** = the fraction of its pixels within `BACKGROUND_TOLERANCE` (every
+channel) of the editor's own image r. An editor that restores exactly (`EditR2Pipeline` with an intent naming the
+state) scores 1.0 by construction; one that redraws the scene scores what it kept. `None` on other turns.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ class TurnScore:
     reward: float
     rule: float = 1.0
     background: float = 1.0
+    restore_CC: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -169,8 +175,31 @@ def score_session(session: ShapesSession, images: Sequence[Image.Image], weights
         cc = (kept + bg) / (n + 1)
         if_score = float(follow)
         reward = weights["IF"] * if_score + weights["CC"] * cc + weights["GA"] * ga
-        out.append(TurnScore(t, if_score, cc, ga, reward, rule, bg))
+        out.append(TurnScore(t, if_score, cc, ga, reward, rule, bg, restore_cc(session, t, arrays)))
     return out
+
+
+def restored_scene(session: ShapesSession, turn: int) -> int | None:
+    """The scene index an undo at `turn` (1-based) restores (0 = the source), or None for an ordinary edit."""
+    cmd = session.commands[turn - 1]
+    if cmd.op != "undo":
+        return None
+    return cmd.restore if cmd.restore is not None else turn - 2
+
+
+def restore_cc(session: ShapesSession, turn: int, arrays: Sequence[np.ndarray]) -> float | None:
+    """An undo turn's agreement with the editor's own image of the state it restores (see the module docstring)."""
+    index = restored_scene(session, turn)
+    if index is None:
+        return None
+    kept = np.abs(arrays[turn] - arrays[index]).max(-1) <= BACKGROUND_TOLERANCE
+    return float(kept.mean())
+
+
+def restore_summary(rows: Sequence[TurnScore]) -> dict:
+    """`{"turns": the undo turns scored, "CC": their mean restore_CC}` (CC is None when there are none)."""
+    values = [r.restore_CC for r in rows if r.restore_CC is not None]
+    return {"turns": len(values), "CC": float(np.mean(values)) if values else None}
 
 
 def mean_scores(rows: Sequence[TurnScore]) -> dict[str, float]:

@@ -11,8 +11,8 @@ Every per-turn field holds one entry per turn. ``available_objects`` and ``all_o
 turn when absent; the release always has them); fields this module does not know are kept in ``MiceSession.extra`` and
 written back, so MICE-Shapes sessions (which add ground-truth scenes) round-trip too.
 
-``read_results`` and ``append_result`` (the append-only ``results.jsonl`` the bench runner resumes from) are those of
-`editr2.bench.resume`, with a bad line reported as a `MiceFormatError`.
+``read_results`` reads the append-only ``results.jsonl`` the bench runner resumes from (`editr2.bench.resume`'s, with a
+bad line reported as a `MiceFormatError`).
 """
 
 from __future__ import annotations
@@ -277,11 +277,8 @@ def write_sessions(path: str | os.PathLike, sessions: Iterable[MiceSession | dic
     for item in sessions:
         record = item.to_dict() if isinstance(item, MiceSession) else MiceSession.from_dict(item).to_dict()
         lines.append(json.dumps(record, ensure_ascii=False) + "\n")
-    _atomic_write_text(path, "".join(lines))
+    _resume.write_text_atomic(path, "".join(lines))
     return path
-
-
-_atomic_write_text = _resume.write_text_atomic
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -301,6 +298,3 @@ def read_results(path: str | os.PathLike, *, repair: bool = True) -> list[dict]:
         where, _, reason = str(err).partition(": ")
         source, _, line = where.rpartition(":")
         raise MiceFormatError(source, int(line), reason) from None
-
-
-append_result = _resume.append_result

@@ -26,70 +26,21 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Sequence
 
 from PIL import Image
 
-from .mice import MiceFormatError, MiceSession, append_result, iter_session_lines, read_results
+from .editors import Editor, IdentityEditor
+from .mice import MiceFormatError, MiceSession, iter_session_lines, read_results
+from .report import write_report
 from .resume import ConfigMismatchError, model_fingerprint, open_run
+from .runner import EditorOutputError, edit_images, model_call_kwargs, run_sessions
 
 TURNS_DIR = "turns"
 # What a run writes into --out (what `--force` deletes).
 OUTPUTS = ("results.jsonl", "report.md", "summary.json", "per_turn.png", "filmstrips", TURNS_DIR)
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Editors
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-class Editor(Protocol):
-    """Edits a whole session: returns one output image per instruction, in order."""
-
-    name: str
-
-    def edit_session(self, source: Image.Image, instructions: Sequence[str], session: MiceSession) -> list[Image.Image]:
-        ...
-
-
-class IdentityEditor:
-    """Returns the input unchanged at every turn: a floor for IF and GA, a ceiling for CC."""
-
-    name = "identity"
-
-    def edit_session(self, source, instructions, session):
-        return [source.copy() for _ in instructions]
-
-
-class PipelineEditor:
-    """`diffusers_editr2.EditR2Pipeline` loaded from a folder (imported only when used).
-
-    Args:
-        path: the pipeline folder (`EditR2Pipeline.from_pretrained`).
-        device: where to run it.
-        seed: seeds one generator per session (the same session gets the same noise whatever ran before).
-        call_kwargs: passed to every turn (e.g. ``{"num_inference_steps": 28, "negative_prompt": " "}``), over the
-            folder's own `editr2_call_defaults.json` when it has one (upstream's defaults otherwise).
-    """
-
-    def __init__(self, path: str, device: str = "cpu", seed: int = 0, call_kwargs: dict | None = None):
-        import torch
-
-        from diffusers_editr2 import EditR2Pipeline
-        from diffusers_editr2.bench import load_call_defaults
-
-        self.name = f"EditR2Pipeline({path})"
-        self.pipe = EditR2Pipeline.from_pretrained(path).to(device)
-        self.pipe.set_progress_bar_config(disable=True)
-        defaults = load_call_defaults(path, fallback={})
-        self.seed, self.call_kwargs, self._torch = seed, {**defaults, **(call_kwargs or {})}, torch
-
-    def edit_session(self, source, instructions, session):
-        generator = self._torch.Generator(device="cpu").manual_seed(self.seed)
-        output = self.pipe.edit_session(source, list(instructions), generator=generator, **self.call_kwargs)
-        return list(output.images)
-
-
-EDITORS: dict[str, Callable[[], Editor]] = {"identity": IdentityEditor}
+EDITORS: dict[str, Callable[[], Editor]] = {"identity": IdentityEditor}  # the symbolic editor for real images
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -137,14 +88,12 @@ def evaluate_session(session: MiceSession, images_dir: Path, editor: Editor, jud
         source = load_image(resolve_image(images_dir, session.image))
         start = time.perf_counter()
         try:
-            outputs = editor.edit_session(source, list(session.instruction), session)
+            images = edit_images(editor, source, session.instruction, session)
+        except EditorOutputError as err:
+            raise SessionError(str(err)) from None
         except Exception as err:  # noqa: BLE001 - an editor failure ends this session only
             raise SessionError(f"editor {editor.name} failed: {type(err).__name__}: {err}") from None
         record["seconds"]["edit"] = round(time.perf_counter() - start, 3)
-        if len(outputs) != session.num_turns or not all(isinstance(im, Image.Image) for im in outputs):
-            raise SessionError(f"editor {editor.name} returned {len(outputs)} item(s) for {session.num_turns} turns; "
-                               "it must return one PIL image per turn")
-        images = [source] + [im.convert("RGB") for im in outputs]
         if turns_dir is not None:
             save_turn_images(images[1:], turns_dir / session.session_id)
         start = time.perf_counter()
@@ -279,10 +228,10 @@ def bench_config(editor: Editor | None, judges) -> dict:
     return {"bench": "mice", "editor": editor.name, "metrics": list(judges.metrics)}
 
 
-def run_bench(sessions_path: str | Path, images_dir: str | Path, editor: Editor | None, judges,
-              out_dir: str | Path, *, limit: int | None = None, filmstrips: bool = True, rerun_errors: bool = False,
-              rejudge: bool = False, config: dict | None = None, force: bool = False,
-              log: Callable[[str], None] | None = None) -> BenchSummary:
+def run_mice_bench(sessions_path: str | Path, images_dir: str | Path, editor: Editor | None, judges,
+                   out_dir: str | Path, *, limit: int | None = None, filmstrips: bool = True,
+                   rerun_errors: bool = False, rejudge: bool = False, config: dict | None = None, force: bool = False,
+                   log: Callable[[str], None] | None = None) -> BenchSummary:
     """Run `editor` over the sessions of `sessions_path`, judge them, append results, then write the report.
 
     Args:
@@ -318,48 +267,43 @@ def run_bench(sessions_path: str | Path, images_dir: str | Path, editor: Editor 
     done = {r["session_id"]: r for r in read_results(results_path)}
     if rerun_errors:
         done = {sid: r for sid, r in done.items() if r.get("status") != "error"}
-    items = list(iter_session_lines(sessions_path))[:limit] if limit else list(iter_session_lines(sessions_path))
-    finished = skipped = rejudged = pending = 0
-    for position, (line, item) in enumerate(items, start=1):
-        if isinstance(item, MiceFormatError):
-            record = error_record(line, item)
-        else:
-            record = None
-        session_id = record["session_id"] if record else item.session_id
-        if session_id in done:
-            earlier = done[session_id]
-            if rejudge and record is None and earlier.get("status") == "ok" and missing_metrics(earlier):
+    lines = list(iter_session_lines(sessions_path))[:limit] if limit else list(iter_session_lines(sessions_path))
+    items = [(item.session_id if isinstance(item, MiceSession) else error_record(line, item)["session_id"],
+              (position, line, item)) for position, (line, item) in enumerate(lines, start=1)]
+
+    def step(session_id: str, numbered, earlier: dict | None) -> tuple[dict | None, str]:
+        position, line, item = numbered
+        where = f"[{position}/{len(items)}] {session_id}"
+        if earlier is not None:
+            if rejudge and isinstance(item, MiceSession) and earlier.get("status") == "ok" and missing_metrics(earlier):
                 try:
                     record = rejudge_missing(earlier, item, images_dir, turns_dir, judges, weights, filmstrip_dir)
                 except SessionError as err:
-                    log(f"[{position}/{len(items)}] {session_id}: not judged again: {err}")
-                    skipped += 1
-                    continue
-                append_result(results_path, record)
-                rejudged += 1
-                log(f"[{position}/{len(items)}] {session_id}: re-judged {_one_line(record)}")
-            else:
-                skipped += 1
-            continue
+                    log(f"{where}: not judged again: {err}")
+                    return None, "skipped"
+                log(f"{where}: re-judged {_one_line(record)}")
+                return record, "rejudged"
+            return None, "skipped"
         if rejudge:
-            pending += 1
-            continue
-        if record is None:
+            return None, "pending"
+        if isinstance(item, MiceFormatError):
+            record = error_record(line, item)
+        else:
             record = evaluate_session(item, images_dir, editor, judges, weights, filmstrip_dir, turns_dir)
-        append_result(results_path, record)
-        finished += 1
-        log(f"[{position}/{len(items)}] {session_id}: {_one_line(record)}")
+        log(f"{where}: {_one_line(record)}")
+        return record, "finished"
 
+    counts = run_sessions(items, step, results_path, done)
     records = latest_records(read_results(results_path))
     recorded = json.loads((out_dir / "bench_config.json").read_text(encoding="utf-8"))
-    report_path = write_report(out_dir, records, {"sessions": str(sessions_path), "images": str(images_dir),
-                                                  **recorded, "metrics": judges.metrics})
+    report_path = write_mice_report(out_dir, records, {"sessions": str(sessions_path), "images": str(images_dir),
+                                                       **recorded, "metrics": judges.metrics})
     errors = sum(r.get("status") == "error" for r in records)
     ok = [r for r in records if r.get("status") == "ok"]
     missing = sum(judgement.get("status") == "missing" for r in ok for turn in r["turns"]
                   for judgement in turn.get("judgements", {}).values())
-    return BenchSummary(results_path, report_path, finished, skipped, errors, done=len(ok), missing=missing,
-                        rejudged=rejudged, pending=pending)
+    return BenchSummary(results_path, report_path, counts["finished"], counts["skipped"], errors, done=len(ok),
+                        missing=missing, rejudged=counts["rejudged"], pending=counts["pending"])
 
 
 def _one_line(record: dict) -> str:
@@ -440,8 +384,9 @@ def reward_label(metrics: Sequence[str]) -> str:
     return text
 
 
-def write_report(out_dir: Path, records: list[dict], config: dict) -> Path:
-    """``report.md`` (per-turn table, missing judgements, per-session errors, session list) and ``per_turn.png``."""
+def write_mice_report(out_dir: Path, records: list[dict], config: dict) -> Path:
+    """``report.md`` (per-turn table, missing judgements, per-session errors, session list), ``summary.json`` and
+    ``per_turn.png`` (`editr2.bench.report.write_report`)."""
     metrics = [m for m in ("IF", "CC", "GA") if m in config.get("metrics", ("IF", "CC", "GA"))]
     ok = [r for r in records if r.get("status") == "ok"]
     errors = [r for r in records if r.get("status") != "ok"]
@@ -493,44 +438,15 @@ def write_report(out_dir: Path, records: list[dict], config: dict) -> Path:
         strip = f"[png](filmstrips/{record['session_id']}.png)" if (out_dir / "filmstrips" /
                                                                      f"{record['session_id']}.png").exists() else "-"
         lines.append(f"| {record['session_id']} | " + " | ".join(cells) + f" | {strip} |")
-    if table:
-        try:
-            plot_per_turn(table, metrics, out_dir / "per_turn.png")
-            lines += ["", "## Plot", "", "![per-turn scores](per_turn.png)"]
-        except ImportError as err:
-            lines += ["", f"(per_turn.png not drawn: {err})"]
-    report = out_dir / "report.md"
-    report.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    (out_dir / "summary.json").write_text(json.dumps({"per_turn": table, "config": config,
-                                                      "reward": reward_label(metrics),
-                                                      "errors": len(errors), "scored": len(ok)}, indent=2))
-    return report
-
-
-def plot_per_turn(table: list[dict], metrics: Sequence[str], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(5, 3.2), dpi=120)
-    turns = [row["turn"] for row in table]
     present = [m for m in ("IF", "CC", "GA") if m in metrics]
     reward = "reward" if len(present) == 3 else f"reward ({' + '.join(present)} only)"
-    for metric in list(metrics) + ["reward"]:
-        values = [row[metric] if row[metric] is not None else float("nan") for row in table]
-        axes.plot(turns, values, marker="o", label=reward if metric == "reward" else metric)
-    axes.set_xlabel("turn")
-    axes.set_ylabel("mean score")
-    axes.set_xticks(turns)
-    axes.set_ylim(-0.05, 1.05)
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize=8)
-    axes.set_title("MICE-Bench per turn")
-    figure.tight_layout()
-    figure.savefig(path)
-    plt.close(figure)
-    return path
+    plot = {"title": "MICE-Bench per turn", "keys": list(metrics) + ["reward"], "ylabel": "mean score",
+            "labels": {"reward": reward}}
+    summary = {"per_turn": table, "config": config, "reward": reward_label(metrics), "errors": len(errors),
+               "scored": len(ok)}
+    paths = write_report(summary, out_dir, markdown="\n".join(lines) + "\n", json_name="summary.json", plot=plot,
+                         plot_section=True)
+    return paths["report"]
 
 
 def save_filmstrip(images: Sequence[Image.Image], session: MiceSession, record: dict, path: Path,
@@ -609,18 +525,6 @@ def judge_settings(config) -> dict:
             "ga": dataclasses.asdict(config.ga)}
 
 
-def _call_kwargs(args: argparse.Namespace) -> dict:
-    try:
-        call_kwargs = json.loads(args.pipeline_kwargs) if args.pipeline_kwargs else {}
-    except json.JSONDecodeError as err:
-        raise SystemExit(f"--pipeline-kwargs must be a JSON object: {err}") from None
-    if not isinstance(call_kwargs, dict):
-        raise SystemExit("--pipeline-kwargs must be a JSON object, e.g. '{\"num_inference_steps\": 28}'")
-    if args.steps is not None:
-        call_kwargs["num_inference_steps"] = args.steps
-    return call_kwargs
-
-
 def run_config(args: argparse.Namespace, judge_config, call_kwargs: dict) -> dict:
     """``bench_config.json`` of a command line: editor, model fingerprint and call settings, judges, metrics.
 
@@ -655,7 +559,7 @@ def run(args: argparse.Namespace) -> int:
         judge_config = load_judge_config(args.judge)
     except (OSError, ValueError) as err:
         raise SystemExit(f"--judge: {err}") from None
-    call_kwargs = _call_kwargs(args) if args.model else {}
+    call_kwargs = model_call_kwargs(args.pipeline_kwargs, args.steps) if args.model else {}
     config = run_config(args, judge_config, call_kwargs)
     try:  # before loading the editor or the judges: a wrong --out costs nothing
         open_run(args.out, config, outputs=OUTPUTS, force=args.force, force_hint="--force")
@@ -666,10 +570,15 @@ def run(args: argparse.Namespace) -> int:
         pass  # nothing is edited
     elif args.editor:
         editor = EDITORS[args.editor]()
-    else:
-        editor = PipelineEditor(args.model, args.device, args.seed, call_kwargs)
+    else:  # the folder's call defaults (upstream's without), under --steps / --pipeline-kwargs
+        from editr2.cli import model_loader
+
+        kwargs = dict(call_kwargs)
+        editor = model_loader()(args.model, kwargs.pop("reasoning", "intent"), args.seed, kwargs, dtype=None,
+                                    device=args.device, fallback={}, name=f"EditR2Pipeline({args.model})",
+                                    turn_seeds=False)
     judges = build_judges(judge_config)
-    summary = run_bench(args.sessions, args.images, editor, judges, args.out, limit=args.limit,
+    summary = run_mice_bench(args.sessions, args.images, editor, judges, args.out, limit=args.limit,
                         filmstrips=not args.no_filmstrips, rerun_errors=args.rerun_errors,
                         rejudge=args.rejudge_missing, config=config)
     print(summary.line())
@@ -677,7 +586,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":  # `python -m editr2.bench.mice_cli ...` == `editr2 bench mice ...`
-    _parser = argparse.ArgumentParser(prog="editr2 bench mice", description=__doc__,
-                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(_parser)
-    sys.exit(run(_parser.parse_args()))
+    from editr2.cli import main
+
+    sys.exit(main(["bench", "mice", *sys.argv[1:]]))

@@ -3,8 +3,10 @@
     editr2 bench shapes --editor literal --family cm --sessions 200 --turns 3 --out runs/literal_cm
     editr2 bench shapes --model checkpoints/editr2-shapes-tiny --reasoning intent --family cm --out runs/intent_cm
 
-Writes OUT/results.json ({"per_turn", "mean", "config"}), OUT/report.md and OUT/per_turn.png; with --model also
-OUT/intents.jsonl (per session: instructions, gold intents, the model's operative intents, reasoning fallbacks).
+Writes OUT/results.json ({"per_turn", "mean", "restores", "config", "drift"}), OUT/report.md, OUT/per_turn.png and
+OUT/drift.png (drift measures per turn and their decay summary, `editr2.bench.drift`); with --model also
+OUT/intents.jsonl (per session: instructions, gold intents, the model's operative intents, reasoning fallbacks) and the
+VAE-only drift of the model (carried latent vs re-encoding each turn, on the first sessions: `diffusers_editr2.drift`).
 
 Resumable like `editr2 bench mice`: each finished session's scores are appended to OUT/session_results.jsonl at once,
 and OUT/bench_config.json records the editor, model fingerprint, reasoning mode, sample seed, call settings, family,
@@ -19,11 +21,12 @@ import argparse
 import json
 from pathlib import Path
 
+from editr2.intent import REASONING_MODES
+
 EDITOR_NAMES = ("oracle", "identity", "literal")
-REASONING_MODES = ("intent", "history", "none")
 SESSION_RESULTS = "session_results.jsonl"
 # What a run writes into --out (what `--force` deletes).
-OUTPUTS = (SESSION_RESULTS, "results.json", "report.md", "per_turn.png", "intents.jsonl")
+OUTPUTS = (SESSION_RESULTS, "results.json", "report.md", "per_turn.png", "drift.png", "intents.jsonl")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,7 +38,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--family", choices=("cm", "cu"), default="cm",
                         help="cm: persistent rule in turn 1; cu: back-references and undo")
     parser.add_argument("--sessions", type=int, default=100, help="number of sessions (default 100)")
-    parser.add_argument("--turns", type=int, default=3, help="turns per session, 1-8 (default 3)")
+    parser.add_argument("--turns", type=int, default=3, help="turns per session, 1-16 (default 3)")
+    parser.add_argument("--phrasing", choices=("seen", "unseen", "all"), default=None,
+                        help="write the sessions in everyday phrasing: the training phrasing families (seen), the "
+                             "held-out ones (unseen) or both (all); default: the fixed grammar the recorded numbers "
+                             "use (reported as 'grammar')")
     parser.add_argument("--seed", type=int, default=0, help="first session seed (default 0)")
     parser.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
     parser.add_argument("--out", required=True, help="output directory")
@@ -62,8 +69,10 @@ def run(args: argparse.Namespace) -> int:
     from editr2.bench.resume import ConfigMismatchError, open_run, read_results
     from editr2.bench.shapes.runner import run_bench, session_id
 
-    if not 1 <= args.turns <= 8:
-        raise SystemExit(f"--turns {args.turns}: pass a value in 1..8.")
+    from editr2.bench.shapes.sessions import MAX_TURNS
+
+    if not 1 <= args.turns <= MAX_TURNS:
+        raise SystemExit(f"--turns {args.turns}: pass a value in 1..{MAX_TURNS}.")
     if args.sessions < 1:
         raise SystemExit(f"--sessions {args.sessions}: pass at least 1.")
     if args.model is None:
@@ -81,6 +90,8 @@ def run(args: argparse.Namespace) -> int:
         config = _model_config(args, options)
     config = {"bench": "shapes", **config, "family": args.family, "turns": args.turns, "seed": args.seed,
               "size": args.size}
+    if args.phrasing is not None:  # runs recorded before --phrasing existed resume unchanged
+        config["phrasing"] = args.phrasing
     try:  # before loading a model: a wrong --out costs nothing
         out = open_run(args.out, config, outputs=OUTPUTS, force=args.force, force_hint="--force")
     except (ConfigMismatchError, ValueError) as err:
@@ -88,17 +99,21 @@ def run(args: argparse.Namespace) -> int:
     if args.model is None:
         editor = make_editor(name)
     else:
-        editor = _load_model_editor(args, options)
+        editor = options["loader"](args.model, args.reasoning or "intent", seed=args.sample_seed or 0,
+                                   call_kwargs=options["call_kwargs"], threads=options["threads"])
         name = editor.name
     results = run_bench(editor, family=args.family, num_sessions=args.sessions, num_turns=args.turns, seed=args.seed,
                         size=args.size, progress=not args.no_progress, editor_name=name,
-                        results_path=out / SESSION_RESULTS)
+                        results_path=out / SESSION_RESULTS, phrasing=args.phrasing or "grammar")
     if args.model is not None:
         results["config"].update(model=str(args.model), reasoning=editor.reasoning, sample_seed=editor.seed,
                                  call_kwargs=editor.call_kwargs)
+        vae = _vae_drift(args, editor)
+        if vae is not None:
+            results["drift"]["vae"] = vae
     paths = write_report(results, args.out)
     print(markdown_table(results))
-    written = f"{paths['results']}, {paths['report']}, {paths['plot']}"
+    written = ", ".join(str(path) for path in paths.values())
     if args.model is not None:
         recorded = {r["session_id"]: r for r in read_results(out / SESSION_RESULTS)}
         wanted = [recorded[session_id(args.family, args.seed + i)] for i in range(args.sessions)]
@@ -114,26 +129,15 @@ def _model_options(args: argparse.Namespace) -> dict:
     if not (Path(args.model) / "model_index.json").is_file():
         raise SystemExit(f"--model {args.model}: no model_index.json there; pass a folder saved with "
                          "EditR2Pipeline.save_pretrained (e.g. checkpoints/editr2-shapes-tiny).")
-    call_kwargs = {}
-    if args.pipeline_kwargs is not None:
-        try:
-            call_kwargs = json.loads(args.pipeline_kwargs)
-        except json.JSONDecodeError as err:
-            raise SystemExit(f"--pipeline-kwargs must be a JSON object: {err}") from None
-        if not isinstance(call_kwargs, dict):
-            raise SystemExit('--pipeline-kwargs must be a JSON object, e.g. \'{"num_inference_steps": 8}\'')
-    if args.steps is not None:
-        if args.steps < 1:
-            raise SystemExit(f"--steps {args.steps}: pass at least 1.")
-        call_kwargs["num_inference_steps"] = args.steps
+    from editr2.bench.runner import model_call_kwargs
+
+    call_kwargs = model_call_kwargs(args.pipeline_kwargs, args.steps)
     threads = 1 if args.threads is None else args.threads
     if threads < 1:
         raise SystemExit(f"--threads {threads}: pass at least 1.")
-    try:
-        from diffusers_editr2.bench import load_bench_editor  # noqa: F401 - checked here, used once --out is ready
-    except ImportError as err:
-        raise SystemExit(f"--model needs the diffusers integration: pip install 'editr2[diffusers]' ({err}).") from None
-    return {"call_kwargs": call_kwargs, "threads": threads}
+    from editr2.cli import model_loader  # the diffusers integration's loader; checked before anything is written
+
+    return {"call_kwargs": call_kwargs, "threads": threads, "loader": model_loader()}
 
 
 def _model_config(args: argparse.Namespace, options: dict) -> dict:
@@ -146,11 +150,20 @@ def _model_config(args: argparse.Namespace, options: dict) -> dict:
             "call_kwargs": options["call_kwargs"]}
 
 
-def _load_model_editor(args: argparse.Namespace, options: dict):
-    """The `diffusers_editr2.bench.PipelineEditor` of `--model`, with the --model options applied."""
-    from diffusers_editr2.bench import load_bench_editor
-    import torch
+VAE_DRIFT_SESSIONS = 8  # a model's VAE-only drift is measured on this many of the run's first sessions
 
-    torch.set_num_threads(options["threads"])
-    return load_bench_editor(args.model, args.reasoning or "intent", seed=args.sample_seed or 0,
-                             call_kwargs=options["call_kwargs"])
+
+def _vae_drift(args: argparse.Namespace, editor) -> dict | None:
+    """The model VAE's own drift, carried latent vs re-encoding each turn, on the run's first sessions: the editor's
+    `vae_drift(sessions)` (`diffusers_editr2.bench.PipelineEditor`; the core imports no integration), or None for an
+    editor without one."""
+    from editr2.bench.shapes import generate_session
+
+    measure = getattr(editor, "vae_drift", None)
+    if not callable(measure):
+        return None
+    count = min(args.sessions, VAE_DRIFT_SESSIONS)
+    phrasing = args.phrasing or "grammar"
+    return measure([generate_session(args.family, args.turns, args.seed + i, args.size, phrasing)
+                    for i in range(count)])
+

@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import random
 import shutil
@@ -566,21 +567,62 @@ def reasoning_trace(instruction: str, reasoning: str, quote_edit: bool = True) -
     """The trace the reasoner learns to write: the current edit clause quoted verbatim (`Edit: ...`, without a
     rule sentence), then the reconstructor's notes, shortened. The quote gives every example a dense copy signal
     and puts the slot words (size, colour, shape, cell) next to the answer that reuses them."""
-    from editr2.bench.shapes.grammar import split_rule
+    from editr2.bench.shapes.grammar import split_color_rule
 
     trace = short_trace(reasoning)
     if quote_edit:
-        edit = split_rule(instruction)[1].strip().rstrip(".")
+        edit = split_color_rule(instruction)[1].strip().rstrip(".")
         trace = f"Edit: {edit}. {trace}"
     return trace
 
 
+def dialogue_before(session, turn: int):
+    """The `language.Dialogue` of an everyday-phrasing session before its 0-based `turn` (its gold commands and
+    rules replayed: what the oracle reader resolves that turn's words against)."""
+    from editr2.bench.shapes.language import Dialogue
+
+    dlg = Dialogue.start(session.scenes[0])
+    for t in range(turn):
+        dlg = dlg.advance(session.commands[t], session.rules[t])
+    return dlg
+
+
+def natural_trace(session, turn: int, quote_edit: bool = True) -> str:
+    """The trace of 0-based `turn` of an everyday-phrasing session: the grammar reconstructor's (as
+    `reasoning_trace`) when it reads the words to the gold intent, else the oracle reader's notes
+    (`language.interpret(...).reasoning`: what each reference and place resolved to, the policy that applied, the
+    rule in force), after the quoted edit clause (the words without the rule sentence, openers and fillers)."""
+    from editr2.bench.shapes import language
+    from editr2.bench.shapes.reconstruct import reconstruct
+
+    history, instruction = list(session.instruction[:turn]), session.instruction[turn]
+    try:
+        reasoning, intent = reconstruct(history, instruction)
+    except ValueError:
+        intent = None
+    if intent == session.gold_intent[turn]:
+        return reasoning_trace(instruction, reasoning, quote_edit)
+    dlg = dialogue_before(session, turn)
+    reading = language.interpret(dlg, instruction)
+    if reading.command != session.commands[turn] or reading.rule != session.rules[turn]:
+        raise ValueError(f"The oracle reader disagrees with the gold edit of {session.family}/{session.seed} "
+                         f"turn {turn + 1}: {reading.command} != {session.commands[turn]}.")
+    if not quote_edit:
+        return reading.reasoning
+    edit = language._strip(language._read_rule(dlg, language._normal(instruction))[2]).strip().rstrip(".!?")
+    return f"Edit: {edit}. {reading.reasoning}"
+
+
 def reasoning_example(session, turn: int, quote_edit: bool = True) -> tuple[list[str], str, str]:
-    """`(history, instruction, target answer)` of 0-based `turn` of a generated shapes session."""
+    """`(history, instruction, target answer)` of 0-based `turn` of a generated shapes session (grammar sessions:
+    the reconstructor's trace; everyday-phrasing sessions: `natural_trace`)."""
     from editr2.bench.shapes.reconstruct import reconstruct
     from editr2.intent import format_answer
 
     history, instruction = list(session.instruction[:turn]), session.instruction[turn]
+    if getattr(session, "phrasing", "grammar") != "grammar":
+        return history, instruction, format_answer(natural_trace(session, turn, quote_edit),
+                                                   session.gold_intent[turn])
     reasoning, intent = reconstruct(history, instruction)
     if intent != session.gold_intent[turn]:
         raise ValueError(f"The reconstructor disagrees with the gold intent of {session.family}/{session.seed} "
@@ -588,9 +630,12 @@ def reasoning_example(session, turn: int, quote_edit: bool = True) -> tuple[list
     return history, instruction, format_answer(reasoning_trace(instruction, reasoning, quote_edit), intent)
 
 
-def tokenizer_corpus(num_sessions: int = 3000, seed: int = 0) -> list[str]:
+def tokenizer_corpus(num_sessions: int = 3000, seed: int = 0, phrasing: str = "grammar") -> list[str]:
     """Lines the shapes tokenizer is trained on: the prompt templates, and generated sessions' instructions,
-    intents and traces."""
+    intents and traces (`phrasing="seen"`: every other session in the training phrasing families; the held-out
+    families never enter the vocabulary)."""
+    if phrasing not in ("grammar", "seen"):
+        raise ValueError(f"phrasing={phrasing!r}: pass 'grammar' or 'seen' (held-out phrasing never trains).")
     from diffusers_editr2.pipeline_editr2 import PROMPT_TEMPLATE_ENCODE
     from editr2 import intent
     from editr2.bench.shapes import generate_session
@@ -600,23 +645,25 @@ def tokenizer_corpus(num_sessions: int = 3000, seed: int = 0) -> list[str]:
     lines += [PROMPT_TEMPLATE_ENCODE.format("")] * 2
     for k in range(num_sessions):
         family = ("cm", "cu")[k % 2]
-        session = generate_session(family, 1 + k % 6, TRAIN_SEED_OFFSET + 7_000_000 + seed * num_sessions + k)
+        words = "seen" if phrasing == "seen" and (k // 2) % 2 else "grammar"
+        session = generate_session(family, 1 + k % 6, TRAIN_SEED_OFFSET + 7_000_000 + seed * num_sessions + k,
+                                   phrasing=words)
         for t in range(session.num_turns):
             _, _, answer = reasoning_example(session, t)
             lines += [session.instruction[t], answer]
     return lines
 
 
-def build_tokenizer(vocab_size: int = 2048, num_sessions: int = 3000):
-    """A Qwen2 byte-level BPE tokenizer trained on the shapes corpus (deterministic), with Qwen2.5-VL's special
-    tokens, `<think>`/`</think>` and the chat template of `diffusers_editr2.testing` (the same construction as its
-    `tiny_tokenizer`, on another corpus)."""
+def build_tokenizer(vocab_size: int = 2048, num_sessions: int = 3000, phrasing: str = "grammar"):
+    """A Qwen2 byte-level BPE tokenizer trained on the shapes corpus (`tokenizer_corpus`, deterministic), with
+    Qwen2.5-VL's special tokens, `<think>`/`</think>` and the chat template of `diffusers_editr2.testing` (the same
+    construction as its `tiny_tokenizer`, on another corpus)."""
     from tokenizers import AddedToken
     from transformers import Qwen2Tokenizer
 
     from diffusers_editr2 import testing
 
-    vocab, merges = testing._train_bpe(tuple(tokenizer_corpus(num_sessions)), vocab_size)
+    vocab, merges = testing._train_bpe(tuple(tokenizer_corpus(num_sessions, phrasing=phrasing)), vocab_size)
     tokenizer = Qwen2Tokenizer(vocab=dict(vocab), merges=list(merges),
                                extra_special_tokens=list(testing.QWEN_SPECIAL_TOKENS[1:]), model_max_length=32768)
     tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in testing.THINK_TOKENS])

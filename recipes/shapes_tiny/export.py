@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from editr2.demo import CALL_DEFAULTS_FILE  # the file `editr2 demo` reads its call arguments from
+from diffusers_editr2.call_defaults import CALL_DEFAULTS_FILE  # the file `editr2 demo` reads its call arguments from
 from recipes.shapes_tiny import common
 
 MAX_BYTES = 40 * 1024 * 1024

@@ -120,7 +120,8 @@ def run_cell(cell: dict, editor, seed: int, progress: bool) -> dict:
 
 def run_grid(args, data: dict, json_path: Path) -> dict:
     """Run every cell of the grid that `data` lacks, saving `data` to `json_path` after each one."""
-    from diffusers_editr2.bench import PipelineEditor, load_bench_editor, load_call_defaults
+    from diffusers_editr2.bench import PipelineEditor, load_bench_editor
+    from diffusers_editr2.call_defaults import read_call_defaults
     from editr2.bench.editors import make_editor
 
     model = Path(args.model)
@@ -130,7 +131,7 @@ def run_grid(args, data: dict, json_path: Path) -> dict:
     if data.get("model_sha256") not in (None, fingerprint):
         raise ValueError(f"{json_path} holds the results of another model ({data.get('model')}, sha256 "
                          f"{data['model_sha256'][:12]}): pass another --json, or delete it to start over.")
-    data.update(model=str(model), model_sha256=fingerprint, call_kwargs=load_call_defaults(model),
+    data.update(model=str(model), model_sha256=fingerprint, call_kwargs=read_call_defaults(model) or {"reference_area": None},
                 sample_seed=args.sample_seed, seed=args.seed,
                 command="python -m recipes.shapes_tiny.results " + shlex.join(args.argv))
     cells = plan_cells(args.families, args.modes, args.sessions, args.turns, args.long_sessions, args.long_turns)

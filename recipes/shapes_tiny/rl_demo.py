@@ -79,9 +79,9 @@ def resolve_model(model: str | None, config: dict) -> Path:
 
 def call_default_mismatches(model: Path, config: dict) -> list[str]:
     """Where the training rollouts would not sample as the bench (the model's `editr2_call_defaults.json`) does."""
-    from diffusers_editr2.bench import load_call_defaults
+    from diffusers_editr2.call_defaults import read_call_defaults
 
-    calls = load_call_defaults(model)
+    calls = (read_call_defaults(model) or {"reference_area": None})
     pairs = [("num_inference_steps", "num_inference_steps"), ("true_cfg_scale", "true_cfg_scale"),
              ("reference_area", "reference_area"), ("condition_area", "condition_area"),
              ("height", "shapes_size"), ("width", "shapes_size")]
@@ -118,12 +118,12 @@ def finished_steps(output_dir: Path) -> int:
 
 def train_command(arm: str, config: Path, model: Path, output_dir: Path, max_steps: int | None) -> list[str]:
     """The training script's command line for `arm`, continuing from the newest checkpoint if there is one."""
-    from diffusers_editr2.bench import load_call_defaults
+    from diffusers_editr2.call_defaults import read_call_defaults
 
     cmd = [sys.executable, "-m", "trl_editr2.scripts.editr2", "--config", str(config),
            "--model_name_or_path", str(model), "--output_dir", str(output_dir),
            "--trajectory_filter", ARMS[arm]]
-    template = load_call_defaults(model).get("template")
+    template = (read_call_defaults(model) or {"reference_area": None}).get("template")
     if template is not None and read_config(config).get("reasoning_template") is None:
         cmd += ["--reasoning_template", template]  # rollouts ask the reasoner as the model's inference does
     if max_steps is not None:
@@ -551,9 +551,9 @@ def main(argv: list[str] | None = None) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     notes = call_default_mismatches(model, config)
     if args.size is None:
-        from diffusers_editr2.bench import load_call_defaults
+        from diffusers_editr2.call_defaults import read_call_defaults
 
-        args.size = int(load_call_defaults(model).get("height") or config.get("shapes_size", 64))
+        args.size = int((read_call_defaults(model) or {"reference_area": None}).get("height") or config.get("shapes_size", 64))
     for note in notes:
         print(f"warning: {note}")
 

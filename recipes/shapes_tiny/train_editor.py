@@ -68,6 +68,14 @@ class EditorConfig(common.TrainConfig):
         batch_text_encoding: encode a batch's prompts in one padded text-encoder pass (`encode_text_inputs`) instead
             of one `encode_prompt` call per example: the same embeddings up to float rounding (tested), many times
             faster on a GPU. False keeps the per-example path the CPU recipe was measured with.
+        render: how a batch's scenes become pixels. `"pil"` (default, the path the shipped models were trained
+            with): `editr2.bench.shapes.render` per scene in `example_batch` (so in the data workers). `"torch"`:
+            the workers (or the training process) only draw the turns and turn them into index tensors; the
+            reference and target images are rendered as one batch on the training device in `make_batch`
+            (`editr2.bench.shapes.torch_render`, the same pixels as `"pil"`). With `batch_text_encoding` the text
+            encoder's inputs are still built by the processor in the workers, which need the references' pixels:
+            those are rendered there with the torch renderer on the CPU (only the targets on the device); without
+            it, the per-example prompt encoding gets PIL images of the device render.
     """
 
     vae_path: str = "runs/vae/vae"
@@ -97,9 +105,16 @@ class EditorConfig(common.TrainConfig):
     eval_sessions: int = 32
     eval_steps: int = 16
     batch_text_encoding: bool = False
+    render: str = "pil"
 
+    RENDERERS = ("pil", "torch")
     FROZEN_FIELDS = ("seed", "num_layers", "num_heads", "head_dim", "axes_dims_rope", "image_size", "condition_size",
                      "init_from", "copy_head_temperature")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.render not in self.RENDERERS:
+            raise ValueError(f"render={self.render!r}: pass one of {self.RENDERERS}.")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -341,6 +356,8 @@ def example_batch(pipe, cfg: EditorConfig, step: int) -> dict:
 
     rng = common.step_rng(cfg.seed, step)
     turns = [draw_turn(rng, cfg, max_objects_at(cfg, step)) for _ in range(cfg.batch_size)]
+    if cfg.render == "torch":
+        return scene_batch(pipe, cfg, turns)
     references = [render(ref, cfg.image_size) for ref, _, _ in turns]
     targets = [render(tgt, cfg.image_size) for _, tgt, _ in turns]
     texts = [text for _, _, text in turns]
@@ -353,10 +370,56 @@ def example_batch(pipe, cfg: EditorConfig, step: int) -> dict:
     return batch
 
 
+def scene_batch(pipe, cfg: EditorConfig, turns) -> dict:
+    """`render="torch"`: a batch's drawn turns as CPU tensors (`torch_render.scene_indices` of the references and
+    of the targets), which `make_batch` renders on the training device, and the texts. With `batch_text_encoding`
+    the processor needs the reference images here (so it runs in the data workers, not in the training process):
+    the references are rendered with the torch renderer on the CPU, passed on as uint8 `reference_uint8`
+    `(B, 3, H, W)` (not rendered again on the device) with the text encoder's inputs."""
+    from PIL import Image
+
+    from editr2.bench.shapes.torch_render import render_indices, scene_indices
+
+    batch = {"reference_scenes": scene_indices([ref for ref, _, _ in turns]),
+             "target_scenes": scene_indices([tgt for _, tgt, _ in turns]), "texts": [text for _, _, text in turns]}
+    if cfg.batch_text_encoding:
+        pixels = torch.round(render_indices(batch.pop("reference_scenes"), cfg.image_size) * 255.0).to(torch.uint8)
+        references = [Image.fromarray(a, "RGB") for a in pixels.permute(0, 2, 3, 1).numpy()]
+        batch["text_inputs"] = text_inputs(pipe, batch.pop("texts"), references, cfg.condition_size**2)
+        batch["reference_uint8"] = pixels
+    return batch
+
+
+def render_examples(pipe, cfg: EditorConfig, ex: dict) -> dict:
+    """`render="torch"`: `scene_batch` output -> what `example_batch` gives with `render="pil"`, the VAE's pixels
+    rendered in one batch on the VAE's device (without `batch_text_encoding`, the PIL references for the per-example
+    prompt encoding are made from that render)."""
+    from PIL import Image
+
+    from editr2.bench.shapes.torch_render import render_indices, to_uint8
+
+    device, size = pipe.vae.device, cfg.image_size
+    if "reference_uint8" in ex:
+        reference = ex["reference_uint8"].to(device).float() / 255.0  # the values render_indices gives
+    else:
+        reference = render_indices(ex["reference_scenes"], size, device)  # (B, 3, H, W) in [0, 1]
+    target = render_indices(ex["target_scenes"], size, device)
+    batch = {"reference_pixels": (reference * 2.0 - 1.0).unsqueeze(2),  # as VaeImageProcessor.preprocess
+             "target_pixels": (target * 2.0 - 1.0).unsqueeze(2)}
+    if "text_inputs" in ex:
+        batch["text_inputs"] = ex["text_inputs"]
+    else:
+        batch["references"] = [Image.fromarray(a, "RGB") for a in to_uint8(reference)]
+        batch["texts"] = ex["texts"]
+    return batch
+
+
 def make_batch(pipe, cfg: EditorConfig, step: int, examples: dict | None = None):
     """`(conditioning, x0)` of a step on the pipeline's device, from `examples` (`example_batch(pipe, cfg, step)`
     when None)."""
     ex = example_batch(pipe, cfg, step) if examples is None else examples
+    if "target_scenes" in ex:  # render: torch
+        ex = render_examples(pipe, cfg, ex)
     if "text_inputs" in ex:
         prompt_embeds, mask = encode_text_inputs(pipe, ex["text_inputs"])
     else:

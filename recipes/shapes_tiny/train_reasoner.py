@@ -57,6 +57,22 @@ class ReasonerConfig(common.TrainConfig):
         template: the request template outside the `short_template` schedule and at evaluation: "default" (the
             pipeline's `DEFAULT_TEMPLATE`) or "short" (`SHORT_TEMPLATE`; export then writes it into the model's call
             defaults, so the pipeline asks the model the way it was trained).
+        phrasing: the words of the training sessions: "grammar" (the fixed grammar, as the shipped reasoner was
+            trained) or "seen" (everyday phrasing in the training families `language.SEEN_FAMILIES`, traces from the
+            oracle reader where the grammar's reconstructor cannot read the words, `common.natural_trace`). The
+            held-out families are never drawn; with "seen" the tokenizer also learns the seen families' words, and
+            every evaluation reports the grammar, "seen" and "unseen" (held-out) phrasing side by side.
+        grammar_fraction: with `phrasing: seen`, the fraction of examples still drawn in the fixed grammar (so its
+            wording, which the bench and the editor's data use, is not forgotten).
+        answer_logits: compute the language-model head and the loss only at the positions whose next token is
+            trained (the answer), instead of the model's own `loss` over every position (the same loss up to float
+            rounding; on the CPU the head over the 2048-token vocabulary at the ~180 prompt and padding positions
+            was most of the step, see recipes/shapes_tiny/README.md). Off by default, so the shipped runs
+            reproduce bit for bit.
+        length_buckets: split each step's batch into this many batches of rows of similar length (sorted), each
+            padded only to its own longest row, the loss still the mean over the whole batch's answer tokens (1 = one
+            padded batch; > 1 needs `answer_logits`). The SFT rows vary from ~120 to ~330 tokens: one padded batch
+            was ~27% padding.
     """
 
     vocab_size: int = 2048
@@ -87,9 +103,30 @@ class ReasonerConfig(common.TrainConfig):
     lora_rank: int = 0
     lora_alpha: float = 0.0
     final_sessions: int = 0
+    phrasing: str = "grammar"
+    grammar_fraction: float = 0.0
+    answer_logits: bool = False
+    length_buckets: int = 1
 
     FROZEN_FIELDS = ("seed", "vocab_size", "tokenizer_sessions", "hidden_size", "num_layers", "num_heads",
-                     "num_kv_heads", "intermediate_size", "vision_hidden", "vision_depth", "base_run", "lora_rank")
+                     "num_kv_heads", "intermediate_size", "vision_hidden", "vision_depth", "base_run", "lora_rank",
+                     "phrasing")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.phrasing not in TRAIN_PHRASINGS:
+            raise ValueError(f"phrasing={self.phrasing!r}: pass one of {TRAIN_PHRASINGS} (the held-out families "
+                             "'unseen' / 'all' are for evaluation only).")
+        if self.length_buckets < 1 or self.length_buckets > self.batch_size:
+            raise ValueError(f"length_buckets={self.length_buckets}: pass 1 (one padded batch) up to batch_size.")
+        if self.length_buckets > 1 and not self.answer_logits:
+            raise ValueError(f"length_buckets={self.length_buckets} needs answer_logits: true (or pass 1).")
+        if not 0.0 <= self.grammar_fraction <= 1.0:
+            raise ValueError(f"grammar_fraction={self.grammar_fraction}: pass a fraction in [0, 1].")
+
+
+TRAIN_PHRASINGS = ("grammar", "seen")
+EVAL_PHRASINGS = ("grammar", "seen", "unseen")
 
 SHORT_TEMPLATE = 'History:\n{history}\nRules:\n{rules}\nInstruction: "{instruction}"'
 
@@ -116,7 +153,7 @@ def load_or_build_tokenizer(cfg: ReasonerConfig, run_dir: Path):
         return Qwen2Tokenizer.from_pretrained(Path(cfg.base_run) / "tokenizer")
     path = run_dir / "tokenizer"
     if not path.is_dir():
-        tokenizer = common.build_tokenizer(cfg.vocab_size, cfg.tokenizer_sessions)
+        tokenizer = common.build_tokenizer(cfg.vocab_size, cfg.tokenizer_sessions, cfg.phrasing)
         staging = run_dir / ".tokenizer-staging"
         tokenizer.save_pretrained(staging)
         staging.rename(path)
@@ -149,12 +186,19 @@ def max_history_at(cfg: ReasonerConfig, step: int) -> int:
 
 
 def draw_example(rng: random.Random, cfg: ReasonerConfig, max_history: int | None = None):
-    """A random (session, 0-based turn) from the training seeds, with at most `max_history` earlier turns."""
+    """A random (session, 0-based turn) from the training seeds, with at most `max_history` earlier turns, in the
+    config's `phrasing` ("seen": the training families only, `grammar_fraction` of them in the fixed grammar)."""
     from editr2.bench.shapes import generate_session
 
+    if cfg.phrasing not in TRAIN_PHRASINGS:  # a config edited after construction
+        raise ValueError(f"phrasing={cfg.phrasing!r}: pass one of {TRAIN_PHRASINGS}.")
     family = rng.choice(("cm", "cu"))
     num_turns = rng.randint(1, cfg.max_turns)
-    session = generate_session(family, num_turns, common.TRAIN_SEED_OFFSET + rng.randrange(10**9), cfg.image_size)
+    seed = common.TRAIN_SEED_OFFSET + rng.randrange(10**9)
+    phrasing = cfg.phrasing
+    if phrasing != "grammar" and cfg.grammar_fraction > 0 and rng.random() < cfg.grammar_fraction:
+        phrasing = "grammar"
+    session = generate_session(family, num_turns, seed, cfg.image_size, phrasing)
     limit = num_turns if max_history is None else min(num_turns, max_history + 1)
     return session, rng.randrange(limit)
 
@@ -170,31 +214,43 @@ def session_state(session, turn: int):
     return state
 
 
-def collate(pipe, examples, condition_area: int) -> dict:
+def collate(pipe, examples, condition_area: int, buckets: int = 1) -> dict | list[dict]:
     """Prompt (the pipeline's reasoning inputs) + target answer, right-padded; labels mask the prompt.
 
-    `examples`: `(session state, instruction, answer)` or `(session state, instruction, answer, template)`."""
+    `examples`: `(session state, instruction, answer)` or `(session state, instruction, answer, template)`.
+    `buckets > 1`: the rows sorted by length and split into that many batches, each padded only to its own longest
+    row (a list of batches; `step_loss` weighs them by their trained tokens, so the loss is the whole batch's)."""
+    rows = [_encode(pipe, example, condition_area) for example in examples]
+    if buckets <= 1:
+        return _pad(pipe.tokenizer, rows)
+    rows.sort(key=lambda row: len(row[0]))
+    size = -(-len(rows) // buckets)
+    return [_pad(pipe.tokenizer, rows[i: i + size]) for i in range(0, len(rows), size)]
+
+
+def _encode(pipe, example, condition_area: int) -> tuple:
+    """`(input ids, labels, pixel values, image grid)` of one example."""
     tokenizer = pipe.tokenizer
+    state, instruction, answer, *template = example
+    inputs = pipe.prepare_reasoning_inputs(state, instruction, template[0] if template else None,
+                                           condition_area=condition_area, device="cpu")
+    prompt = inputs["input_ids"][0]
     end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    target = torch.tensor(tokenizer(answer, add_special_tokens=False)["input_ids"] + [end])
+    return (torch.cat([prompt, target]), torch.cat([torch.full_like(prompt, -100), target]),
+            inputs["pixel_values"], inputs["image_grid_thw"])
+
+
+def _pad(tokenizer, rows) -> dict:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids, labels, pixels, grids = [], [], [], []
-    for state, instruction, answer, *template in examples:
-        inputs = pipe.prepare_reasoning_inputs(state, instruction, template[0] if template else None,
-                                               condition_area=condition_area, device="cpu")
-        prompt = inputs["input_ids"][0]
-        target = torch.tensor(tokenizer(answer, add_special_tokens=False)["input_ids"] + [end])
-        ids.append(torch.cat([prompt, target]))
-        labels.append(torch.cat([torch.full_like(prompt, -100), target]))
-        pixels.append(inputs["pixel_values"])
-        grids.append(inputs["image_grid_thw"])
-    length = max(len(x) for x in ids)
-    input_ids = torch.full((len(ids), length), pad, dtype=torch.long)
-    label_ids = torch.full((len(ids), length), -100, dtype=torch.long)
-    mask = torch.zeros((len(ids), length), dtype=torch.long)
-    for i, (x, y) in enumerate(zip(ids, labels)):
+    length = max(len(ids) for ids, *_ in rows)
+    input_ids = torch.full((len(rows), length), pad, dtype=torch.long)
+    label_ids = torch.full((len(rows), length), -100, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, (x, y, *_) in enumerate(rows):
         input_ids[i, : len(x)], label_ids[i, : len(y)], mask[i, : len(x)] = x, y, 1
     return {"input_ids": input_ids, "attention_mask": mask, "labels": label_ids,
-            "pixel_values": torch.cat(pixels), "image_grid_thw": torch.cat(grids)}
+            "pixel_values": torch.cat([row[2] for row in rows]), "image_grid_thw": torch.cat([row[3] for row in rows])}
 
 
 def short_template_prob(cfg: ReasonerConfig, step: int) -> float:
@@ -246,7 +302,7 @@ def make_batch(pipe, cfg: ReasonerConfig, step: int) -> dict:
         probability = short_template_prob(cfg, step)
         template = SHORT_TEMPLATE if probability > 0 and rng.random() < probability else request_template(cfg)
         examples.append((session_state(session, turn), instruction, answer, template))
-    return collate(pipe, examples, cfg.condition_size**2)
+    return collate(pipe, examples, cfg.condition_size**2, cfg.length_buckets)
 
 
 def make_batches(pipe, cfg: ReasonerConfig, step: int) -> tuple[dict, dict | None]:
@@ -254,6 +310,33 @@ def make_batches(pipe, cfg: ReasonerConfig, step: int) -> tuple[dict, dict | Non
     copy_size = aux_copy_size(cfg, step)
     copies = copy_batch(pipe.tokenizer, cfg, step, copy_size) if copy_size else None
     return make_batch(pipe, cfg, step), copies
+
+
+def answer_loss(model, batch: dict, reduction: str = "mean") -> torch.Tensor:
+    """The causal-LM loss of `batch` (as `model(**batch).loss`: mean cross-entropy over the positions whose next
+    label is not -100), with the LM head applied only at those positions (`reduction="sum"`: their sum)."""
+    labels = batch["labels"]
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    hidden = model.model(**inputs).last_hidden_state
+    targets = labels[:, 1:]
+    keep = targets != -100
+    if not bool(keep.any()):
+        raise ValueError("The batch has no trained position (every label is -100): pass answers to train on.")
+    logits = model.lm_head(hidden[:, :-1][keep]).float()
+    return torch.nn.functional.cross_entropy(logits, targets[keep], reduction=reduction)
+
+
+def trained_tokens(batch: dict) -> int:
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
+def step_loss(model, batch: dict | list[dict], cfg: ReasonerConfig) -> torch.Tensor:
+    """The training loss of one batch (`answer_loss` when `cfg.answer_logits`, else the model's own); a list of
+    length buckets (`collate`) gives the mean over all their trained tokens, as one padded batch would."""
+    if isinstance(batch, list):
+        total = sum(trained_tokens(b) for b in batch)
+        return sum(answer_loss(model, b, reduction="sum") for b in batch) / total
+    return answer_loss(model, batch) if cfg.answer_logits else model(**batch).loss
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -265,44 +348,89 @@ def make_batches(pipe, cfg: ReasonerConfig, step: int) -> tuple[dict, dict | Non
 def evaluate(pipe, cfg: ReasonerConfig, num_sessions: int | None = None, num_turns: int | None = None,
              seed: int = 0, record: list | None = None) -> dict:
     """Greedy `pipe.reason()` on held-out sessions (seeds `seed..seed+n-1` per family): exact match of the intent,
-    fallback rate, and the text-side intent score (`editr2.bench.intent_score`)."""
-    from editr2.bench.intent_score import score_turn
-    from editr2.bench.shapes import generate_session
+    fallback rate, and the text-side intent score (`editr2.bench.intent_score`).
 
+    With `phrasing: grammar` the result is `{cm, cu, exact_match}` on grammar sessions; with `phrasing: seen` it is
+    the same on each of `EVAL_PHRASINGS` (`{"grammar": ..., "seen": ..., "unseen": ...}`, the held-out families
+    under "unseen"), its top-level `exact_match` the unseen one.
+    """
     num_sessions = num_sessions or cfg.eval_sessions
     num_turns = num_turns or cfg.eval_turns
     was_training = pipe.text_encoder.training
     pipe.text_encoder.eval()
+    try:
+        if cfg.phrasing == "grammar":
+            return evaluate_phrasing(pipe, cfg, "grammar", num_sessions, num_turns, seed, record)
+        out = {p: evaluate_phrasing(pipe, cfg, p, num_sessions, num_turns, seed, record) for p in EVAL_PHRASINGS}
+        out["exact_match"] = out["unseen"]["exact_match"]
+        return out
+    finally:
+        pipe.text_encoder.train(was_training)
+
+
+def _mean(values) -> float | None:
+    return float(np.mean(values)) if len(values) else None
+
+
+def evaluate_phrasing(pipe, cfg: ReasonerConfig, phrasing: str, num_sessions: int, num_turns: int, seed: int,
+                      record: list | None = None) -> dict:
+    """`evaluate` on sessions in one phrasing: per family the exact match (overall, per turn and per operation),
+    fallbacks, objects resolved, rule kept (turns whose gold intent keeps the rule), and on everyday phrasing the
+    exact match of the turns that name their target by a reference ("it", "the one you just added", "the earliest
+    one", ...)."""
+    from editr2.bench.intent_score import score_turn
+    from editr2.bench.shapes import generate_session
+
     out = {}
     for family in ("cm", "cu"):
-        exact, fallback, resolved, rule_kept = [], [], [], []
+        exact, fallback, resolved, rule_kept, referenced = [], [], [], [], []
         per_turn = [[] for _ in range(num_turns)]
+        per_op: dict[str, list] = {}
         for k in range(num_sessions):
-            session = generate_session(family, num_turns, seed + k, cfg.image_size)
+            session = generate_session(family, num_turns, seed + k, cfg.image_size, phrasing)
             for t in range(num_turns):
                 intent = pipe.reason(session_state(session, t), session.instruction[t],
                                      max_new_tokens=cfg.max_new_tokens, condition_area=cfg.condition_size**2,
                                      template=request_template(cfg))
-                ok = intent.text == session.gold_intent[t]
+                gold = session.gold_intent[t]
+                ok = intent.text == gold
                 exact.append(ok)
                 per_turn[t].append(ok)
+                per_op.setdefault(session.task_type[t], []).append(ok)
                 fallback.append(intent.fallback_reason is not None)
-                score = score_turn(intent.text, session.formatted_instruction[t], session.rule_color, t + 1)
+                rule = session.rules[t] if phrasing != "grammar" else session.rule_color
+                score = score_turn(intent.text, session.formatted_instruction[t], rule, t + 1)
                 resolved.append(score.resolved)
-                if score.rule_kept is not None:
+                gold_score = score_turn(gold, session.formatted_instruction[t], rule, t + 1)
+                if score.rule_kept is not None and gold_score.rule_kept:
                     rule_kept.append(score.rule_kept)
+                if phrasing != "grammar" and session.references[t] in REFERENCE_KINDS:
+                    referenced.append(ok)
                 if record is not None:
-                    record.append({"family": family, "seed": seed + k, "turn": t + 1,
-                                   "instruction": session.instruction[t], "gold": session.gold_intent[t],
+                    record.append({"phrasing": phrasing, "family": family, "seed": seed + k, "turn": t + 1,
+                                   "instruction": session.instruction[t], "gold": gold,
                                    "intent": intent.text, "reasoning": intent.reasoning, "exact": ok,
                                    "fallback": intent.fallback_reason})
         out[family] = {"exact_match": float(np.mean(exact)), "fallback": float(np.mean(fallback)),
-                       "resolved": float(np.mean(resolved)),
-                       "rule_kept": float(np.mean(rule_kept)) if rule_kept else None,
+                       "resolved": float(np.mean(resolved)), "rule_kept": _mean(rule_kept),
                        "exact_per_turn": [float(np.mean(x)) for x in per_turn]}
-    pipe.text_encoder.train(was_training)
+        if phrasing != "grammar":
+            out[family]["reference_exact"] = _mean(referenced)
+            out[family]["exact_per_op"] = {op: float(np.mean(v)) for op, v in sorted(per_op.items())}
     out["exact_match"] = float(np.mean([out[f]["exact_match"] for f in ("cm", "cu")]))
     return out
+
+
+# How a turn of an everyday session names its target when it uses a reference (`ShapesSession.references`).
+REFERENCE_KINDS = ("it", "last_added", "first_added", "first_edit", "other")
+
+
+def describe_metrics(metrics: dict) -> str:
+    """The console line of an evaluation."""
+    if "unseen" not in metrics:
+        return (f"exact {metrics['exact_match']:.3f} (cm {metrics['cm']['exact_match']:.3f}, "
+                f"cu {metrics['cu']['exact_match']:.3f})")
+    return ", ".join(f"{p} {metrics[p]['exact_match']:.3f}" for p in EVAL_PHRASINGS)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -373,8 +501,8 @@ def train(cfg: ReasonerConfig, run_dir: str | Path, show_progress: bool = True, 
     for step, (batch, copies) in run.steps(lambda step: make_batches(pipe, cfg, step)):
         common.set_lr(optimizer, common.lr_at(step, cfg.lr, cfg.warmup, cfg.max_steps))
         with accelerator.autocast():
-            loss = model(**batch).loss
-            copy_loss = model(**copies).loss if copies is not None else None
+            loss = step_loss(model, batch, cfg)
+            copy_loss = step_loss(model, copies, cfg) if copies is not None else None
         if copy_loss is not None:
             loss = loss + copy_loss
         optimizer.zero_grad(set_to_none=True)
@@ -387,8 +515,7 @@ def train(cfg: ReasonerConfig, run_dir: str | Path, show_progress: bool = True, 
                "lr": optimizer.param_groups[0]["lr"]}
         if run.end_step(done, row, lambda: evaluate(pipe, cfg, seed=1_000_000),  # held out from the final evaluation
                         done % cfg.eval_every == 0 and done != cfg.max_steps,
-                        describe=lambda m: f"exact {m['exact_match']:.3f} (cm {m['cm']['exact_match']:.3f}, "
-                                           f"cu {m['cu']['exact_match']:.3f})"):
+                        describe=describe_metrics):
             break
     if run.interrupted:
         return None

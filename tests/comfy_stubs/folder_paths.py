@@ -11,6 +11,12 @@ temp_directory = os.path.join(base_path, "temp")
 
 folder_names_and_paths: dict[str, tuple[list[str], set[str]]] = {
     "checkpoints": ([os.path.join(models_dir, "checkpoints")], {".safetensors"}),
+    # as ComfyUI registers them (the legacy folder names included)
+    "diffusion_models": ([os.path.join(models_dir, "unet"), os.path.join(models_dir, "diffusion_models")],
+                         {".safetensors", ".sft", ".ckpt", ".pt"}),
+    "text_encoders": ([os.path.join(models_dir, "text_encoders"), os.path.join(models_dir, "clip")],
+                      {".safetensors", ".sft", ".ckpt", ".pt"}),
+    "vae": ([os.path.join(models_dir, "vae")], {".safetensors", ".sft", ".ckpt", ".pt"}),
 }
 
 
@@ -29,6 +35,28 @@ def add_model_folder_path(folder_name, full_folder_path, is_default=False):
 
 def get_folder_paths(folder_name):
     return folder_names_and_paths[folder_name][0][:]
+
+
+def get_filename_list(folder_name):
+    """Files (relative posix paths, sorted) in the folder's paths with one of its extensions (every file for none)."""
+    paths, extensions = folder_names_and_paths[folder_name]
+    names = set()
+    for base in paths:
+        for root, _, files in os.walk(base, followlinks=True):
+            for file in files:
+                if not extensions or os.path.splitext(file)[1] in extensions:
+                    names.add(os.path.relpath(os.path.join(root, file), base).replace(os.sep, "/"))
+    return sorted(names)
+
+
+def get_full_path(folder_name, filename):
+    if folder_name not in folder_names_and_paths:
+        return None
+    for base in folder_names_and_paths[folder_name][0]:
+        path = os.path.join(base, os.path.relpath(os.path.join(os.sep, filename), os.sep))
+        if os.path.isfile(path):
+            return path
+    return None
 
 
 def get_output_directory():

@@ -31,7 +31,7 @@ from .if_judge import IFConfig, IFJudge
 from .local import LocalDetectorConfig, LocalModelConfig, LocalVLMConfig
 from .protocol import Judgement, RetryPolicy, TurnRequest
 
-METRICS = ("IF", "CC", "GA")
+JUDGE_METRICS = ("IF", "CC", "GA")
 VLM_BACKENDS = ("openai", "transformers")
 
 
@@ -55,12 +55,12 @@ class JudgeConfig:
     cc: CCConfig = field(default_factory=CCConfig)
     ga: GAConfig = field(default_factory=GAConfig)
     retry: RetryPolicy = field(default_factory=RetryPolicy)
-    metrics: tuple[str, ...] = METRICS
+    metrics: tuple[str, ...] = JUDGE_METRICS
 
     def __post_init__(self):
-        unknown = [m for m in self.metrics if m not in METRICS]
+        unknown = [m for m in self.metrics if m not in JUDGE_METRICS]
         if unknown:
-            raise ValueError(f"unknown metric(s) {unknown}; choose from {list(METRICS)}")
+            raise ValueError(f"unknown metric(s) {unknown}; choose from {list(JUDGE_METRICS)}")
         if ("IF" in self.metrics or "GA" in self.metrics) and self.vlm is None:
             raise ValueError("IF and GA need a `vlm` section (backend: openai or transformers); or set `metrics` to "
                              "leave them out")

@@ -5,6 +5,9 @@
 - `parser`: the oracle parser `parse(image) -> Scene` (and `analyze` for the background estimate and object mask).
 - `grammar`: edit commands, their phrasings, a literal instruction parser and the canonical (gold) intent.
 - `sessions`: `generate_session("cm" | "cu", num_turns, seed)` in the MICE JSONL format plus scenes and gold intents.
+- `language`: everyday phrasing (`generate_session(..., phrasing="seen" | "unseen" | "all")`): phrasing families
+  split into training and held-out ones, references, relative places, rule changes, undo of undo and restores, and
+  the oracle reader `interpret(dialogue, text)` (docs/shapes_language.md).
 - `reconstruct` (module): text-only intent reconstruction, `reconstruct.reconstruct(history, instruction) ->
   (reasoning, intent)`; imported on demand (`from editr2.bench.shapes import reconstruct` gives the module).
 - `runner`: `run_bench(editor, ...)`, scoring any editor (imported on demand: it pulls in the metrics).

@@ -16,7 +16,7 @@ nothing else changes colour". Semantics: objects that a turn *creates* (subject_
 subject_replace) take the rule colour and their instructions do not name a colour; count_change copies keep their
 group's colour, so under a rule it is generated only to decrease a group or for a group already in the rule colour;
 color_alter is not generated under a rule (it would contradict it); moved, resized and untouched objects keep
-their colour.
+their colour. (Everyday phrasing, `language`, also changes and cancels rules and lets a named colour override one.)
 """
 
 from __future__ import annotations
@@ -77,6 +77,14 @@ class Command:
         shape, color, size, cell, count, tone: the new values (every one the op needs is filled in).
         previous (`Command`, *optional*): for "undo", the command being undone.
         color_from_rule (`bool`): the new object's colour comes from the persistent rule, not from the words.
+        requested_cell (`tuple[int, int]`, *optional*): subject_add only: the occupied cell the words asked for; the
+            object goes to `cell`, the nearest free cell (`nearest_free_cell`).
+        swap_with (`Desc`, *optional*): position_change only: the object occupying the destination `cell`, which
+            moves to the moved object's old cell (the two swap places).
+        restore (`int`, *optional*): "undo" only: the index of the earlier scene restored (0 = the source image, k =
+            the scene after turn k) instead of the scene before the last edit; `previous` is then unused.
+        overrides_rule (`bool`): the colour named in the words differs from the active persistent rule's colour and
+            wins for this edit (the rule stays active for later turns).
     """
 
     op: str
@@ -89,6 +97,10 @@ class Command:
     tone: str | None = None
     previous: "Command | None" = None
     color_from_rule: bool = False
+    requested_cell: tuple[int, int] | None = None
+    swap_with: Desc | None = None
+    restore: int | None = None
+    overrides_rule: bool = False
 
     def to_json(self) -> dict:
         out = {"op": self.op}
@@ -103,6 +115,14 @@ class Command:
             out["previous"] = self.previous.to_json()
         if self.color_from_rule:
             out["color_from_rule"] = True
+        if self.requested_cell is not None:
+            out["requested_cell"] = list(self.requested_cell)
+        if self.swap_with is not None:
+            out["swap_with"] = list(self.swap_with)
+        if self.restore is not None:
+            out["restore"] = self.restore
+        if self.overrides_rule:
+            out["overrides_rule"] = True
         return out
 
     @classmethod
@@ -115,6 +135,10 @@ class Command:
             count=data.get("count"), tone=data.get("tone"),
             previous=cls.from_json(data["previous"]) if "previous" in data else None,
             color_from_rule=bool(data.get("color_from_rule", False)),
+            requested_cell=tuple(data["requested_cell"]) if "requested_cell" in data else None,
+            swap_with=Desc(*data["swap_with"]) if "swap_with" in data else None,
+            restore=data.get("restore"),
+            overrides_rule=bool(data.get("overrides_rule", False)),
         )
 
 
@@ -131,6 +155,8 @@ def check_command(scene: Scene, cmd: Command) -> str | None:
             return f"the scene already has {MAX_OBJECTS} objects"
         if scene.at(cmd.cell) is not None:
             return f"the {CELL_NAMES[cmd.cell]} cell is occupied"
+        if cmd.requested_cell is not None and cmd.cell != nearest_free_cell(scene, cmd.requested_cell):
+            return f"the {CELL_NAMES[cmd.cell]} is not the nearest free cell to the {CELL_NAMES[cmd.requested_cell]}"
         return None
     if cmd.op == "background_change":
         return None if cmd.tone != scene.tone else f"the background already has a {cmd.tone} tone"
@@ -150,22 +176,46 @@ def check_command(scene: Scene, cmd: Command) -> str | None:
             return f"{len(matches)} objects match '{cmd.target.phrase}' (need exactly one)"
         if cmd.op == "subject_remove" and n <= 1:
             return "cannot remove the last object"
-        if cmd.op == "position_change" and scene.at(cmd.cell) is not None:
-            return f"the {CELL_NAMES[cmd.cell]} cell is occupied"
+        if cmd.op == "position_change":
+            occupant = scene.at(cmd.cell)
+            if occupant is matches[0]:
+                return f"the {cmd.target.phrase} is already at the {CELL_NAMES[cmd.cell]}"
+            if (occupant.desc if occupant is not None else None) != cmd.swap_with:
+                return (f"the {CELL_NAMES[cmd.cell]} cell is occupied" if cmd.swap_with is None else
+                        f"the {CELL_NAMES[cmd.cell]} does not hold the {cmd.swap_with.phrase} to swap with")
         return None
     if cmd.op == "undo":
         return "undo needs the previous scene"
     raise ValueError(f"Unknown op {cmd.op!r}: pass one of {TASK_TYPES}.")
 
 
-def apply_command(scene: Scene, cmd: Command, previous_scene: Scene | None = None) -> Scene:
+def nearest_free_cell(scene: Scene, cell: tuple[int, int]) -> tuple[int, int] | None:
+    """The free cell nearest to `cell` (Manhattan distance; ties go to the first in reading order), or `None`.
+
+    The occupied-cell policy for adds: an object added into an occupied cell goes here instead.
+    """
+    free = scene.free_cells
+    if not free:
+        return None
+    return min(free, key=lambda c: (abs(c[0] - cell[0]) + abs(c[1] - cell[1]), c))
+
+
+def apply_command(scene: Scene, cmd: Command, previous_scene: Scene | None = None,
+                  history: Sequence[Scene] | None = None) -> Scene:
     """Apply a resolved command to a scene (pure: returns a new Scene).
 
     Args:
         scene (`Scene`): the current scene.
         cmd (`Command`): the edit.
         previous_scene (`Scene`, *optional*): the scene before the last edit; required for "undo", which returns it.
+        history (`Sequence[Scene]`, *optional*): the session's scenes so far (0 = the source); required for an undo
+            with `restore`, which returns `history[restore]`.
     """
+    if cmd.op == "undo" and cmd.restore is not None:
+        if history is None or not 0 <= cmd.restore < len(history):
+            raise ValueError(f"'undo' restoring scene {cmd.restore} needs the session's scenes: pass `history` "
+                             f"with at least {cmd.restore + 1} scenes.")
+        return history[cmd.restore]
     if cmd.op == "undo":
         if previous_scene is None:
             raise ValueError("'undo' restores the scene before the last edit: pass it as `previous_scene`.")
@@ -197,6 +247,9 @@ def apply_command(scene: Scene, cmd: Command, previous_scene: Scene | None = Non
     if cmd.op == "size_change":
         return scene.with_objects(rest + [old.replace(size=cmd.size)])
     if cmd.op == "position_change":
+        occupant = scene.at(cmd.cell)
+        if occupant is not None:  # swap places (check_command made sure it is `swap_with`)
+            rest = [o for o in rest if o is not occupant] + [occupant.replace(cell=old.cell)]
         return scene.with_objects(rest + [old.replace(cell=cmd.cell)])
     raise ValueError(f"Unknown op {cmd.op!r}: pass one of {TASK_TYPES}.")
 
@@ -223,6 +276,9 @@ def result_desc(cmd: Command) -> Desc | None:
 
 def _core(cmd: Command) -> str:
     t = cmd.target.phrase if cmd.target is not None else ""
+    if cmd.op == "subject_add" and cmd.requested_cell is not None:
+        return (f"Add a {cmd.size} {cmd.color} {cmd.shape} at the {CELL_NAMES[cmd.cell]}, the nearest free cell to "
+                f"the occupied {CELL_NAMES[cmd.requested_cell]}")
     if cmd.op == "subject_add":
         return f"Add a {cmd.size} {cmd.color} {cmd.shape} at the {CELL_NAMES[cmd.cell]}"
     if cmd.op == "subject_remove":
@@ -233,12 +289,16 @@ def _core(cmd: Command) -> str:
         return f"Change the color of the {t} to {cmd.color}"
     if cmd.op == "size_change":
         return f"Change the size of the {t} to {cmd.size}"
+    if cmd.op == "position_change" and cmd.swap_with is not None:
+        return f"Move the {t} to the {CELL_NAMES[cmd.cell]}, swapping it with the {cmd.swap_with.phrase} there"
     if cmd.op == "position_change":
         return f"Move the {t} to the {CELL_NAMES[cmd.cell]}"
     if cmd.op == "count_change":
         return f"Change the number of {cmd.target.plural} to {cmd.count}"
     if cmd.op == "background_change":
         return f"Change the background to a {cmd.tone} tone, keeping its texture and every object unchanged"
+    if cmd.op == "undo" and cmd.restore is not None:
+        return f"Restore the image from before turn {cmd.restore + 1}"
     if cmd.op == "undo":
         prev = _core(cmd.previous)
         return f"Undo the previous edit ({prev[0].lower() + prev[1:]}), restoring the image from before it"
@@ -263,6 +323,12 @@ def canonical_intent(cmd: Command, rule_color: str | None = None) -> str:
     - `Change the background to a warm tone, keeping its texture and every object unchanged.`
     - `Undo the previous edit (move the small red square to the bottom left), restoring the image from before it.`
 
+    Everyday phrasing (`language`, docs/shapes_language.md) adds: `Restore the image from before turn 3.` (an undo
+    with `restore=2`: undo of an undo, "go back to how it was after the second edit"); `Move the small red square to
+    the top left, swapping it with the large blue circle there.` (a move into an occupied cell); `Add a small red
+    circle at the middle left, the nearest free cell to the occupied top left.` (an add into one); and, for a colour
+    named against the rule, `...; the named color red overrides the purple rule for this object.` before the rule.
+
     Under a persistent colour rule the colour it imposes is already explicit in the edit, and the rule is appended
     as `canonical_rule(color)`: `Add a small blue circle at the top left. Persistent rule: apply blue color only to
     the object being added or changed; nothing else changes color.`
@@ -271,7 +337,10 @@ def canonical_intent(cmd: Command, rule_color: str | None = None) -> str:
         cmd (`Command`): the resolved edit.
         rule_color (`str`, *optional*): the active persistent rule's colour.
     """
-    text = _core(cmd) + "."
+    text = _core(cmd)
+    if cmd.overrides_rule and rule_color is not None:
+        text += f"; the named color {cmd.color} overrides the {rule_color} rule for this object"
+    text += "."
     if rule_color is not None:
         text += " " + canonical_rule(rule_color)
     return text
@@ -290,12 +359,16 @@ def formatted_instruction(cmd: Command) -> str:
         return f"Change the color of {t} to [{cmd.color}]"
     if cmd.op == "size_change":
         return f"Change the size of {t} to [{cmd.size}]"
+    if cmd.op == "position_change" and cmd.swap_with is not None:
+        return f"Change the position of {t} to [{CELL_NAMES[cmd.cell]}], swapping with [{cmd.swap_with.phrase}]"
     if cmd.op == "position_change":
         return f"Change the position of {t} to [{CELL_NAMES[cmd.cell]}]"
     if cmd.op == "count_change":
         return f"Change the count of {t} to [{cmd.count}]"
     if cmd.op == "background_change":
         return f"Change the background to [{cmd.tone}] tone"
+    if cmd.op == "undo" and cmd.restore is not None:
+        return f"Restore the image from before turn [{cmd.restore + 1}]"
     if cmd.op == "undo":
         return f"Undo the previous edit: {formatted_instruction(cmd.previous)}"
     raise ValueError(f"Unknown op {cmd.op!r}: pass one of {TASK_TYPES}.")
@@ -447,7 +520,7 @@ _SINGULAR = {plural: shape for shape, plural in PLURALS.items()}
 _NUMBER_BY_WORD = {w: n for n, w in NUMBER_WORDS.items()}
 
 
-def split_rule(text: str) -> tuple[str | None, str]:
+def split_color_rule(text: str) -> tuple[str | None, str]:
     """`(rule colour, the edit clause)` of an instruction; `(None, text)` when it states no shapes rule."""
     text = " ".join(text.split())
     for rule_re in _RULE_RES:
@@ -470,7 +543,7 @@ def parse_instruction(text: str) -> Literal:
     Raises:
         ValueError: when the text is not an instruction of this grammar.
     """
-    rule_color, edit = split_rule(text)
+    rule_color, edit = split_color_rule(text)
     edit = _PREFIX_RE.sub("", edit.strip())
     for op, pattern in _PATTERNS:
         m = pattern.fullmatch(edit)

@@ -8,15 +8,23 @@ first" the first object any turn added, "the shape from the first edit" the obje
 merged: its colour fills in the new object's colour and the rule is restated with `grammar.canonical_rule`.
 
 The output is the gold intent format of `grammar.canonical_intent`, so on generated sessions it reproduces
-`ShapesSession.gold_intent`. `editr2.intent.RuleBasedReconstructor` delegates shapes sessions here.
+`ShapesSession.gold_intent`.
+
+`RuleBasedReconstructor` is the benchmark's no-model baseline for any MICE-format session (and the gold-target
+generator for reasoner SFT): persistent rules folded into every intent, pronouns replaced by the last focus object,
+and shapes sessions delegated to `reconstruct`.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+from typing import Sequence
+
+from editr2.intent import Intent, parse_rule, split_rule
 
 from .grammar import (LITERAL_DEFAULT_COLOR, REFERENCE_PHRASES, TARGET_OPS, Command, Literal, canonical_intent,
-                      canonical_rule, parse_instruction, result_desc, split_rule)
+                      canonical_rule, parse_instruction, result_desc, split_color_rule)
 from .world import Desc
 
 _EVENT = {"subject_add": "added", "subject_replace": "created", "color_alter": "recolored", "size_change": "resized",
@@ -155,7 +163,7 @@ def _step(tracker: _Tracker, text: str, turn: int) -> tuple[Command | None, str,
         tracker.snapshots.append(tracker.state.copy())
         tracker.commands.append(None)
         tracker.focus.append(None)
-    return cmd, split_rule(text)[1], notes
+    return cmd, split_color_rule(text)[1], notes
 
 
 def reconstruct(history: list[str], instruction: str) -> tuple[str, str]:
@@ -188,3 +196,106 @@ def reconstruct(history: list[str], instruction: str) -> tuple[str, str]:
     if not notes:
         notes.append("The instruction names everything explicitly.")
     return " ".join(notes), canonical_intent(cmd, tracker.rule)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The rule-based reconstructor (no model): MICE sessions in general, shapes sessions through `reconstruct`
+# ---------------------------------------------------------------------------------------------------------------------
+
+# What each MICE instruction form makes the "focus" object of the turn: the object later pronouns refer to.
+_FOCUS_PATTERNS = [
+    re.compile(r"^replace (?:the )?(?P<old>.+?) with (?:a |an |the )?(?P<obj>.+?)$", re.IGNORECASE),
+    re.compile(r"^add (?:a |an |the )?(?P<obj>.+?) on the \w+ of .+$", re.IGNORECASE),
+    re.compile(r"^change the (?:count|number|colou?r|material|size) of (?:the )?(?P<obj>.+?) to .+$", re.IGNORECASE),
+    re.compile(r"^change the position of (?:the )?(?P<obj>.+?) to .+$", re.IGNORECASE),
+    re.compile(r"^(?:move|enlarge|shrink|recolou?r) (?:the )?(?P<obj>.+?)(?: to .+)?$", re.IGNORECASE),
+    re.compile(r"^add text '(?P<obj>[^']+)'", re.IGNORECASE),
+    re.compile(r"^remove (?:the )?(?P<obj>.+?)$", re.IGNORECASE),
+    re.compile(r"^add (?:a |an |the )?(?P<obj>.+?)$", re.IGNORECASE),
+]
+_QUOTED = re.compile(r"((?<!\w)'[^']*'(?!\w)|\"[^\"]*\")")
+_PRONOUNS = re.compile(r"\b(it|its|them|they|the one|that one|that object|this object)\b", re.IGNORECASE)
+
+
+def focus_object(instruction: str) -> str | None:
+    """The object an instruction acts on or creates (what a later "it" refers to), or `None`."""
+    text = instruction.strip().rstrip(".")
+    if text.lower().startswith("change the background"):
+        return None
+    for pattern in _FOCUS_PATTERNS:
+        match = pattern.match(text)
+        if match and not _PRONOUNS.fullmatch(match.group("obj")):
+            return match.group("obj").strip()
+    return None
+
+
+class RuleBasedReconstructor:
+    """Deterministic intent reconstruction from the text history alone (no model, no image).
+
+    - Persistent rules stated in any turn (or passed explicitly) are folded into every intent from that turn on, in
+      the canonical phrasing of [`Rule.canonical`].
+    - Pronouns ("it", "them", "the one") are replaced by the most recent focus object of the history.
+    - MICE-Shapes sessions (recognised by their grammar) are delegated to the shapes world's own text-only resolver,
+      which also resolves "the one you added first" and "undo that".
+
+    Args:
+        domain (`str`, defaults to `"auto"`): `"mice"` for the generic resolver, `"shapes"` for the shapes resolver,
+            `"auto"` to use the shapes resolver when it accepts the session.
+    """
+
+    def __init__(self, domain: str = "auto"):
+        if domain not in ("auto", "mice", "shapes"):
+            raise ValueError(f"domain must be 'auto', 'mice' or 'shapes', got {domain!r}.")
+        self.domain = domain
+
+    def __call__(self, history: Sequence[str], instruction: str, rules: Sequence[str] = ()) -> Intent:
+        if not instruction or not instruction.strip():
+            raise ValueError("`instruction` is empty: pass the user's editing instruction for this turn.")
+        if self.domain != "mice" and not rules:
+            shapes = self._shapes(history, instruction)
+            if shapes is not None:
+                return shapes
+        return self._generic(history, instruction, rules)
+
+    def _shapes(self, history: Sequence[str], instruction: str) -> Intent | None:
+        try:
+            reasoning, text = reconstruct(list(history), instruction)
+        except ValueError:
+            if self.domain == "shapes":
+                raise
+            return None
+        return Intent(text, reasoning)
+
+    def _generic(self, history: Sequence[str], instruction: str, rules: Sequence[str]) -> Intent:
+        notes: list[str] = []
+        active = [parse_rule(r) for r in rules]
+        focus = None
+        for k, past in enumerate(history, start=1):
+            rule, edit = split_rule(past)
+            if rule is not None:
+                active.append(rule)
+                notes.append(f"Turn {k} set a persistent rule: {rule.canonical()}.")
+            focus = focus_object(self._resolve(edit, focus)) or focus
+        rule, edit = split_rule(instruction)
+        if rule is not None:
+            active.append(rule)
+            notes.append(f"This turn sets a persistent rule: {rule.canonical()}.")
+        resolved = self._resolve(edit or instruction, focus)
+        if resolved != (edit or instruction):
+            notes.append(f"The pronoun refers to {focus}, the object of the last edit.")
+        text = resolved.strip().rstrip(".")
+        for r in dict.fromkeys(active):
+            text += f"; {r.canonical()}"
+        if not notes:
+            notes.append("The instruction is already self-contained.")
+        return Intent(text[:1].upper() + text[1:] + ".", " ".join(notes))
+
+    @staticmethod
+    def _resolve(instruction: str, focus: str | None) -> str:
+        if focus is None:
+            return instruction
+        noun = focus if re.match(r"(?:(?:the|a|an)\s|['\"])", focus, re.IGNORECASE) else f"the {focus}"
+        swap = lambda m: noun if m.group(1).lower() != "its" else f"{noun}'s"  # noqa: E731
+        # Quoted text ("Add text 'Call it a day'") is content, not a reference: leave it as written.
+        parts = _QUOTED.split(instruction)
+        return "".join(part if part.startswith(("'", '"')) else _PRONOUNS.sub(swap, part) for part in parts)

@@ -3,9 +3,11 @@
     from editr2.bench.shapes.runner import run_bench
     results = run_bench(my_editor, family="cu", num_sessions=100, num_turns=3, seed=0)
 
-`my_editor(images, history, instruction) -> PIL image` (see `editr2.bench.editors`); an editor with a
-`bind(session)` method is bound to each session first. The result is the `results.json` structure:
-`{"per_turn": [{"turn", "IF", "CC", "GA", "reward"}, ...], "mean": {...}, "config": {...}}`.
+`my_editor` is an `editr2.bench.editors.Editor` (`edit_session(source, instructions, session)`). The result is the
+`results.json` structure: `{"per_turn": [{"turn", "IF", "CC", "GA", "reward"}, ...], "mean": {...}, "restores": {...},
+"config": {...}, "drift": {...}}`, where `"restores"` is `{"turns", "CC"}`: how many undo turns there were and their
+mean CC against the state each restores (`editr2.bench.metrics.restore_cc`; 1.0 for an editor that restores exactly),
+and "drift" holds the drift measures per turn and the decay summary (`editr2.bench.drift.drift_results`).
 
 With `results_path`, every finished session's scores are appended to that JSON-lines file as it finishes, and the
 sessions already there are read back instead of run again: a run killed after k sessions and started again gives the
@@ -16,25 +18,21 @@ and the configuration check).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 from PIL import Image
 
-from ..metrics import METRICS, TurnScore, mean_scores, score_session
-from ..resume import append_result, latest_by_id, read_results
+from ..drift import drift_results, session_drift
+from ..editors import Editor
+from ..metrics import METRICS, TurnScore, mean_scores, restore_summary, score_session
+from ..runner import edit_images, run_sessions
 from .render import DEFAULT_SIZE
 from .sessions import ShapesSession, generate_session
 
 
-def run_session(editor: Callable, session: ShapesSession) -> tuple[list[Image.Image], list[TurnScore]]:
-    """Let `editor` edit one session turn by turn; returns `(images [source, turn 1, ...], scores per turn)`."""
-    bound = editor.bind(session) if hasattr(editor, "bind") else editor
-    images = [session.source_image()]
-    for t in range(session.num_turns):
-        out = bound(list(images), list(session.instruction[:t]), session.instruction[t])
-        if not isinstance(out, Image.Image):
-            raise TypeError(f"The editor returned {type(out).__name__}: return a PIL.Image.Image.")
-        images.append(out.convert("RGB"))
+def run_session(editor: Editor, session: ShapesSession) -> tuple[list[Image.Image], list[TurnScore]]:
+    """Let `editor` edit one session; returns `(images [source, turn 1, ...], scores per turn)`."""
+    images = edit_images(editor, session.source_image(), session.instruction, session)
     return images, score_session(session, images)
 
 
@@ -43,24 +41,28 @@ def session_id(family: str, seed: int) -> str:
     return f"{family}_{seed}"
 
 
-def session_record(sid: str, session: ShapesSession, scores: Sequence[TurnScore], editor: Callable) -> dict:
+def session_record(sid: str, session: ShapesSession, scores: Sequence[TurnScore], editor: Editor,
+                   drift: Sequence | None = None) -> dict:
     """One finished session for the results file: its id, family, seed and per-turn scores; with an editor that keeps
     per-session `records` (e.g. `diffusers_editr2.bench.PipelineEditor`: intents and fallbacks), the last of them."""
     record = {"session_id": sid, "family": session.family, "seed": session.seed,
               "turns": [score.to_dict() for score in scores]}
+    if drift is not None:
+        record["drift"] = [row.to_dict() for row in drift]
     records = getattr(editor, "records", None)
     if isinstance(records, list) and records:
         record["editor_record"] = records[-1]
     return record
 
 
-def run_bench(editor: Callable, family: str = "cm", num_sessions: int = 100, num_turns: int = 3, seed: int = 0,
+def run_bench(editor: Editor, family: str = "cm", num_sessions: int = 100, num_turns: int = 3, seed: int = 0,
               size: int = DEFAULT_SIZE, progress: bool = True, sessions: Sequence[ShapesSession] | None = None,
-              editor_name: str | None = None, results_path: str | Path | None = None) -> dict:
+              editor_name: str | None = None, results_path: str | Path | None = None,
+              phrasing: str = "grammar") -> dict:
     """Score `editor` on `num_sessions` generated sessions (seeds `seed, seed + 1, ...`).
 
     Args:
-        editor: the editor callable (see the module docstring).
+        editor: the `Editor` (see the module docstring).
         family (`str`): "cm" or "cu".
         num_sessions, num_turns, seed, size: what to generate.
         progress (`bool`): show a tqdm progress bar.
@@ -70,36 +72,56 @@ def run_bench(editor: Callable, family: str = "cm", num_sessions: int = 100, num
             sessions recorded there are read back, the others run and appended as they finish. Only the sessions
             asked for are reported. The caller makes sure the file was written with the same editor and settings
             (`editr2.bench.resume.open_run`).
+        phrasing (`str`, defaults to `"grammar"`): how the generated sessions are worded: "grammar", or everyday
+            phrasing "seen" / "unseen" / "all" (`generate_session`); recorded in the config as "phrasing" (left out
+            for "grammar", so the configs recorded before it existed still compare equal).
 
     Returns:
-        `{"per_turn": [...], "mean": {...}, "config": {...}}`.
+        `{"per_turn": [...], "mean": {...}, "restores": {"turns", "CC"}, "config": {...}, "drift": {...}}` ("drift":
+        `editr2.bench.drift.drift_results`).
     """
     if sessions is None and num_sessions < 1:
         raise ValueError(f"num_sessions={num_sessions}: pass at least 1.")
+    if phrasing not in ("grammar", "seen", "unseen", "all"):
+        raise ValueError(f"phrasing={phrasing!r}: pass 'grammar', 'seen', 'unseen' or 'all'.")
     count = num_sessions if sessions is None else len(sessions)
-    done = latest_by_id(read_results(results_path)) if results_path is not None else {}
-    iterator = range(count)
+    # (id, the session, or the seed of the one to generate when it has to be run)
+    items = [(session_id(s.family, s.seed), s) for s in sessions] if sessions is not None else \
+        [(session_id(family, seed + i), seed + i) for i in range(count)]
     if progress:
         from tqdm.auto import tqdm
 
-        iterator = tqdm(iterator, desc=f"shapes {family} {editor_name or getattr(editor, 'name', 'editor')}",
-                        unit="session")
+        items = tqdm(items, total=count, desc=f"shapes {family} {editor_name or getattr(editor, 'name', 'editor')}",
+                     unit="session")
     per_turn: dict[int, list[TurnScore]] = {}
-    for i in iterator:
-        given = sessions[i] if sessions is not None else None
-        sid = session_id(given.family, given.seed) if given is not None else session_id(family, seed + i)
-        if sid in done and len(done[sid]["turns"]) == (given.num_turns if given is not None else num_turns):
-            scores = [TurnScore(**turn) for turn in done[sid]["turns"]]
+    session_scores, session_drifts = [], []  # per session, for the drift measures and the decay summary
+
+    def step(sid: str, given: ShapesSession | int, earlier: dict | None) -> tuple[dict | None, str]:
+        generated = isinstance(given, int)
+        record = None
+        if earlier is not None and len(earlier["turns"]) == (num_turns if generated else given.num_turns):
+            scores = [TurnScore(**turn) for turn in earlier["turns"]]
+            drift = earlier.get("drift")  # absent in files written before the drift measures
         else:
-            session = given if given is not None else generate_session(family, num_turns, seed + i, size)
-            _, scores = run_session(editor, session)
-            if results_path is not None:
-                append_result(results_path, session_record(sid, session, scores, editor))
+            session = generate_session(family, num_turns, given, size, phrasing) if generated else given
+            images, scores = run_session(editor, session)
+            drift = session_drift(session, images)
+            record = session_record(sid, session, scores, editor, drift)
+        session_scores.append(scores)
+        if drift is not None:
+            session_drifts.append(drift)
         for row in scores:
             per_turn.setdefault(row.turn, []).append(row)
+        return record, "run" if record is not None else "reused"
+
+    run_sessions(items, step, results_path)
     rows = [{"turn": t, **mean_scores(per_turn[t])} for t in sorted(per_turn)]
     everything = [r for t in sorted(per_turn) for r in per_turn[t]]
     config = {"editor": editor_name or getattr(editor, "name", type(editor).__name__), "family": family,
               "sessions": count, "turns": num_turns, "seed": seed, "size": size}
+    worded = sessions[0].phrasing if sessions else phrasing
+    if worded != "grammar":  # everyday phrasing is named; the fixed grammar's configs stay as they were recorded
+        config["phrasing"] = worded
     return {"per_turn": [{k: r[k] for k in ("turn",) + METRICS} for r in rows], "mean": mean_scores(everything),
-            "config": config}
+            "restores": restore_summary(everything), "config": config,
+            "drift": drift_results(session_scores, session_drifts, max(per_turn, default=0))}

@@ -26,7 +26,7 @@ from .render import DEFAULT_SIZE, render
 from .world import COLOR_NAMES, MAX_OBJECTS, SHAPES, SIZES, TONE_NAMES, Desc, Obj, Scene, random_scene
 
 FAMILIES = ("cm", "cu")
-MAX_TURNS = 8
+MAX_TURNS = 16
 OP_WEIGHTS = {"subject_add": 3.0, "subject_remove": 2.0, "subject_replace": 2.0, "color_alter": 2.0,
               "size_change": 2.0, "position_change": 2.0, "count_change": 1.5, "background_change": 1.0}
 UNDO_PROBABILITY = 0.2       # cu, turns >= 2
@@ -50,7 +50,13 @@ class ShapesSession:
         gold_intent (`list[str]`): the self-contained operative instruction per turn (`grammar.canonical_intent`).
         commands (`list[Command]`): the resolved edit per turn.
         references (`list[str]`): how each turn names its target: "explicit", "it", "first_added", "first_edit",
-            "undo", or "none" (add / background / count).
+            "undo", or "none" (add / background / count); everyday phrasing adds "last_added", "other", "redo" and
+            "restore".
+        phrasing (`str`): "grammar" (the fixed grammar) or the everyday phrasing split it was written in ("seen",
+            "unseen", "all"; see `language`).
+        phrasing_families (`list[str]`): everyday phrasing only: the phrasing family of each turn.
+        rules (`list[str | None]`): everyday phrasing only: the persistent rule's colour after each turn (rules can
+            be changed and cancelled there; `rule_color` is the first rule stated).
     """
 
     family: str
@@ -68,6 +74,9 @@ class ShapesSession:
     gold_intent: list[str]
     commands: list[Command]
     references: list[str] = field(default_factory=list)
+    phrasing: str = "grammar"
+    phrasing_families: list[str] = field(default_factory=list)
+    rules: list = field(default_factory=list)
 
     @property
     def num_turns(self) -> int:
@@ -92,7 +101,7 @@ class ShapesSession:
 
     def to_json(self) -> dict:
         """The MICE JSONL record (release field order first) plus the MICE-Shapes extras."""
-        return {
+        record = {
             "image": self.image_path,
             "instruction": list(self.instruction),
             "task_type": list(self.task_type),
@@ -111,6 +120,10 @@ class ShapesSession:
             "gold_command": [c.to_json() for c in self.commands],
             "references": list(self.references),
         }
+        if self.phrasing != "grammar":
+            record.update(phrasing=self.phrasing, phrasing_families=list(self.phrasing_families),
+                          rules=list(self.rules))
+        return record
 
     @classmethod
     def from_json(cls, data: dict) -> "ShapesSession":
@@ -125,6 +138,9 @@ class ShapesSession:
             gold_intent=list(data["gold_intent"]),
             commands=[Command.from_json(c) for c in data["gold_command"]],
             references=list(data.get("references", [])),
+            phrasing=data.get("phrasing", "grammar"),
+            phrasing_families=list(data.get("phrasing_families", [])),
+            rules=list(data.get("rules", [])),
         )
 
 
@@ -324,19 +340,31 @@ def _reference_step(world: _World, rng: random.Random, steps: list[_Step]):
     return None
 
 
-def generate_session(family: str = "cm", num_turns: int = 3, seed: int = 0, size: int = DEFAULT_SIZE) -> ShapesSession:
-    """Generate one valid session, deterministically from `(family, num_turns, seed)`.
+def generate_session(family: str = "cm", num_turns: int = 3, seed: int = 0, size: int = DEFAULT_SIZE,
+                     phrasing: str = "grammar") -> ShapesSession:
+    """Generate one valid session, deterministically from `(family, num_turns, seed, phrasing)`.
 
     Args:
         family (`str`, defaults to `"cm"`): "cm" (persistent rule in turn 1) or "cu" (back-references and undo).
-        num_turns (`int`, defaults to 3): 1-8.
+        num_turns (`int`, defaults to 3): 1-16 (`MAX_TURNS`). The generator is seeded with `num_turns` too, so
+            raising `MAX_TURNS` left every shorter session as it was.
         seed (`int`, defaults to 0): generation seed.
         size (`int`, defaults to 64): image side in pixels (does not change the scenes or the text).
+        phrasing (`str`, defaults to `"grammar"`): "grammar", the fixed grammar of `grammar.TEMPLATES` (the sessions
+            every recorded number was measured on); or everyday phrasing (`language`): "seen" (the training
+            phrasing families), "unseen" (the held-out families) or "all". Everyday sessions also change and cancel
+            rules (cm), undo undos and restore earlier states (cu), and move or add into occupied cells.
     """
     if family not in FAMILIES:
         raise ValueError(f"family={family!r}: pass one of {FAMILIES}.")
     if not 1 <= num_turns <= MAX_TURNS:
         raise ValueError(f"num_turns={num_turns}: pass a value in [1, {MAX_TURNS}].")
+    if phrasing != "grammar":
+        from .language import PHRASINGS, generate_natural_session
+
+        if phrasing not in PHRASINGS:
+            raise ValueError(f"phrasing={phrasing!r}: pass one of {PHRASINGS}.")
+        return generate_natural_session(family, num_turns, seed, size, phrasing)
     rng = random.Random(f"mice-shapes/{family}/{num_turns}/{seed}")
     scene0 = random_scene(rng, rng.randint(1, 4))
     world = _World({}, scene0.background, scene0.tone)
@@ -406,6 +434,6 @@ def _assemble(family, seed, size, rule, worlds, steps, refs, rng) -> ShapesSessi
 
 
 def generate_sessions(family: str, num_sessions: int, num_turns: int = 3, seed: int = 0,
-                      size: int = DEFAULT_SIZE) -> list[ShapesSession]:
+                      size: int = DEFAULT_SIZE, phrasing: str = "grammar") -> list[ShapesSession]:
     """`num_sessions` sessions with seeds `seed, seed + 1, ...`."""
-    return [generate_session(family, num_turns, seed + i, size) for i in range(num_sessions)]
+    return [generate_session(family, num_turns, seed + i, size, phrasing) for i in range(num_sessions)]

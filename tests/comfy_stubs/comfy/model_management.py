@@ -3,6 +3,7 @@
 import torch
 
 LOAD_CALLS: list[list] = []  # the patchers passed to each load_models_gpu call
+FREE_CALLS: list[tuple] = []  # (memory_required, device) of each free_memory call
 _interrupt = False
 
 
@@ -52,3 +53,8 @@ def load_models_gpu(models, memory_required=0, force_patch_weights=False, minimu
 
 def soft_empty_cache(force=False):
     pass
+
+
+def free_memory(memory_required, device, keep_loaded=[]):
+    FREE_CALLS.append((memory_required, device))
+    return []

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .backends import Detection
+from editr2.bench.judges.backends import Detection
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Scripted back-ends
