@@ -145,7 +145,8 @@ class Turn:
         image: the produced image (RGB, the session's size), or None when the turn produced none.
         intent: the operative intent that conditioned the edit (== instruction when no reasoning is used).
         reasoning: the `<think>` trace ("" when none).
-        fallback_reason: why the reasoning answer was not used ("no_end_tag", "empty", "too_long", ...), or None.
+        fallback_reason: why the reasoning answer was not used (`editr2.intent`'s `FALLBACK_*`: "empty_output",
+            "no_think_end_tag", "empty_after_think", "too_long"), or None.
         seed: the sampling seed, or None.
         timings: seconds per stage ("reasoning", "encode", "denoise", "decode", "total"); finite numbers.
         latents: `(1, N, C)` packed, normalised latent of `image`, carried to the next turn; or None.

@@ -94,7 +94,7 @@ def test_long_sessions_section_is_written_between_markers(tmp_path):
     text = script.section(data, "r.png")
     assert text.startswith(script.BEGIN) and text.rstrip().endswith(script.END)
     assert "| editr2-intent | 1.00 | 1.00 | 1.00 |" in text  # the oracle stands in for a mode here: IF = CC = GA = 1
-    assert "VAE only, re-encoded each turn" in text and "Not done here" in text
+    assert "VAE only, re-encoded each turn" in text and "Not run yet" in text
     assert "turn 12 IF 1.00 (>= 0.7: met)" in text
     page = tmp_path / "results.md"
     page.write_text("# Results\n\nintro\n")

@@ -1,4 +1,4 @@
-"""recipes/shapes_tiny/results.py: the issue #4 grid on the tiny pipeline, resumed, rewritten from JSON."""
+"""recipes/shapes_tiny/results.py: the results grid on the tiny pipeline, resumed, rewritten from JSON."""
 
 from __future__ import annotations
 

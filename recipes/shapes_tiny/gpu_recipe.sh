@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The default-model recipe on one CUDA GPU, in one command (<= 9 minutes on an H100): VAE, reasoner and editor with
 # configs/gpu/*.yaml, each under a wall-clock cap (max_minutes: it checkpoints, stops and exports when reached), then
-# export (fp16 folder) and its MICE-Shapes bench. See docs/training.md, "On a GPU".
+# export (fp16 folder) and its MICE-Shapes bench. See docs/training.md, "On a GPU machine".
 #
 #   bash recipes/shapes_tiny/gpu_recipe.sh             # from the repository root, on the GPU machine
-#   bash recipes/shapes_tiny/gpu_recipe.sh --prepare   # here, with PyPI: the wheels the GPU machine lacks -> .whl/
+#   bash recipes/shapes_tiny/gpu_recipe.sh --prepare   # where PyPI is reachable: the wheels the GPU machine lacks -> .whl/
 #
 # Python: $PYTHON if set; else .venv/bin/python if its torch sees CUDA; else python3. Wheels in .whl/ (diffusers,
 # transformers, accelerate and trl at the versions of requirements-ci.txt, from --prepare) are installed into a
@@ -16,7 +16,7 @@
 # bench) and the exported model as editr2-shapes-tiny.tar.part-* (`cat editr2-shapes-tiny.tar.part-* | tar x`).
 #
 # Carried stages: VAE_RUN / REASONER_RUN name finished stage folders (e.g. runs/vae_decoder and runs/reasoner_short,
-# carried with run(carry=[...])); those stages are then not trained, and the editor gets their time (EDITOR_MINUTES).
+# copied to the GPU machine); those stages are then not trained, and the editor gets their time (EDITOR_MINUTES).
 #
 # Editor steps fitted to its time (FIT_EDITOR=1, the default): a short calibration run (CALIBRATION_STEPS, 120) in
 # $RUN_ROOT/editor_calibration measures this machine's steps per second with the stage's own config and flags, and
@@ -45,7 +45,7 @@ if [ "${1:-}" = "--prepare" ]; then  # on a machine with PyPI: fetch the pure-Py
         "${PYTHON:-python3}" -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
             --implementation cp --platform manylinux2014_x86_64 -d .whl "$package==$version"
     done
-    echo "wheels in .whl/ (git-ignored); carry it: run(command=\"bash $D/gpu_recipe.sh\", carry=[\".whl\"])"
+    echo "wheels in .whl/ (git-ignored); copy .whl/ with the repository to the GPU machine, then run: bash $D/gpu_recipe.sh"
     exit 0
 fi
 
@@ -118,7 +118,7 @@ try:
     import editr2  # noqa: F401
 except ImportError as error:
     sys.exit(f"{error} (python {sys.executable}): set PYTHON, or run `bash recipes/shapes_tiny/gpu_recipe.sh "
-             f"--prepare` where PyPI is reachable and carry .whl/")
+             f"--prepare` where PyPI is reachable and copy .whl/ here")
 
 print(f"python {sys.version.split()[0]}, torch {torch.__version__}, diffusers {diffusers.__version__}, "
       f"transformers {transformers.__version__}")

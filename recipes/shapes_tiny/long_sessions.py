@@ -206,7 +206,7 @@ def section(data: dict, plot_name: str | None) -> str:
               "turn-1 value.", ""]
     if plot_name:
         lines += [f"![IF / CC / GA and drift per turn, {turns}-turn sessions]({plot_name})", ""]
-    lines += [f"Not done here: the target run of 100 sessions x {turns} turns per family for the three modes "
+    lines += [f"Not run yet: 100 sessions x {turns} turns per family for the three modes "
               f"({full_turns} turns: {cost}; minutes on one GPU), and the trained baselines (models trained for "
               "the none / history modes, the RL model of results_rl.md) on the same sessions, a third of that "
               "each per reasoning mode benched.", END]

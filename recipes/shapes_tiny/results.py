@@ -2,12 +2,12 @@
 
     python -m recipes.shapes_tiny.results --model checkpoints/editr2-shapes-tiny --out docs/results.md
 
-Runs the grid of issue #4 on held-out session seeds (training uses seeds >= 10,000,000): per family (cm, cu),
+Runs the results grid on held-out session seeds (training uses seeds >= 10,000,000): per family (cm, cu),
 `--sessions` x `--turns` and `--long-sessions` x `--long-turns` sessions, each scored by `run_bench` for the symbolic
 `literal` and `oracle` editors and for the model in every `--modes` reasoning mode (`load_bench_editor`, the folder's
 call defaults). Every finished cell (family, turns, editor) is saved at once to `--json`; running the same command
 again skips the cells it holds, so an interrupted run continues. Then it writes the markdown (`--out`): a header
-(model, call defaults, command, dates, wall time per cell), one table per (family, turns), the issue's targets checked
+(model, call defaults, command, dates, wall time per cell), one table per (family, turns), the turn-3 targets checked
 against the numbers, and a per-turn plot next to it (`<out stem>_per_turn.png`). `--from-json` rewrites both from the
 JSON alone, without the model.
 """
@@ -182,7 +182,7 @@ def target_turns(cells: dict, family: str) -> int | None:
 
 
 def check_targets(cells: dict, families=FAMILIES) -> list[dict]:
-    """Issue #4's targets against the results: intent at turn 3 reaches IF >= 0.85, CC >= 0.90, GA >= 0.75 (every
+    """The turn-3 targets against the results: intent at turn 3 reaches IF >= 0.85, CC >= 0.90, GA >= 0.75 (every
     family), and beats none and history by >= 0.15 GA on cm and >= 0.15 IF on cu.
 
     Args:
@@ -307,7 +307,7 @@ def markdown(data: dict, plot_name: str) -> str:
             lines += ["Turns whose reasoning answer was not used (fallback to the instruction): "
                       + ", ".join(rates) + ".", ""]
     lines += [f"![Per-turn IF / CC / GA / reward per editor and family]({plot_name})", "",
-              "## Targets (issue #4)", "", targets_section(check_targets(cells)), ""]
+              "## Targets", "", targets_section(check_targets(cells)), ""]
     if data.get("notes"):
         lines += [data["notes"].strip(), ""]
     return "\n".join(lines)

@@ -470,7 +470,7 @@ def write_report(path: Path, benches: dict[str, dict], logs: dict[str, list[dict
         f"{fmt(targets['late'].get('rl_nofilter'))}): {verdict(targets['filter_met'])}",
         "",
         ("RL wins: ship the `rl` arm's adapters (`" + shown(benches["rl"]["adapters"]) + "`) as the default (fuse "
-         "them into the SFT folder and re-export, issue #5)." if targets["rl_wins"] else
+         "them into the SFT folder and re-export)." if targets["rl_wins"] else
          "RL does not win on both targets: the SFT model stays the default."),
         "",
         "## Per family",
