@@ -55,6 +55,7 @@ def scripted_judges(if_answer="yes", ga_answer=None) -> JudgeSet:
                     GAJudge(vlm, GAConfig(num_votes=2), FAST))
 
 
+@pytest.mark.slow
 def test_run_bench_scores_reports_and_filmstrips(tmp_path):
     sessions = load_sessions(FIXTURE, limit=4)
     images = placeholder_images(tmp_path / "images", sessions)
@@ -170,6 +171,7 @@ def parse_cli(argv):
     return parser.parse_args(argv)
 
 
+@pytest.mark.slow
 def test_cli_with_tiny_local_models(tmp_path):
     pytest.importorskip("transformers")
     sessions = load_sessions(FIXTURE, limit=1)
@@ -278,6 +280,7 @@ def test_resume_after_kill(tmp_path):
     assert "| 3 | 8 |" in (out / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_cli_with_the_tiny_editr2_pipeline(tmp_path, tiny_dir):
     pytest.importorskip("diffusers")
     from diffusers_editr2.testing import TINY_CALL_KWARGS

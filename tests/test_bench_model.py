@@ -35,6 +35,7 @@ def calls(monkeypatch):
 
 
 @pytest.mark.parametrize("reasoning, family", [("intent", "cm"), ("history", "cu"), ("none", "cm")])
+@pytest.mark.slow
 def test_bench_shapes_scores_a_model(model_dir, tmp_path, calls, reasoning, family, capsys):
     from diffusers_editr2.pipeline_editr2 import history_prompt
 
@@ -77,6 +78,7 @@ def test_bench_shapes_scores_a_model(model_dir, tmp_path, calls, reasoning, fami
             assert r["intent"] == [r["instruction"][0], history_prompt(r["instruction"][:1], r["instruction"][1])]
 
 
+@pytest.mark.slow
 def test_bench_shapes_model_options_override_the_call_defaults(model_dir, tmp_path, calls):
     out = tmp_path / "bench"
     assert main(["bench", "shapes", "--model", str(model_dir), "--sessions", "1", "--turns", "1", "--steps", "3",
@@ -143,6 +145,7 @@ def test_call_defaults_and_editor_api(model_dir, tiny_dir, tmp_path):
     assert editor.intents == list(session.instruction) and len(editor.records) == 1
 
 
+@pytest.mark.slow
 def test_bench_shapes_model_run_resumes_and_refuses_another_model(model_dir, model_folder, tmp_path, calls):
     args = ["bench", "shapes", "--model", str(model_dir), "--family", "cu", "--turns", "2", "--seed", "4",
             "--no-progress"]

@@ -18,6 +18,7 @@ class SourceEditor:
         return [source.copy() for _ in instructions]
 
 
+@pytest.mark.slow
 def test_both_benches_take_the_same_editors():
     assert mice_cli.EDITORS["identity"] is IdentityEditor
     assert run_bench(SourceEditor(), "cu", 3, 2, seed=1, progress=False)["per_turn"] == \

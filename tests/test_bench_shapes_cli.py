@@ -16,6 +16,7 @@ def _run(argv):
 
 
 @pytest.mark.parametrize("editor, family", [("oracle", "cm"), ("literal", "cu")])
+@pytest.mark.slow
 def test_cli_writes_the_three_files(tmp_path, editor, family, capsys):
     out = tmp_path / "bench"
     assert _run(["--editor", editor, "--family", family, "--sessions", "4", "--turns", "3", "--seed", "7",
@@ -53,6 +54,7 @@ def _files(out):
     return {name: (out / name).read_text() for name in ("results.json", "report.md")}
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_to_the_same_report(tmp_path, capsys):
     args = ["--editor", "literal", "--family", "cu", "--turns", "3", "--seed", "3", "--no-progress"]
     whole = tmp_path / "whole"
@@ -85,6 +87,7 @@ def test_a_killed_run_resumes_to_the_same_report(tmp_path, capsys):
     capsys.readouterr()
 
 
+@pytest.mark.slow
 def test_another_configuration_is_refused_unless_forced(tmp_path):
     out = tmp_path / "bench"
     assert _run(["--editor", "literal", "--sessions", "2", "--turns", "2", "--out", str(out), "--no-progress"]) == 0

@@ -214,6 +214,7 @@ def test_bad_session_folder_gives_a_readable_error(comfy):
 # Running turns on the tiny pipeline
 
 
+@pytest.mark.slow
 def test_three_turn_chain(comfy, tiny_model):
     comfy.utils.BARS.clear()
     comfy.model_management.LOAD_CALLS.clear()

@@ -78,6 +78,7 @@ def test_vae_key_mapping_is_diffusers_wan_conversion():
     assert all(torch.equal(back[k], state_dict[k]) for k in state_dict)
 
 
+@pytest.mark.slow
 def test_shipped_configs_describe_the_real_models(comfy):
     """The pack's configs build the real architectures (on the meta device: no memory): ~20 B and ~8.3 B parameters."""
     from accelerate import init_empty_weights
@@ -147,6 +148,7 @@ def test_scaled_fp8_weights_are_dequantised(comfy):
 
 
 @pytest.mark.parametrize("variant", ["2509", "2511"])
+@pytest.mark.slow
 def test_single_files_load_and_edit_like_the_components(comfy, models_dir, variant):
     written = write_single_files(models_dir, variant=variant, config_name=f"tiny-{variant}")
     names = written["names"]
@@ -200,6 +202,7 @@ def test_a_text_encoder_without_lm_head_encodes_but_does_not_reason(comfy, model
 # LoRA node
 
 
+@pytest.mark.slow
 def test_lora_node_applies_per_wire_with_strength(comfy, models_dir, tiny_dir):
     shutil.copytree(tiny_dir, models_dir / "editr2" / "tiny-for-lora", dirs_exist_ok=True)
     write_trainer_lora(models_dir / "editr2" / "loras" / "my-lora")
@@ -237,6 +240,7 @@ def test_lora_node_applies_per_wire_with_strength(comfy, models_dir, tiny_dir):
 
 
 @pytest.mark.parametrize("memory", ["fp8_storage", "model_cpu_offload", "group_offload"])
+@pytest.mark.slow
 def test_memory_modes_run_turns_with_reasoning(comfy, models_dir, tiny_dir, memory):
     shutil.copytree(tiny_dir, models_dir / "editr2" / "tiny-memory", dirs_exist_ok=True)
     reference = comfy.nodes.EditR2LoadModel.execute("tiny-memory", "float32", "cpu")[0]

@@ -2,9 +2,12 @@
 
 import json
 
+import pytest
+
 from editr2.cli import main
 
 
+@pytest.mark.slow
 def test_demo_without_a_model_scores_the_symbolic_editors(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--model", str(tmp_path / "missing"), "--sessions", "4"]) == 0
@@ -19,6 +22,7 @@ def test_demo_without_a_model_scores_the_symbolic_editors(tmp_path, capsys):
         assert oracle["mean"]["GA"] == 1.0 and identity["mean"]["IF"] == 0.0
 
 
+@pytest.mark.slow
 def test_demo_with_a_model_uses_its_call_defaults(tmp_path, model_folder, capsys):
     defaults = {"height": 64, "width": 64, "reference_area": None, "num_inference_steps": 2, "max_new_tokens": 4}
     model = model_folder(defaults)

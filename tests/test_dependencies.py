@@ -118,6 +118,7 @@ ONE_OWNER = ("REASONING_MODES", "CALL_DEFAULTS_FILE", "PipelineEditor", "Editor"
 OWNER_EXCEPTIONS = {"REASONING_MODES": {"trl_editr2.config"}}
 
 
+@pytest.mark.slow
 def test_each_concept_has_one_owner():
     owners: dict[str, list[str]] = {name: [] for name in ONE_OWNER}
     for module, path in MODULES.items():

@@ -158,6 +158,7 @@ def test_bootstrap_ci():
         bootstrap_ci(data, np.mean, level=95)
 
 
+@pytest.mark.slow
 def test_bench_results_carry_drift_and_the_report_shows_it():
     results = run_bench(make_editor("literal"), family="cu", num_sessions=3, num_turns=5, seed=0, progress=False)
     drift = results["drift"]

@@ -34,6 +34,7 @@ def test_round_trip_keeps_the_size_and_validates(pipe):
         vae_round_trip(pipe, np.zeros((64, 64, 3)))
 
 
+@pytest.mark.slow
 def test_shipped_vae_drifts_when_re_encoded_not_when_carried(shipped_pipe):
     from diffusers_editr2.drift import vae_drift
     from editr2.bench.shapes import generate_session

@@ -32,6 +32,7 @@ def run_cli(model_dir, tmp_path, *extra):
     return tmp_path / "out"
 
 
+@pytest.mark.slow
 def test_edit_writes_turns_session_and_filmstrip(qwen_edit_plus_dir, tmp_path, capsys):
     out = run_cli(qwen_edit_plus_dir, tmp_path, "--reasoning", "intent")
     files = {p.name for p in out.iterdir()}

@@ -4,6 +4,8 @@ import importlib.util
 import math
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_plan_check.py"
 
 
@@ -14,6 +16,7 @@ def _load():
     return module
 
 
+@pytest.mark.slow
 def test_gpu_plan_check_runs_tiny_on_cpu(capsys):
     result = _load().main(["--tiny", "--steps", "1"])
     rows = {row["part"]: row for row in result["rows"]}

@@ -73,6 +73,7 @@ def test_concurrency_one_sends_requests_one_at_a_time(step_batch):
         assert server.max_in_flight == 1
 
 
+@pytest.mark.slow
 def test_trainer_logs_each_judge_time(tmp_path):
     from trl_editr2.testing import tiny_trainer
 

@@ -91,6 +91,7 @@ def test_base_url_from_env_and_config_errors(monkeypatch):
 
 @pytest.mark.parametrize("mode, message", [("timeout", "timed out"), ("garbage", "not a chat-completions answer"),
                                            ("500", "HTTP 500")])
+@pytest.mark.slow
 def test_failing_server_is_retried_then_missing(mode, message):
     with FakeChatServer(mode=mode, hang_s=1.0) as server:
         vlm = OpenAIChatVLM(config(server, timeout_s=0.3, max_attempts=3))
@@ -138,6 +139,7 @@ def test_client_errors_are_not_retried():
         assert server.requests == 1
 
 
+@pytest.mark.slow
 def test_bounded_concurrency_is_respected():
     with FakeChatServer(delay_s=0.15) as server:
         vlm = OpenAIChatVLM(config(server, max_concurrency=3))
@@ -215,6 +217,7 @@ def _trickle(handler, *, stop):
 
 
 @pytest.mark.parametrize("length", [True, False])
+@pytest.mark.slow
 def test_trickling_server_hits_the_total_deadline(length):
     import time
 

@@ -69,12 +69,14 @@ def test_a_turn_1_rule_still_binds_at_turn_16(long_sessions):
 
 
 @pytest.mark.parametrize("family", ["cm", "cu"])
+@pytest.mark.slow
 def test_oracle_scores_one_on_16_turns(family):
     results = run_bench(make_editor("oracle"), family=family, num_sessions=6, num_turns=16, seed=0, progress=False)
     assert len(results["per_turn"]) == 16
     assert all(row[k] == 1.0 for row in results["per_turn"] for k in ("IF", "CC", "GA"))
 
 
+@pytest.mark.slow
 def test_long_sessions_section_is_written_between_markers(tmp_path):
     from recipes.shapes_tiny import long_sessions as script
 

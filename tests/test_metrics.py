@@ -30,6 +30,7 @@ def results():
     return out
 
 
+@pytest.mark.slow
 def test_oracle_scores_exactly_one(results):
     for family in ("cm", "cu"):
         r = results[family, "oracle"]

@@ -175,6 +175,7 @@ def test_cfg_without_negative_prompt_warns(pipe, caplog):
 
 
 @pytest.mark.parametrize("reasoning", ["intent", "history"])
+@pytest.mark.slow
 def test_call_chain_equals_edit_session(pipe, reasoning):
     image = tiny_image(3)
     kwargs = dict(TINY_CALL_KWARGS, reasoning=reasoning)

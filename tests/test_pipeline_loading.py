@@ -119,6 +119,7 @@ def test_tiny_components_refuse_an_unknown_variant():
         tiny_components(variant="2512")
 
 
+@pytest.mark.slow
 def test_transformer_lora_save_load_reproduces_outputs(tmp_path):
     pipe = tiny_pipeline(seed=0)
     image = tiny_image(1)

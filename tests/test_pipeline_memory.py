@@ -90,6 +90,7 @@ def test_sequential_cpu_offload_runs_a_session(reference):
     assert len(out.intents) == len(PROMPTS) and np.isfinite(out.images).all()
 
 
+@pytest.mark.slow
 def test_gpu_check_memory_table_smoke(capsys):
     """`benchmarks/gpu_check.py --memory` (CPU dry run): a row per memory mode."""
     import importlib.util

@@ -55,6 +55,7 @@ def _measure_learning_peak(trainer, turn) -> int:
     return memory.peak
 
 
+@pytest.mark.slow
 def test_parameter_counts_match_tiny_models_exactly(tiny_turn):
     trainer, _ = tiny_turn
     pipe = trainer.pipeline
@@ -71,6 +72,7 @@ def test_parameter_counts_match_tiny_models_exactly(tiny_turn):
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.slow
 def test_learning_peak_matches_measured_tiny_run(tiny_turn, checkpointing):
     trainer, turn = tiny_turn
     policy = trainer.policy
@@ -93,6 +95,7 @@ def test_learning_peak_matches_measured_tiny_run(tiny_turn, checkpointing):
     assert m["activations_image_ckpt"] < m["activations_image_no_ckpt"]
 
 
+@pytest.mark.slow
 def test_real_architectures_have_the_released_sizes():
     """Qwen-Image's transformer has 20.43 B parameters, Qwen2.5-VL-7B 8.29 B (their safetensors indexes)."""
     models = P.build_empty_models(P.load_model_configs("qwen_image_edit_2509"))
@@ -121,6 +124,7 @@ def test_layouts_from_accelerate_configs(tmp_path):
         P.layout_from_accelerate_config(tmp_path / "missing.yaml")
 
 
+@pytest.mark.slow
 def test_sharding_and_fp8_lower_the_weights(tiny_turn):
     trainer, turn = tiny_turn
     configs, shapes = _tiny_configs(trainer.pipeline), _measured_shapes(turn)
@@ -170,6 +174,7 @@ def test_live_memory_counts_storages_once():
     del z
 
 
+@pytest.mark.slow
 def test_2511_differs_only_by_zero_cond_t(tmp_path):
     configs = P.load_model_configs("qwen_image_edit_2511")
     assert configs["transformer"]["zero_cond_t"] is True

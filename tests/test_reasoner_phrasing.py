@@ -82,6 +82,7 @@ def test_answer_logits_and_length_buckets_give_the_models_loss(tmp_path):
         train_reasoner.answer_loss(model, empty)
 
 
+@pytest.mark.slow
 def test_everyday_reasoner_trains_and_reports_seen_and_unseen(tmp_path):
     cfg = train_reasoner.ReasonerConfig(**MICRO, max_steps=2, answer_logits=True, length_buckets=2)
     metrics = train_reasoner.train(cfg, tmp_path / "run", show_progress=False, final_sessions=1)
@@ -116,6 +117,7 @@ def test_the_profile_measures_every_variant(tmp_path):
         profile_reasoner.profile(cfg, tmp_path, steps=0)
 
 
+@pytest.mark.slow
 def test_everyday_reasoner_resumes_exactly(tmp_path):
     """Length-bucketed batches and the answer-only loss resume bit for bit (the same computation on the same values)."""
     from safetensors.torch import load_file

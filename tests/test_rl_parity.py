@@ -245,6 +245,7 @@ def test_missing_or_failing_rewards_never_become_scores(trainer, rollouts):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_skips_the_step_and_is_counted(tmp_path, monkeypatch):
     from trl_editr2.policy import EditR2Policy
 

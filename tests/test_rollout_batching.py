@@ -37,6 +37,7 @@ def batched(trainer, records):
     return rollout_sessions(trainer.policy, records, trainer.args, SEEDS)
 
 
+@pytest.mark.slow
 def test_one_session_is_bit_identical_to_rollout_session(trainer, records):
     alone = rollout_session(trainer.policy, records[0], trainer.args, SEEDS[0])
     (together,) = rollout_sessions(trainer.policy, records[:1], trainer.args, SEEDS[:1])
@@ -45,6 +46,7 @@ def test_one_session_is_bit_identical_to_rollout_session(trainer, records):
         assert torch.equal(a.old_log_probs, b.old_log_probs)
 
 
+@pytest.mark.slow
 def test_batched_sessions_keep_their_seeds_and_match_one_by_one(trainer, records, batched):
     for record, seed, together in zip(records, SEEDS, batched):
         alone = rollout_session(trainer.policy, record, trainer.args, seed)
@@ -81,6 +83,7 @@ def test_rollout_sessions_needs_one_seed_per_record(trainer, records):
         rollout_sessions(trainer.policy, records, trainer.args, SEEDS[:1])
 
 
+@pytest.mark.slow
 def test_trainer_batches_sessions_unless_told_not_to(tmp_path, records):
     steps = {}
     for batch in (True, False):

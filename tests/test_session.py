@@ -79,6 +79,7 @@ def sessions(draw):
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(sessions())
+@pytest.mark.slow
 def test_round_trip(session):
     with tempfile.TemporaryDirectory() as d:
         path = session.save(pathlib.Path(d) / "s")

@@ -117,6 +117,7 @@ def test_at_least_eight_phrasings_per_operation():
         assert sum(len(FAMILIES[f][key]) for f in FAMILIES) >= 6
 
 
+@pytest.mark.slow
 def test_held_out_families_never_reach_the_training_sampler():
     """Sessions drawn for training ("seen") never use a held-out frame or rule sentence, and held-out sessions use
     no training frame (so "unseen" really is unseen)."""
@@ -298,6 +299,7 @@ def test_undo_undo_of_undo_and_restore():
         interpret(dlg, "Go back to how it was after the ninth edit.")
 
 
+@pytest.mark.slow
 def test_bench_shapes_phrasing_is_recorded(tmp_path, capsys):
     import argparse
 

@@ -20,6 +20,7 @@ def _pil(scenes, size=64):
     return np.stack([np.asarray(render(s, size)) for s in scenes])
 
 
+@pytest.mark.slow
 def test_torch_render_matches_pil_and_parses_back(scenes):
     pixels = render_batch(scenes, 64)
     assert pixels.shape == (500, 3, 64, 64) and pixels.dtype == torch.float32

@@ -71,6 +71,7 @@ def test_parser_never_sees_objects_in_a_bare_background():
     assert [p.tone for p in parsed] == [s.tone for s in scenes]
 
 
+@pytest.mark.slow
 def test_parser_accuracy_clean(scenes_and_images):
     scenes, images = scenes_and_images
     parsed = parse_batch(images)
@@ -78,6 +79,7 @@ def test_parser_accuracy_clean(scenes_and_images):
     assert np.mean([p.tone == s.tone for p, s in zip(parsed, scenes)]) >= 0.995
 
 
+@pytest.mark.slow
 def test_parser_accuracy_noise_and_blur(scenes_and_images):
     scenes, images = scenes_and_images
     rng = np.random.default_rng(0)

@@ -72,6 +72,7 @@ def test_vae_stage_trains_resumes_exactly_and_exports(stages, tmp_path):
     assert steps == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_vae_refuses_to_resume_another_architecture(stages):
     vae_dir = stages[0]
     with pytest.raises(ValueError, match="base_dim"):

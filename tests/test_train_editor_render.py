@@ -17,6 +17,7 @@ def test_render_field_is_checked():
 
 @pytest.mark.numerics
 @pytest.mark.parametrize("batch_text_encoding", [False, True])
+@pytest.mark.slow
 def test_torch_render_batch_matches_the_pil_batch(stages, batch_text_encoding):  # noqa: F811
     pil_cfg = _editor_cfg(stages, batch_size=4, batch_text_encoding=batch_text_encoding)
     torch_cfg = _editor_cfg(stages, batch_size=4, batch_text_encoding=batch_text_encoding, render="torch")
@@ -35,6 +36,7 @@ def test_torch_render_batch_matches_the_pil_batch(stages, batch_text_encoding): 
     torch.testing.assert_close(cond.prompt_embeds, cond_pil.prompt_embeds, atol=1e-3, rtol=1e-3)
 
 
+@pytest.mark.slow
 def test_editor_trains_and_resumes_exactly_with_torch_render(stages, tmp_path):  # noqa: F811
     cfg = _editor_cfg(stages, max_steps=2, render="torch", batch_text_encoding=True)
     train_editor.train(cfg, tmp_path / "full", show_progress=False, stop_after=2)

@@ -94,6 +94,7 @@ def uninterrupted(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_script_writes_trl_metrics_to_trainer_state(uninterrupted):
     state = json.loads((uninterrupted / "trainer_state.json").read_text())
     steps = [h for h in state["log_history"] if "reward" in h]
@@ -108,6 +109,7 @@ def test_script_writes_trl_metrics_to_trainer_state(uninterrupted):
     assert (uninterrupted / "checkpoint-1" / "rng_state.pth").is_file()
 
 
+@pytest.mark.slow
 def test_resume_continues_bit_for_bit(uninterrupted, tmp_path):
     resumed = tmp_path / "resumed"
     _run_script(_tiny_argv(resumed, "--resume_from_checkpoint", str(uninterrupted / "checkpoint-1")))
@@ -128,6 +130,7 @@ def test_resume_continues_bit_for_bit(uninterrupted, tmp_path):
         assert a[key] == b[key], key
 
 
+@pytest.mark.slow
 def test_saved_adapters_load_into_the_pipeline_and_reproduce_the_policy(uninterrupted):
     from diffusers_editr2.testing import tiny_pipeline
     from trl_editr2.rollout import rollout_session
@@ -244,6 +247,7 @@ def _named(fn, name):
 
 
 @pytest.mark.parametrize("kind", ["none", "raises", "nan"])
+@pytest.mark.slow
 def test_a_step_without_any_valid_reward_stops_training(tmp_path, kind):
     from trl_editr2.testing import tiny_dataset, tiny_trainer
 
@@ -260,6 +264,7 @@ def test_a_step_without_any_valid_reward_stops_training(tmp_path, kind):
     assert trainer.state.global_step == 1  # the first empty step ran, the second stopped the run
 
 
+@pytest.mark.slow
 def test_missing_and_non_finite_rewards_are_counted_logged_and_warned(tmp_path, caplog):
     from trl_editr2.testing import tiny_dataset, tiny_trainer
 
@@ -277,6 +282,7 @@ def test_missing_and_non_finite_rewards_are_counted_logged_and_warned(tmp_path, 
     assert "50.0% of the rewards since the last log are missing" in caplog.text
 
 
+@pytest.mark.slow
 def test_advantages_are_normalised_over_every_micro_batch_of_the_step(tmp_path, monkeypatch):
     """Two sessions per optimizer step (gradient accumulation 2, one per micro-batch): one's rewards differ only by
     jitter, the other's by 1. With the std over the whole step, the jitter session's advantages stay ~0.002 / 0.5."""
@@ -363,6 +369,7 @@ def test_resume_picks_the_latest_complete_checkpoint(uninterrupted, tmp_path, ca
         resolve_checkpoint(str(tmp_path / "nowhere"), out)
 
 
+@pytest.mark.slow
 def test_script_resume_true_skips_a_half_written_checkpoint(uninterrupted, tmp_path):
     resumed = tmp_path / "resumed"
     _copy_checkpoint(uninterrupted / "checkpoint-1", resumed / "checkpoint-1")
@@ -375,6 +382,7 @@ def test_script_resume_true_skips_a_half_written_checkpoint(uninterrupted, tmp_p
         assert torch.equal(expected[key], got[key]), key
 
 
+@pytest.mark.slow
 def test_a_restoring_rollout_trains_its_reasoning_but_not_an_image(tmp_path, monkeypatch):
     import trl_editr2.rollout as rollout_module
     from trl_editr2.testing import pixel_hash_reward, tiny_dataset, tiny_trainer
