@@ -72,7 +72,8 @@ def test_real_qwen_image_edit_2511_layout_loads_unchanged(qwen_edit_2511_dir, qw
     image = tiny_image(0)
     loaded = pipe(image=image, prompt="make it red", generator=gen(0), **KWARGS)
     built = tiny_pipeline(seed=0, variant="2511")(image=image, prompt="make it red", generator=gen(0), **KWARGS)
-    assert np.array_equal(loaded.images, built.images)
+    # memory-mapped (possibly unaligned) vs in-memory weights: equal to a tolerance (see the 2509 test above)
+    assert np.abs(loaded.images - built.images).max() <= 1e-5
     # the same weights as the 2509 folder: only zero_cond_t differs, and it changes the edit
     pipe_2509 = EditR2Pipeline.from_pretrained(qwen_edit_plus_dir)
     pipe_2509.set_progress_bar_config(disable=True)
