@@ -295,6 +295,4 @@ def read_results(path: str | os.PathLike, *, repair: bool = True) -> list[dict]:
     try:
         return _resume.read_results(path, repair=repair)
     except _resume.ResultsFileError as err:
-        where, _, reason = str(err).partition(": ")
-        source, _, line = where.rpartition(":")
-        raise MiceFormatError(source, int(line), reason) from None
+        raise MiceFormatError(err.path, err.line, err.reason) from None

@@ -37,7 +37,17 @@ class ConfigMismatchError(ValueError):
 
 
 class ResultsFileError(ValueError):
-    """A results file line that is not a results record (and is not a last line cut short by a kill)."""
+    """A results file line that is not a results record (and is not a last line cut short by a kill).
+
+    Args:
+        path: the results file.
+        line: 1-based line number.
+        reason: what is wrong with the line.
+    """
+
+    def __init__(self, path: str | os.PathLike, line: int, reason: str):
+        self.path, self.line, self.reason = str(path), line, reason
+        super().__init__(f"{path}:{line}: {reason}")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -198,7 +208,7 @@ def read_results(path: str | os.PathLike, *, repair: bool = True) -> list[dict]:
                 with open(path, "r+b") as handle:
                     handle.truncate(offset)
                 break
-            raise ResultsFileError(f"{path}:{number}: is not a results record ({err})") from None
+            raise ResultsFileError(path, number, f"is not a results record ({err})") from None
         if is_last and not raw.endswith(b"\n") and repair:
             with open(path, "ab") as handle:
                 handle.write(b"\n")

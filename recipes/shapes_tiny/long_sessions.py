@@ -77,8 +77,11 @@ def run_cells(args, data: dict, json_path: Path) -> dict:
 
 
 def save_json(data: dict, path: Path) -> None:
+    """Write through a temporary file (`editr2.bench.resume.write_text_atomic`): a kill never leaves half a file."""
+    from editr2.bench.resume import write_text_atomic
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=1) + "\n")
+    write_text_atomic(path, json.dumps(data, indent=1) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
