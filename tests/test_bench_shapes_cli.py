@@ -25,14 +25,20 @@ def test_cli_writes_the_three_files(tmp_path, editor, family, capsys):
     assert set(results) == {"per_turn", "mean", "restores", "config", "drift"}
     assert [row["turn"] for row in results["drift"]["per_turn"]] == [1, 2, 3]
     assert [row["turn"] for row in results["per_turn"]] == [1, 2, 3]
-    assert all(set(row) == {"turn", "IF", "CC", "GA", "reward"} for row in results["per_turn"])
-    assert set(results["mean"]) == {"IF", "CC", "GA", "reward"}
+    metrics = {"IF", "CC", "GA", "reward"}
+    assert all(set(row) == {"turn", *metrics, *(f"{m}_ci" for m in metrics)} for row in results["per_turn"])
+    assert set(results["mean"]) == {*metrics, *(f"{m}_ci" for m in metrics)}
+    for row in [*results["per_turn"], results["mean"]]:
+        assert all(row[f"{m}_ci"][0] <= row[m] <= row[f"{m}_ci"][1] for m in metrics)
     assert results["config"] == {"editor": editor, "family": family, "sessions": 4, "turns": 3, "seed": 7,
                                  "size": 64}
     if editor == "oracle":
-        assert results["mean"] == {"IF": 1.0, "CC": 1.0, "GA": 1.0, "reward": 1.0}
+        assert results["mean"] == {**{m: 1.0 for m in metrics}, **{f"{m}_ci": [1.0, 1.0] for m in metrics}}
     report = (out / "report.md").read_text()
     assert "| turn | IF | CC | GA | reward |" in report and "**mean**" in report
+    low, high = results["per_turn"][0]["IF_ci"]
+    assert f"| 1 | {results['per_turn'][0]['IF']:.3f} [{low:.3f}, {high:.3f}] |" in report
+    assert "95% percentile bootstrap interval over 4 sessions" in report
     assert "## Drift per turn (4 sessions)" in report and "## Decay summary" in report
     assert (out / "per_turn.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "drift.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

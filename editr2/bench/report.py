@@ -14,19 +14,42 @@ SHAPES_PLOT = {"keys": METRIC_KEYS, "ylabel": "score", "legend_loc": "lower left
 
 
 def markdown_table(results: dict) -> str:
-    """The per-turn scores and their mean as a markdown table, under a line naming the configuration."""
+    """The per-turn scores and their mean as a markdown table, under a line naming the configuration; each score is
+    followed by its 95% bootstrap interval over sessions where `results` has one (``"IF_ci": [low, high]``, as
+    `editr2.bench.shapes.runner.run_bench` writes them): ``0.550 [0.450, 0.650]``."""
     config = results.get("config", {})
     lines = []
     if config:
         lines += ["# MICE-Shapes bench", "", ", ".join(f"{k}: `{v}`" for k, v in config.items()), ""]
     lines += ["| turn | " + " | ".join(METRIC_KEYS) + " |", "|---" * (len(METRIC_KEYS) + 1) + "|"]
     for row in results["per_turn"]:
-        lines.append(f"| {row['turn']} | " + " | ".join(f"{row[k]:.3f}" for k in METRIC_KEYS) + " |")
-    lines.append("| **mean** | " + " | ".join(f"**{results['mean'][k]:.3f}**" for k in METRIC_KEYS) + " |")
+        lines.append(f"| {row['turn']} | " + " | ".join(with_interval(row, k) for k in METRIC_KEYS) + " |")
+    mean = results["mean"]
+    lines.append("| **mean** | " + " | ".join(with_interval(mean, k, bold=True) for k in METRIC_KEYS) + " |")
+    if any(f"{k}_ci" in mean for k in METRIC_KEYS):
+        from .shapes.runner import CI_LEVEL, CI_RESAMPLES, CI_SEED
+
+        sessions = config.get("sessions")
+        over = f"{sessions} sessions" if sessions is not None else "sessions"
+        lines += ["", f"[low, high]: {CI_LEVEL:.0%} percentile bootstrap interval over {over} (whole sessions "
+                      f"resampled, {CI_RESAMPLES} resamples, seed {CI_SEED})."]
     restores = results.get("restores") or {}
     if restores.get("turns"):
         lines += ["", f"Undo turns: {restores['turns']}, CC against the restored state: {restores['CC']:.3f}"]
     return "\n".join(lines) + "\n"
+
+
+def with_interval(row: dict, key: str, digits: int = 3, bold: bool = False) -> str:
+    """`row[key]` as text, followed by its interval `row[key + "_ci"]` when the row has one: ``0.550 [0.450, 0.650]``
+    (the value in bold with `bold`)."""
+    value = f"{row[key]:.{digits}f}"
+    if bold:
+        value = f"**{value}**"
+    interval = row.get(f"{key}_ci")
+    if interval is None:
+        return value
+    low, high = interval
+    return f"{value} [{low:.{digits}f}, {high:.{digits}f}]"
 
 
 def plot_per_turn(rows: Sequence[dict], path: Path, *, title: str, keys: Sequence[str] = METRIC_KEYS,

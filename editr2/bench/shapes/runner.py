@@ -20,12 +20,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 from PIL import Image
 
 from ..drift import drift_results, session_drift
 from ..editors import Editor
 from ..metrics import METRICS, TurnScore, mean_scores, restore_summary, score_session
 from ..runner import edit_images, run_sessions
+from ..stats import bootstrap_ci
 from .render import DEFAULT_SIZE
 from .sessions import ShapesSession, generate_session
 
@@ -53,6 +55,42 @@ def session_record(sid: str, session: ShapesSession, scores: Sequence[TurnScore]
     if isinstance(records, list) and records:
         record["editor_record"] = records[-1]
     return record
+
+
+CI_LEVEL = 0.95  # the intervals of every bench shapes result: 95% percentile bootstrap over sessions
+CI_RESAMPLES = 1000
+CI_SEED = 0  # fixed: a resumed run's intervals equal an uninterrupted run's
+
+
+def score_matrix(session_scores: Sequence[Sequence[TurnScore]], metric: str,
+                 num_turns: int | None = None) -> np.ndarray:
+    """`(sessions, turns)` array of `metric` (one of `METRICS`), row i holding session i's turns 1..T in order; NaN
+    where a session has fewer turns than the longest (or than `num_turns`)."""
+    if metric not in METRICS:
+        raise ValueError(f"metric={metric!r}: pass one of {', '.join(METRICS)}.")
+    width = max([num_turns or 0] + [score.turn for scores in session_scores for score in scores])
+    matrix = np.full((len(session_scores), width), np.nan)
+    for i, scores in enumerate(session_scores):
+        for score in scores:
+            matrix[i, score.turn - 1] = getattr(score, metric)
+    return matrix
+
+
+def add_intervals(per_turn: list[dict], mean: dict, session_scores: Sequence[Sequence[TurnScore]], *,
+                  num_resamples: int = CI_RESAMPLES, seed: int = CI_SEED) -> None:
+    """Add `"<metric>_ci": [low, high]` (95% percentile bootstrap over sessions, `editr2.bench.stats.bootstrap_ci`)
+    to every row of `per_turn` (that turn's mean over the sessions having it) and to `mean` (the mean over every turn
+    of the resampled sessions, as `mean` itself is over every turn of every session). Whole sessions are resampled,
+    in the order given, with `seed`: the same sessions give the same intervals however the run was split."""
+    if not session_scores:
+        return
+    for metric in METRICS:
+        matrix = score_matrix(session_scores, metric)
+        for row in per_turn:
+            column = matrix[:, row["turn"] - 1]
+            interval = bootstrap_ci(column[~np.isnan(column)], np.mean, num_resamples, CI_LEVEL, seed)
+            row[f"{metric}_ci"] = list(interval)
+        mean[f"{metric}_ci"] = list(bootstrap_ci(matrix, np.nanmean, num_resamples, CI_LEVEL, seed))
 
 
 def run_bench(editor: Editor, family: str = "cm", num_sessions: int = 100, num_turns: int = 3, seed: int = 0,
@@ -122,6 +160,9 @@ def run_bench(editor: Editor, family: str = "cm", num_sessions: int = 100, num_t
     worded = sessions[0].phrasing if sessions else phrasing
     if worded != "grammar":  # everyday phrasing is named; the fixed grammar's configs stay as they were recorded
         config["phrasing"] = worded
-    return {"per_turn": [{k: r[k] for k in ("turn",) + METRICS} for r in rows], "mean": mean_scores(everything),
+    per_turn_rows = [{k: r[k] for k in ("turn",) + METRICS} for r in rows]
+    mean = mean_scores(everything)
+    add_intervals(per_turn_rows, mean, session_scores)
+    return {"per_turn": per_turn_rows, "mean": mean,
             "restores": restore_summary(everything), "config": config,
             "drift": drift_results(session_scores, session_drifts, max(per_turn, default=0))}
