@@ -8,12 +8,18 @@ and `editr2 demo`.
     results = run_bench(editor, family="cm", num_sessions=200, num_turns=3, seed=1000)
 
 `editr2 bench shapes --model PATH --reasoning MODE` does the same from the command line.
+
+With `prompts="gold"` (`editr2 bench shapes --model PATH --prompts gold`) the editor is scored alone: every turn's
+prompt is the session's gold intent (`session.gold_intent[t]`, the self-contained operative instruction) instead of its
+instruction, with `reasoning="none"`, each turn still editing the carried latent of the previous one. Whether one-turn
+IF stays flat over the turns then depends on the editor and its own carried state only, not on reading the history.
 """
 
 from __future__ import annotations
 
 import torch
 
+from editr2.bench.shapes.runner import PROMPT_SOURCES
 from editr2.intent import REASONING_MODES
 
 from .pipeline_editr2 import EditR2Pipeline
@@ -33,8 +39,13 @@ class PipelineEditor:
             seeded with `seed` serves a session's turns in order.
         call_kwargs (`dict`, *optional*): `__call__` arguments for every turn; defaults to the pipeline's
             `call_defaults` (its folder's `editr2_call_defaults.json`), or `IMAGE_SIZE_CALL_KWARGS` when it has none.
-        name (`str`, *optional*): the editor's name in results; defaults to `"editr2-<reasoning>"`.
+        name (`str`, *optional*): the editor's name in results; defaults to `"editr2-<reasoning>"`, or
+            `"editr2-gold"` with `prompts="gold"`.
         turn_seeds (`bool`, defaults to `True`): see `seed`.
+        prompts (`str`, defaults to `"instruction"`): the prompt of turn t: the instruction passed to `edit_session`
+            ("instruction"), or the bench session's gold intent `session.gold_intent[t]` ("gold": the editor alone,
+            on its own carried state; needs `reasoning="none"`, since a gold intent already holds what the history
+            says, and a session with one gold intent per turn).
 
     After a session, `session` holds its pipeline session, `intents` its operative intents and `fallbacks` why each
     turn's reasoning answer was not used (None where it was); `records` keeps one dict per bench session (`family`,
@@ -42,14 +53,20 @@ class PipelineEditor:
     """
 
     def __init__(self, pipe, reasoning: str = "intent", seed: int = 0, call_kwargs: dict | None = None, *,
-                 name: str | None = None, turn_seeds: bool = True):
+                 name: str | None = None, turn_seeds: bool = True, prompts: str = "instruction"):
         if reasoning not in REASONING_MODES:
             raise ValueError(f"reasoning={reasoning!r}: pass one of {', '.join(REASONING_MODES)}.")
+        if prompts not in PROMPT_SOURCES:
+            raise ValueError(f"prompts={prompts!r}: pass one of {', '.join(PROMPT_SOURCES)}.")
+        if prompts == "gold" and reasoning != "none":
+            raise ValueError(f"prompts='gold' with reasoning={reasoning!r}: a gold intent is already the operative "
+                             "instruction, pass reasoning='none'.")
         if call_kwargs is None:
             call_kwargs = getattr(pipe, "call_defaults", None) or IMAGE_SIZE_CALL_KWARGS
         self.pipe, self.reasoning, self.seed, self.turn_seeds = pipe, reasoning, seed, turn_seeds
         self.call_kwargs = dict(call_kwargs)
-        self.name = name or f"editr2-{reasoning}"
+        self.prompts = prompts
+        self.name = name or ("editr2-gold" if prompts == "gold" else f"editr2-{reasoning}")
         self.session = None
         self.intents: list[str] = []
         self.fallbacks: list[str | None] = []
@@ -62,8 +79,25 @@ class PipelineEditor:
 
         return vae_drift(self.pipe, sessions)
 
+    def turn_prompts(self, instructions, session=None) -> list[str]:
+        """The prompt of each turn: `instructions`, or with `prompts="gold"` the bench session's gold intents (one per
+        instruction; a `ValueError` names what to pass when `session` has none)."""
+        instructions = list(instructions)
+        if self.prompts == "instruction":
+            return instructions
+        gold = getattr(session, "gold_intent", None)
+        if gold is None:
+            raise ValueError("prompts='gold' needs the bench session: pass edit_session(source, instructions, session) "
+                             "with a session that has `gold_intent` (e.g. a MICE-Shapes session).")
+        gold = list(gold)
+        if len(gold) != len(instructions):
+            raise ValueError(f"prompts='gold': the session has {len(gold)} gold intents for {len(instructions)} "
+                             "instructions; pass a session with one gold intent per turn.")
+        return gold
+
     @torch.no_grad()
     def edit_session(self, source, instructions, session=None):
+        prompts = self.turn_prompts(instructions, session)  # before any turn runs
         self.session, self.intents, self.fallbacks = None, [], []
         record = {"family": getattr(session, "family", None), "seed": getattr(session, "seed", None),
                   "instruction": list(getattr(session, "instruction", [])),
@@ -72,10 +106,10 @@ class PipelineEditor:
         self.records.append(record)
         shared = None if self.turn_seeds else torch.Generator(device="cpu").manual_seed(self.seed)
         images = []
-        for turn, instruction in enumerate(instructions):
+        for turn, prompt in enumerate(prompts):
             start = {"image": source} if turn == 0 else {"session": self.session}
             generator = torch.Generator().manual_seed(self.seed + turn) if shared is None else shared
-            out = self.pipe(prompt=instruction, reasoning=self.reasoning, generator=generator, **start,
+            out = self.pipe(prompt=prompt, reasoning=self.reasoning, generator=generator, **start,
                             **self.call_kwargs)
             self.session = out.session
             self.intents.append(out.intents[0])
@@ -100,7 +134,7 @@ def load_bench_editor(path, reasoning: str = "intent", seed: int = 0, call_kwarg
         device (`str`, *optional*): where to move the pipeline.
         fallback (`dict`): the call defaults of a folder without any; `{}` keeps upstream's (real Qwen folders).
         threads (`int`, *optional*): torch CPU threads to use.
-        editor_kwargs: `name`, `turn_seeds` (see `PipelineEditor`).
+        editor_kwargs: `name`, `turn_seeds`, `prompts` (see `PipelineEditor`).
     """
     if reasoning not in REASONING_MODES:
         raise ValueError(f"reasoning={reasoning!r}: pass one of {', '.join(REASONING_MODES)}.")

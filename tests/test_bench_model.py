@@ -171,3 +171,59 @@ def test_bench_shapes_model_run_resumes_and_refuses_another_model(model_dir, mod
         main([*args[:3], str(other), *args[4:], "--sessions", "3", "--out", str(resumed)])
     assert calls == []  # refused before any model ran
     assert (resumed / "results.json").read_text() == (whole / "results.json").read_text()
+
+
+def test_bench_shapes_gold_prompts_every_turn_with_the_gold_intent(model_dir, tmp_path, calls, capsys):
+    from editr2.bench.shapes import generate_session
+
+    out = tmp_path / "gold"
+    args = ["bench", "shapes", "--model", str(model_dir), "--family", "cm", "--sessions", "2", "--turns", "2",
+            "--seed", "5", "--out", str(out), "--no-progress"]
+    assert main([*args, "--prompts", "gold"]) == 0
+    sessions = [generate_session("cm", 2, seed) for seed in (5, 6)]
+    assert len(calls) == 4
+    for k, kwargs in enumerate(calls):  # the gold intent, no reasoning, turn 2 from turn 1's carried session
+        assert kwargs["prompt"] == sessions[k // 2].gold_intent[k % 2] != sessions[k // 2].instruction[k % 2]
+        assert kwargs["reasoning"] == "none"
+        assert ("image" in kwargs, "session" in kwargs) == ((True, False) if k % 2 == 0 else (False, True))
+    config = json.loads((out / "results.json").read_text())["config"]
+    assert config["editor"] == "editr2-gold" and config["prompts"] == "gold" and config["reasoning"] == "none"
+    recorded = json.loads((out / "bench_config.json").read_text())
+    assert recorded["prompts"] == "gold" and recorded["editor"] == "editr2-gold"
+    for record in map(json.loads, (out / "intents.jsonl").read_text().splitlines()):
+        assert record["intent"] == record["gold_intent"]
+    assert "editr2-gold" in capsys.readouterr().out
+
+    # The other prompt source into the same --out is refused, before the model runs; --reasoning none is the same run.
+    del calls[:]
+    with pytest.raises(SystemExit, match=r'(?s)another configuration.*prompts: "gold" \(recorded\) vs'):
+        main(args)
+    assert calls == []
+    assert main([*args, "--prompts", "gold", "--reasoning", "none"]) == 0 and calls == []  # all recorded: resumed
+
+
+def test_bench_shapes_gold_refusals(model_dir, tmp_path):
+    from diffusers_editr2.bench import PipelineEditor
+    from editr2.bench.shapes import generate_session
+
+    out = str(tmp_path / "x")
+    with pytest.raises(SystemExit, match="pass --reasoning none or leave it out"):
+        main(["bench", "shapes", "--model", str(model_dir), "--prompts", "gold", "--reasoning", "intent", "--out", out])
+    for editor in (["--editor", "literal"], []):  # a symbolic editor (named or the default oracle)
+        with pytest.raises(SystemExit, match="--prompts only apply to a model: pass --model PATH"):
+            main(["bench", "shapes", *editor, "--prompts", "gold", "--out", out])
+    assert not (tmp_path / "x").exists()
+
+    pipe = object()  # refused before the pipeline is used
+    with pytest.raises(ValueError, match="pass reasoning='none'"):
+        PipelineEditor(pipe, "intent", prompts="gold")
+    with pytest.raises(ValueError, match="pass one of instruction, gold"):
+        PipelineEditor(pipe, "none", prompts="intent")
+    editor = PipelineEditor(pipe, "none", prompts="gold")
+    assert editor.name == "editr2-gold"
+    with pytest.raises(ValueError, match="needs the bench session"):
+        editor.edit_session(None, ["add a circle"])
+    session = generate_session("cm", 2, 0)
+    with pytest.raises(ValueError, match="2 gold intents for 3 instructions"):
+        editor.edit_session(None, [*session.instruction, "one more"], session)
+    assert editor.turn_prompts(session.instruction, session) == list(session.gold_intent)

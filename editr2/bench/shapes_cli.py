@@ -2,17 +2,24 @@
 
     editr2 bench shapes --editor literal --family cm --sessions 200 --turns 3 --out runs/literal_cm
     editr2 bench shapes --model checkpoints/editr2-shapes-tiny --reasoning intent --family cm --out runs/intent_cm
+    editr2 bench shapes --model checkpoints/editr2-shapes-tiny --prompts gold --family cm --turns 6 --out runs/gold_cm
 
-Writes OUT/results.json ({"per_turn", "mean", "restores", "config", "drift"}), OUT/report.md, OUT/per_turn.png and
+Writes OUT/results.json ({"per_turn", "mean", "restores", "config", "drift"}; every per-turn and mean score with its
+95% percentile bootstrap interval over sessions, "IF_ci": [low, high]), OUT/report.md, OUT/per_turn.png and
 OUT/drift.png (drift measures per turn and their decay summary, `editr2.bench.drift`); with --model also
 OUT/intents.jsonl (per session: instructions, gold intents, the model's operative intents, reasoning fallbacks) and the
 VAE-only drift of the model (carried latent vs re-encoding each turn, on the first sessions: `diffusers_editr2.drift`).
 
+--prompts gold scores the model as an editor alone: every turn is prompted with the session's gold intent (the
+self-contained operative instruction) with reasoning "none", each turn still editing the carried state of the
+previous one, so the per-turn curve shows what the editor's own carried state costs (editor name "editr2-gold").
+
 Resumable like `editr2 bench mice`: each finished session's scores are appended to OUT/session_results.jsonl at once,
 and OUT/bench_config.json records the editor, model fingerprint, reasoning mode, sample seed, call settings, family,
-turns, first seed and size. The same command started again skips the sessions already recorded, and its report equals
-an uninterrupted run's; a larger --sessions extends a run. Another configuration into the same --out stops with the
-differences named, before the model is loaded: pass --force to start over, or another --out.
+turns, first seed and size (and the prompt source with --prompts gold). The same command started again skips the
+sessions already recorded, and its report equals an uninterrupted run's; a larger --sessions extends a run. Another
+configuration into the same --out stops with the differences named, before the model is loaded: pass --force to
+start over, or another --out.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import argparse
 import json
 from pathlib import Path
 
+from editr2.bench.shapes.runner import PROMPT_SOURCES
 from editr2.intent import REASONING_MODES
 
 EDITOR_NAMES = ("oracle", "identity", "literal")
@@ -53,6 +61,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model = parser.add_argument_group("--model options")
     model.add_argument("--reasoning", choices=REASONING_MODES, default=None,
                        help="how the history reaches the model (default intent)")
+    model.add_argument("--prompts", choices=PROMPT_SOURCES, default=None,
+                       help="each turn's prompt: the session's instruction (default), or its gold intent (gold: the "
+                            "editor alone on its carried state, with reasoning none)")
     model.add_argument("--steps", type=int, default=None,
                        help="denoising steps per turn (default: the model folder's call defaults)")
     model.add_argument("--sample-seed", type=int, default=None,
@@ -76,7 +87,8 @@ def run(args: argparse.Namespace) -> int:
     if args.sessions < 1:
         raise SystemExit(f"--sessions {args.sessions}: pass at least 1.")
     if args.model is None:
-        given = [flag for flag, value in (("--reasoning", args.reasoning), ("--steps", args.steps),
+        given = [flag for flag, value in (("--reasoning", args.reasoning), ("--prompts", args.prompts),
+                                          ("--steps", args.steps),
                                           ("--sample-seed", args.sample_seed), ("--threads", args.threads),
                                           ("--pipeline-kwargs", args.pipeline_kwargs)) if value is not None]
         if given:
@@ -86,8 +98,9 @@ def run(args: argparse.Namespace) -> int:
         name = args.editor or "oracle"
         config = {"editor": name}
     else:
+        reasoning = _reasoning(args)
         options = _model_options(args)
-        config = _model_config(args, options)
+        config = _model_config(args, options, reasoning)
     config = {"bench": "shapes", **config, "family": args.family, "turns": args.turns, "seed": args.seed,
               "size": args.size}
     if args.phrasing is not None:  # runs recorded before --phrasing existed resume unchanged
@@ -99,8 +112,9 @@ def run(args: argparse.Namespace) -> int:
     if args.model is None:
         editor = make_editor(name)
     else:
-        editor = options["loader"](args.model, args.reasoning or "intent", seed=args.sample_seed or 0,
-                                   call_kwargs=options["call_kwargs"], threads=options["threads"])
+        prompts = {"prompts": args.prompts} if args.prompts is not None else {}
+        editor = options["loader"](args.model, reasoning, seed=args.sample_seed or 0,
+                                   call_kwargs=options["call_kwargs"], threads=options["threads"], **prompts)
         name = editor.name
     results = run_bench(editor, family=args.family, num_sessions=args.sessions, num_turns=args.turns, seed=args.seed,
                         size=args.size, progress=not args.no_progress, editor_name=name,
@@ -108,6 +122,8 @@ def run(args: argparse.Namespace) -> int:
     if args.model is not None:
         results["config"].update(model=str(args.model), reasoning=editor.reasoning, sample_seed=editor.seed,
                                  call_kwargs=editor.call_kwargs)
+        if args.prompts == "gold":
+            results["config"]["prompts"] = "gold"
         vae = _vae_drift(args, editor)
         if vae is not None:
             results["drift"]["vae"] = vae
@@ -122,6 +138,18 @@ def run(args: argparse.Namespace) -> int:
         written += f", {intents}"
     print(f"wrote {written}")
     return 0
+
+
+def _reasoning(args: argparse.Namespace) -> str:
+    """The reasoning mode of a --model run: --reasoning (default intent); with --prompts gold "none", and any other
+    --reasoning refused (the gold intent already says what the history does)."""
+    if args.prompts == "gold":
+        if args.reasoning not in (None, "none"):
+            raise SystemExit(f"--prompts gold with --reasoning {args.reasoning}: each turn's gold intent is already "
+                             "the operative instruction, so the model runs with reasoning none; pass --reasoning none "
+                             "or leave it out.")
+        return "none"
+    return args.reasoning or "intent"
 
 
 def _model_options(args: argparse.Namespace) -> dict:
@@ -140,14 +168,19 @@ def _model_options(args: argparse.Namespace) -> dict:
     return {"call_kwargs": call_kwargs, "threads": threads, "loader": model_loader()}
 
 
-def _model_config(args: argparse.Namespace, options: dict) -> dict:
+def _model_config(args: argparse.Namespace, options: dict, reasoning: str) -> dict:
     """What a --model run's results depend on: the model folder's fingerprint (its call defaults included), reasoning
-    mode, sample seed and the call arguments given (thread count excluded: it changes the speed, not the images)."""
+    mode, sample seed, the call arguments given (thread count excluded: it changes the speed, not the images) and, with
+    --prompts gold, the prompt source (left out for instructions, so runs recorded before --prompts resume unchanged)."""
     from editr2.bench.resume import model_fingerprint
 
-    return {"editor": f"editr2-{args.reasoning or 'intent'}", "model_fingerprint": model_fingerprint(args.model),
-            "reasoning": args.reasoning or "intent", "sample_seed": args.sample_seed or 0,
-            "call_kwargs": options["call_kwargs"]}
+    gold = args.prompts == "gold"
+    config = {"editor": "editr2-gold" if gold else f"editr2-{reasoning}",
+              "model_fingerprint": model_fingerprint(args.model), "reasoning": reasoning,
+              "sample_seed": args.sample_seed or 0, "call_kwargs": options["call_kwargs"]}
+    if gold:
+        config["prompts"] = "gold"
+    return config
 
 
 VAE_DRIFT_SESSIONS = 8  # a model's VAE-only drift is measured on this many of the run's first sessions

@@ -57,6 +57,11 @@ def session_record(sid: str, session: ShapesSession, scores: Sequence[TurnScore]
     return record
 
 
+# The prompt an editor gets each turn: the session's instruction, or its gold intent (the self-contained operative
+# instruction: the editor alone, on its own carried state; `diffusers_editr2.bench.PipelineEditor(prompts=...)` reads
+# it from the session `run_session` passes).
+PROMPT_SOURCES = ("instruction", "gold")
+
 CI_LEVEL = 0.95  # the intervals of every bench shapes result: 95% percentile bootstrap over sessions
 CI_RESAMPLES = 1000
 CI_SEED = 0  # fixed: a resumed run's intervals equal an uninterrupted run's
