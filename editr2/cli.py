@@ -22,6 +22,7 @@ COMMANDS: dict[tuple[str, ...], str] = {
     ("bench", "shapes"): "editr2.bench.shapes_cli",
     ("bench", "mice"): "editr2.bench.mice_cli",
     ("bench", "intent"): "editr2.bench.intent_cli",
+    ("bench", "compare"): "editr2.bench.compare_cli",
     ("plan",): "trl_editr2.plan_cli",
 }
 

@@ -171,7 +171,7 @@ def _model_options(args: argparse.Namespace) -> dict:
 def _model_config(args: argparse.Namespace, options: dict, reasoning: str) -> dict:
     """What a --model run's results depend on: the model folder's fingerprint (its call defaults included), reasoning
     mode, sample seed, the call arguments given (thread count excluded: it changes the speed, not the images) and, with
-    --prompts gold, the prompt source (left out for instructions, so runs recorded before --prompts resume unchanged)."""
+    --prompts gold, the prompt source (left out for instructions: runs recorded before --prompts resume unchanged)."""
     from editr2.bench.resume import model_fingerprint
 
     gold = args.prompts == "gold"
