@@ -4,10 +4,16 @@
     results = run_bench(my_editor, family="cu", num_sessions=100, num_turns=3, seed=0)
 
 `my_editor` is an `editr2.bench.editors.Editor` (`edit_session(source, instructions, session)`). The result is the
-`results.json` structure: `{"per_turn": [{"turn", "IF", "CC", "GA", "reward"}, ...], "mean": {...}, "restores": {...},
-"config": {...}, "drift": {...}}`, where `"restores"` is `{"turns", "CC"}`: how many undo turns there were and their
-mean CC against the state each restores (`editr2.bench.metrics.restore_cc`; 1.0 for an editor that restores exactly),
-and "drift" holds the drift measures per turn and the decay summary (`editr2.bench.drift.drift_results`).
+`results.json` structure: `{"per_turn": [{"turn", "IF", "CC", "GA", "reward", "IF_ci", ...}, ...], "mean": {...},
+"restores": {...}, "config": {...}, "drift": {...}}`, where each score has its 95% percentile bootstrap interval over
+sessions next to it (`"IF_ci": [low, high]`, `add_intervals`: whole sessions resampled, fixed seed), `"restores"` is
+`{"turns", "CC"}`: how many undo turns there were and their mean CC against the state each restores
+(`editr2.bench.metrics.restore_cc`; 1.0 for an editor that restores exactly), and "drift" holds the drift measures
+per turn and the decay summary (`editr2.bench.drift.drift_results`).
+
+`PROMPT_SOURCES` names what an editor may be prompted with each turn: the session's instruction, or its gold intent
+(`editr2 bench shapes --prompts gold`: `diffusers_editr2.bench.PipelineEditor` reads `session.gold_intent` from the
+session `run_session` passes it, so the runner itself is the same for both).
 
 With `results_path`, every finished session's scores are appended to that JSON-lines file as it finishes, and the
 sessions already there are read back instead of run again: a run killed after k sessions and started again gives the
@@ -121,7 +127,8 @@ def run_bench(editor: Editor, family: str = "cm", num_sessions: int = 100, num_t
 
     Returns:
         `{"per_turn": [...], "mean": {...}, "restores": {"turns", "CC"}, "config": {...}, "drift": {...}}` ("drift":
-        `editr2.bench.drift.drift_results`).
+        `editr2.bench.drift.drift_results`); the rows of "per_turn" and "mean" hold each metric and its interval
+        `"<metric>_ci"` (`add_intervals`).
     """
     if sessions is None and num_sessions < 1:
         raise ValueError(f"num_sessions={num_sessions}: pass at least 1.")
