@@ -173,6 +173,7 @@ def test_bench_shapes_model_run_resumes_and_refuses_another_model(model_dir, mod
     assert (resumed / "results.json").read_text() == (whole / "results.json").read_text()
 
 
+@pytest.mark.slow
 def test_bench_shapes_gold_prompts_every_turn_with_the_gold_intent(model_dir, tmp_path, calls, capsys):
     from editr2.bench.shapes import generate_session
 
