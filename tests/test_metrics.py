@@ -34,7 +34,8 @@ def results():
 def test_oracle_scores_exactly_one(results):
     for family in ("cm", "cu"):
         r = results[family, "oracle"]
-        assert r["mean"] == {"IF": 1.0, "CC": 1.0, "GA": 1.0, "reward": 1.0}
+        metrics = ("IF", "CC", "GA", "reward")
+        assert r["mean"] == {**dict.fromkeys(metrics, 1.0), **{f"{k}_ci": [1.0, 1.0] for k in metrics}}
         assert all(row[k] == 1.0 for row in r["per_turn"] for k in ("IF", "CC", "GA", "reward"))
 
 
