@@ -13,6 +13,8 @@ With `prompts="gold"` (`editr2 bench shapes --model PATH --prompts gold`) the ed
 prompt is the session's gold intent (`session.gold_intent[t]`, the self-contained operative instruction) instead of its
 instruction, with `reasoning="none"`, each turn still editing the carried latent of the previous one. Whether one-turn
 IF stays flat over the turns then depends on the editor and its own carried state only, not on reading the history.
+A gold intent that names an earlier state (an undo: `editr2.intent.parse_restore`) restores it exactly, as
+`reasoning="intent"` does with such an intent (`EditR2Pipeline.restore_turn`); no model runs on that turn.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from editr2.bench.shapes.runner import PROMPT_SOURCES
-from editr2.intent import REASONING_MODES
+from editr2.intent import REASONING_MODES, Intent, parse_restore
 
 from .pipeline_editr2 import EditR2Pipeline
 
@@ -107,6 +109,13 @@ class PipelineEditor:
         shared = None if self.turn_seeds else torch.Generator(device="cpu").manual_seed(self.seed)
         images = []
         for turn, prompt in enumerate(prompts):
+            restore = parse_restore(prompt, turn) if self.prompts == "gold" else None
+            if restore is not None:  # a gold undo: the pipeline's exact restore, as the intent mode does
+                self.session = self.pipe.restore_turn(self.session, instructions[turn], Intent(prompt, restore=restore))
+                self.intents.append(prompt)
+                self.fallbacks.append(None)
+                images.append(self.session.turns[-1].image)
+                continue
             start = {"image": source} if turn == 0 else {"session": self.session}
             generator = torch.Generator().manual_seed(self.seed + turn) if shared is None else shared
             out = self.pipe(prompt=prompt, reasoning=self.reasoning, generator=generator, **start,

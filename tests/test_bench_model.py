@@ -228,3 +228,24 @@ def test_bench_shapes_gold_refusals(model_dir, tmp_path):
     with pytest.raises(ValueError, match="2 gold intents for 3 instructions"):
         editor.edit_session(None, [*session.instruction, "one more"], session)
     assert editor.turn_prompts(session.instruction, session) == list(session.gold_intent)
+
+
+@pytest.mark.slow
+def test_gold_prompts_restore_an_undo_exactly(model_dir, calls):
+    import numpy as np
+
+    from diffusers_editr2.bench import load_bench_editor
+    from editr2.bench.shapes import generate_session
+    from editr2.intent import parse_restore
+
+    session, undo = next((s, t) for s in (generate_session("cu", 4, seed) for seed in range(200))
+                         for t, gold in enumerate(s.gold_intent) if parse_restore(gold, t) is not None)
+    editor = load_bench_editor(model_dir, reasoning="none", prompts="gold")
+    images = editor.edit_session(session.source_image(), session.instruction, session)
+    restored = parse_restore(session.gold_intent[undo], undo)
+    assert editor.session.turns[undo].restored_from == restored
+    earlier = session.source_image() if restored == 0 else images[restored - 1]
+    assert np.array_equal(np.asarray(images[undo]), np.asarray(earlier))
+    assert len(calls) == len(session.gold_intent) - sum(  # no model call on restore turns
+        parse_restore(g, t) is not None for t, g in enumerate(session.gold_intent))
+    assert editor.intents == list(session.gold_intent)
