@@ -80,3 +80,14 @@ def test_gold_session_continues_carried_latents_and_restores_exactly(stages):  #
             assert np.array_equal(np.asarray(images[t + 1]), np.asarray(images[restored]))
     curve = train_editor.evaluate_carried(pipe, cfg, num_sessions=1, num_turns=2)
     assert len(curve["IF"]) == 2 and all(0.0 <= v <= 1.0 for v in curve["cm"]["CC"])
+
+
+def test_export_keeps_the_request_template_of_an_exported_reasoner_folder(tmp_path):
+    import json
+
+    from diffusers_editr2.call_defaults import CALL_DEFAULTS_FILE
+    from recipes.shapes_tiny import export
+
+    (tmp_path / CALL_DEFAULTS_FILE).write_text(json.dumps({"template": "Instruction: {instruction}"}))
+    assert export.call_defaults(tmp_path)["template"] == "Instruction: {instruction}"
+    assert export.call_defaults(tmp_path / "missing") == {**common.CALL_KWARGS}
