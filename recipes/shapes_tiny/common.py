@@ -244,6 +244,7 @@ class Run:
         self.run_dir = prepare_run_dir(run_dir, cfg)
         self.log = RunLog(self.run_dir)
         self.start, self.train_seconds, self.interrupted, self.state = 0, 0.0, False, {}
+        self.save_hooks: list[Callable[[Path], None]] = []  # write more state into a checkpoint folder
 
     @property
     def device(self) -> torch.device:
@@ -326,6 +327,8 @@ class Run:
         final, staging = root / f"{CHECKPOINT_PREFIX}{step:07d}", root / f".staging-{step:07d}-{os.getpid()}"
         shutil.rmtree(staging, ignore_errors=True)
         self.accelerator.save_state(str(staging))
+        for hook in self.save_hooks:
+            hook(staging)
         state = {"step": step, "time": time.time(), "train_seconds": self.train_seconds, **extra}
         (staging / "trainer_state.json").write_text(json.dumps(state))
         shutil.rmtree(final, ignore_errors=True)

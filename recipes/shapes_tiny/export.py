@@ -63,10 +63,19 @@ def folder_bytes(path: Path) -> int:
 
 def call_defaults(reasoner_dir: Path) -> dict:
     """The `__call__` arguments the exported model was trained for: `common.CALL_KWARGS`, plus the reasoning request
-    template when the reasoner was trained on the short one (`template: short`), so the pipeline asks as in training."""
+    template when the reasoner was trained on the short one (`template: short`), so the pipeline asks as in training.
+
+    `reasoner_dir` is a stage-2 run folder, or an exported pipeline folder (e.g. the shipped checkpoint, when only
+    the editor was retrained): then its own `editr2_call_defaults.json` template is kept."""
     from recipes.shapes_tiny.train_reasoner import ReasonerConfig, request_template
 
     kwargs = dict(common.CALL_KWARGS)
+    exported = reasoner_dir / CALL_DEFAULTS_FILE
+    if exported.is_file():
+        template = json.loads(exported.read_text()).get("template")
+        if template is not None:
+            kwargs["template"] = template
+        return kwargs
     config = reasoner_dir / "config.json"
     template = json.loads(config.read_text()).get("template", "default") if config.is_file() else "default"
     request = request_template(ReasonerConfig(template=template))

@@ -23,7 +23,7 @@ import contextlib
 import json
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +32,7 @@ import torch
 from editr2 import flow
 from editr2.batching import pad_prompt_embeds
 from recipes.shapes_tiny import common
+from recipes.shapes_tiny.carried import CarriedPool, carried_fraction_at
 
 
 @dataclass
@@ -65,6 +66,18 @@ class EditorConfig(common.TrainConfig):
             at sigma = 1 and the shifted schedule spends about a third of its steps above 0.85, where the layout of
             the edit is decided from the reference; logit-normal(0, 1) puts under 2% of the training there.
         eval_sessions, eval_steps: single-turn evaluation through the pipeline's `__call__` (every `eval_every` steps).
+        eval_carried_sessions, eval_carried_turns: with sessions > 0, each evaluation also runs that many held-out
+            sessions per family of `eval_carried_turns` turns with the gold intent as every turn's prompt, the editor
+            continuing from its own carried latent (exact restores for undo turns, as the pipeline does): one-turn IF
+            and CC per turn (`evaluate_carried`). A flat IF curve means the editor is robust to its own state.
+        carried_schedule: `[[fraction_of_max_steps, fraction_of_batch], ...]` (in order): from each start on, that
+            fraction of a batch is drawn from the carried pool (`recipes.shapes_tiny.carried`): references the
+            current editor produced itself over earlier turns, targets the true next scene. Empty = clean sources
+            only (plain SFT).
+        carried_pool, carried_turns, carried_refresh, carried_steps: the pool's sessions and their turns; slots
+            advanced by one turn per step (the least recently advanced), with this many sampling steps (the
+            pipeline's `num_inference_steps`, so the pool's states are what inference carries). Each refreshed slot
+            costs `carried_steps` transformer forwards without gradients.
         batch_text_encoding: encode a batch's prompts in one padded text-encoder pass (`encode_text_inputs`) instead
             of one `encode_prompt` call per example: the same embeddings up to float rounding (tested), many times
             faster on a GPU. False keeps the per-example path the CPU recipe was measured with.
@@ -106,6 +119,13 @@ class EditorConfig(common.TrainConfig):
     eval_steps: int = 16
     batch_text_encoding: bool = False
     render: str = "pil"
+    eval_carried_sessions: int = 0
+    eval_carried_turns: int = 6
+    carried_schedule: common.Seq = ()
+    carried_pool: int = 32
+    carried_turns: int = 6
+    carried_refresh: int = 2
+    carried_steps: int = 16
 
     RENDERERS = ("pil", "torch")
     FROZEN_FIELDS = ("seed", "num_layers", "num_heads", "head_dim", "axes_dims_rope", "image_size", "condition_size",
@@ -115,6 +135,13 @@ class EditorConfig(common.TrainConfig):
         super().__post_init__()
         if self.render not in self.RENDERERS:
             raise ValueError(f"render={self.render!r}: pass one of {self.RENDERERS}.")
+        for entry in self.carried_schedule:
+            if len(entry) != 2 or not 0 <= entry[0] <= 1 or not 0 <= entry[1] <= 1:
+                raise ValueError(f"carried_schedule entry {list(entry)}: pass [fraction_of_max_steps, "
+                                 "fraction_of_batch] pairs with both in [0, 1], e.g. [[0.0, 0.25], [0.5, 0.5]].")
+        if self.carried_schedule and (self.carried_refresh < 1 or self.carried_steps < 1):
+            raise ValueError(f"carried_refresh={self.carried_refresh}, carried_steps={self.carried_steps}: pass at "
+                             "least 1 each with a carried_schedule.")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -185,8 +212,11 @@ def load_frozen_parts(cfg: EditorConfig) -> dict:
 
     reasoner = Path(cfg.reasoner_path)
     parts = {
-        "vae": AutoencoderKLQwenImage.from_pretrained(cfg.vae_path).eval().requires_grad_(False),
-        "text_encoder": Qwen2_5_VLForConditionalGeneration.from_pretrained(reasoner / "text_encoder").eval()
+        # float32 whatever the files store (the shipped checkpoint stores float16; transformers would keep it)
+        "vae": AutoencoderKLQwenImage.from_pretrained(cfg.vae_path, torch_dtype=torch.float32).eval()
+        .requires_grad_(False),
+        "text_encoder": Qwen2_5_VLForConditionalGeneration.from_pretrained(reasoner / "text_encoder",
+                                                                          dtype=torch.float32).eval()
         .requires_grad_(False),
         "tokenizer": Qwen2Tokenizer.from_pretrained(reasoner / "tokenizer"),
         "processor": Qwen2VLImageOnlyProcessor.from_pretrained(reasoner / "processor"),
@@ -300,14 +330,42 @@ def turn_conditioning(pipe, cfg: EditorConfig, prompt_embeds, mask, image_latent
         img_shapes=pipe.image_shapes(size, size, [(size, size)]), height=size, width=size)
 
 
-def conditioning(pipe, references, texts, cfg: EditorConfig):
-    """The batched `TurnConditioning` of PIL `references` and prompt `texts`."""
+def conditioning(pipe, references, texts, cfg: EditorConfig, image_latents: torch.Tensor | None = None):
+    """The batched `TurnConditioning` of PIL `references` and prompt `texts`; `image_latents` `(B, N, C)` are the
+    references' latents when given (carried ones), else the references are VAE-encoded."""
     area = cfg.condition_size**2
     if cfg.batch_text_encoding:
         prompt_embeds, mask = encode_text_inputs(pipe, text_inputs(pipe, texts, references, area))
     else:
         prompt_embeds, mask = encode_texts(pipe, texts, references, area)
-    return turn_conditioning(pipe, cfg, prompt_embeds, mask, encode_images(pipe, references, cfg.image_size))
+    if image_latents is None:
+        image_latents = encode_images(pipe, references, cfg.image_size)
+    return turn_conditioning(pipe, cfg, prompt_embeds, mask, image_latents)
+
+
+def concat_conditioning(pipe, cfg: EditorConfig, first, second):
+    """Two batched `TurnConditioning`s as one (prompt embeddings re-padded to the longer of the two)."""
+    rows = [embeds[: int(mask.sum())] for part in (first, second)
+            for embeds, mask in zip(part.prompt_embeds, part.prompt_embeds_mask)]  # (L_i, D) each
+    prompt_embeds, mask = pad_prompt_embeds(rows)
+    image_latents = torch.cat([first.image_latents, second.image_latents])  # (B1 + B2, N, C)
+    return turn_conditioning(pipe, cfg, prompt_embeds, mask, image_latents)
+
+
+def carried_batch(pipe, cfg: EditorConfig, pool, count: int, step: int):
+    """`(conditioning, x0)` of `count` examples from the carried pool: the editor's own latents and images as the
+    references, the true next scenes (rendered, VAE-encoded) as the targets; None when the pool has none yet."""
+    from editr2.bench.shapes.render import render
+
+    examples = pool.draw(count, common.step_rng(cfg.seed, step, "carried"))
+    if not examples:
+        return None
+    device = pipe.vae.device
+    latents = torch.stack([latent for latent, _, _, _ in examples]).to(device)  # (b, N, C)
+    cond = conditioning(pipe, [image for _, image, _, _ in examples], [text for _, _, text, _ in examples], cfg,
+                        image_latents=latents)
+    x0 = encode_images(pipe, [render(scene, cfg.image_size) for _, _, _, scene in examples], cfg.image_size)
+    return cond, x0
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -488,6 +546,51 @@ def evaluate(pipe, cfg: EditorConfig, num_sessions: int | None = None, seed: int
     out["IF"] = float(np.mean([out[f]["IF"] for f in ("cm", "cu")]))
     out["CC"] = float(np.mean([out[f]["CC"] for f in ("cm", "cu")]))
     out["IF_per_op"] = {op: float(np.mean(v)) for op, v in sorted(per_op.items())}
+    if cfg.eval_carried_sessions > 0:
+        out["carried"] = evaluate_carried(pipe, cfg, cfg.eval_carried_sessions, cfg.eval_carried_turns, seed,
+                                          cfg_scale)
+    return out
+
+
+@torch.no_grad()
+def gold_session(pipe, cfg: EditorConfig, session, generator_seed: int, cfg_scale: float = 1.0) -> list:
+    """The editor alone over a whole session: each turn's prompt is the gold intent (`reasoning="none"`), each turn
+    continues from the previous turn's carried latent, and an intent naming an earlier state restores it exactly (as
+    `reasoning="intent"` does). Returns the images `[source, turn 1, ...]`."""
+    from editr2.intent import Intent, parse_restore
+
+    state = pipe.start_session(session.source_image(), cfg.image_size, cfg.image_size, reference_area=None)
+    for t, gold in enumerate(session.gold_intent):
+        restore = parse_restore(gold, t)
+        if restore is not None:
+            state = pipe.restore_turn(state, session.instruction[t], Intent(gold, restore=restore))
+            continue
+        state = pipe(prompt=gold, session=state, reasoning="none",
+                     generator=torch.Generator().manual_seed(generator_seed + t),
+                     **call_kwargs(cfg, cfg_scale=cfg_scale)).session
+    return [session.source_image()] + [turn.image for turn in state.turns]
+
+
+@torch.no_grad()
+def evaluate_carried(pipe, cfg: EditorConfig, num_sessions: int, num_turns: int, seed: int = 2_000_000,
+                     cfg_scale: float = 1.0) -> dict:
+    """One-turn IF and CC from the gold intent at each turn of held-out sessions carried by the editor itself
+    (`gold_session`), per family: `{"cm": {"IF": [turn 1, ...], "CC": [...]}, "cu": ..., "IF": [...]}`."""
+    from editr2.bench.metrics import score_session
+    from editr2.bench.shapes import generate_session
+
+    was_training = pipe.transformer.training
+    pipe.transformer.eval()
+    out = {}
+    for family in ("cm", "cu"):
+        scores = []
+        for k in range(num_sessions):
+            session = generate_session(family, num_turns, seed + k, cfg.image_size)
+            scores.append(score_session(session, gold_session(pipe, cfg, session, k * 100, cfg_scale)))
+        out[family] = {key: [float(np.mean([getattr(s[t], key) for s in scores])) for t in range(num_turns)]
+                       for key in ("IF", "CC")}
+    out["IF"] = [float(np.mean([out[f]["IF"][t] for f in ("cm", "cu")])) for t in range(num_turns)]
+    pipe.transformer.train(was_training)
     return out
 
 
@@ -504,8 +607,21 @@ def train(cfg: EditorConfig, run_dir: str | Path, show_progress: bool = True, st
     model = pipe.transformer.train()
     model, optimizer = run.prepare(model, torch.optim.AdamW(model.parameters(), lr=cfg.lr,
                                                             weight_decay=cfg.weight_decay, betas=(0.9, 0.99)))
+    pool = start_pool(pipe, cfg, run) if cfg.carried_schedule else None
     for step, examples in run.steps(lambda step: example_batch(pipe, cfg, step)):
         cond, x0 = make_batch(pipe, cfg, step, examples)
+        carried = 0
+        fraction = carried_fraction_at(cfg.carried_schedule, step, cfg.max_steps)
+        if pool is not None and fraction > 0:
+            pool.refresh(cfg.carried_refresh, step, model)
+            own = carried_batch(pipe, cfg, pool, round(fraction * cfg.batch_size), step)
+            if own is not None:  # the batch keeps its size: carried examples replace clean ones
+                carried = own[1].shape[0]
+                keep = cfg.batch_size - carried
+                clean = replace(cond, prompt_embeds=cond.prompt_embeds[:keep],
+                                prompt_embeds_mask=cond.prompt_embeds_mask[:keep],
+                                image_latents=cond.image_latents[:keep])
+                cond, x0 = concat_conditioning(pipe, cfg, clean, own[0]), torch.cat([x0[:keep], own[1]])
         loss, stats = flow_loss(pipe, cond, x0, cfg, common.step_generator(cfg.seed, step), run.accelerator)
         common.set_lr(optimizer, common.lr_at(step, cfg.lr, cfg.warmup, cfg.max_steps))
         optimizer.zero_grad(set_to_none=True)
@@ -514,10 +630,10 @@ def train(cfg: EditorConfig, run_dir: str | Path, show_progress: bool = True, st
         optimizer.step()
         done = step + 1
         row = {"loss": loss.item(), **stats, "grad_norm": float(grad_norm), "lr": optimizer.param_groups[0]["lr"],
-               "max_objects": max_objects_at(cfg, step), "seconds": round(run.seconds(), 3)}  # training time so far
+               "max_objects": max_objects_at(cfg, step), "carried": carried,
+               "seconds": round(run.seconds(), 3)}  # training time so far
         if run.end_step(done, row, lambda: evaluate(pipe, cfg), done % cfg.eval_every == 0 or done == cfg.max_steps,
-                        eval_at_cap=True, plot=("loss", "mse", "mse_edit"),
-                        describe=lambda m: f"IF {m['IF']:.3f} CC {m['CC']:.3f} {m['IF_per_op']}"):
+                        eval_at_cap=True, plot=("loss", "mse", "mse_edit"), describe=describe_eval):
             break
     if run.interrupted:
         return None
@@ -530,6 +646,24 @@ def train(cfg: EditorConfig, run_dir: str | Path, show_progress: bool = True, st
     metrics.update(step=step, train_seconds=run.train_seconds)
     common.write_json(run.run_dir / "metrics.json", metrics)
     return metrics
+
+
+def start_pool(pipe, cfg: EditorConfig, run):
+    """The carried pool of a run: the resumed checkpoint's, or new (every slot at its clean source); it is written
+    into every checkpoint from then on."""
+    pool = CarriedPool(pipe, cfg, cfg.carried_pool, cfg.carried_turns, cfg.seed)
+    checkpoint = common.latest_checkpoint(run.run_dir)
+    if checkpoint is None or not pool.load(checkpoint):
+        pool.fill()
+    run.save_hooks.append(pool.save)
+    return pool
+
+
+def describe_eval(metrics: dict) -> str:
+    text = f"IF {metrics['IF']:.3f} CC {metrics['CC']:.3f} {metrics['IF_per_op']}"
+    if "carried" in metrics:
+        text += " carried IF by turn " + " ".join(f"{v:.2f}" for v in metrics["carried"]["IF"])
+    return text
 
 
 def main(argv=None) -> int:
