@@ -165,12 +165,15 @@ class CarriedPool:
     @torch.no_grad()
     def advance(self, indices: list[int], step: int, model) -> None:
         """Edit one turn of the slots `indices` with the current weights: one batched sampling run per number of
-        references (one run but in the "history" mode), prompted with the mode's text (`train_editor.mode_text`)."""
+        references (a single run except in the "history" mode), prompted with the mode's text
+        (`train_editor.mode_text`)."""
+        from recipes.shapes_tiny.train_editor import earlier_states
+
         if not indices:
             return
         groups: dict[int, list[int]] = {}
         for i in indices:
-            groups.setdefault(len(self.references(i)) if self._history else 1, []).append(i)
+            groups.setdefault(len(earlier_states(self.cfg, self.slots[i].turn)), []).append(i)
         generator = common.step_generator(self.seed, step, "carried-noise")
         was_training = model.training
         model.eval()

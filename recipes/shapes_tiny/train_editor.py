@@ -414,7 +414,7 @@ def concat_conditioning(pipe, cfg: EditorConfig, first, second):
 
 def carried_batch(pipe, cfg: EditorConfig, pool, count: int, step: int):
     """`[(conditioning, x0), ...]` of `count` examples from the carried pool, one group per number of references
-    (one group but in the "history" mode): the editor's own latents and images as the references, the true next
+    (a single group except in the "history" mode): the editor's own latents and images as the references, the true next
     scenes (rendered, VAE-encoded) as the targets; None when the pool has none yet."""
     from editr2.bench.shapes.render import render
 
