@@ -9,9 +9,15 @@ editor's skill as it trains; a slot that finished its session starts a new one f
 example drawn from the pool conditions on the slot's carried latent and decoded image and targets the *true* next
 scene, rendered and encoded: the editor learns to apply the edit and to repair what its earlier turns got wrong.
 
-Undo turns whose gold intent names an earlier state (`editr2.intent.parse_restore`) are restored exactly, as the
-pipeline does (the slot takes that state's latent and image again); they are never training examples, since the
-editor never runs on them.
+The pool prompts as the config's `prompt_mode` conditions (`train_editor.mode_text`): the gold intent ("intent"),
+the raw instruction ("none"), or the history text with up to `max_history_images` of the slot's earlier states as
+extra references after the current one ("history", oldest first, as `EditR2Pipeline.prepare_conditioning` builds
+them: the earlier states' carried latents, and their decoded images for the text encoder).
+
+In the "intent" mode, undo turns whose gold intent names an earlier state (`editr2.intent.parse_restore`) are
+restored exactly, as the pipeline does (the slot takes that state's latent and image again); they are never training
+examples, since the editor never runs on them. In the "none" and "history" modes the instruction goes to the editor
+(the pipeline restores only when an intent names a state), so undo turns are edited and are ordinary examples.
 
 The pool is part of the checkpoint (`carried_pool.safetensors` and `carried_pool.json` next to the accelerate state),
 so a resumed run continues with the same pool.
@@ -108,10 +114,23 @@ class CarriedPool:
 
     def image(self, index: int):
         """The slot's current image as the pipeline would carry it (decoded from its latent; the source rendered)."""
+        return self.state_image(index, self.slots[index].states[-1])
+
+    def state_image(self, index: int, state: int):
+        """The image of the slot's stored latent `state` (0: the source, rendered; else decoded, as the pipeline
+        keeps each turn's image)."""
+        if state == 0:  # the clean source, or restored to it
+            return self.session(self.slots[index]).source_image()
+        return self._decode(self.latents[index][state].unsqueeze(0))[0]
+
+    def references(self, index: int) -> list[tuple[torch.Tensor, object]]:
+        """`[(latent (N, C), image), ...]` the slot's next edit is conditioned on: its current state, then (the
+        "history" mode) its earlier states, the last `max_history_images`, oldest first."""
+        from recipes.shapes_tiny.train_editor import earlier_states
+
         slot = self.slots[index]
-        if slot.states[-1] == 0:  # the clean source, or restored to it
-            return self.session(slot).source_image()
-        return self._decode(self.current(index).unsqueeze(0))[0]
+        states = [slot.states[-1]] + [slot.states[k] for k in earlier_states(self.cfg, slot.turn)]
+        return [(self.latents[index][s], self.state_image(index, s)) for s in states]
 
     @torch.no_grad()
     def _decode(self, latents: torch.Tensor) -> list:
@@ -123,9 +142,11 @@ class CarriedPool:
     # ---- rolling forward ------------------------------------------------------------------------------------------
 
     def _restore(self, index: int) -> bool:
-        """Apply the slot's turn when its gold intent names an earlier state; True when it did."""
+        """Apply the slot's turn when its gold intent names an earlier state ("intent" mode only); True when it did."""
         from editr2.intent import parse_restore
 
+        if getattr(self.cfg, "prompt_mode", "intent") != "intent":
+            return False
         slot = self.slots[index]
         target = parse_restore(self.session(slot).gold_intent[slot.turn], slot.turn)
         if target is None:
@@ -143,35 +164,65 @@ class CarriedPool:
 
     @torch.no_grad()
     def advance(self, indices: list[int], step: int, model) -> None:
-        """Edit one turn of the slots `indices` with the current weights, in one batched sampling run."""
-        from editr2 import flow
-        from recipes.shapes_tiny.train_editor import conditioning
+        """Edit one turn of the slots `indices` with the current weights: one batched sampling run per number of
+        references (a single run except in the "history" mode), prompted with the mode's text
+        (`train_editor.mode_text`)."""
+        from recipes.shapes_tiny.train_editor import earlier_states
 
         if not indices:
             return
-        cfg, pipe = self.cfg, self.pipe
-        texts = [self.session(self.slots[i]).gold_intent[self.slots[i].turn] for i in indices]
-        references = [self.image(i) for i in indices]
-        cond = conditioning(pipe, references, texts, cfg,
-                            image_latents=torch.stack([self.current(i) for i in indices]).to(pipe.vae.device))
+        groups: dict[int, list[int]] = {}
+        for i in indices:
+            groups.setdefault(len(earlier_states(self.cfg, self.slots[i].turn)), []).append(i)
         generator = common.step_generator(self.seed, step, "carried-noise")
-        noise = torch.randn(cond.image_latents.shape, generator=generator).to(cond.image_latents.device)  # (B, N, C)
-        _, sigmas = pipe.prepare_timesteps(cfg.carried_steps, noise.shape[1], noise.device)
         was_training = model.training
         model.eval()
         try:
-            latents = flow.sample(pipe.velocity_fn(cond), noise, sigmas).latents.float().cpu()  # (B, N, C)
+            edited = {}
+            for _, group in sorted(groups.items()):
+                edited.update(zip(group, self._sample(group, generator)))
         finally:
             model.train(was_training)
-        if not torch.isfinite(latents).all():
-            raise FloatingPointError(f"step {step}: the editor produced non-finite latents for the carried pool.")
-        for i, latent in zip(indices, latents):
+        for i in indices:
+            latent = edited[i]
+            if not torch.isfinite(latent).all():
+                raise FloatingPointError(f"step {step}: the editor produced non-finite latents for the carried pool.")
             slot = self.slots[i]
             self.latents[i].append(latent)
             slot.states.append(len(self.latents[i]) - 1)
             slot.turn += 1
             slot.advanced_at = step
             self._skip_restores(i)
+
+    @property
+    def _history(self) -> bool:
+        return getattr(self.cfg, "prompt_mode", "intent") == "history"
+
+    def _text(self, index: int) -> str:
+        from recipes.shapes_tiny.train_editor import mode_text
+
+        slot = self.slots[index]
+        return mode_text(self.cfg, self.session(slot), slot.turn)
+
+    def _sample(self, indices: list[int], generator: torch.Generator) -> torch.Tensor:
+        """The edited latents `(B, N, C)` (CPU, float32) of slots with as many references each."""
+        from editr2 import flow
+        from recipes.shapes_tiny.train_editor import conditioning
+
+        cfg, pipe = self.cfg, self.pipe
+        texts = [self._text(i) for i in indices]
+        if self._history:
+            refs = [self.references(i) for i in indices]
+            images = [[image for _, image in r] for r in refs]
+            latents = torch.stack([torch.cat([latent for latent, _ in r]) for r in refs])  # (B, R * N, C)
+        else:  # the current state only (`references` decodes no history)
+            images = [self.image(i) for i in indices]
+            latents = torch.stack([self.current(i) for i in indices])  # (B, N, C)
+        cond = conditioning(pipe, images, texts, cfg, image_latents=latents.to(pipe.vae.device))
+        shape = (len(indices), self.current(indices[0]).shape[0], latents.shape[-1])
+        noise = torch.randn(shape, generator=generator).to(cond.image_latents.device)  # (B, N, C)
+        _, sigmas = pipe.prepare_timesteps(cfg.carried_steps, noise.shape[1], noise.device)
+        return flow.sample(pipe.velocity_fn(cond), noise, sigmas).latents.float().cpu()  # (B, N, C)
 
     def refresh(self, count: int, step: int, model) -> None:
         """Advance the `count` slots advanced longest ago (ties: lowest index)."""
@@ -188,20 +239,22 @@ class CarriedPool:
 
     def draw(self, count: int, rng: random.Random) -> list[tuple[torch.Tensor, object, str, object]]:
         """`count` examples `(carried latent (N, C), its image, text, target scene)` from slots at turn >= 1 (fewer
-        when fewer slots are there yet). Texts are the gold intent, with the raw instruction and the empty prompt at
-        the SFT recipe's rates."""
-        from recipes.shapes_tiny.train_editor import self_contained
+        when fewer slots are there yet). Texts as `train_editor.example_text` draws them for the SFT examples (the
+        mode's text; in the "intent" mode the raw instruction at its rate; the empty prompt at its rate)."""
+        return [(refs[0][0], refs[0][1], text, scene) for refs, text, scene in self.draw_references(count, rng)]
+
+    def draw_references(self, count: int, rng: random.Random) -> list[tuple[list, str, object]]:
+        """As `draw`, with all of an example's references: `([(latent (N, C), image), ...], text, target scene)`,
+        the current state first, then (the "history" mode) earlier ones (`references`)."""
+        from recipes.shapes_tiny.train_editor import example_text
 
         candidates = self.carried_indices()
         examples = []
         for i in rng.sample(candidates, min(count, len(candidates))):
             slot, session = self.slots[i], self.session(self.slots[i])
-            text = session.gold_intent[slot.turn]
-            if self_contained(session, slot.turn) and rng.random() < self.cfg.raw_instruction_prob:
-                text = session.instruction[slot.turn]
-            if rng.random() < self.cfg.drop_text_prob:
-                text = " "
-            examples.append((self.current(i), self.image(i), text, session.scenes[slot.turn + 1]))
+            text = example_text(rng, self.cfg, session, slot.turn)
+            references = self.references(i) if self._history else [(self.current(i), self.image(i))]
+            examples.append((references, text, session.scenes[slot.turn + 1]))
         return examples
 
     # ---- checkpoint -----------------------------------------------------------------------------------------------

@@ -56,9 +56,23 @@ class EditorConfig(common.TrainConfig):
         max_turns: sessions of 1..max_turns turns are drawn (one turn of each is an example).
         curriculum: `[[fraction_of_max_steps, max_objects_in_reference], ...]`, in order; after the last, any scene.
         ops: train only on turns of these task types (`editr2.bench.shapes.grammar.TASK_TYPES`); empty = all.
+        prompt_mode: what conditions each example, as the pipeline's `reasoning=` mode the editor is trained for
+            (`PROMPT_MODES`). `"intent"` (default): the turn's gold operative intent (sometimes the raw instruction,
+            `raw_instruction_prob`); sampled with `reasoning="intent"` (or `"none"` with the intent as the prompt).
+            `"none"`: the raw instruction `session.instruction[turn]`, one reference (the current image), as upstream
+            Qwen-Image-Edit. `"history"`: `history_prompt(earlier instructions, instruction)` and, after the current
+            image, up to `max_history_images` earlier images of the session (oldest first), as
+            `EditR2Pipeline.prepare_conditioning(reasoning="history")` builds them (text-encoder condition images
+            too). In "none" and "history" modes an undo turn is an ordinary edit (the instruction goes to the editor;
+            the pipeline restores exactly only when an intent names a state).
+        max_history_images: earlier images given as references in the "history" mode (the pipeline's default, 2).
+            A batch's examples must have as many references each (the transformer has no mask over image tokens):
+            the clean part of a batch is drawn with the number of earlier images of its first turn (later turns
+            redrawn until they match), and carried examples with other numbers are run as separate groups of the
+            same step (the loss is the example-weighted mean over the groups, the whole batch's mean).
         raw_instruction_prob: probability to condition on the raw instruction instead of the intent when the
-            instruction is self-contained (explicit target, no rule colour, not an undo).
-        drop_text_prob: probability of the empty prompt `" "` (enables true CFG at sampling).
+            instruction is self-contained (explicit target, no rule colour, not an undo); "intent" mode only.
+        drop_text_prob: probability of the empty prompt `" "` (enables true CFG at sampling); the references stay.
         edit_weight, edit_threshold: tokens whose mean squared latent change exceeds the threshold weigh
             `1 + edit_weight`.
         logit_mean, logit_std: sigma ~ sigmoid(N(mean, std)) (logit-normal).
@@ -69,7 +83,8 @@ class EditorConfig(common.TrainConfig):
         eval_carried_sessions, eval_carried_turns: with sessions > 0, each evaluation also runs that many held-out
             sessions per family of `eval_carried_turns` turns with the gold intent as every turn's prompt, the editor
             continuing from its own carried latent (exact restores for undo turns, as the pipeline does): one-turn IF
-            and CC per turn (`evaluate_carried`). A flat IF curve means the editor is robust to its own state.
+            and CC per turn (`evaluate_carried`). A flat IF curve means the editor is robust to its own state. In the
+            "none" and "history" modes the prompts are the raw instructions, with that `reasoning=`.
         carried_schedule: `[[fraction_of_max_steps, fraction_of_batch], ...]` (in order): from each start on, that
             fraction of a batch is drawn from the carried pool (`recipes.shapes_tiny.carried`): references the
             current editor produced itself over earlier turns, targets the true next scene. Empty = clean sources
@@ -103,6 +118,8 @@ class EditorConfig(common.TrainConfig):
     image_size: int = 64
     condition_size: int = 32
     max_turns: int = 4
+    prompt_mode: str = "intent"
+    max_history_images: int = 2
     curriculum: common.Seq = ((0.15, 1), (0.35, 2))
     ops: common.Seq = ()
     raw_instruction_prob: float = 0.15
@@ -128,13 +145,21 @@ class EditorConfig(common.TrainConfig):
     carried_steps: int = 16
 
     RENDERERS = ("pil", "torch")
+    PROMPT_MODES = ("intent", "none", "history")
     FROZEN_FIELDS = ("seed", "num_layers", "num_heads", "head_dim", "axes_dims_rope", "image_size", "condition_size",
-                     "init_from", "copy_head_temperature")
+                     "init_from", "copy_head_temperature", "prompt_mode", "max_history_images")
 
     def __post_init__(self):
         super().__post_init__()
         if self.render not in self.RENDERERS:
             raise ValueError(f"render={self.render!r}: pass one of {self.RENDERERS}.")
+        if self.prompt_mode not in self.PROMPT_MODES:
+            raise ValueError(f"prompt_mode={self.prompt_mode!r}: pass one of {self.PROMPT_MODES}.")
+        if self.max_history_images < 0:
+            raise ValueError(f"max_history_images={self.max_history_images}: pass 0 or more (2, the pipeline's "
+                             "default).")
+        if self.prompt_mode == "history" and self.render != "pil":
+            raise ValueError("prompt_mode='history' renders its earlier images with PIL: pass render='pil'.")
         for entry in self.carried_schedule:
             if len(entry) != 2 or not 0 <= entry[0] <= 1 or not 0 <= entry[1] <= 1:
                 raise ValueError(f"carried_schedule entry {list(entry)}: pass [fraction_of_max_steps, "
@@ -257,6 +282,16 @@ def build_pipeline(cfg: EditorConfig, transformer=None, parts: dict | None = Non
 IMAGE_PROMPT = "Picture 1: <|vision_start|><|image_pad|><|vision_end|>"
 
 
+def image_prompt(count: int) -> str:
+    """diffusers' QwenImageEditPlus prompt prefix for `count` condition images ("Picture 1: ...Picture 2: ...")."""
+    return "".join(IMAGE_PROMPT.replace("1", str(k), 1) for k in range(1, count + 1))
+
+
+def _image_list(references) -> list:
+    """An example's references as a list (a single PIL image is one reference)."""
+    return list(references) if isinstance(references, (list, tuple)) else [references]
+
+
 def preprocess_images(pipe, images, size: int) -> torch.Tensor:
     """PIL images -> the VAE's input pixels `(B, 3, 1, H, W)` on the CPU, as `EditR2Pipeline.encode_image` makes
     them."""
@@ -280,21 +315,25 @@ def encode_images(pipe, images, size: int) -> torch.Tensor:
 
 @torch.no_grad()
 def encode_texts(pipe, texts, references, condition_area: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`pipe.encode_prompt(text, [condition image])` per example, padded like diffusers pads a batch:
-    `(B, L, D)` embeddings and a `(B, L)` mask."""
+    """`pipe.encode_prompt(text, condition images)` per example, padded like diffusers pads a batch:
+    `(B, L, D)` embeddings and a `(B, L)` mask. An example's references are a PIL image or a list of them (the
+    current image first, then earlier ones)."""
     device = pipe.text_encoder.device
     embeds = []
-    for text, image in zip(texts, references):
-        e, _ = pipe.encode_prompt(text, [pipe.condition_image(image, condition_area)], device=device)
+    for text, images in zip(texts, references):
+        condition = [pipe.condition_image(image, condition_area) for image in _image_list(images)]
+        e, _ = pipe.encode_prompt(text, condition, device=device)
         embeds.append(e[0])  # (L_i, D)
     return pad_prompt_embeds(embeds)
 
 
 def text_inputs(pipe, texts, references, condition_area: int) -> dict:
-    """The text encoder's inputs of `encode_prompt(text, [condition image])` for a whole batch, right-padded, on the
-    CPU (the processor only: data workers can build them)."""
-    prompts = [pipe.prompt_template_encode.format(IMAGE_PROMPT + text) for text in texts]
-    images = [pipe.condition_image(image, condition_area) for image in references]
+    """The text encoder's inputs of `encode_prompt(text, condition images)` for a whole batch, right-padded, on the
+    CPU (the processor only: data workers can build them). References as in `encode_texts`."""
+    lists = [_image_list(images) for images in references]
+    prompts = [pipe.prompt_template_encode.format(image_prompt(len(images)) + text)
+               for text, images in zip(texts, lists)]
+    images = [pipe.condition_image(image, condition_area) for images in lists for image in images]
     return dict(pipe.processor(text=prompts, images=images, padding=True, return_tensors="pt"))
 
 
@@ -318,28 +357,49 @@ def encode_text_inputs(pipe, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return pad_prompt_embeds([e[drop:] for e in pipe._extract_masked_hidden(hidden, inputs["attention_mask"])])
 
 
+def num_tokens(pipe, cfg: EditorConfig) -> int:
+    """Packed tokens of one image at the working size."""
+    return (cfg.image_size // (pipe.vae_scale_factor * 2)) ** 2
+
+
+def num_references(pipe, cfg: EditorConfig, image_latents: torch.Tensor) -> int:
+    """References in `(B, R * N, C)` reference latents (the current image, then earlier ones)."""
+    n = num_tokens(pipe, cfg)
+    if image_latents.shape[1] % n:
+        raise ValueError(f"reference latents of {image_latents.shape[1]} tokens are no whole number of "
+                         f"{n}-token images at image_size={cfg.image_size}.")
+    return image_latents.shape[1] // n
+
+
 def turn_conditioning(pipe, cfg: EditorConfig, prompt_embeds, mask, image_latents):
-    """A batched `TurnConditioning` (what `pipe.prepare_conditioning` builds for one turn with reasoning "none" or
-    "intent" and `reference_area=None`)."""
+    """A batched `TurnConditioning` (what `pipe.prepare_conditioning` builds for one turn with `reference_area=None`):
+    `image_latents` `(B, R * N, C)` are the R references' latents one after the other (R = 1 except with
+    `reasoning="history"`), all at the working size."""
     from diffusers_editr2.pipeline_editr2 import TurnConditioning
 
     size = cfg.image_size
+    references = [(size, size)] * num_references(pipe, cfg, image_latents)
     return TurnConditioning(
         session=None, text="", condition_images=[], prompt_embeds=prompt_embeds, prompt_embeds_mask=mask,
         negative_prompt_embeds=None, negative_prompt_embeds_mask=None, image_latents=image_latents,
-        img_shapes=pipe.image_shapes(size, size, [(size, size)]), height=size, width=size)
+        img_shapes=pipe.image_shapes(size, size, references), height=size, width=size)
 
 
 def conditioning(pipe, references, texts, cfg: EditorConfig, image_latents: torch.Tensor | None = None):
-    """The batched `TurnConditioning` of PIL `references` and prompt `texts`; `image_latents` `(B, N, C)` are the
-    references' latents when given (carried ones), else the references are VAE-encoded."""
+    """The batched `TurnConditioning` of the examples' PIL `references` (one image each, or a list: the current image,
+    then earlier ones oldest first; as many per example) and prompt `texts`; `image_latents` `(B, R * N, C)` are the
+    references' latents in that order when given (carried ones), else the references are VAE-encoded."""
     area = cfg.condition_size**2
     if cfg.batch_text_encoding:
         prompt_embeds, mask = encode_text_inputs(pipe, text_inputs(pipe, texts, references, area))
     else:
         prompt_embeds, mask = encode_texts(pipe, texts, references, area)
     if image_latents is None:
-        image_latents = encode_images(pipe, references, cfg.image_size)
+        lists = [_image_list(images) for images in references]
+        if len({len(images) for images in lists}) > 1:
+            raise ValueError("every example of a batch needs as many references; group the examples by their count.")
+        flat = encode_images(pipe, [image for images in lists for image in images], cfg.image_size)  # (B * R, N, C)
+        image_latents = flat.reshape(len(lists), -1, flat.shape[-1])  # (B, R * N, C)
     return turn_conditioning(pipe, cfg, prompt_embeds, mask, image_latents)
 
 
@@ -353,19 +413,42 @@ def concat_conditioning(pipe, cfg: EditorConfig, first, second):
 
 
 def carried_batch(pipe, cfg: EditorConfig, pool, count: int, step: int):
-    """`(conditioning, x0)` of `count` examples from the carried pool: the editor's own latents and images as the
-    references, the true next scenes (rendered, VAE-encoded) as the targets; None when the pool has none yet."""
+    """`[(conditioning, x0), ...]` of `count` examples from the carried pool, one group per number of references
+    (a single group except in the "history" mode): the editor's own latents and images as the references, the true next
+    scenes (rendered, VAE-encoded) as the targets; None when the pool has none yet."""
     from editr2.bench.shapes.render import render
 
-    examples = pool.draw(count, common.step_rng(cfg.seed, step, "carried"))
+    examples = pool.draw_references(count, common.step_rng(cfg.seed, step, "carried"))
     if not examples:
         return None
     device = pipe.vae.device
-    latents = torch.stack([latent for latent, _, _, _ in examples]).to(device)  # (b, N, C)
-    cond = conditioning(pipe, [image for _, image, _, _ in examples], [text for _, _, text, _ in examples], cfg,
-                        image_latents=latents)
-    x0 = encode_images(pipe, [render(scene, cfg.image_size) for _, _, _, scene in examples], cfg.image_size)
-    return cond, x0
+    groups = {}
+    for example in examples:
+        groups.setdefault(len(example[0]), []).append(example)
+    out = []
+    for _, group in sorted(groups.items()):
+        latents = torch.stack([torch.cat([latent for latent, _ in refs]) for refs, _, _ in group]).to(device)
+        images = [[image for _, image in refs] for refs, _, _ in group]
+        cond = conditioning(pipe, images, [text for _, text, _ in group], cfg, image_latents=latents)
+        x0 = encode_images(pipe, [render(scene, cfg.image_size) for _, _, scene in group], cfg.image_size)
+        out.append((cond, x0))
+    return out
+
+
+def merge_groups(pipe, cfg: EditorConfig, groups: list) -> list:
+    """`[(conditioning, x0), ...]` with the groups of equal reference counts concatenated (in order; empty groups
+    dropped)."""
+    merged: dict[int, tuple] = {}
+    for cond, x0 in groups:
+        if x0.shape[0] == 0:
+            continue
+        key = cond.image_latents.shape[1]
+        if key in merged:
+            first, first_x0 = merged[key]
+            merged[key] = (concat_conditioning(pipe, cfg, first, cond), torch.cat([first_x0, x0]))
+        else:
+            merged[key] = (cond, x0)
+    return list(merged.values())
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -387,8 +470,41 @@ def max_objects_at(cfg: EditorConfig, step: int) -> int:
     return 5
 
 
-def draw_turn(rng: random.Random, cfg: EditorConfig, max_objects: int = 5):
-    """`(reference scene, target scene, text)` of a random turn of a random training session."""
+def mode_text(cfg: EditorConfig, session, turn: int) -> str:
+    """What conditions the edit of `turn` in the config's `prompt_mode`: the gold intent ("intent"), the raw
+    instruction ("none"), or `history_prompt` of the earlier instructions and this one ("history")."""
+    if cfg.prompt_mode == "intent":
+        return session.gold_intent[turn]
+    if cfg.prompt_mode == "none":
+        return session.instruction[turn]
+    from diffusers_editr2.pipeline_editr2 import history_prompt  # (imports diffusers)
+
+    return history_prompt(session.instruction[:turn], session.instruction[turn])
+
+
+def earlier_states(cfg: EditorConfig, turn: int) -> list[int]:
+    """The earlier states (0 = the source) given as references after the current one at `turn`, oldest first: the
+    last `max_history_images` of them in the "history" mode (as `EditR2Pipeline._reference_latents`), else none."""
+    if cfg.prompt_mode != "history" or cfg.max_history_images == 0:
+        return []
+    return list(range(turn))[-cfg.max_history_images:]
+
+
+def example_text(rng: random.Random, cfg: EditorConfig, session, turn: int) -> str:
+    """The training text of a turn: `mode_text`, in the "intent" mode sometimes the raw instruction (self-contained
+    ones, `raw_instruction_prob`), and the empty prompt at `drop_text_prob`."""
+    text = mode_text(cfg, session, turn)
+    if cfg.prompt_mode == "intent" and self_contained(session, turn) and rng.random() < cfg.raw_instruction_prob:
+        text = session.instruction[turn]
+    if rng.random() < cfg.drop_text_prob:
+        text = " "
+    return text
+
+
+def draw_example(rng: random.Random, cfg: EditorConfig, max_objects: int = 5, earlier: int | None = None):
+    """`(reference scenes, target scene, text)` of a random turn of a random training session: the references are
+    the turn's input scene, then its `earlier_states` (oldest first). With `earlier`, only turns with that many
+    earlier references are drawn (a batch's examples need as many references each)."""
     from editr2.bench.shapes import generate_session
 
     while True:
@@ -396,30 +512,45 @@ def draw_turn(rng: random.Random, cfg: EditorConfig, max_objects: int = 5):
         num_turns = rng.randint(1, cfg.max_turns)
         session = generate_session(family, num_turns, common.TRAIN_SEED_OFFSET + rng.randrange(10**9), cfg.image_size)
         turn = rng.randrange(num_turns)
-        if len(session.scenes[turn].objects) <= max_objects and (not cfg.ops or session.task_type[turn] in cfg.ops):
+        if (len(session.scenes[turn].objects) <= max_objects and (not cfg.ops or session.task_type[turn] in cfg.ops)
+                and (earlier is None or len(earlier_states(cfg, turn)) == earlier)):
             break
-    text = session.gold_intent[turn]
-    if self_contained(session, turn) and rng.random() < cfg.raw_instruction_prob:
-        text = session.instruction[turn]
-    if rng.random() < cfg.drop_text_prob:
-        text = " "
-    return session.scenes[turn], session.scenes[turn + 1], text
+    text = example_text(rng, cfg, session, turn)
+    references = [session.scenes[turn]] + [session.scenes[k] for k in earlier_states(cfg, turn)]
+    return references, session.scenes[turn + 1], text
+
+
+def draw_turn(rng: random.Random, cfg: EditorConfig, max_objects: int = 5):
+    """`(reference scene, target scene, text)` of a random turn of a random training session (`draw_example`
+    without the earlier references)."""
+    references, target, text = draw_example(rng, cfg, max_objects)
+    return references[0], target, text
+
+
+def draw_examples(rng: random.Random, cfg: EditorConfig, max_objects: int = 5) -> list:
+    """A batch of `draw_example`s with as many references each: the first turn's count rules the batch's."""
+    first = draw_example(rng, cfg, max_objects)
+    earlier = len(first[0]) - 1 if cfg.prompt_mode == "history" else None
+    return [first] + [draw_example(rng, cfg, max_objects, earlier) for _ in range(cfg.batch_size - 1)]
 
 
 def example_batch(pipe, cfg: EditorConfig, step: int) -> dict:
     """The CPU part of a step's batch (what data workers compute; only the pipeline's processors are used): the
     drawn turns rendered and preprocessed for the VAE, and the text encoder's inputs (`batch_text_encoding`) or the
-    reference images and texts (per-example `encode_prompt`)."""
+    reference images and texts (per-example `encode_prompt`). In the "history" mode each example has R references
+    (its current image, then earlier ones; as many in every example), one after the other in `reference_pixels`."""
     from editr2.bench.shapes.render import render
 
     rng = common.step_rng(cfg.seed, step)
-    turns = [draw_turn(rng, cfg, max_objects_at(cfg, step)) for _ in range(cfg.batch_size)]
+    examples = draw_examples(rng, cfg, max_objects_at(cfg, step))
     if cfg.render == "torch":
-        return scene_batch(pipe, cfg, turns)
-    references = [render(ref, cfg.image_size) for ref, _, _ in turns]
-    targets = [render(tgt, cfg.image_size) for _, tgt, _ in turns]
-    texts = [text for _, _, text in turns]
-    batch = {"reference_pixels": preprocess_images(pipe, references, cfg.image_size),  # (B, 3, 1, H, W)
+        return scene_batch(pipe, cfg, [(refs[0], tgt, text) for refs, tgt, text in examples])
+    images = [[render(scene, cfg.image_size) for scene in refs] for refs, _, _ in examples]
+    references = [refs[0] if len(refs) == 1 else refs for refs in images]
+    targets = [render(tgt, cfg.image_size) for _, tgt, _ in examples]
+    texts = [text for _, _, text in examples]
+    batch = {"reference_pixels": preprocess_images(pipe, [image for refs in images for image in refs],
+                                                   cfg.image_size),  # (B * R, 3, 1, H, W), R references each
              "target_pixels": preprocess_images(pipe, targets, cfg.image_size)}
     if cfg.batch_text_encoding:
         batch["text_inputs"] = text_inputs(pipe, texts, references, cfg.condition_size**2)
@@ -482,7 +613,9 @@ def make_batch(pipe, cfg: EditorConfig, step: int, examples: dict | None = None)
         prompt_embeds, mask = encode_text_inputs(pipe, ex["text_inputs"])
     else:
         prompt_embeds, mask = encode_texts(pipe, ex["texts"], ex["references"], cfg.condition_size**2)
-    cond = turn_conditioning(pipe, cfg, prompt_embeds, mask, encode_pixels(pipe, ex["reference_pixels"]))
+    references = encode_pixels(pipe, ex["reference_pixels"])  # (B * R, N, C)
+    references = references.reshape(prompt_embeds.shape[0], -1, references.shape[-1])  # (B, R * N, C)
+    cond = turn_conditioning(pipe, cfg, prompt_embeds, mask, references)
     return cond, encode_pixels(pipe, ex["target_pixels"])
 
 
@@ -493,7 +626,7 @@ def flow_loss(pipe, cond, x0: torch.Tensor, cfg: EditorConfig, generator: torch.
     sigma = flow.training_sigmas(x0.shape[0], generator, cfg.logit_mean, cfg.logit_std, cfg.high_sigma_prob,
                                  cfg.high_sigma_min).to(x0.device)  # (B,)
     noise = torch.randn(x0.shape, generator=generator).to(x0.device)  # (B, N, C)
-    changed = ((x0 - cond.image_latents) ** 2).mean(-1) > cfg.edit_threshold  # (B, N)
+    changed = ((x0 - cond.image_latents[:, : x0.shape[1]]) ** 2).mean(-1) > cfg.edit_threshold  # (B, N), current
 
     def velocity(noisy, sigma):
         with accelerator.autocast() if accelerator is not None else contextlib.nullcontext():
@@ -503,6 +636,29 @@ def flow_loss(pipe, cond, x0: torch.Tensor, cfg: EditorConfig, generator: torch.
     stats = {"mse": err.mean().item(), "mse_edit": err[changed].mean().item() if changed.any() else float("nan"),
              "edit_fraction": changed.float().mean().item()}
     return loss, stats
+
+
+def grouped_flow_loss(pipe, groups: list, cfg: EditorConfig, generator: torch.Generator,
+                      accelerator=None) -> tuple[torch.Tensor, dict]:
+    """`flow_loss` of a batch split into `[(conditioning, x0), ...]` groups (examples with different numbers of
+    references cannot share a transformer pass): the example-weighted mean of the groups' losses, which is the whole
+    batch's mean (every target has as many tokens). One group is exactly `flow_loss`."""
+    if len(groups) == 1:
+        return flow_loss(pipe, *groups[0], cfg, generator, accelerator)
+    total = sum(x0.shape[0] for _, x0 in groups)
+    loss, sums = 0.0, {"mse": 0.0, "edit_fraction": 0.0, "mse_edit": 0.0, "edits": 0.0}
+    for cond, x0 in groups:
+        part, stats = flow_loss(pipe, cond, x0, cfg, generator, accelerator)
+        share = x0.shape[0] / total
+        loss = loss + share * part
+        sums["mse"] += share * stats["mse"]
+        sums["edit_fraction"] += share * stats["edit_fraction"]
+        edits = stats["edit_fraction"] * x0.shape[0]
+        if edits > 0:
+            sums["mse_edit"] += edits * stats["mse_edit"]
+            sums["edits"] += edits
+    mse_edit = sums["mse_edit"] / sums["edits"] if sums["edits"] > 0 else float("nan")
+    return loss, {"mse": sums["mse"], "mse_edit": mse_edit, "edit_fraction": sums["edit_fraction"]}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -517,14 +673,29 @@ def call_kwargs(cfg, steps: int | None = None, cfg_scale: float = 1.0) -> dict:
               "true_cfg_scale": cfg_scale, "max_new_tokens": 96}
     if cfg_scale > 1:
         kwargs["negative_prompt"] = " "
+    if getattr(cfg, "prompt_mode", "intent") == "history":
+        kwargs["max_history_images"] = cfg.max_history_images
     return kwargs
+
+
+def eval_reasoning(cfg: EditorConfig) -> str:
+    """The pipeline's `reasoning=` the evaluations run with: "none" with the gold intent as the prompt in the
+    "intent" mode (the editor alone, without the reasoner), else the mode itself with the raw instruction."""
+    return "none" if cfg.prompt_mode == "intent" else cfg.prompt_mode
+
+
+def eval_prompt(cfg: EditorConfig, session, turn: int) -> str:
+    """The evaluations' prompt of `turn`: the gold intent ("intent" mode) or the raw instruction (the pipeline builds
+    the history text itself)."""
+    return session.gold_intent[turn] if cfg.prompt_mode == "intent" else session.instruction[turn]
 
 
 @torch.no_grad()
 def evaluate(pipe, cfg: EditorConfig, num_sessions: int | None = None, seed: int = 2_000_000,
              cfg_scale: float = 1.0) -> dict:
-    """Single-turn edits conditioned on the gold intent (`reasoning="none"`, prompt = intent) on held-out
-    sessions: IF and CC per family, and IF per task type."""
+    """Single-turn edits on held-out sessions: IF and CC per family, and IF per task type. Conditioned on the gold
+    intent (`reasoning="none"`, prompt = intent) in the "intent" mode, else on the raw instruction with the mode's
+    `reasoning=` (`eval_reasoning`, `eval_prompt`)."""
     from editr2.bench.metrics import score_session
     from editr2.bench.shapes import generate_session
 
@@ -536,7 +707,7 @@ def evaluate(pipe, cfg: EditorConfig, num_sessions: int | None = None, seed: int
         for k in range(num_sessions):
             session = generate_session(family, 1, seed + k, cfg.image_size)
             source = session.source_image()
-            result = pipe(image=source, prompt=session.gold_intent[0], reasoning="none",
+            result = pipe(image=source, prompt=eval_prompt(cfg, session, 0), reasoning=eval_reasoning(cfg),
                           generator=torch.Generator().manual_seed(k), **call_kwargs(cfg, cfg_scale=cfg_scale))
             score = score_session(session, [source, result.images[0]])[0]
             rows.append(score)
@@ -554,18 +725,20 @@ def evaluate(pipe, cfg: EditorConfig, num_sessions: int | None = None, seed: int
 
 @torch.no_grad()
 def gold_session(pipe, cfg: EditorConfig, session, generator_seed: int, cfg_scale: float = 1.0) -> list:
-    """The editor alone over a whole session: each turn's prompt is the gold intent (`reasoning="none"`), each turn
-    continues from the previous turn's carried latent, and an intent naming an earlier state restores it exactly (as
-    `reasoning="intent"` does). Returns the images `[source, turn 1, ...]`."""
+    """The editor alone over a whole session, each turn continuing from the previous turn's carried latent. In the
+    "intent" mode each turn's prompt is the gold intent (`reasoning="none"`), and an intent naming an earlier state
+    restores it exactly (as `reasoning="intent"` does); in the "none" and "history" modes the prompt is the raw
+    instruction with that `reasoning=` and every turn (undo too) is an edit. Returns the images
+    `[source, turn 1, ...]`."""
     from editr2.intent import Intent, parse_restore
 
     state = pipe.start_session(session.source_image(), cfg.image_size, cfg.image_size, reference_area=None)
     for t, gold in enumerate(session.gold_intent):
-        restore = parse_restore(gold, t)
+        restore = parse_restore(gold, t) if cfg.prompt_mode == "intent" else None
         if restore is not None:
             state = pipe.restore_turn(state, session.instruction[t], Intent(gold, restore=restore))
             continue
-        state = pipe(prompt=gold, session=state, reasoning="none",
+        state = pipe(prompt=eval_prompt(cfg, session, t), session=state, reasoning=eval_reasoning(cfg),
                      generator=torch.Generator().manual_seed(generator_seed + t),
                      **call_kwargs(cfg, cfg_scale=cfg_scale)).session
     return [session.source_image()] + [turn.image for turn in state.turns]
@@ -574,8 +747,8 @@ def gold_session(pipe, cfg: EditorConfig, session, generator_seed: int, cfg_scal
 @torch.no_grad()
 def evaluate_carried(pipe, cfg: EditorConfig, num_sessions: int, num_turns: int, seed: int = 2_000_000,
                      cfg_scale: float = 1.0) -> dict:
-    """One-turn IF and CC from the gold intent at each turn of held-out sessions carried by the editor itself
-    (`gold_session`), per family: `{"cm": {"IF": [turn 1, ...], "CC": [...]}, "cu": ..., "IF": [...]}`."""
+    """One-turn IF and CC at each turn of held-out sessions carried by the editor itself (`gold_session`: the gold
+    intent, or the raw instruction in the "none" and "history" modes), per family: `{"cm": {"IF": [turn 1, ...], "CC": [...]}, "cu": ..., "IF": [...]}`."""
     from editr2.bench.metrics import score_session
     from editr2.bench.shapes import generate_session
 
@@ -610,19 +783,19 @@ def train(cfg: EditorConfig, run_dir: str | Path, show_progress: bool = True, st
     pool = start_pool(pipe, cfg, run) if cfg.carried_schedule else None
     for step, examples in run.steps(lambda step: example_batch(pipe, cfg, step)):
         cond, x0 = make_batch(pipe, cfg, step, examples)
-        carried = 0
+        groups, carried = [(cond, x0)], 0
         fraction = carried_fraction_at(cfg.carried_schedule, step, cfg.max_steps)
         if pool is not None and fraction > 0:
             pool.refresh(cfg.carried_refresh, step, model)
             own = carried_batch(pipe, cfg, pool, round(fraction * cfg.batch_size), step)
             if own is not None:  # the batch keeps its size: carried examples replace clean ones
-                carried = own[1].shape[0]
+                carried = sum(part[1].shape[0] for part in own)
                 keep = cfg.batch_size - carried
                 clean = replace(cond, prompt_embeds=cond.prompt_embeds[:keep],
                                 prompt_embeds_mask=cond.prompt_embeds_mask[:keep],
                                 image_latents=cond.image_latents[:keep])
-                cond, x0 = concat_conditioning(pipe, cfg, clean, own[0]), torch.cat([x0[:keep], own[1]])
-        loss, stats = flow_loss(pipe, cond, x0, cfg, common.step_generator(cfg.seed, step), run.accelerator)
+                groups = merge_groups(pipe, cfg, [(clean, x0[:keep])] + own)
+        loss, stats = grouped_flow_loss(pipe, groups, cfg, common.step_generator(cfg.seed, step), run.accelerator)
         common.set_lr(optimizer, common.lr_at(step, cfg.lr, cfg.warmup, cfg.max_steps))
         optimizer.zero_grad(set_to_none=True)
         run.accelerator.backward(loss)
