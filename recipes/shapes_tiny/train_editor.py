@@ -725,23 +725,18 @@ def evaluate(pipe, cfg: EditorConfig, num_sessions: int | None = None, seed: int
 
 @torch.no_grad()
 def gold_session(pipe, cfg: EditorConfig, session, generator_seed: int, cfg_scale: float = 1.0) -> list:
-    """The editor alone over a whole session, each turn continuing from the previous turn's carried latent. In the
-    "intent" mode each turn's prompt is the gold intent (`reasoning="none"`), and an intent naming an earlier state
-    restores it exactly (as `reasoning="intent"` does); in the "none" and "history" modes the prompt is the raw
-    instruction with that `reasoning=` and every turn (undo too) is an edit. Returns the images
-    `[source, turn 1, ...]`."""
-    from editr2.intent import Intent, parse_restore
+    """The editor alone over a whole session, each turn continuing from the previous turn's carried latent: the bench's
+    `PipelineEditor` (turn t sampled with seed `generator_seed + t`). In the "intent" mode each turn's prompt is the
+    gold intent (`prompts="gold"`, `reasoning="none"`; an intent naming an earlier state restores it exactly, as
+    `reasoning="intent"` does); in the "none" and "history" modes the prompt is the raw instruction with that
+    `reasoning=` and every turn (undo too) is an edit. Returns the images `[source, turn 1, ...]`."""
+    from diffusers_editr2.bench import PipelineEditor
 
-    state = pipe.start_session(session.source_image(), cfg.image_size, cfg.image_size, reference_area=None)
-    for t, gold in enumerate(session.gold_intent):
-        restore = parse_restore(gold, t) if cfg.prompt_mode == "intent" else None
-        if restore is not None:
-            state = pipe.restore_turn(state, session.instruction[t], Intent(gold, restore=restore))
-            continue
-        state = pipe(prompt=eval_prompt(cfg, session, t), session=state, reasoning=eval_reasoning(cfg),
-                     generator=torch.Generator().manual_seed(generator_seed + t),
-                     **call_kwargs(cfg, cfg_scale=cfg_scale)).session
-    return [session.source_image()] + [turn.image for turn in state.turns]
+    gold = cfg.prompt_mode == "intent"
+    editor = PipelineEditor(pipe, eval_reasoning(cfg), seed=generator_seed,
+                            call_kwargs=call_kwargs(cfg, cfg_scale=cfg_scale), prompts="gold" if gold else "instruction")
+    source = session.source_image()
+    return [source] + editor.edit_session(source, list(session.instruction), session)
 
 
 @torch.no_grad()
