@@ -1,0 +1,114 @@
+"""docs/results_carried.md from committed bench runs: the editor trained on its own carried state vs the shipped one.
+
+    python -m recipes.shapes_tiny.carried_results --runs docs/carried --out docs/results_carried.md
+
+`--runs` holds `editr2 bench shapes` output folders (their `results.json`, `session_results.jsonl`,
+`bench_config.json`, and `command.txt`: the command that made it; `SETTINGS` below lists the flags), named
+`ARM_SETTING` (e.g. `shipped_gold_cm6`: the shipped model, `--prompts gold`, family cm, 6 turns). For every setting
+that both arms of a comparison hold, the page shows each arm's per-turn IF / CC / GA with bootstrap intervals and the
+paired difference (`editr2 bench compare`: same sessions, paired bootstrap 95% intervals). Nothing is re-run: the page
+is rewritten from the folders alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+# (arm A, arm B, what B is): B - A is reported.
+COMPARISONS = (
+    ("shipped", "carried", "the editor fine-tuned on its own carried state (configs/editor_carried.yaml) vs the "
+                           "shipped editor; the same VAE, reasoner and call defaults"),
+    ("none", "carried", "intent conditioning vs the editor fine-tuned on raw instructions (trained `none` baseline)"),
+    ("history", "carried", "intent conditioning vs the editor fine-tuned on the history (trained `history` baseline)"),
+)
+# setting -> (title, bench shapes flags besides --model/--out)
+SETTINGS = {
+    "gold_cm6": ("the editor alone, cm, 100 x 6 turns", "--prompts gold --family cm --sessions 100 --turns 6"),
+    "gold_cu6": ("the editor alone, cu, 100 x 6 turns", "--prompts gold --family cu --sessions 100 --turns 6"),
+    "intent_cm3": ("the full model (reasoner + editor), cm, 200 x 3 turns",
+                   "--reasoning intent --family cm --sessions 200 --turns 3"),
+    "intent_cu3": ("the full model (reasoner + editor), cu, 200 x 3 turns",
+                   "--reasoning intent --family cu --sessions 200 --turns 3"),
+    "intent_cm6": ("the full model, cm, 100 x 6 turns", "--reasoning intent --family cm --sessions 100 --turns 6"),
+    "intent_cu6": ("the full model, cu, 100 x 6 turns", "--reasoning intent --family cu --sessions 100 --turns 6"),
+    "mode_cm3": ("each arm in its own mode, cm, 200 x 3 turns", "--family cm --sessions 200 --turns 3"),
+    "mode_cu3": ("each arm in its own mode, cu, 200 x 3 turns", "--family cu --sessions 200 --turns 3"),
+}
+METRICS = ("IF", "CC", "GA")
+
+
+def arm_table(results: dict) -> str:
+    """Per turn IF / CC / GA with their intervals (`results.json` of a bench run)."""
+    lines = ["| turn | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
+    for row in results["per_turn"]:
+        cells = [f"{row[m]:.3f} [{row[m + '_ci'][0]:.2f}, {row[m + '_ci'][1]:.2f}]" for m in METRICS]
+        lines.append(f"| {row['turn']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def describe(results: dict) -> str:
+    config = results["config"]
+    keys = ("editor", "model", "reasoning", "prompts", "sample_seed")
+    return ", ".join(f"{k} `{config[k]}`" for k in keys if config.get(k) is not None)
+
+
+def section(runs: Path, arm_a: str, arm_b: str, what: str, setting: str) -> str | None:
+    """The markdown of one comparison in one setting, or None when a folder is missing."""
+    from editr2.bench.compare_cli import compare_markdown, compare_runs
+
+    a, b = runs / f"{arm_a}_{setting}", runs / f"{arm_b}_{setting}"
+    if not ((a / "results.json").is_file() and (b / "results.json").is_file()):
+        return None
+    title, _ = SETTINGS[setting]
+    parts = [f"## {arm_b} vs {arm_a}: {title}", "", what + ".", ""]
+    for arm, folder in ((arm_a, a), (arm_b, b)):
+        results = json.loads((folder / "results.json").read_text())
+        parts += [f"**{arm}** ({describe(results)}):", "", arm_table(results), ""]
+    parts += ["**Paired difference** (B = " + arm_b + ", A = " + arm_a + "):", "", compare_markdown(compare_runs(a, b)), ""]
+    return "\n".join(parts)
+
+
+def page(runs: Path, notes: str = "") -> str:
+    lines = ["# The editor on its own carried state: results", "",
+             "Written by `python -m recipes.shapes_tiny.carried_results --runs docs/carried --out "
+             "docs/results_carried.md` from the committed bench folders in `docs/carried/` (each holds the command "
+             "that made it in `command.txt`). Held-out session seeds (training uses seeds >= 10,000,000); intervals "
+             "are 95% bootstrap over sessions; differences are paired (the same sessions in both arms).", ""]
+    if notes:
+        lines += [notes.strip(), ""]
+    found = 0
+    for arm_a, arm_b, what in COMPARISONS:
+        for setting in SETTINGS:
+            text = section(runs, arm_a, arm_b, what, setting)
+            if text is not None:
+                lines.append(text)
+                found += 1
+    if not found:
+        raise ValueError(f"{runs}: no comparison has both of its folders (ARM_SETTING, e.g. shipped_gold_cm6 and "
+                         "carried_gold_cm6); run the bench commands in recipes/shapes_tiny/carried_results.py first.")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", default="docs/carried", help="folder of bench shapes output folders")
+    parser.add_argument("--out", default="docs/results_carried.md")
+    parser.add_argument("--notes", default=None, help="a markdown file whose text goes under the header")
+    args = parser.parse_args(argv)
+    runs = Path(args.runs)
+    if not runs.is_dir():
+        raise SystemExit(f"--runs {runs}: no such folder.")
+    notes = Path(args.notes).read_text() if args.notes else ""
+    try:
+        text = page(runs, notes)
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
+    Path(args.out).write_text(text)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

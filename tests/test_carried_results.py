@@ -1,0 +1,32 @@
+"""docs/results_carried.md is rewritten from committed bench folders alone (recipes/shapes_tiny/carried_results.py)."""
+
+import pytest
+
+from editr2.cli import main as editr2_main
+from recipes.shapes_tiny import carried_results
+
+
+def _bench(out, editor, family="cm", sessions=3, turns=2):
+    args = ["bench", "shapes", "--editor", editor, "--family", family, "--sessions", str(sessions), "--turns",
+            str(turns), "--out", str(out), "--no-progress"]
+    assert editr2_main(args) == 0
+
+
+def test_page_pairs_the_arms_of_each_setting(tmp_path):
+    _bench(tmp_path / "shipped_gold_cm6", "literal")
+    _bench(tmp_path / "carried_gold_cm6", "oracle")
+    _bench(tmp_path / "shipped_intent_cu3", "literal", family="cu")  # no carried arm: left out
+    out = tmp_path / "page.md"
+    assert carried_results.main(["--runs", str(tmp_path), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "## carried vs shipped: the editor alone, cm, 100 x 6 turns" in text
+    assert "intent_cu3" not in text and "the full model" not in text
+    assert "**Paired difference**" in text and "| 1 |" in text
+
+
+def test_page_needs_a_complete_comparison(tmp_path):
+    _bench(tmp_path / "shipped_gold_cm6", "literal")
+    with pytest.raises(SystemExit, match="no comparison has both of its folders"):
+        carried_results.main(["--runs", str(tmp_path), "--out", str(tmp_path / "page.md")])
+    with pytest.raises(SystemExit, match="no such folder"):
+        carried_results.main(["--runs", str(tmp_path / "missing")])
