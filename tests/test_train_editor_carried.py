@@ -1,6 +1,7 @@
 """Editor training on its own carried state (recipes/shapes_tiny/carried.py) and the gold-intent carried curve."""
 
 import random
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -91,3 +92,39 @@ def test_export_keeps_the_request_template_of_an_exported_reasoner_folder(tmp_pa
     (tmp_path / CALL_DEFAULTS_FILE).write_text(json.dumps({"template": "Instruction: {instruction}"}))
     assert export.call_defaults(tmp_path)["template"] == "Instruction: {instruction}"
     assert export.call_defaults(tmp_path / "missing") == {**common.CALL_KWARGS}
+
+
+def test_edit_region_marks_changed_tokens_and_grows_them():
+    before = torch.zeros(1, 16, 4)
+    after = before.clone()
+    after[0, 5] = 1.0  # token (1, 1) of a 4 x 4 grid
+    assert train_editor.edit_region(before, after, 0.1, 0)[0].nonzero().flatten().tolist() == [5]
+    grown = train_editor.edit_region(before, after, 0.1, 1)[0].view(4, 4)
+    assert grown[:3, :3].all() and grown.sum() == 9
+    with pytest.raises(ValueError, match="square grid"):
+        train_editor.edit_region(torch.zeros(1, 6, 4), torch.ones(1, 6, 4), 0.1, 1)
+
+
+@pytest.mark.parametrize("value", ["mask", "Edit"])
+def test_carried_target_is_checked(value):
+    with pytest.raises(ValueError, match="carried_target"):
+        train_editor.EditorConfig(carried_target=value)
+
+
+@pytest.mark.slow
+def test_edit_targets_keep_the_carried_latent_outside_the_edit(stages):  # noqa: F811
+    from editr2.bench.shapes import generate_session
+    from editr2.bench.shapes.render import render
+
+    cfg = _editor_cfg(stages)
+    pipe = train_editor.build_pipeline(cfg)
+    session = generate_session("cu", 2, 3, cfg.image_size)
+    current = torch.randn(1, (cfg.image_size // 8) ** 2, 4 * pipe.vae.config.z_dim)
+    edit = train_editor.carried_targets(pipe, cfg, current, [session.scenes[0]], [session.scenes[1]])
+    scene = train_editor.carried_targets(pipe, replace(cfg, carried_target="scene"), current, [session.scenes[0]],
+                                         [session.scenes[1]])
+    after = train_editor.encode_images(pipe, [render(session.scenes[1], cfg.image_size)], cfg.image_size)
+    assert torch.equal(scene, after)
+    kept = (edit == current).all(-1)[0]
+    assert 0 < kept.sum() < kept.numel()  # the carried latent outside the edit region, the true scene inside
+    assert torch.equal(edit[0, ~kept], after[0, ~kept])

@@ -204,7 +204,7 @@ def test_pool_edits_undo_turns_in_instruction_modes(stages, mode):  # noqa: F811
         for i, slot in enumerate(pool.slots):
             assert slot.states == list(range(slot.turn + 1))  # every turn an edit, never a restore
             assert torch.isfinite(pool.current(i)).all()
-    for refs, text, scene in pool.draw_references(2, random.Random(0)):
+    for refs, text, scene, _ in pool.draw_references(2, random.Random(0)):
         slot = next(s for s in pool.slots if pool.session(s).scenes[s.turn + 1] is scene)
         assert len(refs) == len(train_editor.earlier_states(cfg, slot.turn)) + 1
         assert text in (" ", train_editor.mode_text(cfg, pool.session(slot), slot.turn))

@@ -241,11 +241,12 @@ class CarriedPool:
         """`count` examples `(carried latent (N, C), its image, text, target scene)` from slots at turn >= 1 (fewer
         when fewer slots are there yet). Texts as `train_editor.example_text` draws them for the SFT examples (the
         mode's text; in the "intent" mode the raw instruction at its rate; the empty prompt at its rate)."""
-        return [(refs[0][0], refs[0][1], text, scene) for refs, text, scene in self.draw_references(count, rng)]
+        return [(refs[0][0], refs[0][1], text, scene) for refs, text, scene, _ in self.draw_references(count, rng)]
 
     def draw_references(self, count: int, rng: random.Random) -> list[tuple[list, str, object]]:
-        """As `draw`, with all of an example's references: `([(latent (N, C), image), ...], text, target scene)`,
-        the current state first, then (the "history" mode) earlier ones (`references`)."""
+        """As `draw`, with all of an example's references and the true current scene: `([(latent (N, C), image),
+        ...], text, target scene, current scene)`, the current state first, then (the "history" mode) earlier ones
+        (`references`)."""
         from recipes.shapes_tiny.train_editor import example_text
 
         candidates = self.carried_indices()
@@ -254,7 +255,7 @@ class CarriedPool:
             slot, session = self.slots[i], self.session(self.slots[i])
             text = example_text(rng, self.cfg, session, slot.turn)
             references = self.references(i) if self._history else [(self.current(i), self.image(i))]
-            examples.append((references, text, session.scenes[slot.turn + 1]))
+            examples.append((references, text, session.scenes[slot.turn + 1], session.scenes[slot.turn]))
         return examples
 
     # ---- checkpoint -----------------------------------------------------------------------------------------------

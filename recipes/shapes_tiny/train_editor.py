@@ -93,6 +93,11 @@ class EditorConfig(common.TrainConfig):
             advanced by one turn per step (the least recently advanced), with this many sampling steps (the
             pipeline's `num_inference_steps`, so the pool's states are what inference carries). Each refreshed slot
             costs `carried_steps` transformer forwards without gradients.
+        carried_target, carried_target_dilate: the target of a carried example (`carried_targets`): "edit" (default)
+            the true next scene inside the turn's edit region (the tokens where the true scenes before and after the
+            turn differ, grown by `carried_target_dilate` tokens) and the carried latent itself elsewhere; "scene" the
+            true next scene everywhere. Measured on the shipped editor (docs/training.md): "scene" asks the editor to
+            repair earlier mistakes no instruction mentions, and its one-turn IF and CC fell.
         batch_text_encoding: encode a batch's prompts in one padded text-encoder pass (`encode_text_inputs`) instead
             of one `encode_prompt` call per example: the same embeddings up to float rounding (tested), many times
             faster on a GPU. False keeps the per-example path the CPU recipe was measured with.
@@ -143,6 +148,8 @@ class EditorConfig(common.TrainConfig):
     carried_turns: int = 6
     carried_refresh: int = 2
     carried_steps: int = 16
+    carried_target: str = "edit"
+    carried_target_dilate: int = 1
 
     RENDERERS = ("pil", "torch")
     PROMPT_MODES = ("intent", "none", "history")
@@ -164,6 +171,10 @@ class EditorConfig(common.TrainConfig):
             if len(entry) != 2 or not 0 <= entry[0] <= 1 or not 0 <= entry[1] <= 1:
                 raise ValueError(f"carried_schedule entry {list(entry)}: pass [fraction_of_max_steps, "
                                  "fraction_of_batch] pairs with both in [0, 1], e.g. [[0.0, 0.25], [0.5, 0.5]].")
+        if self.carried_target not in ("edit", "scene"):
+            raise ValueError(f"carried_target={self.carried_target!r}: pass 'edit' or 'scene'.")
+        if self.carried_target_dilate < 0:
+            raise ValueError(f"carried_target_dilate={self.carried_target_dilate}: pass 0 or more tokens.")
         if self.carried_schedule and (self.carried_refresh < 1 or self.carried_steps < 1):
             raise ValueError(f"carried_refresh={self.carried_refresh}, carried_steps={self.carried_steps}: pass at "
                              "least 1 each with a carried_schedule.")
@@ -412,12 +423,41 @@ def concat_conditioning(pipe, cfg: EditorConfig, first, second):
     return turn_conditioning(pipe, cfg, prompt_embeds, mask, image_latents)
 
 
-def carried_batch(pipe, cfg: EditorConfig, pool, count: int, step: int):
-    """`[(conditioning, x0), ...]` of `count` examples from the carried pool, one group per number of references
-    (a single group except in the "history" mode): the editor's own latents and images as the references, the true next
-    scenes (rendered, VAE-encoded) as the targets; None when the pool has none yet."""
+def edit_region(before: torch.Tensor, after: torch.Tensor, threshold: float, dilate: int) -> torch.Tensor:
+    """Tokens a turn's edit acts on: `(B, N)` bool where the clean latents of the true scenes before and after the
+    turn (`(B, N, C)`, packed) differ by more than `threshold` (mean squared), grown by `dilate` tokens on the token
+    grid (square images)."""
+    changed = ((after - before) ** 2).mean(-1) > threshold  # (B, N)
+    if dilate > 0:
+        side = math.isqrt(changed.shape[1])
+        if side * side != changed.shape[1]:
+            raise ValueError(f"{changed.shape[1]} tokens are not a square grid: edit regions need square images.")
+        grid = changed.float().view(-1, 1, side, side)
+        changed = torch.nn.functional.max_pool2d(grid, 2 * dilate + 1, 1, dilate).view_as(changed) > 0
+    return changed
+
+
+def carried_targets(pipe, cfg: EditorConfig, current: torch.Tensor, scenes_now, scenes_next) -> torch.Tensor:
+    """The targets of carried examples `(B, N, C)`. `carried_target="scene"`: the true next scene, rendered and
+    VAE-encoded (the editor must also repair whatever its earlier turns got wrong, which this turn's text never
+    asks for). `"edit"`: that only inside the turn's edit region (`edit_region` of the true scenes' clean latents),
+    the carried latent `current` `(B, N, C)` everywhere else (apply the edit, keep the rest of its own state as it
+    is)."""
     from editr2.bench.shapes.render import render
 
+    size = cfg.image_size
+    after = encode_images(pipe, [render(scene, size) for scene in scenes_next], size)
+    if cfg.carried_target == "scene":
+        return after
+    before = encode_images(pipe, [render(scene, size) for scene in scenes_now], size)
+    region = edit_region(before, after, cfg.edit_threshold, cfg.carried_target_dilate).unsqueeze(-1)  # (B, N, 1)
+    return torch.where(region, after, current)
+
+
+def carried_batch(pipe, cfg: EditorConfig, pool, count: int, step: int):
+    """`[(conditioning, x0), ...]` of `count` examples from the carried pool, one group per number of references
+    (a single group except in the "history" mode): the editor's own latents and images as the references, the targets
+    of `carried_targets`; None when the pool has none yet."""
     examples = pool.draw_references(count, common.step_rng(cfg.seed, step, "carried"))
     if not examples:
         return None
@@ -427,10 +467,11 @@ def carried_batch(pipe, cfg: EditorConfig, pool, count: int, step: int):
         groups.setdefault(len(example[0]), []).append(example)
     out = []
     for _, group in sorted(groups.items()):
-        latents = torch.stack([torch.cat([latent for latent, _ in refs]) for refs, _, _ in group]).to(device)
-        images = [[image for _, image in refs] for refs, _, _ in group]
-        cond = conditioning(pipe, images, [text for _, text, _ in group], cfg, image_latents=latents)
-        x0 = encode_images(pipe, [render(scene, cfg.image_size) for _, _, scene in group], cfg.image_size)
+        latents = torch.stack([torch.cat([latent for latent, _ in refs]) for refs, _, _, _ in group]).to(device)
+        images = [[image for _, image in refs] for refs, _, _, _ in group]
+        cond = conditioning(pipe, images, [text for _, text, _, _ in group], cfg, image_latents=latents)
+        current = torch.stack([refs[0][0] for refs, _, _, _ in group]).to(device)  # (b, N, C)
+        x0 = carried_targets(pipe, cfg, current, [now for *_, now in group], [nxt for _, _, nxt, _ in group])
         out.append((cond, x0))
     return out
 
