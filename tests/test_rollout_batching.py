@@ -134,10 +134,10 @@ def test_row_sampler_samples_the_tempered_softmax():
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
     temperature = 0.7
     sampler = RowSampler([torch.Generator().manual_seed(0)], temperature)
-    draws = torch.stack([sampler(None, logits).argmax(-1) for _ in range(20000)]).flatten()
+    draws = torch.stack([sampler(None, logits).argmax(-1) for _ in range(5000)]).flatten()
     frequencies = torch.bincount(draws, minlength=4).double() / draws.numel()
     expected = torch.softmax(logits[0].double() / temperature, -1)
-    torch.testing.assert_close(frequencies, expected, atol=0.015, rtol=0)
+    torch.testing.assert_close(frequencies, expected, atol=0.025, rtol=0)  # ~3.5 standard errors
 
 
 def test_row_sampler_refuses_bad_input():

@@ -10,8 +10,9 @@ state exactly instead: its turn trains its reasoning tokens only (`TurnRollout.r
 session share the start and, with `same_initial_noise`, each turn's initial noise; they are batched through the
 transformer, so the loss can re-run exactly the same batches (on-policy ratios of exactly 1). `rollout_sessions` rolls
 several sessions out together: one `generate` call for all their reasoning answers per turn and one transformer batch
-of all their rollouts per denoising step, each session (and each rollout's reasoning) with its own seeds; each turn's record keeps the session's rows of that batch (prompt padding included), so the loss still
-re-runs exactly what was sampled.
+of all their rollouts per denoising step, each session (and each rollout's reasoning) with its own seeds; each turn's
+record keeps the session's rows of that batch (prompt padding included), so the loss still re-runs exactly what was
+sampled.
 
 All randomness comes from generators seeded by `(seed, session, turn, purpose)`, never from the global RNG: a
 rollout does not depend on which process runs it or on what ran before (resume and scale-out reproduce it).
@@ -212,14 +213,16 @@ def schedule(pipeline, args, image_seq_len: int, device) -> tuple[Tensor, Tensor
 
 
 class RowSampler:
-    """A logits processor that samples every row of a batched `generate` from its own generator (Gumbel-max).
+    """A logits processor that samples every row of a batched `generate` from its own generator (inverse CDF).
 
-    At each new token, row `r` draws `-log(-log(u))` for `u ~ U(0, 1)` over the vocabulary from `generators[r]` and
-    returns `scores / temperature + noise`; greedy decoding (the argmax) then samples exactly from
-    `softmax(scores / temperature)`. A row's draws depend only on its own generator, so its tokens do not depend on
-    which other rows share the batch (up to the logits' float rounding, which padding can change). Every row draws at
-    every generated position, also after it has ended, so the number of draws is that of the batch; the tokens a row
-    keeps (through its end-of-sequence token) use the same draws whatever the batch.
+    At each new token, row `r` draws one uniform `u` from `generators[r]` and picks the token where `u` falls in the
+    cumulative distribution of `softmax(scores / temperature)` (summed in float64); it returns scores that are 0 there
+    and -inf elsewhere, so greedy decoding (the argmax) keeps that token: an exact sample of the tempered softmax. A
+    row's draws depend only on its own generator, so its tokens do not depend on which other rows share the batch (up
+    to the logits' float rounding, which padding can change: a token changes only if `u` lies within rounding of a
+    boundary of the cumulative distribution). One uniform per row and token, whatever the vocabulary, drawn on the CPU
+    (the same tokens on every device, to rounding). Every row draws at every generated position, also after it has
+    ended, so the draws a row keeps (through its end-of-sequence token) are the same whatever the batch.
 
     Args:
         generators: one CPU `torch.Generator` per row of the batch, in row order.
@@ -235,10 +238,12 @@ class RowSampler:
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
         if scores.shape[0] != len(self.generators):
             raise ValueError(f"the batch has {scores.shape[0]} rows but {len(self.generators)} generators were given.")
-        vocab = scores.shape[-1]
-        uniform = torch.stack([torch.rand(vocab, generator=g, dtype=torch.float64) for g in self.generators])
-        gumbel = -torch.log(-torch.log(uniform.clamp_min(1e-300)))  # (rows, vocab), float64 on the CPU
-        return scores.float() / self.temperature + gumbel.to(device=scores.device, dtype=torch.float32)
+        uniform = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in self.generators])  # (rows,)
+        cdf = torch.softmax(scores.double() / self.temperature, dim=-1).cumsum(-1)  # (rows, vocab)
+        targets = (uniform.to(cdf.device) * cdf[:, -1]).unsqueeze(1)
+        tokens = torch.searchsorted(cdf, targets, right=True).clamp_max(scores.shape[-1] - 1)  # first cdf > target
+        out = torch.full_like(scores, float("-inf"))
+        return out.scatter_(1, tokens, 0.0)
 
 
 def _trim_completions(new: Tensor, eos_ids, pad: int) -> tuple[Tensor, Tensor]:

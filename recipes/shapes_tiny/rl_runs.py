@@ -279,7 +279,7 @@ def parse_args(argv: list[str] | None):
         raise ValueError(f"--families: pass a comma-separated subset of {list(FAMILIES)} (got {args.families}).")
     if not args.turns or min(args.turns) < 1 or args.sessions < 1 or args.threads < 1:
         raise ValueError("--turns, --sessions and --threads must be >= 1.")
-    if args.max_steps is not None and args.max_steps < 1 or args.sessions_per_step is not None and args.sessions_per_step < 1:
+    if any(value is not None and value < 1 for value in (args.max_steps, args.sessions_per_step)):
         raise ValueError("--max-steps and --sessions-per-step must be >= 1.")
     return args
 
