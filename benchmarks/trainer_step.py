@@ -5,6 +5,8 @@
     python benchmarks/trainer_step.py --compare 1 4 8      # unbatched vs batched rollouts at 1, 4, 8 sessions per step
     python benchmarks/trainer_step.py --compare 8 --reasoning --generations 6 --turns 3   # reasoning: per session vs
                                                            # one generate call for all sessions (both batched rollouts)
+    python benchmarks/trainer_step.py --compare 1 4 8 --reasoning --forwards --generations 6   # the reasoning call
+                                                           # alone, per session vs one call, timed interleaved
     python benchmarks/trainer_step.py --model checkpoints/editr2-shapes-tiny --compare 1 4 8 \\
         --generations 6 --turns 3 --steps 16 --size 64 --tokens 96 --measure 1   # the RL demo's shapes
 
@@ -43,7 +45,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--compare", type=int, nargs="+", default=None, metavar="B",
                         help="sessions per step to run unbatched and batched (one table)")
     parser.add_argument("--forwards", action="store_true",
-                        help="with --compare: only time the transformer forward at G and B x G rows")
+                        help="with --compare: only time the transformer forward at G and B x G rows (with "
+                             "--reasoning: only the reasoning's generate calls)")
     parser.add_argument("--reasoning", action="store_true",
                         help="with --compare: reasoning per session vs one generate call for all sessions")
     parser.add_argument("--unbatched", action="store_true", help="roll the sessions out one by one")
@@ -235,9 +238,50 @@ def forward_times(args, repeats: int = 5) -> None:
         print(f"| {sessions} | {rows} | {seconds * 1e3:.1f} | {per:.2f} | {per / (best[1] / args.generations * 1e3):.2f} |")
 
 
+def reasoning_times(args, repeats: int = 3) -> None:
+    """Seconds to write one turn's reasoning answers of B sessions x G rollouts: one `generate` call per session vs
+    one for all B sessions, timed interleaved (best of `repeats`), so that a loaded machine slows both alike."""
+    import torch
+
+    from trl_editr2.rollout import _start_sessions, generate_answers_batched, reasoning_generators
+
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = make_trainer(args, tmp, max(args.compare), True)
+        policy, config = trainer.policy, trainer.args
+        policy.eval()
+        records = [trainer.train_dataset[i] for i in range(max(args.compare))]
+        requests = [(_start_sessions(policy.pipeline, r, config), r["instruction"][0]) for r in records]
+        best: dict[tuple[int, bool], float] = {}
+        tokens: dict[tuple[int, bool], int] = {}
+        with torch.no_grad():
+            for _ in range(repeats):
+                for sessions in args.compare:
+                    for together in (False, True):
+                        batch = [(s, i, reasoning_generators((k, 0), len(s)))
+                                 for k, (s, i) in enumerate(requests[:sessions])]
+                        start = time.perf_counter()
+                        if together:
+                            out = generate_answers_batched(policy.pipeline, batch, config)
+                        else:
+                            out = [generate_answers_batched(policy.pipeline, [b], config)[0] for b in batch]
+                        seconds = time.perf_counter() - start
+                        best[sessions, together] = min(best.get((sessions, together), seconds), seconds)
+                        tokens[sessions, together] = sum(int(o[3].sum()) for o in out)
+    print("| sessions | rows | one call per session (s) | one call for all (s) | ratio | answer tokens (same in both) |")
+    print("|---|---|---|---|---|---|")
+    for sessions in args.compare:
+        a, b = best[sessions, False], best[sessions, True]
+        same = "yes" if tokens[sessions, False] == tokens[sessions, True] else "no"
+        print(f"| {sessions} | {sessions * args.generations} | {a:.3f} | {b:.3f} | {b / a:.2f} | "
+              f"{tokens[sessions, True]} ({same}) |")
+
+
 def main() -> None:
     args = parse_args()
-    if args.forwards:
+    if args.forwards and args.reasoning:
+        reasoning_times(args)
+    elif args.forwards:
         forward_times(args)
     elif args.compare:
         print_compare(args)

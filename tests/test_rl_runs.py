@@ -128,6 +128,13 @@ def test_rerun_resumes_and_does_not_train_a_finished_run(study, capsys):
     assert rl_runs.main(["--arm", "rl", "--seed", "0", *common]) == 0
     assert "finished (1 steps): not trained again" in capsys.readouterr().out
     assert (root / "results" / "rl" / "seed0" / "bench_t2.json").read_text() == before  # sessions read back
+    # trained again to the same step (other weights): its cached bench sessions are stale and run again
+    from safetensors.torch import load_file, save_file
+
+    adapter = root / "runs" / "rl" / "seed0" / rl_runs.ADAPTER_FILE
+    save_file({k: v + 0.5 for k, v in load_file(adapter).items()}, adapter)
+    assert rl_runs.main(["--arm", "rl", "--seed", "0", "--skip-train", *common]) == 0
+    assert "bench/step1_t2_cm again" in capsys.readouterr().out
 
 
 def test_train_command_sets_seed_filter_and_resumes(tmp_path, model_folder):

@@ -19,8 +19,8 @@ Arms: `sft` (the shipped SFT model, no training), `rl` (Edit-R2 RL, `trajectory_
    sampling seed is the run's seed (so the three SFT "seeds" differ by sampling noise only). Per-session results go
    to `RUN_DIR/ARM/seedN/bench/...jsonl` as they finish: an interrupted bench resumes; more `--sessions` adds sessions.
 3. Write `RESULTS/ARM/seedN/` (`docs/rl_runs/` by default, meant to be committed; no weights):
-   - `bench_t{T}.json`: per family the per-turn means and every session's per-turn IF / CC / GA / reward (what the
-     page pairs by session);
+   - `bench_t{T}.json`: per family the per-turn means and every session's per-turn IF / CC / GA / reward (4 decimals;
+     what the page pairs by session);
    - `trainer_state.json`: the Trainer's state with its per-step log (reward, per-turn reward, filter statistics,
      KL, timings; the other keys left out to keep it small);
    - `run.json`: arm, seed, steps, the training config, the command, training seconds.
@@ -151,6 +151,20 @@ def load_editor(model: Path, adapters: Path | None, seed: int, device: str | Non
     return editor
 
 
+def adapters_fingerprint(adapters: Path | None) -> str | None:
+    """sha256 of the adapters' weight files (the transformer LoRA and `reasoning_lora/`), so a retrained run is benched
+    again even at the same step."""
+    if adapters is None:
+        return None
+    import hashlib
+
+    digest = hashlib.sha256()
+    for file in [adapters / ADAPTER_FILE, *sorted((adapters / "reasoning_lora").glob("*.safetensors"))]:
+        if file.is_file():
+            digest.update(file.name.encode() + b"\0" + file.read_bytes())
+    return digest.hexdigest()
+
+
 def session_rows(results_path: Path, family: str, count: int, first: int) -> list[dict]:
     """The compact per-session rows of the asked sessions from a bench results file (`editr2.bench.resume`):
     `{"id", "seed", "scores": [[IF, CC, GA, reward] per turn]}`."""
@@ -162,22 +176,27 @@ def session_rows(results_path: Path, family: str, count: int, first: int) -> lis
     for seed in range(first, first + count):
         record = by_id[session_id(family, seed)]
         rows.append({"id": record["session_id"], "seed": record["seed"],
-                     "scores": [[round(float(t[m]), 6) for m in METRICS] for t in record["turns"]]})
+                     "scores": [[round(float(t[m]), 4) for m in METRICS] for t in record["turns"]]})
     return rows
 
 
 def bench_setting(arm: str, seed: int, step: int, turns: int, model: Path, adapters: Path | None, run: Path,
                   args) -> dict:
     """Bench one turn count on every family: `{"families": {family: {"per_turn", "mean", "sessions"}}, ...}`."""
-    from editr2.bench.resume import model_fingerprint, open_run
+    from editr2.bench.resume import ConfigMismatchError, model_fingerprint, open_run
     from editr2.bench.shapes.runner import run_bench
 
     families = {}
     for family in args.families:
-        config = {"model": model_fingerprint(model), "adapters": str(adapters) if adapters else None, "step": step,
+        config = {"model": model_fingerprint(model), "adapters": adapters_fingerprint(adapters), "step": step,
                   "family": family, "turns": turns, "bench_seed": args.bench_seed, "sampling_seed": seed,
                   "size": args.size, "reasoning": "intent"}
-        cache = open_run(run / "bench" / f"step{step}_t{turns}_{family}", config)
+        folder = run / "bench" / f"step{step}_t{turns}_{family}"
+        try:
+            cache = open_run(folder, config)
+        except ConfigMismatchError as error:  # e.g. the run was trained again: its old sessions are stale
+            print(f"[{arm} seed {seed}] benching {folder} again: {error}")
+            cache = open_run(folder, config, force=True)
         editor = load_editor(model, adapters, seed, args.device if args.device == "cuda" else None)
         result = run_bench(editor, family=family, num_sessions=args.sessions, num_turns=turns, seed=args.bench_seed,
                            size=args.size, progress=not args.no_progress, results_path=cache / "results.jsonl")
