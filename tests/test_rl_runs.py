@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 TINY_CALL_DEFAULTS = {"height": 32, "width": 32, "reference_area": None, "condition_area": 1024,
                       "num_inference_steps": 2, "true_cfg_scale": 1.0, "max_new_tokens": 4}
 
-# configs/rl.yaml at tiny size; a pixel-hash reward gives the random model's groups a spread (the oracle scores ~0)
+# configs/rl/study.yaml at tiny size; a pixel-hash reward gives the random model's groups a spread (the oracle: ~0)
 TINY_RL_CONFIG = """
 model_name_or_path: tiny
 reward_funcs: [shapes_oracle, trl_editr2.testing.pixel_hash_reward]
@@ -196,7 +196,7 @@ def test_shipped_config_has_the_recipes_settings():
 
     parser = TrlParser((EditR2ScriptArguments, EditR2Config))
     script_args, config = parser.parse_args_and_config(
-        ["--config", str(REPO / "recipes" / "shapes_tiny" / "configs" / "rl.yaml"), "--output_dir", "unused"])
+        ["--config", str(rl_runs.DEFAULT_CONFIG), "--output_dir", "unused"])
     assert script_args.model_name_or_path == "checkpoints/editr2-shapes-tiny"
     assert config.per_device_train_batch_size >= 8 and config.num_generations == 6 and config.num_turns == 3
     assert config.global_std and config.batch_sessions and config.group_key == "session"

@@ -9,10 +9,10 @@ committable results.
 Arms: `sft` (the shipped SFT model, no training), `rl` (Edit-R2 RL, `trajectory_filter: if_zero`) and `rl_nofilter`
 (the same without trajectory filtering), each with seeds 0, 1, 2 (`recipes/shapes_tiny/rl_gpu.sh` runs all nine).
 
-1. Train (RL arms): `trl_editr2/scripts/editr2.py --config CONFIG` (`configs/rl.yaml`: 8 sessions per step, G = 6,
-   3 turns, the paper's clip / KL / noise / SDE window, global-std advantages, LoRA on the editor and the reasoner),
-   with `--seed N`, the arm's `trajectory_filter`, and `--output_dir RUN_DIR/ARM/seedN`. Rerunning the same command
-   continues from the newest `checkpoint-N` (every `save_steps`); a finished run is not trained again.
+1. Train (RL arms): `trl_editr2/scripts/editr2.py --config CONFIG` (`configs/rl/study.yaml`: 8 sessions per step,
+   G = 6, 3 turns, the paper's clip / KL / noise / SDE window, global-std advantages, LoRA on the editor and the
+   reasoner), with `--seed N`, the arm's `trajectory_filter`, and `--output_dir RUN_DIR/ARM/seedN`. Rerunning the
+   same command continues from the newest `checkpoint-N` (every `save_steps`); a finished run is not trained again.
 2. Bench: the SFT folder with the run's adapters loaded (`load_lora_weights`, `load_reasoning_lora`), on the same
    held-out sessions for every arm and seed: `--sessions` per family (seeds `--bench-seed`, `--bench-seed + 1`, ...),
    once with 3 turns and once with 6 (`--turns 3,6`), intent mode, the model folder's call defaults; the bench's
@@ -47,7 +47,7 @@ from recipes.shapes_tiny.rl_demo import (
 )
 
 REPO = Path(__file__).resolve().parents[2]
-DEFAULT_CONFIG = REPO / "recipes" / "shapes_tiny" / "configs" / "rl.yaml"
+DEFAULT_CONFIG = REPO / "recipes" / "shapes_tiny" / "configs" / "rl" / "study.yaml"
 DEFAULT_RESULTS = REPO / "docs" / "rl_runs"
 DEFAULT_RUN_DIR = REPO / "runs" / "rl"
 
