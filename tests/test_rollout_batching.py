@@ -96,6 +96,7 @@ def test_trainer_batches_sessions_unless_told_not_to(tmp_path, records):
             torch.testing.assert_close(y.final_latents, x.final_latents, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_reasoning_of_all_sessions_is_one_generate_call_per_turn(trainer, records, monkeypatch):
     # one batched `generate` per turn for every session's G answers (not one per session)
     text_encoder = trainer.policy.pipeline.text_encoder
@@ -128,6 +129,7 @@ def test_a_sessions_answers_do_not_depend_on_the_sessions_beside_it(trainer, rec
         assert torch.equal(value, beside[1][key]), key
 
 
+@pytest.mark.slow
 def test_row_sampler_samples_the_tempered_softmax():
     from trl_editr2.rollout import RowSampler
 
