@@ -3,6 +3,10 @@
     python benchmarks/trainer_step.py                      # G=2, T=2, 4 steps, 8 reasoning tokens, 32 px, 1 thread
     python benchmarks/trainer_step.py --generations 6 --turns 3 --steps 15 --size 64 --tokens 32
     python benchmarks/trainer_step.py --compare 1 4 8      # unbatched vs batched rollouts at 1, 4, 8 sessions per step
+    python benchmarks/trainer_step.py --compare 8 --reasoning --generations 6 --turns 3   # reasoning: per session vs
+                                                           # one generate call for all sessions (both batched rollouts)
+    python benchmarks/trainer_step.py --compare 1 4 8 --reasoning --forwards --generations 6   # the reasoning call
+                                                           # alone, per session vs one call, timed interleaved
     python benchmarks/trainer_step.py --model checkpoints/editr2-shapes-tiny --compare 1 4 8 \\
         --generations 6 --turns 3 --steps 16 --size 64 --tokens 96 --measure 1   # the RL demo's shapes
 
@@ -16,7 +20,9 @@ forwards), decode (VAE) and rollout bookkeeping; the rewards; the learning phase
 With `--compare B1 B2 ...`, runs each sessions-per-step count twice, with the sessions rolled out one by one
 (`batch_sessions=False`) and together (`batch_sessions=True`: one transformer batch of B x G rollouts per denoising
 step), and prints one table: seconds per step and per part, with the batched / unbatched ratio of each, and the
-sampling time per sample-forward (one rollout through the transformer once).
+sampling time per sample-forward (one rollout through the transformer once). With `--reasoning` as well, both runs
+batch the transformer and the table compares the reasoning written session by session (one `generate` call per
+session and turn, as before reasoning was batched) with one `generate` call for all sessions per turn.
 """
 
 from __future__ import annotations
@@ -39,7 +45,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--compare", type=int, nargs="+", default=None, metavar="B",
                         help="sessions per step to run unbatched and batched (one table)")
     parser.add_argument("--forwards", action="store_true",
-                        help="with --compare: only time the transformer forward at G and B x G rows")
+                        help="with --compare: only time the transformer forward at G and B x G rows (with "
+                             "--reasoning: only the reasoning's generate calls)")
+    parser.add_argument("--reasoning", action="store_true",
+                        help="with --compare: reasoning per session vs one generate call for all sessions")
     parser.add_argument("--unbatched", action="store_true", help="roll the sessions out one by one")
     parser.add_argument("--steps", type=int, default=4, help="denoising steps per turn")
     parser.add_argument("--tokens", type=int, default=8, help="max reasoning tokens")
@@ -76,8 +85,30 @@ def make_trainer(args, output_dir: str, sessions: int, batch: bool):
     return EditR2Trainer(args.model, ["shapes_oracle"], args=tiny_config(output_dir, **settings), train_dataset=dataset)
 
 
-def measure(args, sessions: int, batch: bool) -> dict[str, float]:
-    """Median seconds per part of `args.measure` steps (after `args.warmup`) at `sessions` sessions per step."""
+def reasoning_per_session():
+    """A context in which `rollout_sessions` writes each session's reasoning with its own `generate` call."""
+    import contextlib
+
+    import trl_editr2.rollout as rollout
+
+    @contextlib.contextmanager
+    def patched():
+        original = rollout.write_intents_batched
+        rollout.write_intents_batched = lambda policy, requests, args: [
+            original(policy, [request], args)[0] for request in requests]
+        try:
+            yield
+        finally:
+            rollout.write_intents_batched = original
+
+    return patched()
+
+
+def measure(args, sessions: int, batch: bool, batch_reasoning: bool = True) -> dict[str, float]:
+    """Median seconds per part of `args.measure` steps (after `args.warmup`) at `sessions` sessions per step
+    (`batch_reasoning=False`: each session's reasoning in its own `generate` call)."""
+    import contextlib
+
     import torch
     from transformers import TrainerCallback
     from transformers.trainer_callback import PrinterCallback
@@ -93,7 +124,8 @@ def measure(args, sessions: int, batch: bool) -> dict[str, float]:
         def on_train_end(self, *_, **__):
             starts.append(time.perf_counter())
 
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, (contextlib.nullcontext() if batch_reasoning
+                                                else reasoning_per_session()):
         trainer = make_trainer(args, tmp, sessions, batch)
         trainer.remove_callback(PrinterCallback)  # keep the table readable
         trainer.add_callback(StepClock())
@@ -138,13 +170,17 @@ def print_single(args) -> None:
 def print_compare(args) -> None:
     """One markdown table: per sessions-per-step count, unbatched and batched seconds, batched / unbatched."""
     results = {}
+    names = ("reasoning per session", "reasoning batched") if args.reasoning else ("unbatched", "batched")
     for sessions in args.compare:
         for batch in (False, True):
-            results[sessions, batch] = measure(args, sessions, batch)
-            print(f"  measured {sessions} session(s), {'batched' if batch else 'unbatched'}: "
+            if args.reasoning:  # both batch the transformer; only the reasoning differs
+                results[sessions, batch] = measure(args, sessions, True, batch_reasoning=batch)
+            else:
+                results[sessions, batch] = measure(args, sessions, batch)
+            print(f"  measured {sessions} session(s), {names[batch]}: "
                   f"{results[sessions, batch]['step (wall)']:.2f} s/step", flush=True)
     print(describe(args, "/".join(str(s) for s in args.compare)))
-    header = "| part |" + "".join(f" {s} unbatched | {s} batched | ratio |" for s in args.compare)
+    header = "| part |" + "".join(f" {s} {names[0]} | {s} {names[1]} | ratio |" for s in args.compare)
     print(header)
     print("|---|" + "---|---|---|" * len(args.compare))
     for name in PARTS:
@@ -202,9 +238,50 @@ def forward_times(args, repeats: int = 5) -> None:
         print(f"| {sessions} | {rows} | {seconds * 1e3:.1f} | {per:.2f} | {per / (best[1] / args.generations * 1e3):.2f} |")
 
 
+def reasoning_times(args, repeats: int = 3) -> None:
+    """Seconds to write one turn's reasoning answers of B sessions x G rollouts: one `generate` call per session vs
+    one for all B sessions, timed interleaved (best of `repeats`), so that a loaded machine slows both alike."""
+    import torch
+
+    from trl_editr2.rollout import _start_sessions, generate_answers_batched, reasoning_generators
+
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = make_trainer(args, tmp, max(args.compare), True)
+        policy, config = trainer.policy, trainer.args
+        policy.eval()
+        records = [trainer.train_dataset[i] for i in range(max(args.compare))]
+        requests = [(_start_sessions(policy.pipeline, r, config), r["instruction"][0]) for r in records]
+        best: dict[tuple[int, bool], float] = {}
+        tokens: dict[tuple[int, bool], int] = {}
+        with torch.no_grad():
+            for _ in range(repeats):
+                for sessions in args.compare:
+                    for together in (False, True):
+                        batch = [(s, i, reasoning_generators((k, 0), len(s)))
+                                 for k, (s, i) in enumerate(requests[:sessions])]
+                        start = time.perf_counter()
+                        if together:
+                            out = generate_answers_batched(policy.pipeline, batch, config)
+                        else:
+                            out = [generate_answers_batched(policy.pipeline, [b], config)[0] for b in batch]
+                        seconds = time.perf_counter() - start
+                        best[sessions, together] = min(best.get((sessions, together), seconds), seconds)
+                        tokens[sessions, together] = sum(int(o[3].sum()) for o in out)
+    print("| sessions | rows | one call per session (s) | one call for all (s) | ratio | answer tokens (same in both) |")
+    print("|---|---|---|---|---|---|")
+    for sessions in args.compare:
+        a, b = best[sessions, False], best[sessions, True]
+        same = "yes" if tokens[sessions, False] == tokens[sessions, True] else "no"
+        print(f"| {sessions} | {sessions * args.generations} | {a:.3f} | {b:.3f} | {b / a:.2f} | "
+              f"{tokens[sessions, True]} ({same}) |")
+
+
 def main() -> None:
     args = parse_args()
-    if args.forwards:
+    if args.forwards and args.reasoning:
+        reasoning_times(args)
+    elif args.forwards:
         forward_times(args)
     elif args.compare:
         print_compare(args)

@@ -94,3 +94,58 @@ def test_trainer_batches_sessions_unless_told_not_to(tmp_path, records):
         for x, y in zip(a.turns, b.turns):
             assert [i.text for i in x.intents] == [i.text for i in y.intents]
             torch.testing.assert_close(y.final_latents, x.final_latents, atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_reasoning_of_all_sessions_is_one_generate_call_per_turn(trainer, records, monkeypatch):
+    # one batched `generate` per turn for every session's G answers (not one per session)
+    text_encoder = trainer.policy.pipeline.text_encoder
+    calls = []
+    original = text_encoder.generate
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs["input_ids"].shape[0])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(text_encoder, "generate", counting)
+    rollout_sessions(trainer.policy, records, trainer.args, SEEDS)
+    assert calls == [len(records) * trainer.args.num_generations] * trainer.args.num_turns
+
+
+def test_a_sessions_answers_do_not_depend_on_the_sessions_beside_it(trainer, records):
+    # each row samples from its own generator: session A's tokens alone == A's tokens next to B
+    from trl_editr2.rollout import _start_sessions, generate_answers_batched, reasoning_generators
+
+    args, pipe = trainer.args, trainer.policy.pipeline
+    a, b = (_start_sessions(pipe, r, args) for r in records[:2])
+    instruction_a, instruction_b = records[0]["instruction"][0], records[1]["instruction"][0]
+    with torch.no_grad():
+        (alone,) = generate_answers_batched(pipe, [(a, instruction_a, reasoning_generators((5, 0), len(a)))], args)
+        _, beside = generate_answers_batched(pipe, [(b, instruction_b, reasoning_generators((6, 0), len(b))),
+                                                    (a, instruction_a, reasoning_generators((5, 0), len(a)))], args)
+    assert alone[0] == beside[0]
+    assert torch.equal(alone[2], beside[2]) and torch.equal(alone[3], beside[3])
+    for key, value in alone[1].items():  # the session's own prompt batch, padded as when generated alone
+        assert torch.equal(value, beside[1][key]), key
+
+
+@pytest.mark.slow
+def test_row_sampler_samples_the_tempered_softmax():
+    from trl_editr2.rollout import RowSampler
+
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    temperature = 0.7
+    sampler = RowSampler([torch.Generator().manual_seed(0)], temperature)
+    draws = torch.stack([sampler(None, logits).argmax(-1) for _ in range(5000)]).flatten()
+    frequencies = torch.bincount(draws, minlength=4).double() / draws.numel()
+    expected = torch.softmax(logits[0].double() / temperature, -1)
+    torch.testing.assert_close(frequencies, expected, atol=0.025, rtol=0)  # ~3.5 standard errors
+
+
+def test_row_sampler_refuses_bad_input():
+    from trl_editr2.rollout import RowSampler
+
+    with pytest.raises(ValueError, match="temperature"):
+        RowSampler([torch.Generator()], 0.0)
+    with pytest.raises(ValueError, match="generators"):
+        RowSampler([torch.Generator()], 1.0)(None, torch.zeros(2, 4))

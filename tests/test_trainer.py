@@ -387,15 +387,17 @@ def test_a_restoring_rollout_trains_its_reasoning_but_not_an_image(tmp_path, mon
     import trl_editr2.rollout as rollout_module
     from trl_editr2.testing import pixel_hash_reward, tiny_dataset, tiny_trainer
 
-    real = rollout_module.generate_answers
+    real = rollout_module.generate_answers_batched
 
-    def answers_with_an_undo(pipe, sessions, instruction, args, generator):
-        answers, *rest = real(pipe, sessions, instruction, args, generator)
-        if sessions[0].num_turns == 1:  # turn 2: rollout 0 takes turn 1 back, rollout 1 edits
-            answers = ["<think>Take it back.</think>Undo the last edit.", "<think>Edit.</think>Make it blue."]
-        return answers, *rest
+    def answers_with_an_undo(pipe, requests, args):
+        out = []
+        for (sessions, _, _), (answers, *rest) in zip(requests, real(pipe, requests, args)):
+            if sessions[0].num_turns == 1:  # turn 2: rollout 0 takes turn 1 back, rollout 1 edits
+                answers = ["<think>Take it back.</think>Undo the last edit.", "<think>Edit.</think>Make it blue."]
+            out.append((answers, *rest))
+        return out
 
-    monkeypatch.setattr(rollout_module, "generate_answers", answers_with_an_undo)
+    monkeypatch.setattr(rollout_module, "generate_answers_batched", answers_with_an_undo)
     trainer = tiny_trainer(tmp_path, reward_funcs=[pixel_hash_reward], reward_weights={"pixel_hash_reward": 1.0},
                            trajectory_filter="none", num_turns=2, dataset=tiny_dataset(num_turns=2), max_steps=1,
                            global_std_min_samples=0)

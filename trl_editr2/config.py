@@ -49,12 +49,13 @@ class EditR2Config(TrainingArguments):
         num_turns (`int`, *optional*, defaults to `3`):
             Turns rolled out per session (sessions with fewer instructions use all they have). Paper: 3.
         batch_sessions (`bool`, *optional*, defaults to `True`):
-            Whether the process's sessions of a step share the transformer's batches during the rollout: each
-            denoising step runs once for all `per_device_train_batch_size x num_generations` rollouts
+            Whether the process's sessions of a step share the text encoder's and the transformer's batches during
+            the rollout: each turn's reasoning answers are sampled in one `generate` call and each denoising step runs
+            once for all `per_device_train_batch_size x num_generations` rollouts
             (`trl_editr2.rollout.rollout_sessions`) instead of once per session. Every session keeps its own seeds
-            (reasoning, noise, SDE window and noise), so the rollouts equal the per-session ones to float rounding (a
-            larger batch sums in another order); `False` rolls the sessions out one by one, bit-identical to earlier
-            versions. See docs/trainer.md (throughput).
+            (each rollout's reasoning generator, noise, SDE window and noise), so the rollouts equal the per-session
+            ones to float rounding (a larger batch sums in another order); `False` rolls the sessions out one by one.
+            See docs/trainer.md (throughput).
         same_initial_noise (`bool`, *optional*, defaults to `True`):
             Whether the G rollouts of a session start every turn from the same initial noise, so that diversity comes
             only from the SDE window and the sampled reasoning. Paper: `True`.
@@ -207,7 +208,8 @@ class EditR2Config(TrainingArguments):
     num_generations: int = field(default=6, metadata={"help": "Rollouts per session (group size G). Paper: 6."})
     num_turns: int = field(default=3, metadata={"help": "Turns rolled out per session. Paper: 3."})
     batch_sessions: bool = field(
-        default=True, metadata={"help": "Batch the transformer calls of all the process's sessions of a step."}
+        default=True,
+        metadata={"help": "Batch the reasoning and transformer calls of all the process's sessions of a step."},
     )
     same_initial_noise: bool = field(
         default=True, metadata={"help": "G rollouts of a session share each turn's initial noise. Paper: True."}

@@ -9,9 +9,10 @@ intent names an earlier session state ("Undo the last edit.", `editr2.intent.par
 state exactly instead: its turn trains its reasoning tokens only (`TurnRollout.restored`). The G rollouts of a
 session share the start and, with `same_initial_noise`, each turn's initial noise; they are batched through the
 transformer, so the loss can re-run exactly the same batches (on-policy ratios of exactly 1). `rollout_sessions` rolls
-several sessions out together: one transformer batch of all their rollouts per denoising step, each session with its
-own seeds; each turn's record keeps the session's rows of that batch (prompt padding included), so the loss still
-re-runs exactly what was sampled.
+several sessions out together: one `generate` call for all their reasoning answers per turn and one transformer batch
+of all their rollouts per denoising step, each session (and each rollout's reasoning) with its own seeds; each turn's
+record keeps the session's rows of that batch (prompt padding included), so the loss still re-runs exactly what was
+sampled.
 
 All randomness comes from generators seeded by `(seed, session, turn, purpose)`, never from the global RNG: a
 rollout does not depend on which process runs it or on what ran before (resume and scale-out reproduce it).
@@ -211,59 +212,148 @@ def schedule(pipeline, args, image_seq_len: int, device) -> tuple[Tensor, Tensor
     return sigmas[:-1] * pipeline.scheduler.config.num_train_timesteps, sigmas
 
 
-def generate_answers(pipe, sessions: Sequence[Any], instruction: str, args, generator: torch.Generator):
-    """Sample one reasoning answer per rollout, all G in one batched `generate` call.
+class RowSampler:
+    """A logits processor that samples every row of a batched `generate` from its own generator (inverse CDF).
 
-    Added here (the pipeline's `generate_reasoning` writes one answer at a time): the same request
-    (`pipe.prepare_reasoning_inputs`, i.e. the IC-CoT messages with the rollout's current image) and the same sampling
-    (temperature, no top-k / top-p), on the G prompts left-padded into one batch. The global RNG is seeded from
-    `generator` inside `fork_rng`, as the pipeline does.
+    At each new token, row `r` draws one uniform `u` from `generators[r]` and picks the token where `u` falls in the
+    cumulative distribution of `softmax(scores / temperature)` (summed in float64); it returns scores that are 0 there
+    and -inf elsewhere, so greedy decoding (the argmax) keeps that token: an exact sample of the tempered softmax. A
+    row's draws depend only on its own generator, so its tokens do not depend on which other rows share the batch (up
+    to the logits' float rounding, which padding can change: a token changes only if `u` lies within rounding of a
+    boundary of the cumulative distribution). One uniform per row and token, whatever the vocabulary, drawn on the CPU
+    (the same tokens on every device, to rounding). Every row draws at every generated position, also after it has
+    ended, so the draws a row keeps (through its end-of-sequence token) are the same whatever the batch.
 
-    Returns:
-        `(answers, prompt_inputs, completion_ids, completion_mask)`: the decoded answers, the batched prompt inputs
-        `(G, P)`, the new tokens `(G, L)` up to and including each row's end-of-sequence token, and their mask.
+    Args:
+        generators: one CPU `torch.Generator` per row of the batch, in row order.
+        temperature: the sampling temperature (> 0).
     """
-    text_encoder = pipe.text_encoder
-    device = pipe._execution_device
-    inputs = [pipe.prepare_reasoning_inputs(s, instruction, args.reasoning_template, args.condition_area)
-              for s in sessions]
-    pad = pipe.tokenizer.pad_token_id if pipe.tokenizer.pad_token_id is not None else 0
-    prompt, _, _ = batch_text(inputs, [x["input_ids"][:, :1] for x in inputs], pad)
-    prompt = {k: v.to(device) for k, v in prompt.items()}
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        sequences = text_encoder.generate(
-            **prompt, max_new_tokens=args.max_reasoning_tokens, do_sample=True,
-            temperature=args.reasoning_temperature, top_k=None, top_p=None,
-        )
-    new = sequences[:, prompt["input_ids"].shape[1] :]  # (G, L)
-    eos = text_encoder.generation_config.eos_token_id
-    eos = torch.tensor([eos] if isinstance(eos, int) else list(eos or []), device=new.device)
+
+    def __init__(self, generators: Sequence[torch.Generator], temperature: float):
+        if not temperature > 0:
+            raise ValueError(f"temperature={temperature}: pass a sampling temperature > 0.")
+        self.generators = list(generators)
+        self.temperature = float(temperature)
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        if scores.shape[0] != len(self.generators):
+            raise ValueError(f"the batch has {scores.shape[0]} rows but {len(self.generators)} generators were given.")
+        uniform = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in self.generators])  # (rows,)
+        cdf = torch.softmax(scores.double() / self.temperature, dim=-1).cumsum(-1)  # (rows, vocab)
+        targets = (uniform.to(cdf.device) * cdf[:, -1]).unsqueeze(1)
+        tokens = torch.searchsorted(cdf, targets, right=True).clamp_max(scores.shape[-1] - 1)  # first cdf > target
+        out = torch.full_like(scores, float("-inf"))
+        return out.scatter_(1, tokens, 0.0)
+
+
+def _trim_completions(new: Tensor, eos_ids, pad: int) -> tuple[Tensor, Tensor]:
+    """`(completion_ids, mask)` of generated rows `new (R, L)`: each row kept through its first end-of-sequence token,
+    padding after it, and the columns cut to the longest kept row."""
+    eos = torch.tensor([eos_ids] if isinstance(eos_ids, int) else list(eos_ids or []), device=new.device)
     is_eos = torch.isin(new, eos)
     ended_before = is_eos.long().cumsum(1) - is_eos.long()  # eos tokens strictly before each position
     mask = ended_before == 0  # keep through the first eos
-    completion_ids = torch.where(mask, new, torch.full_like(new, pad))
-    answers = pipe.tokenizer.batch_decode(
-        [row[m] for row, m in zip(completion_ids, mask)], skip_special_tokens=True
+    length = int(mask.sum(1).max()) if new.shape[0] else 0
+    mask = mask[:, :length]
+    return torch.where(mask, new[:, :length], torch.full_like(new[:, :length], pad)), mask
+
+
+def generate_answers_batched(pipe, requests: Sequence[tuple[Sequence[Any], str, Sequence[torch.Generator]]], args):
+    """Sample one reasoning answer per rollout for several sessions' turns, all in one batched `generate` call.
+
+    Added here (the pipeline's `generate_reasoning` writes one answer at a time): the same request
+    (`pipe.prepare_reasoning_inputs`, i.e. the IC-CoT messages with the rollout's current image) and the same sampling
+    distribution (temperature, no top-k / top-p), the prompts of every request left-padded into one batch. Each row
+    samples from its own generator (`RowSampler`), so a session's answers are those of generating it alone, to the
+    logits' float rounding (padding to a longer prompt changes the summation order).
+
+    Args:
+        pipe: the `EditR2Pipeline`.
+        requests: per session, `(sessions, instruction, generators)`: its G rollouts' current sessions, the turn's
+            instruction and one generator per rollout.
+        args: the [`EditR2Config`] (`reasoning_template`, `condition_area`, `max_reasoning_tokens`,
+            `reasoning_temperature`).
+
+    Returns:
+        Per request, `(answers, prompt_inputs, completion_ids, completion_mask)`: the decoded answers, the request's
+        own prompt inputs `(G, P)` (left-padded to its longest prompt, as when generated alone), the new tokens
+        `(G, L)` up to and including each row's end-of-sequence token (L: its longest row), and their mask.
+    """
+    if not requests:
+        return []
+    for sessions, _, generators in requests:
+        if len(generators) != len(sessions):
+            raise ValueError(f"pass one generator per rollout; got {len(generators)} for {len(sessions)} rollouts.")
+    text_encoder = pipe.text_encoder
+    device = pipe._execution_device
+    pad = pipe.tokenizer.pad_token_id if pipe.tokenizer.pad_token_id is not None else 0
+    inputs = [[pipe.prepare_reasoning_inputs(s, instruction, args.reasoning_template, args.condition_area)
+               for s in sessions] for sessions, instruction, _ in requests]
+    flat = [x for group in inputs for x in group]
+    prompt, _, _ = batch_text(flat, [x["input_ids"][:, :1] for x in flat], pad)
+    prompt = {k: v.to(device) for k, v in prompt.items()}
+    sampler = RowSampler([g for _, _, generators in requests for g in generators], args.reasoning_temperature)
+    sequences = text_encoder.generate(
+        **prompt, max_new_tokens=args.max_reasoning_tokens, do_sample=False, temperature=None, top_k=None,
+        top_p=None, logits_processor=[sampler],
     )
-    return answers, prompt, completion_ids, mask
+    new = sequences[:, prompt["input_ids"].shape[1] :]  # (sum G, L)
+    eos = text_encoder.generation_config.eos_token_id
+    results, start = [], 0
+    for group in inputs:
+        rows = slice(start, start + len(group))
+        start += len(group)
+        completion_ids, mask = _trim_completions(new[rows], eos, pad)
+        own, _, _ = batch_text(group, [x["input_ids"][:, :1] for x in group], pad)
+        answers = pipe.tokenizer.batch_decode([row[m] for row, m in zip(completion_ids, mask)],
+                                              skip_special_tokens=True)
+        results.append((answers, {k: v.to(device) for k, v in own.items()}, completion_ids, mask))
+    return results
+
+
+def reasoning_generators(seed_keys: tuple, num_rollouts: int) -> list[torch.Generator]:
+    """One seeded generator per rollout for its reasoning tokens: `(*seed_keys, "reasoning", g)`."""
+    return [seeded_generator(*seed_keys, "reasoning", g) for g in range(num_rollouts)]
+
+
+def generate_answers(pipe, sessions: Sequence[Any], instruction: str, args, generators: Sequence[torch.Generator]):
+    """[`generate_answers_batched`] for one session's G rollouts: `(answers, prompt_inputs, completion_ids, mask)`."""
+    return generate_answers_batched(pipe, [(sessions, instruction, generators)], args)[0]
+
+
+def write_intents_batched(policy, requests: Sequence[tuple[Sequence[Any], str, tuple]], args
+                          ) -> list[tuple[list, TextSample | None]]:
+    """Sample one intent per rollout for several sessions' turns in one `generate` call; keep each session's answer
+    tokens for its text loss.
+
+    Args:
+        requests: per session, `(sessions, instruction, seed_keys)`; the rollouts' generators are
+            `reasoning_generators(seed_keys, G)`.
+
+    Returns:
+        Per request, `(intents, text)`: the G parsed intents and the `TextSample` (None when the reasoning is not
+        trained). The old log-probs are a teacher-forced pass over the session's own G rows, the batch the loss
+        re-runs.
+    """
+    pipe = policy.pipeline
+    generated = generate_answers_batched(
+        pipe, [(sessions, instruction, reasoning_generators(keys, len(sessions)))
+               for sessions, instruction, keys in requests], args)
+    out = []
+    for (sessions, instruction, _), (answers, prompt, ids, mask) in zip(requests, generated):
+        intents = [parse_answer(answer, instruction, num_turns=s.num_turns) for answer, s in zip(answers, sessions)]
+        text = None
+        if args.train_reasoning:
+            text = TextSample(prompt, ids, mask, old_logps=None)
+            with torch.no_grad():
+                text.old_logps = policy.token_logps(text)  # at `args.reasoning_temperature` (the policy's args)
+        out.append((intents, text))
+    return out
 
 
 def write_intents(policy, sessions: Sequence[Any], instruction: str, args, seed_keys: tuple) -> tuple[list, TextSample | None]:
     """Sample one intent per rollout at the reasoning temperature; keep the answers' tokens for the text loss."""
-    pipe = policy.pipeline
-    answers, prompt, ids, mask = generate_answers(
-        pipe, sessions, instruction, args, seeded_generator(*seed_keys, "reasoning")
-    )
-    intents = [parse_answer(answer, instruction, num_turns=s.num_turns) for answer, s in zip(answers, sessions)]
-    if not args.train_reasoning:
-        return intents, None
-    text = TextSample(prompt, ids, mask, old_logps=None)
-    with torch.no_grad():
-        text.old_logps = policy.token_logps(text)  # at `args.reasoning_temperature` (the policy's args)
-    return intents, text
+    return write_intents_batched(policy, [(sessions, instruction, seed_keys)], args)[0]
 
 
 @dataclass
@@ -287,8 +377,18 @@ class _TurnPlan:
     out: Any = None
 
 
-def _plan_turn(policy, sessions: list, instruction: str, turn: int, args, seed_keys: tuple) -> _TurnPlan:
-    """Reasoning, conditioning, initial noise, schedule and SDE window of one session's turn (steps 1-3)."""
+def _reasons_at(args, turn: int) -> bool:
+    """Whether an intent is written (sampled) at `turn`."""
+    return args.reasoning == "intent" and (turn > 0 or getattr(args, "reason_at_first_turn", True))
+
+
+def _plan_turn(policy, sessions: list, instruction: str, turn: int, args, seed_keys: tuple,
+               reasoning: tuple | None = None) -> _TurnPlan:
+    """Reasoning, conditioning, initial noise, schedule and SDE window of one session's turn (steps 1-3).
+
+    `reasoning`: `(intents, text, seconds)` already written for this turn (`rollout_sessions` writes every session's
+    in one batched call); None writes them here.
+    """
     pipe = policy.pipeline
     device = pipe._execution_device
     num_rollouts = len(sessions)
@@ -296,12 +396,16 @@ def _plan_turn(policy, sessions: list, instruction: str, turn: int, args, seed_k
     start = _now(device)
 
     # 1. Reasoning: one sampled intent per rollout (or the raw instruction)
-    reasoned = args.reasoning == "intent" and (turn > 0 or getattr(args, "reason_at_first_turn", True))
-    if reasoned:
+    reasoned = _reasons_at(args, turn)
+    if reasoning is not None:
+        intents, text, seconds = reasoning
+    elif reasoned:
         intents, text = write_intents(policy, sessions, instruction, args, (*seed_keys, turn))
+        seconds = _now(device) - start
     else:
-        intents, text = [Intent(instruction)] * num_rollouts, None
-    timings["reasoning"] = _now(device) - start
+        intents, text, seconds = [Intent(instruction)] * num_rollouts, None, _now(device) - start
+    timings["reasoning"] = seconds
+    start = _now(device)
 
     # 2. Conditioning of each rollout (its intent, its current image), batched
     negative = args.negative_prompt if args.true_cfg_scale > 1 else None
@@ -315,7 +419,7 @@ def _plan_turn(policy, sessions: list, instruction: str, turn: int, args, seed_k
             sessions = [conditioning.session] * num_rollouts
         conditionings.append(conditioning)
     conditioning = batch_conditioning(conditionings)
-    timings["encode"] = _now(device) - start - timings["reasoning"]
+    timings["encode"] = _now(device) - start
 
     # 3. Initial noise (shared by the group with same_initial_noise) and the schedule
     num_latent_channels = pipe.transformer.config.in_channels // 4
@@ -532,12 +636,13 @@ def rollout_sessions(policy, records: Sequence[dict], args, seeds: Sequence[int]
     """[`rollout_session`] for several sessions at once, turn by turn, with one transformer batch per denoising step.
 
     Each session keeps its own seeds, so its reasoning tokens, initial noise, SDE window and SDE noise are those of
-    `rollout_session(policy, record, args, seed)`; the reasoning is still written session by session (its sampling
-    draws from one seeded RNG per session). At every turn the B sessions' B x G rollouts go through the transformer
-    together (sessions whose shapes or schedules differ in separate batches), which on a CPU or a GPU is much faster
-    than B calls of G. The velocities then differ from the per-session ones by float rounding only (summation order
-    in a larger batch, padding to the longest prompt), so the samples and old log-probs match `rollout_session` to a
-    tolerance, not bit for bit.
+    `rollout_session(policy, record, args, seed)`. At every turn the B sessions' B x G reasoning answers are sampled
+    in one batched `generate` call (each row from its own generator, `RowSampler`), and their B x G rollouts go
+    through the transformer together at every denoising step (sessions whose shapes or schedules differ in separate
+    batches), which on a CPU or a GPU is faster than B calls of G. The logits and velocities then differ from the
+    per-session ones by float rounding only (summation order in a larger batch, padding to the longest prompt), so
+    the samples and old log-probs match `rollout_session` to a tolerance, not bit for bit (a sampled token could
+    only change where two tokens' perturbed scores tie to rounding).
 
     Args:
         policy: the [`~trl_editr2.policy.EditR2Policy`].
@@ -551,8 +656,18 @@ def rollout_sessions(policy, records: Sequence[dict], args, seeds: Sequence[int]
     sources = [sessions[0].source_image for sessions in states]
     turns: list[list[TurnRollout]] = [[] for _ in records]
     for turn in range(args.num_turns):
-        plans = [_plan_turn(policy, sessions, list(record["instruction"])[turn], turn, args, (seed,))
-                 for sessions, record, seed in zip(states, records, seeds)]
+        instructions = [list(record["instruction"])[turn] for record in records]
+        reasoning = [None] * len(records)
+        if _reasons_at(args, turn):  # every session's G answers in one `generate` call
+            device = policy.pipeline._execution_device
+            start = _now(device)
+            written = write_intents_batched(
+                policy, [(sessions, instruction, (seed, turn))
+                         for sessions, instruction, seed in zip(states, instructions, seeds)], args)
+            share = (_now(device) - start) / len(records)
+            reasoning = [(intents, text, share) for intents, text in written]
+        plans = [_plan_turn(policy, sessions, instruction, turn, args, (seed,), reasoned)
+                 for sessions, instruction, seed, reasoned in zip(states, instructions, seeds, reasoning)]
         groups: dict[tuple, list[_TurnPlan]] = {}
         for plan in plans:
             groups.setdefault(_batch_key(plan), []).append(plan)

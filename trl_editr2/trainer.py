@@ -350,6 +350,11 @@ class EditR2Trainer(Trainer):
         for t in range(num_turns):
             metrics[f"rewards/turn_{t + 1}/mean"].append(_nanmean(per_turn[:, t]))
         metrics["filter/frac_filtered"].append(float(1 - self._gather(keep.view(-1).float()).mean()))
+        if args.filter_reward_name in scores:  # hard failures, and what the if_zero filter masks (whatever the mode)
+            filter_scores = as_tensor(scores[args.filter_reward_name])
+            metrics["filter/frac_if_zero"].append(float(self._gather((filter_scores == 0).view(-1).float()).mean()))
+            would_keep = trajectory_filter(filter_scores, "if_zero")
+            metrics["filter/frac_if_zero_masks"].append(float(1 - self._gather(would_keep.view(-1).float()).mean()))
         if args.reasoning == "intent":
             fallbacks = torch.tensor(  # over the turns that reasoned (same count on every process)
                 [i.fallback_reason is not None for ro in rollouts for turn in ro.turns if turn.reasoned

@@ -1,0 +1,395 @@
+"""docs/results_rl.md and its plot, regenerated only from the committed results of `recipes.shapes_tiny.rl_runs`.
+
+    python -m recipes.shapes_tiny.rl_page                     # docs/rl_runs/ -> docs/results_rl.md + results_rl.png
+    python -m recipes.shapes_tiny.rl_page --results DIR --out OUT.md
+
+Reads `RESULTS/ARM/seedN/{run.json, trainer_state.json, bench_t3.json, bench_t6.json}` (any arms, seeds and turn
+counts present) and writes:
+
+- per arm, the held-out per-turn IF / CC / GA / reward, the mean over seeds of each seed's mean over all sessions of
+  both families, with the range over seeds of the turn-2-3 reward;
+- paired differences RL - SFT and RL - RL without filtering, per turn, for the turn-2-3 mean reward and GA at turn 3:
+  the mean over sessions of (the session's mean over one arm's seeds - its mean over the other's), with a paired
+  bootstrap 95% interval that resamples sessions (pairing by session, pooling seeds; `paired_bootstrap`). Sessions
+  are the same held-out ones in every arm and seed (`rl_runs --bench-seed`), so a session's difficulty cancels out;
+  the interval does not resample seeds, whose spread the per-seed columns show;
+- the 6-turn sessions in their own tables;
+- training: steps, seconds per step, reward at the start and end, and filtering statistics from the logs (how often
+  IF = 0, what the if_zero filter removed or, without filtering, would have removed);
+- the plot: training reward vs step, mean over seeds with a band from the lowest to the highest seed, per arm; and
+  the held-out reward per turn.
+
+The output depends on the result files only (no clock, a fixed bootstrap seed): regenerating it from the same files
+writes the same page.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from editr2.bench.stats import paired_bootstrap_ci
+
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_RESULTS = REPO / "docs" / "rl_runs"
+DEFAULT_OUT = REPO / "docs" / "results_rl.md"
+ARM_ORDER = ("sft", "rl", "rl_nofilter")
+LABELS = {"sft": "SFT (shipped default)", "rl": "RL (Edit-R2, if_zero filter)", "rl_nofilter": "RL, no filtering"}
+COLORS = {"sft": "tab:gray", "rl": "tab:blue", "rl_nofilter": "tab:orange"}
+COMPARISONS = (("rl", "sft"), ("rl", "rl_nofilter"))
+METRICS = ("IF", "CC", "GA", "reward")
+RESAMPLES = 2000
+BOOTSTRAP_SEED = 0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def load_results(root: str | Path) -> dict[str, dict[int, dict]]:
+    """`{arm: {seed: {"run": run.json, "state": trainer_state.json or None, "bench": {turns: bench_tT.json}}}}`.
+
+    Raises:
+        ValueError: when `root` holds no `ARM/seedN/bench_tT.json` file.
+    """
+    root = Path(root)
+    runs: dict[str, dict[int, dict]] = {}
+    for bench_file in sorted(root.glob("*/seed*/bench_t*.json")):
+        folder = bench_file.parent
+        seed_match, turns_match = re.fullmatch(r"seed(\d+)", folder.name), re.fullmatch(r"bench_t(\d+)\.json",
+                                                                                        bench_file.name)
+        if not seed_match or not turns_match:
+            continue
+        arm, seed = folder.parent.name, int(seed_match.group(1))
+        entry = runs.setdefault(arm, {}).setdefault(seed, {"run": {}, "state": None, "bench": {}})
+        entry["bench"][int(turns_match.group(1))] = json.loads(bench_file.read_text())
+        if not entry["run"] and (folder / "run.json").is_file():
+            entry["run"] = json.loads((folder / "run.json").read_text())
+        if entry["state"] is None and (folder / "trainer_state.json").is_file():
+            entry["state"] = json.loads((folder / "trainer_state.json").read_text())
+    if not runs:
+        raise ValueError(f"{root} holds no ARM/seedN/bench_tT.json results: write them with "
+                         "`python -m recipes.shapes_tiny.rl_runs --arm ARM --seed N`, or pass --results DIR.")
+    order = [a for a in ARM_ORDER if a in runs] + sorted(a for a in runs if a not in ARM_ORDER)
+    return {arm: dict(sorted(runs[arm].items())) for arm in order}
+
+
+def session_scores(bench: dict) -> dict[str, np.ndarray]:
+    """`{family/session id: (turns, 4) array of IF, CC, GA, reward}` of one bench file."""
+    index = [bench.get("metrics", list(METRICS)).index(m) for m in METRICS]
+    return {f"{family}/{row['id']}": np.asarray(row["scores"], dtype=np.float64)[:, index]
+            for family, result in bench["families"].items() for row in result["sessions"]}
+
+
+def arm_sessions(runs: dict[int, dict], turns: int) -> dict[str, list[np.ndarray]]:
+    """`{session key: [(turns, 4) scores of each seed]}` of one arm at one turn count (seeds that benched it)."""
+    pooled: dict[str, list[np.ndarray]] = {}
+    for entry in runs.values():
+        if turns in entry["bench"]:
+            for key, scores in session_scores(entry["bench"][turns]).items():
+                pooled.setdefault(key, []).append(scores)
+    return pooled
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Statistics
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def paired_bootstrap(a: dict[str, list[float]], b: dict[str, list[float]], resamples: int = RESAMPLES,
+                     level: float = 0.95, seed: int = BOOTSTRAP_SEED) -> dict:
+    """The mean paired difference `a - b` over sessions and its bootstrap interval.
+
+    Each session's value is averaged over its seeds in each arm (pooling seeds), the difference taken per session
+    (pairing by session), and the sessions resampled with replacement `resamples` times; the interval is the
+    percentile interval of the resampled means (`editr2.bench.stats.paired_bootstrap_ci`).
+
+    Args:
+        a, b: `{session key: [value of each seed]}` of two arms; only the sessions in both are compared.
+        resamples: bootstrap resamples (>= 1).
+        level: the interval's coverage, in (0, 1).
+        seed: the resampling seed (fixed, so the same files give the same interval).
+
+    Returns:
+        `{"diff", "low", "high", "n"}`: the mean difference, the interval's ends and the number of sessions paired
+        (all NaN and n = 0 when no session is in both).
+    """
+    if resamples < 1 or not 0 < level < 1:
+        raise ValueError(f"resamples={resamples}, level={level}: pass resamples >= 1 and a level in (0, 1).")
+    keys = sorted(set(a) & set(b))
+    if not keys:
+        return {"diff": math.nan, "low": math.nan, "high": math.nan, "n": 0}
+    mean_a = np.array([np.mean(a[k]) for k in keys], dtype=np.float64)  # (sessions,) seeds pooled
+    mean_b = np.array([np.mean(b[k]) for k in keys], dtype=np.float64)
+    diffs = mean_a - mean_b
+    if not np.isfinite(diffs).all():
+        raise ValueError("non-finite scores in the bench files: rerun the bench of the affected arm.")
+    low, high = paired_bootstrap_ci(mean_b, mean_a, num_resamples=resamples, level=level, seed=seed)  # a - b
+    return {"diff": float(diffs.mean()), "low": float(low), "high": float(high), "n": len(keys)}
+
+
+def per_seed_means(runs: dict[int, dict], turns: int) -> dict[int, np.ndarray]:
+    """`{seed: (turns, 4) mean over all sessions of both families}` of one arm."""
+    out = {}
+    for seed, entry in runs.items():
+        if turns in entry["bench"]:
+            scores = list(session_scores(entry["bench"][turns]).values())
+            out[seed] = np.mean(np.stack(scores), axis=0)
+    return out
+
+
+def late_reward(scores: np.ndarray) -> float:
+    """The mean reward over turns 2-3 (or 2 when there are only 2)."""
+    return float(scores[1:3, 3].mean())
+
+
+def values(sessions: dict[str, list[np.ndarray]], fn) -> dict[str, list[float]]:
+    """`{session key: [fn(scores) of each seed]}`."""
+    return {key: [fn(s) for s in seeds] for key, seeds in sessions.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Formatting
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def fmt(value: float | None, digits: int = 3) -> str:
+    return "n/a" if value is None or math.isnan(value) else f"{value:.{digits}f}"
+
+
+def fmt_diff(result: dict, digits: int = 3) -> str:
+    """`+0.012 [-0.004, +0.029]` (or n/a)."""
+    if result["n"] == 0:
+        return "n/a"
+    return f"{result['diff']:+.{digits}f} [{result['low']:+.{digits}f}, {result['high']:+.{digits}f}]"
+
+
+def label(arm: str) -> str:
+    return LABELS.get(arm, arm)
+
+
+def per_turn_table(results: dict, turns: int) -> list[str]:
+    """Per arm: seeds, per-turn means over seeds of each metric, turn-2-3 reward (mean and range over seeds)."""
+    header = " / ".join(f"t{t}" for t in range(1, turns + 1))
+    lines = ["| arm | seeds | " + " | ".join(f"{m} {header}" for m in METRICS) + " | reward turns 2-3 (seed range) |",
+             "|---|---|" + "---|" * (len(METRICS) + 1)]
+    for arm, runs in results.items():
+        seeds = per_seed_means(runs, turns)
+        if not seeds:
+            continue
+        mean = np.mean(np.stack(list(seeds.values())), axis=0)  # (turns, 4)
+        late = [float(m[1:3, 3].mean()) for m in seeds.values()]
+        cells = [" / ".join(f"{v:.2f}" for v in mean[:, i]) for i in range(len(METRICS))]
+        lines.append(f"| {label(arm)} | {', '.join(map(str, seeds))} | " + " | ".join(cells) +
+                     f" | {np.mean(late):.3f} ({min(late):.3f} - {max(late):.3f}) |")
+    return lines
+
+
+def differences_table(results: dict, turns: int) -> list[str]:
+    """Paired differences with bootstrap intervals: per turn reward, turn-2-3 reward, GA at turn 3 (when present)."""
+    columns = [(f"reward t{t + 1}", (lambda s, t=t: float(s[t, 3]))) for t in range(turns)]
+    columns.append(("reward turns 2-3", late_reward))
+    if turns > 3:
+        columns.append((f"reward turns 2-{turns}", lambda s: float(s[1:, 3].mean())))
+    if turns >= 3:
+        columns.append(("GA t3", lambda s: float(s[2, 2])))
+    lines = ["| difference | sessions | " + " | ".join(name for name, _ in columns) + " |",
+             "|---|---|" + "---|" * len(columns)]
+    for a, b in COMPARISONS:
+        if a not in results or b not in results:
+            lines.append(f"| {label(a)} - {label(b)} | n/a (arm missing) |" + " n/a |" * len(columns))
+            continue
+        sa, sb = arm_sessions(results[a], turns), arm_sessions(results[b], turns)
+        cells = [paired_bootstrap(values(sa, fn), values(sb, fn)) for _, fn in columns]
+        lines.append(f"| {label(a)} - {label(b)} | {cells[0]['n']} | " + " | ".join(fmt_diff(c) for c in cells) + " |")
+    return lines
+
+
+def log_entries(state: dict | None) -> list[dict]:
+    """The per-step entries (those with a reward) of a trainer_state.json."""
+    if not state:
+        return []
+    return [e for e in state.get("log_history", []) if e.get("reward") is not None and "step" in e]
+
+
+def mean_of(entries: list[dict], key: str) -> float:
+    found = [e[key] for e in entries if isinstance(e.get(key), (int, float))]
+    return float(np.mean(found)) if found else math.nan
+
+
+def training_table(results: dict) -> list[str]:
+    """Per trained arm: seeds, steps, s / step, reward first / last 10 steps, filter statistics (means over seeds)."""
+    lines = ["| arm | seeds | steps | s / step | reward, first 10 steps | reward, last 10 steps | IF = 0 (samples) | "
+             "filtered (samples) | if_zero would mask (samples) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for arm, runs in results.items():
+        logs = {seed: log_entries(entry["state"]) for seed, entry in runs.items()}
+        logs = {seed: entries for seed, entries in logs.items() if entries}
+        if not logs:
+            continue
+
+        def over_seeds(fn) -> float:
+            return float(np.nanmean([fn(entries) for entries in logs.values()]))
+
+        steps = sorted({entries[-1]["step"] for entries in logs.values()})
+        lines.append(
+            f"| {label(arm)} | {', '.join(map(str, logs))} | {', '.join(map(str, steps))} | "
+            f"{fmt(over_seeds(lambda e: mean_of(e, 'timing/step')), 1)} | "
+            f"{fmt(over_seeds(lambda e: mean_of(e[:10], 'reward')))} | "
+            f"{fmt(over_seeds(lambda e: mean_of(e[-10:], 'reward')))} | "
+            f"{fmt(over_seeds(lambda e: mean_of(e, 'filter/frac_if_zero')), 3)} | "
+            f"{fmt(over_seeds(lambda e: mean_of(e, 'filter/frac_filtered')), 3)} | "
+            f"{fmt(over_seeds(lambda e: mean_of(e, 'filter/frac_if_zero_masks')), 3)} |")
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Plot
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def smooth(series: np.ndarray, window: int) -> np.ndarray:
+    """Trailing moving average along the last axis."""
+    out = np.empty_like(series, dtype=np.float64)
+    for i in range(series.shape[-1]):
+        out[..., i] = series[..., max(0, i - window + 1) : i + 1].mean(axis=-1)
+    return out
+
+
+def reward_curves(runs: dict[int, dict]) -> tuple[np.ndarray, np.ndarray] | None:
+    """`(steps, (seeds, steps) reward)` over the steps every seed logged; None when no seed has a log."""
+    logs = [{e["step"]: e["reward"] for e in log_entries(entry["state"])} for entry in runs.values()]
+    logs = [log for log in logs if log]
+    if not logs:
+        return None
+    steps = sorted(set.intersection(*(set(log) for log in logs)))
+    return np.array(steps), np.array([[log[s] for s in steps] for log in logs], dtype=np.float64)
+
+
+def write_plot(path: Path, results: dict, window: int = 10) -> None:
+    """Training reward vs step (mean over seeds, band from the lowest to the highest seed, trailing mean of
+    `window` steps) and the held-out 3-turn reward per turn (mean over seeds, bars from the lowest to the highest)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for arm, runs in results.items():
+        curves = reward_curves(runs)
+        if curves is None:
+            continue
+        steps, rewards = curves
+        smoothed = smooth(rewards, window)
+        left.plot(steps, smoothed.mean(axis=0), color=COLORS.get(arm), label=f"{label(arm)} ({len(rewards)} seeds)",
+                  marker="." if len(steps) < 30 else None)
+        left.fill_between(steps, smoothed.min(axis=0), smoothed.max(axis=0), color=COLORS.get(arm), alpha=0.2)
+    left.set(xlabel="step", ylabel="reward")
+    left.set_title(f"training reward (mean of {window} steps)\nline: mean over seeds, band: seed range", fontsize=10)
+    if left.get_legend_handles_labels()[0]:
+        left.legend(fontsize=8)
+
+    turns = 3 if any(3 in e["bench"] for runs in results.values() for e in runs.values()) else \
+        min(t for runs in results.values() for e in runs.values() for t in e["bench"])
+    arms = [arm for arm, runs in results.items() if per_seed_means(runs, turns)]
+    width = 0.8 / max(1, len(arms))
+    for i, arm in enumerate(arms):
+        seeds = np.stack(list(per_seed_means(results[arm], turns).values()))[:, :, 3]  # (seeds, turns)
+        x = np.arange(1, seeds.shape[1] + 1) + (i - (len(arms) - 1) / 2) * width
+        mean = seeds.mean(axis=0)
+        right.bar(x, mean, width, color=COLORS.get(arm), label=label(arm),
+                  yerr=[mean - seeds.min(axis=0), seeds.max(axis=0) - mean], capsize=2)
+    right.set(xlabel="turn", ylabel="reward", xticks=list(range(1, turns + 1)))
+    right.set_title(f"held-out reward per turn ({turns}-turn sessions)\nmean over seeds, bars: seed range", fontsize=10)
+    if arms:
+        right.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, metadata={"Software": None})
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Page
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def shown(path: Path) -> str:
+    path = Path(path).resolve()
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+
+
+def protocol(results: dict, results_dir: Path) -> list[str]:
+    """What was run: arms, seeds, steps, the training config's key settings, the held-out sessions."""
+    benches = [b for runs in results.values() for e in runs.values() for b in e["bench"].values()]
+    first = benches[0]
+    trained = [e["run"] for arm, runs in results.items() if arm != "sft" for e in runs.values() if e["run"]]
+    config = trained[0].get("config", {}) if trained else {}
+    keys = ("per_device_train_batch_size", "num_generations", "num_turns", "num_inference_steps", "sde_window_size",
+            "sde_window_range", "noise_level", "clip_range_image", "clip_range_text", "beta", "global_std",
+            "group_key", "lora_r", "text_lora_r", "learning_rate", "max_steps")
+    settings = ", ".join(f"{k} {config[k]}" for k in keys if k in config)
+    families = sorted({f for b in benches for f in b["families"]})
+    turn_counts = sorted({b["turns"] for b in benches})
+    lines = [
+        f"Regenerated by `python -m recipes.shapes_tiny.rl_page` from the committed results in `{shown(results_dir)}` "
+        "(each `ARM/seedN/` written by `python -m recipes.shapes_tiny.rl_runs --arm ARM --seed N`).",
+        "",
+        "- Arms: " + "; ".join(f"{label(arm)}: seeds {', '.join(map(str, runs))}"
+                               for arm, runs in results.items()) + ".",
+        f"- Training (RL arms): `{trained[0].get('model', '?') if trained else '?'}` + LoRA on the editor and the "
+        f"reasoner, {settings}." if trained else "- No trained arm.",
+        f"- Held-out bench: {first['sessions_per_family']} sessions per family ({', '.join(families)}), seeds "
+        f"{first['bench_seed']}..{first['bench_seed'] + first['sessions_per_family'] - 1}, the same sessions in every "
+        f"arm and seed, {' and '.join(map(str, turn_counts))} turns, {first['size']} px, intent mode, the model "
+        "folder's call defaults; the bench's sampling seed is the run's seed (the SFT seeds differ by sampling only).",
+        "- Intervals: paired bootstrap 95% over sessions (each session's value averaged over the seeds of each arm, "
+        f"{RESAMPLES} resamples, `rl_page.paired_bootstrap`); they leave seed-to-seed spread out (the seed range "
+        "column shows it).",
+    ]
+    return lines
+
+
+def write_page(results_dir: Path, out: Path) -> None:
+    """Write `out` (markdown) and its plot (`out` with `.png`) from the results in `results_dir`."""
+    results = load_results(results_dir)
+    plot = out.with_suffix(".png")
+    turn_counts = sorted({t for runs in results.values() for e in runs.values() for t in e["bench"]})
+    lines = ["# RL: SFT vs Edit-R2 RL vs RL without trajectory filtering (MICE-Shapes)", "",
+             *protocol(results, results_dir), ""]
+    for turns in turn_counts:
+        lines += [f"## {turns}-turn sessions", "", "Per turn (mean over seeds; both families pooled):", "",
+                  *per_turn_table(results, turns), "",
+                  "Paired differences (mean over sessions [95% bootstrap interval]):", "",
+                  *differences_table(results, turns), ""]
+    lines += ["## Training and filtering (from each run's trainer_state.json)", "",
+              "Means over steps, then over seeds. IF = 0: samples whose IF score was 0; filtered: samples the "
+              "trajectory filter removed from the loss; if_zero would mask: what the if_zero filter removes (with "
+              "no filtering: would have removed).", "",
+              *training_table(results), "",
+              f"![training reward vs step and held-out reward per turn]({plot.name})", ""]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines))
+    write_plot(plot, results)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results", default=str(DEFAULT_RESULTS), help="the committed results folder")
+    parser.add_argument("--out", default=str(DEFAULT_OUT), help="the page (the plot: same stem, .png)")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    write_page(Path(args.results), out)
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

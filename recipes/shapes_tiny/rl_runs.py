@@ -1,0 +1,354 @@
+"""One (arm, seed) of the RL study: train it (resumable), bench it on the held-out sessions, and write its small,
+committable results.
+
+    python -m recipes.shapes_tiny.rl_runs --arm rl --seed 0            # train (or resume), bench 3 and 6 turns, write
+    python -m recipes.shapes_tiny.rl_runs --arm sft --seed 1           # the untrained SFT model: bench only
+    python -m recipes.shapes_tiny.rl_runs --arm rl_nofilter --seed 2 --device cuda   # on a GPU
+    python -m recipes.shapes_tiny.rl_page                              # docs/results_rl.md from the committed results
+
+Arms: `sft` (the shipped SFT model, no training), `rl` (Edit-R2 RL, `trajectory_filter: if_zero`) and `rl_nofilter`
+(the same without trajectory filtering), each with seeds 0, 1, 2 (`recipes/shapes_tiny/rl_gpu.sh` runs all nine).
+
+1. Train (RL arms): `trl_editr2/scripts/editr2.py --config CONFIG` (`configs/rl/study.yaml`: 8 sessions per step,
+   G = 6, 3 turns, the paper's clip / KL / noise / SDE window, global-std advantages, LoRA on the editor and the
+   reasoner), with `--seed N`, the arm's `trajectory_filter`, and `--output_dir RUN_DIR/ARM/seedN`. Rerunning the
+   same command continues from the newest `checkpoint-N` (every `save_steps`); a finished run is not trained again.
+2. Bench: the SFT folder with the run's adapters loaded (`load_lora_weights`, `load_reasoning_lora`), on the same
+   held-out sessions for every arm and seed: `--sessions` per family (seeds `--bench-seed`, `--bench-seed + 1`, ...),
+   once with 3 turns and once with 6 (`--turns 3,6`), intent mode, the model folder's call defaults; the bench's
+   sampling seed is the run's seed (so the three SFT "seeds" differ by sampling noise only). Per-session results go
+   to `RUN_DIR/ARM/seedN/bench/...jsonl` as they finish: an interrupted bench resumes; more `--sessions` adds sessions.
+3. Write `RESULTS/ARM/seedN/` (`docs/rl_runs/` by default, meant to be committed; no weights):
+   - `bench_t{T}.json`: per family the per-turn means and every session's per-turn IF / CC / GA / reward (4 decimals;
+     what the page pairs by session);
+   - `trainer_state.json`: the Trainer's state with its per-step log (reward, per-turn reward, filter statistics,
+     KL, timings; the other keys left out to keep it small);
+   - `run.json`: arm, seed, steps, the training config, the command, training seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from recipes.shapes_tiny.rl_demo import (
+    ADAPTER_FILE,
+    finished_steps,
+    latest_checkpoint,
+    load_adapters,
+    read_config,
+    resolve_model,
+    stop_on_sigterm,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_CONFIG = REPO / "recipes" / "shapes_tiny" / "configs" / "rl" / "study.yaml"
+DEFAULT_RESULTS = REPO / "docs" / "rl_runs"
+DEFAULT_RUN_DIR = REPO / "runs" / "rl"
+
+# arm -> trajectory_filter of its training run; "sft" is the untrained model itself
+ARMS = {"sft": None, "rl": "if_zero", "rl_nofilter": "none"}
+FAMILIES = ("cm", "cu")
+METRICS = ("IF", "CC", "GA", "reward")
+# the per-step log keys kept in the committed trainer_state.json (exact names, or prefixes ending in "/")
+LOG_KEYS = ("step", "epoch", "loss", "reward", "reward_std", "kl", "learning_rate", "grad_norm", "skipped_steps",
+            "advantages/std_samples", "frac_reward_zero_std", "rewards/", "filter/", "reasoning/", "clip_ratio/",
+            "timing/step", "timing/rollout", "timing/learn", "timing/reward")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Paths
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def run_folder(root: str | os.PathLike, arm: str, seed: int) -> Path:
+    """`ROOT/ARM/seedN`: the training output_dir and bench caches (run dir) or the committed results (results dir)."""
+    return Path(root) / arm / f"seed{seed}"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def train_command(arm: str, seed: int, config: Path, model: Path, output_dir: Path, args) -> list[str]:
+    """The training script's command line for (arm, seed), continuing from the newest checkpoint if there is one."""
+    from diffusers_editr2.call_defaults import read_call_defaults
+
+    cmd = [sys.executable, "-m", "trl_editr2.scripts.editr2", "--config", str(config),
+           "--model_name_or_path", str(model), "--output_dir", str(output_dir), "--seed", str(seed),
+           "--trajectory_filter", ARMS[arm]]
+    template = (read_call_defaults(model) or {"reference_area": None}).get("template")
+    if template is not None and read_config(config).get("reasoning_template") is None:
+        cmd += ["--reasoning_template", template]  # rollouts ask the reasoner as the model's inference does
+    if args.max_steps is not None:
+        cmd += ["--max_steps", str(args.max_steps)]
+    if args.sessions_per_step is not None:
+        cmd += ["--per_device_train_batch_size", str(args.sessions_per_step)]
+    if args.device == "cuda":
+        cmd += ["--use_cpu", "false"]
+    checkpoint = latest_checkpoint(output_dir)
+    if checkpoint is not None:
+        cmd += ["--resume_from_checkpoint", str(checkpoint)]
+    return cmd
+
+
+def train(arm: str, seed: int, config_path: Path, model: Path, max_steps: int, run: Path, args) -> float:
+    """Train (arm, seed) into `run` unless it is finished; returns the seconds this call trained."""
+    done = finished_steps(run)
+    if done >= max_steps:
+        print(f"[{arm} seed {seed}] finished ({done} steps): not trained again")
+        return 0.0
+    cmd = train_command(arm, seed, config_path, model, run, args)
+    print(f"[{arm} seed {seed}] {'resuming' if '--resume_from_checkpoint' in cmd else 'training'}: {' '.join(cmd)}",
+          flush=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env)
+    try:
+        code = proc.wait()
+    finally:  # interrupted (Ctrl-C or `kill`): stop the training process too; a rerun continues from its checkpoint
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    if code != 0:
+        raise RuntimeError(f"Training {arm} seed {seed} failed (exit {code}); rerun the same command to continue "
+                           "from the newest checkpoint.")
+    return time.perf_counter() - start
+
+
+def final_adapters(run: Path) -> tuple[Path, int]:
+    """The finished run's adapters folder and its step; an error naming what to do when training did not finish."""
+    step = finished_steps(run)
+    if step < 1 or not (run / ADAPTER_FILE).is_file():
+        newest = latest_checkpoint(run)
+        raise RuntimeError(f"{run} holds no finished training run (newest checkpoint: {newest}); rerun the command "
+                           "without --skip-train to finish it.")
+    return run, step
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Bench
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def load_editor(model: Path, adapters: Path | None, seed: int, device: str | None):
+    """The bench editor of the SFT folder, with `adapters` (an EditR2Trainer output) loaded when given."""
+    from diffusers_editr2.bench import load_bench_editor
+
+    editor = load_bench_editor(model, reasoning="intent", seed=seed, device=device)
+    if adapters is not None:
+        loaded = load_adapters(editor.pipe, adapters)
+        editor.name = f"{editor.name}+{'+'.join(loaded)}-lora"
+    return editor
+
+
+def adapters_fingerprint(adapters: Path | None) -> str | None:
+    """sha256 of the adapters' weight files (the transformer LoRA and `reasoning_lora/`), so a retrained run is benched
+    again even at the same step."""
+    if adapters is None:
+        return None
+    import hashlib
+
+    digest = hashlib.sha256()
+    for file in [adapters / ADAPTER_FILE, *sorted((adapters / "reasoning_lora").glob("*.safetensors"))]:
+        if file.is_file():
+            digest.update(file.name.encode() + b"\0" + file.read_bytes())
+    return digest.hexdigest()
+
+
+def session_rows(results_path: Path, family: str, count: int, first: int) -> list[dict]:
+    """The compact per-session rows of the asked sessions from a bench results file (`editr2.bench.resume`):
+    `{"id", "seed", "scores": [[IF, CC, GA, reward] per turn]}`."""
+    from editr2.bench.resume import latest_by_id, read_results
+    from editr2.bench.shapes.runner import session_id
+
+    by_id = latest_by_id(read_results(results_path))
+    rows = []
+    for seed in range(first, first + count):
+        record = by_id[session_id(family, seed)]
+        rows.append({"id": record["session_id"], "seed": record["seed"],
+                     "scores": [[round(float(t[m]), 4) for m in METRICS] for t in record["turns"]]})
+    return rows
+
+
+def bench_setting(arm: str, seed: int, step: int, turns: int, model: Path, adapters: Path | None, run: Path,
+                  args) -> dict:
+    """Bench one turn count on every family: `{"families": {family: {"per_turn", "mean", "sessions"}}, ...}`."""
+    from editr2.bench.resume import ConfigMismatchError, model_fingerprint, open_run
+    from editr2.bench.shapes.runner import run_bench
+
+    families = {}
+    for family in args.families:
+        config = {"model": model_fingerprint(model), "adapters": adapters_fingerprint(adapters), "step": step,
+                  "family": family, "turns": turns, "bench_seed": args.bench_seed, "sampling_seed": seed,
+                  "size": args.size, "reasoning": "intent"}
+        folder = run / "bench" / f"step{step}_t{turns}_{family}"
+        try:
+            cache = open_run(folder, config)
+        except ConfigMismatchError as error:  # e.g. the run was trained again: its old sessions are stale
+            print(f"[{arm} seed {seed}] benching {folder} again: {error}")
+            cache = open_run(folder, config, force=True)
+        editor = load_editor(model, adapters, seed, args.device if args.device == "cuda" else None)
+        result = run_bench(editor, family=family, num_sessions=args.sessions, num_turns=turns, seed=args.bench_seed,
+                           size=args.size, progress=not args.no_progress, results_path=cache / "results.jsonl")
+        families[family] = {"per_turn": result["per_turn"], "mean": result["mean"],
+                            "sessions": session_rows(cache / "results.jsonl", family, args.sessions, args.bench_seed)}
+    return {"arm": arm, "seed": seed, "step": step, "turns": turns, "sessions_per_family": args.sessions,
+            "bench_seed": args.bench_seed, "sampling_seed": seed, "size": args.size, "reasoning": "intent",
+            "metrics": list(METRICS), "families": families}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Committed results
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+COMPACT_LISTS = ("sessions", "log_history")  # their items are written one per line
+
+
+def dumps(data: dict) -> str:
+    """`data` as indented JSON, except that the items of `COMPACT_LISTS` lists are written one per line."""
+    rows: dict[str, str] = {}
+
+    def mark(obj, compact: bool = False):
+        if compact:
+            key = f"@@row{len(rows)}@@"
+            rows[key] = json.dumps(obj, separators=(", ", ": "))
+            return key
+        if isinstance(obj, dict):
+            return {k: [mark(v, True) for v in item] if k in COMPACT_LISTS and isinstance(item, list) else mark(item)
+                    for k, item in obj.items()}
+        if isinstance(obj, list):
+            return [mark(v) for v in obj]
+        return obj
+
+    text = json.dumps(mark(data), indent=1)
+    for key, row in rows.items():
+        text = text.replace(f'"{key}"', row, 1)
+    return text + "\n"
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write `data` (`dumps`) atomically."""
+    from editr2.bench.resume import write_text_atomic
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, dumps(data))
+
+
+def kept_log_entry(entry: dict) -> dict:
+    """The `LOG_KEYS` of one `log_history` entry."""
+    return {k: v for k, v in entry.items()
+            if k in LOG_KEYS or any(k.startswith(p) for p in LOG_KEYS if p.endswith("/"))}
+
+
+def trimmed_state(run: Path) -> dict:
+    """The run's final `trainer_state.json` with each log entry cut to `LOG_KEYS`."""
+    state = json.loads((run / "trainer_state.json").read_text())
+    state["log_history"] = [kept_log_entry(e) for e in state.get("log_history", [])]
+    return state
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arm", required=True, choices=list(ARMS), help="sft (bench only), rl or rl_nofilter")
+    parser.add_argument("--seed", type=int, required=True, help="training seed (and the bench's sampling seed)")
+    parser.add_argument("--model", default=None, help="SFT pipeline folder (default: the config's model_name_or_path)")
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="training YAML")
+    parser.add_argument("--run-dir", default=str(DEFAULT_RUN_DIR), help="training outputs and bench caches")
+    parser.add_argument("--results", default=str(DEFAULT_RESULTS), help="committed results folder")
+    parser.add_argument("--sessions", type=int, default=200, help="held-out sessions per family and turn count")
+    parser.add_argument("--turns", default="3,6", help="comma-separated turn counts of the held-out sessions")
+    parser.add_argument("--families", default="cm,cu", help="comma-separated MICE-Shapes families")
+    parser.add_argument("--bench-seed", type=int, default=0, help="first held-out session seed")
+    parser.add_argument("--size", type=int, default=None, help="held-out image size (default: the model's)")
+    parser.add_argument("--max-steps", type=int, default=None, help="override the config's max_steps")
+    parser.add_argument("--sessions-per-step", type=int, default=None,
+                        help="override the config's per_device_train_batch_size")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to train and bench")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--skip-train", action="store_true", help="bench the finished run, train nothing")
+    parser.add_argument("--no-progress", action="store_true", help="hide the bench progress bars")
+    return parser
+
+
+def parse_args(argv: list[str] | None):
+    """Parsed flags, checked before any model loads."""
+    args = build_parser().parse_args(argv)
+    args.families = [f for f in args.families.split(",") if f]
+    try:
+        args.turns = [int(t) for t in args.turns.split(",") if t]
+    except ValueError:
+        raise ValueError(f"--turns {args.turns!r}: pass comma-separated integers, e.g. 3,6") from None
+    if not args.families or not set(args.families) <= set(FAMILIES):
+        raise ValueError(f"--families: pass a comma-separated subset of {list(FAMILIES)} (got {args.families}).")
+    if not args.turns or min(args.turns) < 1 or args.sessions < 1 or args.threads < 1:
+        raise ValueError("--turns, --sessions and --threads must be >= 1.")
+    if any(value is not None and value < 1 for value in (args.max_steps, args.sessions_per_step)):
+        raise ValueError("--max-steps and --sessions-per-step must be >= 1.")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    config_path = Path(args.config).resolve()
+    config = read_config(config_path)
+    model = resolve_model(args.model, config)
+    if args.size is None:
+        from diffusers_editr2.call_defaults import read_call_defaults
+
+        args.size = int((read_call_defaults(model) or {"reference_area": None}).get("height")
+                        or config.get("shapes_size", 64))
+    max_steps = args.max_steps if args.max_steps is not None else int(config.get("max_steps", 0))
+    if max_steps < 1:
+        raise ValueError(f"max_steps={max_steps}: set max_steps in {config_path} or pass --max-steps N (N >= 1).")
+    run = run_folder(args.run_dir, args.arm, args.seed).resolve()
+    out = run_folder(args.results, args.arm, args.seed)
+    run.mkdir(parents=True, exist_ok=True)
+    stop_on_sigterm()
+
+    seconds, adapters, step = 0.0, None, 0
+    if args.arm != "sft":
+        if not args.skip_train:
+            seconds = train(args.arm, args.seed, config_path, model, max_steps, run, args)
+        adapters, step = final_adapters(run)
+    for turns in args.turns:
+        start = time.perf_counter()
+        bench = bench_setting(args.arm, args.seed, step, turns, model, adapters, run, args)
+        write_json(out / f"bench_t{turns}.json", bench)
+        print(f"[{args.arm} seed {args.seed}] bench {turns} turns: {time.perf_counter() - start:.0f} s -> "
+              f"{out / f'bench_t{turns}.json'}", flush=True)
+    info = {"arm": args.arm, "seed": args.seed, "step": step, "max_steps": max_steps if args.arm != "sft" else 0,
+            "trajectory_filter": ARMS[args.arm], "model": str(args.model or config.get("model_name_or_path")),
+            "config": {**config, **({"max_steps": max_steps} if args.arm != "sft" else {}),
+                       **({"per_device_train_batch_size": args.sessions_per_step} if args.sessions_per_step else {})},
+            "command": "python -m recipes.shapes_tiny.rl_runs " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "device": args.device, "threads": args.threads}
+    previous = json.loads((out / "run.json").read_text()) if (out / "run.json").is_file() else {}
+    info["train_seconds"] = previous.get("train_seconds", 0.0) + seconds if args.arm != "sft" else 0.0
+    write_json(out / "run.json", info)
+    if args.arm != "sft":
+        write_json(out / "trainer_state.json", trimmed_state(run))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,219 @@
+"""The RL study's pipeline at tiny scale, end to end: `rl_runs` trains every arm for one step (resumable), benches
+it on the same held-out sessions and writes its committable results; `rl_page` regenerates the page and the plot
+from those files only. Plus the statistics and the shipped config on hand-made input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from recipes.shapes_tiny import rl_page, rl_runs
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY_CALL_DEFAULTS = {"height": 32, "width": 32, "reference_area": None, "condition_area": 1024,
+                      "num_inference_steps": 2, "true_cfg_scale": 1.0, "max_new_tokens": 4}
+
+# configs/rl/study.yaml at tiny size; a pixel-hash reward gives the random model's groups a spread (the oracle: ~0)
+TINY_RL_CONFIG = """
+model_name_or_path: tiny
+reward_funcs: [shapes_oracle, trl_editr2.testing.pixel_hash_reward]
+reward_weights: {"IF": 0.3, "CC": 0.3, "GA": 0.4, "pixel_hash_reward": 1.0}
+dataset_name: mice-shapes
+shapes_family: mixed
+shapes_num_sessions: 8
+shapes_seed: 20000000
+shapes_size: 32
+num_generations: 2
+num_turns: 2
+batch_sessions: true
+num_inference_steps: 2
+sde_window_size: 1
+sde_window_range: [0, 1]
+timestep_shift: null
+true_cfg_scale: 1.0
+reference_area: null
+condition_area: 1024
+max_reasoning_tokens: 4
+global_std: true
+global_std_min_samples: 0
+trajectory_filter: if_zero
+lora_r: 4
+lora_alpha: 8
+text_lora_r: 4
+text_lora_alpha: 8
+learning_rate: 1.0e-2
+lr_scheduler_type: constant
+per_device_train_batch_size: 2
+max_steps: 3
+logging_steps: 1
+save_steps: 1
+seed: 0
+report_to: none
+use_cpu: true
+disable_tqdm: true
+dataloader_num_workers: 0
+"""
+
+
+@pytest.fixture(scope="module")
+def study(model_folder, tmp_path_factory):
+    """Every arm, seed 0, plus rl seed 1: 1 training step each, 2 held-out sessions, 2- and 3-turn benches."""
+    root = tmp_path_factory.mktemp("rl-study")
+    config = root / "tiny_rl.yaml"
+    config.write_text(TINY_RL_CONFIG)
+    common = ["--model", str(model_folder(TINY_CALL_DEFAULTS)), "--config", str(config), "--run-dir",
+              str(root / "runs"), "--results", str(root / "results"), "--sessions", "2", "--families", "cm",
+              "--turns", "2,3", "--max-steps", "1", "--no-progress"]
+    for arm, seed in (("sft", 0), ("rl", 0), ("rl_nofilter", 0), ("rl", 1)):
+        assert rl_runs.main(["--arm", arm, "--seed", str(seed), *common]) == 0
+    out = root / "docs" / "results_rl.md"
+    assert rl_page.main(["--results", str(root / "results"), "--out", str(out)]) == 0
+    return root, common, out
+
+
+@pytest.mark.slow
+def test_each_run_writes_small_committable_results(study):
+    root, _, _ = study
+    results = root / "results"
+    for arm, seed in (("sft", 0), ("rl", 0), ("rl_nofilter", 0), ("rl", 1)):
+        folder = results / arm / f"seed{seed}"
+        for turns in (2, 3):
+            bench = json.loads((folder / f"bench_t{turns}.json").read_text())
+            assert bench["arm"] == arm and bench["turns"] == turns and bench["step"] == (0 if arm == "sft" else 1)
+            sessions = bench["families"]["cm"]["sessions"]
+            assert [s["id"] for s in sessions] == ["cm_0", "cm_1"]  # the same held-out sessions in every run
+            assert all(len(s["scores"]) == turns and len(s["scores"][0]) == 4 for s in sessions)
+        run = json.loads((folder / "run.json").read_text())
+        assert run["arm"] == arm and run["seed"] == seed and run["trajectory_filter"] == rl_runs.ARMS[arm]
+        if arm == "sft":
+            assert not (folder / "trainer_state.json").exists()
+            continue
+        state = json.loads((folder / "trainer_state.json").read_text())
+        (entry,) = [e for e in state["log_history"] if "reward" in e]
+        assert {"filter/frac_if_zero", "filter/frac_if_zero_masks", "filter/frac_filtered", "timing/step"} <= set(entry)
+        assert not any(k.startswith("timing/rollout/") for k in entry)  # trimmed to rl_runs.LOG_KEYS
+        if arm == "rl_nofilter":
+            assert entry["filter/frac_filtered"] == 0
+    # no weights in the results folder
+    assert not [p for p in results.rglob("*") if p.suffix in (".safetensors", ".bin", ".pt")]
+
+
+@pytest.mark.slow
+def test_page_is_regenerated_from_the_committed_files_alone(study, tmp_path):
+    root, _, out = study
+    page = out.read_text()
+    for text in ("## 2-turn sessions", "## 3-turn sessions", "RL (Edit-R2, if_zero filter) - SFT (shipped default)",
+                 "RL (Edit-R2, if_zero filter) - RL, no filtering", "GA t3", "reward turns 2-3", "IF = 0",
+                 "| RL (Edit-R2, if_zero filter) | 0, 1 |"):
+        assert text in page, text
+    assert out.with_suffix(".png").stat().st_size > 1000
+    # a copy of the results folder alone (the runs folder gone) gives the same page
+    import shutil
+
+    copy = tmp_path / "results"
+    shutil.copytree(root / "results", copy)
+    again = tmp_path / "docs" / "results_rl.md"
+    rl_page.main(["--results", str(copy), "--out", str(again)])
+    assert again.read_text().replace(str(copy), "X") == page.replace(str(root / "results"), "X")
+
+
+@pytest.mark.slow
+def test_rerun_resumes_and_does_not_train_a_finished_run(study, capsys):
+    root, common, _ = study
+    before = (root / "results" / "rl" / "seed0" / "bench_t2.json").read_text()
+    assert rl_runs.main(["--arm", "rl", "--seed", "0", *common]) == 0
+    assert "finished (1 steps): not trained again" in capsys.readouterr().out
+    assert (root / "results" / "rl" / "seed0" / "bench_t2.json").read_text() == before  # sessions read back
+    # trained again to the same step (other weights): its cached bench sessions are stale and run again
+    from safetensors.torch import load_file, save_file
+
+    adapter = root / "runs" / "rl" / "seed0" / rl_runs.ADAPTER_FILE
+    save_file({k: v + 0.5 for k, v in load_file(adapter).items()}, adapter)
+    assert rl_runs.main(["--arm", "rl", "--seed", "0", "--skip-train", *common]) == 0
+    assert "bench/step1_t2_cm again" in capsys.readouterr().out
+
+
+def test_train_command_sets_seed_filter_and_resumes(tmp_path, model_folder):
+    model = model_folder(TINY_CALL_DEFAULTS)
+    config = tmp_path / "c.yaml"
+    config.write_text(TINY_RL_CONFIG)
+    args = rl_runs.parse_args(["--arm", "rl_nofilter", "--seed", "2", "--max-steps", "5", "--sessions-per-step", "8",
+                               "--device", "cuda"])
+    out = tmp_path / "run"
+    cmd = rl_runs.train_command("rl_nofilter", 2, config, model, out, args)
+    joined = " ".join(cmd)
+    assert "--seed 2" in joined and "--trajectory_filter none" in joined and "--max_steps 5" in joined
+    assert "--per_device_train_batch_size 8" in joined and "--use_cpu false" in joined
+    assert "--resume_from_checkpoint" not in cmd
+    (out / "checkpoint-3").mkdir(parents=True)
+    (out / "checkpoint-10").mkdir()
+    cmd = rl_runs.train_command("rl_nofilter", 2, config, model, out, args)
+    assert cmd[cmd.index("--resume_from_checkpoint") + 1] == str(out / "checkpoint-10")
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--turns", "3,x"], "comma-separated integers"), (["--families", "cm,zz"], "families"),
+    (["--sessions", "0"], ">= 1"), (["--max-steps", "0"], ">= 1"),
+])
+def test_bad_flags_are_refused_before_anything_loads(argv, match):
+    with pytest.raises(ValueError, match=match):
+        rl_runs.parse_args(["--arm", "rl", "--seed", "0", *argv])
+
+
+def test_paired_bootstrap_pairs_by_session_and_pools_seeds():
+    # b = a - 0.1 on every session (a's seeds average to the session's value): the difference is exactly 0.1
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0, 1, 50)
+    a = {f"s{i}": [v - 0.05, v + 0.05] for i, v in enumerate(base)}
+    b = {f"s{i}": [v - 0.1] for i, v in enumerate(base)}
+    result = rl_page.paired_bootstrap(a, b)
+    assert result["n"] == 50
+    assert result["diff"] == pytest.approx(0.1) and result["low"] == pytest.approx(0.1)
+    assert result["high"] == pytest.approx(0.1)
+    # a noisy difference: the interval holds the mean and is reproducible
+    noisy = {k: [v[0] + rng.normal(0, 0.1)] for k, v in b.items()}
+    first, second = rl_page.paired_bootstrap(a, noisy), rl_page.paired_bootstrap(a, noisy)
+    assert first == second and first["low"] < first["diff"] < first["high"]
+    assert rl_page.paired_bootstrap({"x": [1.0]}, {"y": [0.0]})["n"] == 0
+    with pytest.raises(ValueError, match="resamples"):
+        rl_page.paired_bootstrap(a, b, resamples=0)
+
+
+def test_page_refuses_an_empty_results_folder(tmp_path):
+    with pytest.raises(ValueError, match="rl_runs --arm ARM --seed N"):
+        rl_page.load_results(tmp_path)
+
+
+def test_shipped_config_has_the_recipes_settings():
+    from trl import TrlParser
+
+    from trl_editr2.config import EditR2Config
+    from trl_editr2.scripts.editr2 import EditR2ScriptArguments
+
+    parser = TrlParser((EditR2ScriptArguments, EditR2Config))
+    script_args, config = parser.parse_args_and_config(
+        ["--config", str(rl_runs.DEFAULT_CONFIG), "--output_dir", "unused"])
+    assert script_args.model_name_or_path == "checkpoints/editr2-shapes-tiny"
+    assert config.per_device_train_batch_size >= 8 and config.num_generations == 6 and config.num_turns == 3
+    assert config.global_std and config.batch_sessions and config.group_key == "session"
+    assert (config.clip_range_image, config.clip_range_text, config.beta, config.noise_level) == (1e-5, 1e-5, 0.01, 1.3)
+    assert (config.sde_window_size, list(config.sde_window_range)) == (2, [0, 7])
+    assert config.train_reasoning and config.lora_r > 0 and config.text_lora_r > 0
+    assert config.save_steps <= 10 and script_args.shapes_num_sessions >= config.max_steps * 8
+
+
+def test_gpu_script_runs_every_arm_and_seed_then_the_page():
+    import subprocess
+
+    script = REPO / "recipes" / "shapes_tiny" / "rl_gpu.sh"
+    out = subprocess.run(["bash", str(script)], env={"DRY_RUN": "1", "PATH": "/usr/bin:/bin"}, capture_output=True,
+                         text=True, check=True).stdout.splitlines()
+    runs = [line for line in out if "recipes.shapes_tiny.rl_runs" in line]
+    assert len(runs) == 9 and all("--device cuda" in line and "--turns 3,6" in line for line in runs)
+    assert {(line.split("--arm ")[1].split()[0], line.split("--seed ")[1].split()[0]) for line in runs} == {
+        (arm, seed) for arm in rl_runs.ARMS for seed in "012"}
+    assert "recipes.shapes_tiny.rl_page" in out[-1]
