@@ -12,6 +12,7 @@ def _bench(out, editor, family="cm", sessions=3, turns=2):
     assert editr2_main(args) == 0
 
 
+@pytest.mark.slow
 def test_page_pairs_the_arms_of_each_setting(tmp_path):
     _bench(tmp_path / "shipped_gold_cm6", "literal")
     _bench(tmp_path / "carried_gold_cm6", "oracle")
@@ -24,6 +25,7 @@ def test_page_pairs_the_arms_of_each_setting(tmp_path):
     assert "**Paired difference**" in text and "| 1 |" in text
 
 
+@pytest.mark.slow
 def test_page_needs_a_complete_comparison(tmp_path):
     _bench(tmp_path / "shipped_gold_cm6", "literal")
     with pytest.raises(SystemExit, match="no comparison has both of its folders"):
