@@ -28,6 +28,7 @@ session and turn, as before reasoning was batched) with one `generate` call for 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import tempfile
 import time
@@ -204,6 +205,16 @@ def print_compare(args) -> None:
     print("| samples (turns) per second |" + "".join(cells))
 
 
+@contextlib.contextmanager
+def compare_trainer(args):
+    """`(policy, config, records)` of a trainer over the largest `--compare` session count (policy in eval mode), in
+    a temporary folder."""
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = make_trainer(args, tmp, max(args.compare), True)
+        trainer.policy.eval()
+        yield trainer.policy, trainer.args, [trainer.train_dataset[i] for i in range(max(args.compare))]
+
+
 def forward_times(args, repeats: int = 5) -> None:
     """Milliseconds per sample-forward of the transformer at G rows (one session) and B x G rows (every session of
     `--compare`), timed interleaved (best of `repeats`), so that a loaded machine slows both alike."""
@@ -212,11 +223,7 @@ def forward_times(args, repeats: int = 5) -> None:
     from trl_editr2.rollout import _plan_turn, _start_sessions, batch_conditioning
 
     torch.set_num_threads(args.threads)
-    with tempfile.TemporaryDirectory() as tmp:
-        trainer = make_trainer(args, tmp, max(args.compare), True)
-        policy, config = trainer.policy, trainer.args
-        policy.eval()
-        records = [trainer.train_dataset[i] for i in range(max(args.compare))]
+    with compare_trainer(args) as (policy, config, records):
         with torch.no_grad():
             plans = [_plan_turn(policy, _start_sessions(policy.pipeline, r, config), r["instruction"][0], 0, config,
                                 (k,)) for k, r in enumerate(records)]
@@ -246,11 +253,7 @@ def reasoning_times(args, repeats: int = 3) -> None:
     from trl_editr2.rollout import _start_sessions, generate_answers_batched, reasoning_generators
 
     torch.set_num_threads(args.threads)
-    with tempfile.TemporaryDirectory() as tmp:
-        trainer = make_trainer(args, tmp, max(args.compare), True)
-        policy, config = trainer.policy, trainer.args
-        policy.eval()
-        records = [trainer.train_dataset[i] for i in range(max(args.compare))]
+    with compare_trainer(args) as (policy, config, records):
         requests = [(_start_sessions(policy.pipeline, r, config), r["instruction"][0]) for r in records]
         best: dict[tuple[int, bool], float] = {}
         tokens: dict[tuple[int, bool], int] = {}

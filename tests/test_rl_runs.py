@@ -14,8 +14,7 @@ from recipes.shapes_tiny import rl_page, rl_runs
 
 REPO = Path(__file__).resolve().parents[1]
 
-TINY_CALL_DEFAULTS = {"height": 32, "width": 32, "reference_area": None, "condition_area": 1024,
-                      "num_inference_steps": 2, "true_cfg_scale": 1.0, "max_new_tokens": 4}
+from test_rl_demo import TINY_CALL_DEFAULTS  # noqa: E402 (the tiny model's call defaults)
 
 # configs/rl/study.yaml at tiny size; a pixel-hash reward gives the random model's groups a spread (the oracle: ~0)
 TINY_RL_CONFIG = """
