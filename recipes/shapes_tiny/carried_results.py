@@ -66,7 +66,8 @@ def section(runs: Path, arm_a: str, arm_b: str, what: str, setting: str) -> str 
     for arm, folder in ((arm_a, a), (arm_b, b)):
         results = json.loads((folder / "results.json").read_text())
         parts += [f"**{arm}** ({describe(results)}):", "", arm_table(results), ""]
-    parts += ["**Paired difference** (B = " + arm_b + ", A = " + arm_a + "):", "", compare_markdown(compare_runs(a, b)), ""]
+    table = compare_markdown(compare_runs(a, b)).split("\n", 1)[1].lstrip()  # without its own title
+    parts += ["**Paired difference** (B = " + arm_b + ", A = " + arm_a + "):", "", table, ""]
     return "\n".join(parts)
 
 
