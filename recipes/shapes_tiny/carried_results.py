@@ -20,6 +20,10 @@ from pathlib import Path
 COMPARISONS = (
     ("shipped", "carried", "the editor fine-tuned on its own carried state (configs/editor_carried.yaml) vs the "
                            "shipped editor; the same VAE, reasoner and call defaults"),
+    ("control", "carried", "the carried fine-tune vs the same fine-tune without the carried pool (`--carried_schedule "
+                           "'[]'`: clean sources only, same steps, batch, learning rate and seed)"),
+    ("shipped", "control", "the fine-tune without the carried pool vs the shipped editor (what the small-batch CPU "
+                           "fine-tune does by itself)"),
     ("none", "carried", "intent conditioning vs the editor fine-tuned on raw instructions (trained `none` baseline)"),
     ("history", "carried", "intent conditioning vs the editor fine-tuned on the history (trained `history` baseline)"),
 )
