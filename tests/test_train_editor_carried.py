@@ -128,3 +128,15 @@ def test_edit_targets_keep_the_carried_latent_outside_the_edit(stages):  # noqa:
     kept = (edit == current).all(-1)[0]
     assert 0 < kept.sum() < kept.numel()  # the carried latent outside the edit region, the true scene inside
     assert torch.equal(edit[0, ~kept], after[0, ~kept])
+
+
+@pytest.mark.slow
+def test_filter_keeps_only_states_the_parser_reads_as_the_true_scene(stages):  # noqa: F811
+    cfg = _editor_cfg(stages, **CARRIED, carried_filter=True)
+    pipe = train_editor.build_pipeline(cfg)  # a random micro editor: its states are never the true scene
+    pool = CarriedPool(pipe, cfg, size=2, turns=3, seed=0)
+    pool.fill()
+    for step in range(3):
+        pool.refresh(2, step, pipe.transformer)
+    assert pool.rejected >= 6 and pool.carried_indices() == [] and pool.draw(2, random.Random(0)) == []
+    assert [slot.turn for slot in pool.slots] == [0, 0]

@@ -72,6 +72,7 @@ class CarriedPool:
         self.latents: list[list[torch.Tensor]] = []  # per slot, its states' packed latents (N, C), source first
         self._sessions: dict[tuple[str, int], object] = {}
         self.draws = 0  # sessions started so far (seeds the next one)
+        self.rejected = 0  # states `carried_filter` rejected so far
 
     # ---- sessions -------------------------------------------------------------------------------------------------
 
@@ -192,7 +193,25 @@ class CarriedPool:
             slot.states.append(len(self.latents[i]) - 1)
             slot.turn += 1
             slot.advanced_at = step
+        if getattr(self.cfg, "carried_filter", False):
+            self._filter(indices)
+        for i in indices:
             self._skip_restores(i)
+
+    def _filter(self, indices: list[int]) -> None:
+        """`carried_filter`: a slot whose new state the oracle parser does not read as the true scene (objects and
+        tone) starts a new session, so the pool holds only states where every turn so far went right (up to the
+        VAE's own misreadings) and no example asks the editor to draw what its state does not hold."""
+        import numpy as np
+
+        from editr2.bench.shapes.parser import parse_batch
+
+        parsed = parse_batch(np.stack([np.asarray(self.image(i)) for i in indices]))
+        for i, scene in zip(indices, parsed):
+            truth = self.session(self.slots[i]).scenes[self.slots[i].turn]
+            if common.scene_key(scene) != common.scene_key(truth):
+                self.rejected += 1
+                self._start(i)
 
     @property
     def _history(self) -> bool:
@@ -267,7 +286,7 @@ class CarriedPool:
         tensors = {f"{i}.{k}": latent.contiguous() for i, states in enumerate(self.latents)
                    for k, latent in enumerate(states)}
         save_file(tensors, str(Path(directory) / POOL_TENSORS))
-        state = {"draws": self.draws, "turns": self.turns, "slots": [asdict(slot) for slot in self.slots],
+        state = {"draws": self.draws, "rejected": self.rejected, "turns": self.turns, "slots": [asdict(slot) for slot in self.slots],
                  "num_latents": [len(states) for states in self.latents]}
         (Path(directory) / POOL_STATE).write_text(json.dumps(state))
 
@@ -284,6 +303,7 @@ class CarriedPool:
                              f"carried_turns={self.turns}; pass the run's value or a new run_dir.")
         tensors = load_file(str(path / POOL_TENSORS))
         self.draws = state["draws"]
+        self.rejected = state.get("rejected", 0)
         self.slots = [Slot(**slot) for slot in state["slots"]]
         self.latents = [[tensors[f"{i}.{k}"] for k in range(n)] for i, n in enumerate(state["num_latents"])]
         return True

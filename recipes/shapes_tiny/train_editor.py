@@ -98,6 +98,9 @@ class EditorConfig(common.TrainConfig):
             turn differ, grown by `carried_target_dilate` tokens) and the carried latent itself elsewhere; "scene" the
             true next scene everywhere. Measured on the shipped editor (docs/training.md): "scene" asks the editor to
             repair earlier mistakes no instruction mentions, and its one-turn IF and CC fell.
+        carried_filter: keep only pool states that the oracle parser reads as the true scene (a slot whose new state
+            it misreads starts a new session, `CarriedPool._filter`): the editor is never asked to draw what the text
+            names over a state that does not hold it. The log's `carried_rejected` counts the states rejected so far.
         batch_text_encoding: encode a batch's prompts in one padded text-encoder pass (`encode_text_inputs`) instead
             of one `encode_prompt` call per example: the same embeddings up to float rounding (tested), many times
             faster on a GPU. False keeps the per-example path the CPU recipe was measured with.
@@ -150,6 +153,7 @@ class EditorConfig(common.TrainConfig):
     carried_steps: int = 16
     carried_target: str = "edit"
     carried_target_dilate: int = 1
+    carried_filter: bool = False
 
     RENDERERS = ("pil", "torch")
     PROMPT_MODES = ("intent", "none", "history")
@@ -840,6 +844,7 @@ def train(cfg: EditorConfig, run_dir: str | Path, show_progress: bool = True, st
         done = step + 1
         row = {"loss": loss.item(), **stats, "grad_norm": float(grad_norm), "lr": optimizer.param_groups[0]["lr"],
                "max_objects": max_objects_at(cfg, step), "carried": carried,
+               "carried_rejected": pool.rejected if pool is not None else 0,
                "seconds": round(run.seconds(), 3)}  # training time so far
         if run.end_step(done, row, lambda: evaluate(pipe, cfg), done % cfg.eval_every == 0 or done == cfg.max_steps,
                         eval_at_cap=True, plot=("loss", "mse", "mse_edit"), describe=describe_eval):
