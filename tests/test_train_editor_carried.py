@@ -140,3 +140,26 @@ def test_filter_keeps_only_states_the_parser_reads_as_the_true_scene(stages):  #
         pool.refresh(2, step, pipe.transformer)
     assert pool.rejected >= 6 and pool.carried_indices() == [] and pool.draw(2, random.Random(0)) == []
     assert [slot.turn for slot in pool.slots] == [0, 0]
+
+
+@pytest.mark.slow
+def test_filter_accepts_a_state_that_is_the_true_scene(stages, monkeypatch):  # noqa: F811
+    from editr2.bench.shapes.render import render
+
+    cfg = _editor_cfg(stages, **CARRIED, carried_filter=True)
+    pipe = train_editor.build_pipeline(cfg)
+    pool = CarriedPool(pipe, cfg, size=2, turns=3, seed=0)
+    pool.fill()
+    parsed = []
+    monkeypatch.setattr(pool, "image", lambda i: render(pool.session(pool.slots[i]).scenes[pool.slots[i].turn],
+                                                        cfg.image_size))  # a perfect state, whatever the latent
+    original = __import__("editr2.bench.shapes.parser", fromlist=["parse_batch"]).parse_batch
+
+    def spy(images, *args, **kwargs):
+        parsed.extend(images)
+        return original(images, *args, **kwargs)
+
+    monkeypatch.setattr("editr2.bench.shapes.parser.parse_batch", spy)
+    pool.refresh(2, 0, pipe.transformer)
+    assert parsed and all(hasattr(im, "size") for im in parsed)  # PIL images, read in [0, 1]
+    assert pool.rejected == 0 and all(slot.turn >= 1 for slot in pool.slots)  # (an undo next is applied at once)

@@ -202,11 +202,9 @@ class CarriedPool:
         """`carried_filter`: a slot whose new state the oracle parser does not read as the true scene (objects and
         tone) starts a new session, so the pool holds only states where every turn so far went right (up to the
         VAE's own misreadings) and no example asks the editor to draw what its state does not hold."""
-        import numpy as np
-
         from editr2.bench.shapes.parser import parse_batch
 
-        parsed = parse_batch(np.stack([np.asarray(self.image(i)) for i in indices]))
+        parsed = parse_batch([self.image(i) for i in indices])  # PIL images: the parser reads them in [0, 1]
         for i, scene in zip(indices, parsed):
             truth = self.session(self.slots[i]).scenes[self.slots[i].turn]
             if common.scene_key(scene) != common.scene_key(truth):
