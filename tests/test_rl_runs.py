@@ -14,48 +14,14 @@ from recipes.shapes_tiny import rl_page, rl_runs
 
 REPO = Path(__file__).resolve().parents[1]
 
+import yaml  # noqa: E402
 from test_rl_demo import TINY_CALL_DEFAULTS  # noqa: E402 (the tiny model's call defaults)
+from test_rl_demo import TINY_RL_CONFIG as DEMO_CONFIG  # noqa: E402
 
-# configs/rl/study.yaml at tiny size; a pixel-hash reward gives the random model's groups a spread (the oracle: ~0)
-TINY_RL_CONFIG = """
-model_name_or_path: tiny
-reward_funcs: [shapes_oracle, trl_editr2.testing.pixel_hash_reward]
-reward_weights: {"IF": 0.3, "CC": 0.3, "GA": 0.4, "pixel_hash_reward": 1.0}
-dataset_name: mice-shapes
-shapes_family: mixed
-shapes_num_sessions: 8
-shapes_seed: 20000000
-shapes_size: 32
-num_generations: 2
-num_turns: 2
-batch_sessions: true
-num_inference_steps: 2
-sde_window_size: 1
-sde_window_range: [0, 1]
-timestep_shift: null
-true_cfg_scale: 1.0
-reference_area: null
-condition_area: 1024
-max_reasoning_tokens: 4
-global_std: true
-global_std_min_samples: 0
-trajectory_filter: if_zero
-lora_r: 4
-lora_alpha: 8
-text_lora_r: 4
-text_lora_alpha: 8
-learning_rate: 1.0e-2
-lr_scheduler_type: constant
-per_device_train_batch_size: 2
-max_steps: 3
-logging_steps: 1
-save_steps: 1
-seed: 0
-report_to: none
-use_cpu: true
-disable_tqdm: true
-dataloader_num_workers: 0
-"""
+# configs/rl/study.yaml at tiny size: the rl_demo test's tiny config (its pixel-hash reward gives the random model's
+# groups a spread) with the study's batching: several sessions per step, advantages over the whole step
+TINY_RL_CONFIG = yaml.safe_dump({**yaml.safe_load(DEMO_CONFIG), "shapes_num_sessions": 8, "batch_sessions": True,
+                                  "global_std": True, "global_std_min_samples": 0, "per_device_train_batch_size": 2})
 
 
 @pytest.fixture(scope="module")
