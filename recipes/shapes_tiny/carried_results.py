@@ -24,6 +24,9 @@ COMPARISONS = (
                            "'[]'`: clean sources only, same steps, batch, learning rate and seed)"),
     ("shipped", "control", "the fine-tune without the carried pool vs the shipped editor (what the small-batch CPU "
                            "fine-tune does by itself)"),
+    ("control", "filter", "the carried fine-tune keeping only states the oracle parser reads as the true scene "
+                          "(`--carried_filter true`) vs the same fine-tune without the pool"),
+    ("carried", "filter", "the carried fine-tune with vs without the parser filter of its states"),
     ("none", "carried", "intent conditioning vs the editor fine-tuned on raw instructions (trained `none` baseline)"),
     ("history", "carried", "intent conditioning vs the editor fine-tuned on the history (trained `history` baseline)"),
 )
