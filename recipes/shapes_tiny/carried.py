@@ -70,6 +70,7 @@ class CarriedPool:
         self.pipe, self.cfg, self.size, self.turns, self.seed = pipe, cfg, size, turns, seed
         self.slots: list[Slot] = []
         self.latents: list[list[torch.Tensor]] = []  # per slot, its states' packed latents (N, C), source first
+        self._images: dict[tuple[int, int], object] = {}  # (slot, state) -> its decoded image (decoded once)
         self._sessions: dict[tuple[str, int], object] = {}
         self.draws = 0  # sessions started so far (seeds the next one)
         self.rejected = 0  # states `carried_filter` rejected so far
@@ -100,6 +101,7 @@ class CarriedPool:
         slot.states = [0]
         if index < len(self.slots):
             self.slots[index], self.latents[index] = slot, [latent]
+            self._images = {key: image for key, image in self._images.items() if key[0] != index}
         else:
             self.slots.append(slot)
             self.latents.append([latent])
@@ -122,7 +124,9 @@ class CarriedPool:
         keeps each turn's image)."""
         if state == 0:  # the clean source, or restored to it
             return self.session(self.slots[index]).source_image()
-        return self._decode(self.latents[index][state].unsqueeze(0))[0]
+        if (index, state) not in self._images:  # a state is drawn and conditioned on many times: decode it once
+            self._images[index, state] = self._decode(self.latents[index][state].unsqueeze(0))[0]
+        return self._images[index, state]
 
     def references(self, index: int) -> list[tuple[torch.Tensor, object]]:
         """`[(latent (N, C), image), ...]` the slot's next edit is conditioned on: its current state, then (the
@@ -284,7 +288,8 @@ class CarriedPool:
         tensors = {f"{i}.{k}": latent.contiguous() for i, states in enumerate(self.latents)
                    for k, latent in enumerate(states)}
         save_file(tensors, str(Path(directory) / POOL_TENSORS))
-        state = {"draws": self.draws, "rejected": self.rejected, "turns": self.turns, "slots": [asdict(slot) for slot in self.slots],
+        state = {"draws": self.draws, "rejected": self.rejected, "turns": self.turns,
+                 "slots": [asdict(slot) for slot in self.slots],
                  "num_latents": [len(states) for states in self.latents]}
         (Path(directory) / POOL_STATE).write_text(json.dumps(state))
 
@@ -304,6 +309,7 @@ class CarriedPool:
         self.rejected = state.get("rejected", 0)
         self.slots = [Slot(**slot) for slot in state["slots"]]
         self.latents = [[tensors[f"{i}.{k}"] for k in range(n)] for i, n in enumerate(state["num_latents"])]
+        self._images = {}
         return True
 
 
