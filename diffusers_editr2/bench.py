@@ -19,6 +19,8 @@ A gold intent that names an earlier state (an undo: `editr2.intent.parse_restore
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from editr2.bench.shapes.runner import PROMPT_SOURCES
@@ -130,7 +132,7 @@ class PipelineEditor:
 def load_bench_editor(path, reasoning: str = "intent", seed: int = 0, call_kwargs: dict | None = None, *,
                       dtype: torch.dtype | None = torch.float32, device: str | None = None,
                       fallback: dict = IMAGE_SIZE_CALL_KWARGS, threads: int | None = None,
-                      **editor_kwargs) -> PipelineEditor:
+                      lora: str | None = None, **editor_kwargs) -> PipelineEditor:
     """Load the pipeline folder `path` (progress bar off) as a `PipelineEditor`.
 
     Args:
@@ -143,6 +145,9 @@ def load_bench_editor(path, reasoning: str = "intent", seed: int = 0, call_kwarg
         device (`str`, *optional*): where to move the pipeline.
         fallback (`dict`): the call defaults of a folder without any; `{}` keeps upstream's (real Qwen folders).
         threads (`int`, *optional*): torch CPU threads to use.
+        lora (`str` or `os.PathLike`, *optional*): a transformer LoRA (diffusers format: a folder or a
+            `.safetensors` file) loaded with `load_lora_weights` and fused into the weights (no extra matmuls per
+            step); the editor's name gets a `+lora` suffix.
         editor_kwargs: `name`, `turn_seeds`, `prompts` (see `PipelineEditor`).
     """
     if reasoning not in REASONING_MODES:
@@ -153,5 +158,16 @@ def load_bench_editor(path, reasoning: str = "intent", seed: int = 0, call_kwarg
     if device is not None:
         pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
+    if lora is not None:
+        lora = Path(lora)
+        if lora.is_file():
+            pipe.load_lora_weights(str(lora.parent), weight_name=lora.name)
+        else:
+            pipe.load_lora_weights(str(lora))
+        pipe.fuse_lora()
+        pipe.unload_lora_weights()  # the fused weights stay; the adapter layers go
     call_kwargs = {**(pipe.call_defaults or fallback), **(call_kwargs or {})}
-    return PipelineEditor(pipe, reasoning, seed, call_kwargs, **editor_kwargs)
+    editor = PipelineEditor(pipe, reasoning, seed, call_kwargs, **editor_kwargs)
+    if lora is not None:
+        editor.name = f"{editor.name}+lora"
+    return editor

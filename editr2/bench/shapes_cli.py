@@ -71,6 +71,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--threads", type=int, default=None,
                        help="torch CPU threads (default 1: a tiny model runs fastest on one, and far slower on a "
                             "busy machine with more)")
+    model.add_argument("--lora", default=None, metavar="PATH",
+                       help="a transformer LoRA (diffusers format, folder or .safetensors file) loaded over the model "
+                            "and fused, e.g. a trained baseline: checkpoints/editr2-shapes-tiny-none-lora with "
+                            "--reasoning none")
     model.add_argument("--pipeline-kwargs", default=None, metavar="JSON",
                        help='extra EditR2Pipeline arguments for every turn, e.g. \'{"true_cfg_scale": 2.0}\'')
 
@@ -90,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
         given = [flag for flag, value in (("--reasoning", args.reasoning), ("--prompts", args.prompts),
                                           ("--steps", args.steps),
                                           ("--sample-seed", args.sample_seed), ("--threads", args.threads),
-                                          ("--pipeline-kwargs", args.pipeline_kwargs)) if value is not None]
+                                          ("--lora", args.lora), ("--pipeline-kwargs", args.pipeline_kwargs))
+                 if value is not None]
         if given:
             raise SystemExit(f"{', '.join(given)} only apply to a model: pass --model PATH as well.")
         from editr2.bench.editors import make_editor
@@ -112,9 +117,11 @@ def run(args: argparse.Namespace) -> int:
     if args.model is None:
         editor = make_editor(name)
     else:
-        prompts = {"prompts": args.prompts} if args.prompts is not None else {}
+        extra = {"prompts": args.prompts} if args.prompts is not None else {}
+        if args.lora is not None:
+            extra["lora"] = args.lora
         editor = options["loader"](args.model, reasoning, seed=args.sample_seed or 0,
-                                   call_kwargs=options["call_kwargs"], threads=options["threads"], **prompts)
+                                   call_kwargs=options["call_kwargs"], threads=options["threads"], **extra)
         name = editor.name
     results = run_bench(editor, family=args.family, num_sessions=args.sessions, num_turns=args.turns, seed=args.seed,
                         size=args.size, progress=not args.no_progress, editor_name=name,
@@ -122,6 +129,8 @@ def run(args: argparse.Namespace) -> int:
     if args.model is not None:
         results["config"].update(model=str(args.model), reasoning=editor.reasoning, sample_seed=editor.seed,
                                  call_kwargs=editor.call_kwargs)
+        if args.lora is not None:
+            results["config"]["lora"] = str(args.lora)
         if args.prompts == "gold":
             results["config"]["prompts"] = "gold"
         vae = _vae_drift(args, editor)
@@ -163,6 +172,9 @@ def _model_options(args: argparse.Namespace) -> dict:
     threads = 1 if args.threads is None else args.threads
     if threads < 1:
         raise SystemExit(f"--threads {threads}: pass at least 1.")
+    if args.lora is not None and not (Path(args.lora).is_file() and args.lora.endswith(".safetensors")
+                                      or Path(args.lora).is_dir() and any(Path(args.lora).glob("*.safetensors"))):
+        raise SystemExit(f"--lora {args.lora}: pass a folder saved with save_lora_weights or its .safetensors file.")
     from editr2.cli import model_loader  # the diffusers integration's loader; checked before anything is written
 
     return {"call_kwargs": call_kwargs, "threads": threads, "loader": model_loader()}
@@ -171,7 +183,8 @@ def _model_options(args: argparse.Namespace) -> dict:
 def _model_config(args: argparse.Namespace, options: dict, reasoning: str) -> dict:
     """What a --model run's results depend on: the model folder's fingerprint (its call defaults included), reasoning
     mode, sample seed, the call arguments given (thread count excluded: it changes the speed, not the images) and, with
-    --prompts gold, the prompt source (left out for instructions: runs recorded before --prompts resume unchanged)."""
+    --prompts gold, the prompt source (left out for instructions: runs recorded before --prompts resume unchanged) and,
+    with --lora, the adapter's fingerprint."""
     from editr2.bench.resume import model_fingerprint
 
     gold = args.prompts == "gold"
@@ -180,6 +193,9 @@ def _model_config(args: argparse.Namespace, options: dict, reasoning: str) -> di
               "sample_seed": args.sample_seed or 0, "call_kwargs": options["call_kwargs"]}
     if gold:
         config["prompts"] = "gold"
+    if args.lora is not None:
+        lora = Path(args.lora)
+        config["lora_fingerprint"] = model_fingerprint(lora if lora.is_dir() else lora.parent)
     return config
 
 
