@@ -73,6 +73,21 @@ def test_vae_stage_trains_resumes_exactly_and_exports(stages, tmp_path):
 
 
 @pytest.mark.slow
+def test_small_objects_get_their_own_loss_weight():
+    from editr2.bench.shapes.render import object_mask
+    from editr2.bench.shapes.world import Obj, Scene
+
+    scene = Scene(objects=(Obj("cross", "red", "small", (0, 0)), Obj("square", "blue", "large", (2, 2))))
+    small = object_mask(Scene(objects=scene.objects[:1]), 64)
+    large = object_mask(Scene(objects=scene.objects[1:]), 64)
+    same = common.object_weights([scene], 64, 5.0)[0, 0].numpy()
+    np.testing.assert_array_equal(same, common.object_weights([scene], 64, 5.0, 5.0)[0, 0].numpy())
+    assert set(np.unique(same)) == {1.0, 5.0}
+    weights = common.object_weights([scene], 64, 5.0, 15.0)[0, 0].numpy()
+    assert (weights[small] == 15.0).all() and (weights[large & ~small] == 5.0).all()
+    assert (weights[~(small | large)] == 1.0).all()
+
+
 def test_vae_refuses_to_resume_another_architecture(stages):
     vae_dir = stages[0]
     with pytest.raises(ValueError, match="base_dim"):

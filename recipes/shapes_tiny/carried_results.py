@@ -27,8 +27,17 @@ COMPARISONS = (
     ("control", "filter", "the carried fine-tune keeping only states the oracle parser reads as the true scene "
                           "(`--carried_filter true`) vs the same fine-tune without the pool"),
     ("carried", "filter", "the carried fine-tune with vs without the parser filter of its states"),
-    ("none", "carried", "intent conditioning vs the editor fine-tuned on raw instructions (trained `none` baseline)"),
-    ("history", "carried", "intent conditioning vs the editor fine-tuned on the history (trained `history` baseline)"),
+    ("none", "shipped", "the shipped model (its reasoner's intent) vs the trained `none` baseline: the shipped editor "
+                        "fine-tuned 800 more steps on the raw instruction alone (configs/editor_carried_none.yaml, "
+                        "shipped as checkpoints/editr2-shapes-tiny-none-lora, run with --reasoning none)"),
+    ("history", "shipped", "the shipped model vs the trained `history` baseline: the shipped editor fine-tuned 800 more "
+                           "steps on every instruction so far plus up to 2 earlier images "
+                           "(configs/editor_carried_history.yaml, checkpoints/editr2-shapes-tiny-history-lora, "
+                           "--reasoning history)"),
+    ("none", "carried", "intent vs none at equal budget: the same 800-step fine-tune (same init, pool, schedule and "
+                        "seed) conditioned on the reasoner's intent (carried) or the raw instruction (none)"),
+    ("history", "carried", "intent vs history at equal budget: the same 800-step fine-tune conditioned on the "
+                           "reasoner's intent (carried) or the history (history)"),
 )
 # setting -> (title, bench shapes flags besides --model/--out)
 SETTINGS = {
@@ -79,7 +88,7 @@ def section(runs: Path, arm_a: str, arm_b: str, what: str, setting: str) -> str 
 
 
 def page(runs: Path, notes: str = "") -> str:
-    lines = ["# The editor on its own carried state: results", "",
+    lines = ["# Editor fine-tunes: its own carried state, trained baselines", "",
              "Written by `python -m recipes.shapes_tiny.carried_results --runs docs/carried --out "
              "docs/results_carried.md` from the committed bench folders in `docs/carried/` (each holds the command "
              "that made it in `command.txt`). Held-out session seeds (training uses seeds >= 10,000,000); intervals "

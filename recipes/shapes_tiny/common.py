@@ -528,12 +528,19 @@ def tensor_to_arrays(x: torch.Tensor) -> np.ndarray:
     return np.rint(a * 255.0) / 255.0
 
 
-def object_weights(scenes, size: int, weight: float) -> torch.Tensor:
-    """`(B, 1, H, W)` per-pixel loss weights: `weight` on (dilated) object pixels, 1 elsewhere."""
+def object_weights(scenes, size: int, weight: float, small_weight: float | None = None) -> torch.Tensor:
+    """`(B, 1, H, W)` per-pixel loss weights: `weight` on (dilated) object pixels, 1 elsewhere; with `small_weight`,
+    that weight on the pixels of small objects instead (their thin parts are what a blurry decoder loses)."""
+    from dataclasses import replace
+
     from editr2.bench.shapes.render import object_mask
 
-    masks = np.stack([object_mask(s, size, dilate=1) for s in scenes]).astype(np.float32)
-    return torch.from_numpy(1.0 + (weight - 1.0) * masks)[:, None]
+    weights = 1.0 + (weight - 1.0) * np.stack([object_mask(s, size, dilate=1) for s in scenes]).astype(np.float32)
+    if small_weight is not None and small_weight != weight:
+        small = np.stack([object_mask(replace(s, objects=tuple(o for o in s.objects if o.size == "small")), size,
+                                      dilate=1) for s in scenes])
+        weights[small] = small_weight
+    return torch.from_numpy(weights)[:, None]
 
 
 def scene_key(scene) -> tuple:
