@@ -137,3 +137,30 @@ def test_the_learning_rate_schedule_runs_past_warmup():
     assert common.lr_at(10, 1.0, 10, 100) == pytest.approx(1.0)
     assert common.lr_at(55, 1.0, 10, 100) == pytest.approx(0.55)
     assert common.lr_at(100, 1.0, 10, 100) == pytest.approx(0.1)
+
+
+def test_error_kinds_of_wrong_intents():
+    from recipes.shapes_tiny.reasoner_errors import error_kind
+
+    gold = "Move the large purple cross to the top left."
+    assert error_kind(gold, "Remove the large purple cross.") == "wrong operation"
+    assert error_kind(gold, "Move the small blue cross to the top left.") == "wrong object"
+    assert error_kind("Move the small purple cross to the bottom center, swapping it with the large blue square "
+                      "there.", "Move the small purple cross to the bottom center.") == "occupied-cell policy"
+    assert error_kind(gold, "Move the large purple cross to the top right.") == "other"
+
+
+@pytest.mark.slow
+def test_reasoner_errors_reads_a_run_and_its_checkpoints(tmp_path, capsys):
+    from recipes.shapes_tiny import reasoner_errors
+
+    cfg = train_reasoner.ReasonerConfig(**MICRO, max_steps=1)
+    train_reasoner.train(cfg, tmp_path / "run", show_progress=False, final_sessions=1)
+    for extra in ([], ["--checkpoint", "step_0000001"]):
+        assert reasoner_errors.main(["--run", str(tmp_path / "run"), "--sessions", "1", "--turns", "2",
+                                     "--json", str(tmp_path / "errors.json"), *extra]) == 0
+        out = json.loads((tmp_path / "errors.json").read_text())
+        assert len(out["records"]) == 4 and sum(out["counts"].values()) == sum(not r["exact"] for r in out["records"])
+    assert "exact match cm" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="config.json"):
+        reasoner_errors.main(["--run", str(tmp_path)])
