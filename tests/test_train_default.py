@@ -236,6 +236,14 @@ def test_editor_stage_resumes_exactly_and_export_loads(stages, tmp_path):
     images, scores = run_session(common.PipelineEditor(loaded, "intent", call_kwargs=kwargs), session)
     assert [im.size for im in images] == [(64, 64)] * 3 and len(scores) == 2
 
+    # Re-exported from a model folder (e.g. a new VAE over the shipped model): the folder is left as it is.
+    before = sorted(p.name for p in out.rglob("*"))
+    assert export.main(["--vae", str(out), "--reasoner", str(out), "--editor", str(out), "--out",
+                        str(tmp_path / "again"), "--threads", "1", "--no-progress"]) == 0
+    assert sorted(p.name for p in out.rglob("*")) == before
+    assert (tmp_path / "again.export_report.json").is_file()
+    assert EditR2Pipeline.from_pretrained(str(tmp_path / "again")).transformer.config.num_layers == 1
+
 
 def test_export_call_defaults_carry_the_reasoners_template(tmp_path):
     assert export.call_defaults(tmp_path) == common.CALL_KWARGS  # no run config: the recipe's defaults

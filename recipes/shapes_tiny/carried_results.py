@@ -27,17 +27,20 @@ COMPARISONS = (
     ("control", "filter", "the carried fine-tune keeping only states the oracle parser reads as the true scene "
                           "(`--carried_filter true`) vs the same fine-tune without the pool"),
     ("carried", "filter", "the carried fine-tune with vs without the parser filter of its states"),
-    ("none", "shipped", "the shipped model (its reasoner's intent) vs the trained `none` baseline: the shipped editor "
-                        "fine-tuned 800 more steps on the raw instruction alone (configs/editor_carried_none.yaml, "
-                        "shipped as checkpoints/editr2-shapes-tiny-none-lora, run with --reasoning none)"),
-    ("history", "shipped", "the shipped model vs the trained `history` baseline: the shipped editor fine-tuned 800 more "
-                           "steps on every instruction so far plus up to 2 earlier images "
-                           "(configs/editor_carried_history.yaml, checkpoints/editr2-shapes-tiny-history-lora, "
-                           "--reasoning history)"),
-    ("none", "carried", "intent vs none at equal budget: the same 800-step fine-tune (same init, pool, schedule and "
-                        "seed) conditioned on the reasoner's intent (carried) or the raw instruction (none)"),
-    ("history", "carried", "intent vs history at equal budget: the same 800-step fine-tune conditioned on the "
-                           "reasoner's intent (carried) or the history (history)"),
+    ("shipped", "default", "the default with the retrained VAE decoder (configs/vae_decoder.yaml continued with "
+                           "small_object_weight 15; encoder, latent space, reasoner and editor unchanged) vs the "
+                           "default before it (`shipped`)"),
+    ("none", "default", "the default model (its reasoner's intent) vs the trained `none` baseline: the default editor "
+                        "fine-tuned 800 more steps on the raw instruction alone (configs/editor_carried_none.yaml "
+                        "with --carried_schedule '[]', shipped as checkpoints/editr2-shapes-tiny-none-lora, run with "
+                        "--reasoning none)"),
+    ("history", "default", "the default model vs the trained `history` baseline: the default editor fine-tuned 800 "
+                           "more steps on every instruction so far plus up to 2 earlier images "
+                           "(configs/editor_carried_history.yaml with --carried_schedule '[]', "
+                           "checkpoints/editr2-shapes-tiny-history-lora, --reasoning history)"),
+    ("none_carried", "shipped", "the shipped model vs a `none` baseline fine-tuned with the carried pool "
+                                "(configs/editor_carried_none.yaml as is): the recipe that hurt the intent editor "
+                                "hurts this one too"),
 )
 # setting -> (title, bench shapes flags besides --model/--out)
 SETTINGS = {

@@ -151,7 +151,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="checkpoints/editr2-shapes-tiny", help="the folder to write")
     parser.add_argument("--bench-sessions", type=int, default=0, help="bench sessions per family (0: no bench)")
     parser.add_argument("--bench-turns", type=int, default=3)
-    parser.add_argument("--report", default="export_report.json", help="file name (in the editor run folder) of the report")
+    parser.add_argument("--report", default="export_report.json",
+                        help="file name of the report, written in the editor run folder (next to --out when --editor "
+                             "is a model folder, which stays as it is)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
@@ -169,8 +171,11 @@ def main(argv=None) -> int:
         results = bench(load(out), args.bench_sessions, args.bench_turns, progress=not args.no_progress)
         report["bench"] = results
         print(bench_table(results))
-    common.write_json(runs["editor"] / args.report, report)
-    print(f"wrote {runs['editor'] / args.report}")
+    where = runs["editor"] / args.report
+    if (runs["editor"] / "model_index.json").is_file():  # a model folder (e.g. the shipped one): leave it unchanged
+        where = out.parent / f"{out.name}.{args.report}"
+    common.write_json(where, report)
+    print(f"wrote {where}")
     return 0
 
 
