@@ -54,6 +54,10 @@ SETTINGS = {
     "intent_cu6": ("the full model, cu, 100 x 6 turns", "--reasoning intent --family cu --sessions 100 --turns 6"),
     "mode_cm3": ("each arm in its own mode, cm, 200 x 3 turns", "--family cm --sessions 200 --turns 3"),
     "mode_cu3": ("each arm in its own mode, cu, 200 x 3 turns", "--family cu --sessions 200 --turns 3"),
+    "gold_cm16": ("the editor alone, cm, 50 x 16 turns", "--prompts gold --family cm --sessions 50 --turns 16"),
+    "gold_cu16": ("the editor alone, cu, 50 x 16 turns", "--prompts gold --family cu --sessions 50 --turns 16"),
+    "mode_cm16": ("each arm in its own mode, cm, 30 x 16 turns", "--family cm --sessions 30 --turns 16"),
+    "mode_cu16": ("each arm in its own mode, cu, 30 x 16 turns", "--family cu --sessions 30 --turns 16"),
 }
 METRICS = ("IF", "CC", "GA")
 
