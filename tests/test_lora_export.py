@@ -128,3 +128,16 @@ def test_bench_shapes_lora_option(tiny_dir, model_folder, tuned_run, tmp_path, c
         main(["bench", "shapes", "--lora", str(lora), "--out", str(tmp_path / "x")])
     assert not any((tmp_path / "x").glob("*"))
     shutil.rmtree(out)
+
+
+def test_lora_fingerprint_sees_the_weights_not_the_card(tmp_path):
+    from editr2.bench.shapes_cli import lora_fingerprint
+
+    (tmp_path / "pytorch_lora_weights.safetensors").write_bytes(b"weights")
+    (tmp_path / "README.md").write_text("card")
+    before = lora_fingerprint(tmp_path)
+    assert lora_fingerprint(tmp_path / "pytorch_lora_weights.safetensors") == before
+    (tmp_path / "README.md").write_text("a better card")
+    assert lora_fingerprint(tmp_path) == before
+    (tmp_path / "pytorch_lora_weights.safetensors").write_bytes(b"retrained")
+    assert lora_fingerprint(tmp_path) != before

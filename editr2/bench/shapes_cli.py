@@ -194,9 +194,21 @@ def _model_config(args: argparse.Namespace, options: dict, reasoning: str) -> di
     if gold:
         config["prompts"] = "gold"
     if args.lora is not None:
-        lora = Path(args.lora)
-        config["lora_fingerprint"] = model_fingerprint(lora if lora.is_dir() else lora.parent)
+        config["lora_fingerprint"] = lora_fingerprint(args.lora)
     return config
+
+
+def lora_fingerprint(path) -> str:
+    """sha256 of a LoRA's weights: the `.safetensors` file, or every one in the folder (its model card and reports
+    do not change the images, so editing them does not make a run another configuration)."""
+    import hashlib
+
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(path.glob("*.safetensors"))
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(file.name.encode() + b"\0" + file.read_bytes())
+    return digest.hexdigest()
 
 
 VAE_DRIFT_SESSIONS = 8  # a model's VAE-only drift is measured on this many of the run's first sessions

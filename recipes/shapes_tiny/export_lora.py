@@ -1,7 +1,7 @@
 """Ship a fine-tuned editor as a transformer LoRA over the default model (`editr2.lora.extract_lora`).
 
     python -m recipes.shapes_tiny.export_lora --base checkpoints/editr2-shapes-tiny \
-        --editor runs/editor_carried_none --rank 64 --out checkpoints/editr2-shapes-tiny-none-lora
+        --editor runs/editor_sft_none --rank 64 --out checkpoints/editr2-shapes-tiny-none-lora
 
 The trained baselines (`configs/editor_carried_{none,history}.yaml`) are full fine-tunes of the default editor; a full
 copy each would double the checkpoint. The adapter is the rank-`rank` truncated SVD of each linear layer's change plus
@@ -86,11 +86,11 @@ def main(argv=None) -> int:
     mode = report["prompt_mode"]
     (out / "README.md").write_text(
         f"# editr2-shapes-tiny, `{mode}` editor (LoRA)\n\n"
-        f"The default editor fine-tuned with `prompt_mode: {mode}` (recipe `{run_config.get('config', 'see run')}`), "
-        f"shipped as a rank-{args.rank} transformer LoRA over `checkpoints/editr2-shapes-tiny`. Run it with "
-        f"`reasoning=\"{mode}\"`:\n\n```python\npipe = EditR2Pipeline.from_pretrained(\"checkpoints/editr2-shapes-tiny\")\n"
+        f"The default editor fine-tuned with `prompt_mode: {mode}` (run folder `{run.as_posix()}`, whose `config.json` "
+        f"holds every setting), shipped as a rank-{args.rank} transformer LoRA over `{base_dir.as_posix()}`. "
+        f"Run it with `reasoning=\"{mode}\"`:\n\n```python\npipe = EditR2Pipeline.from_pretrained(\"{base_dir.as_posix()}\")\n"
         f"pipe.load_lora_weights(\"{out.as_posix()}\")\nout = pipe(image, prompt, reasoning=\"{mode}\")\n```\n\n"
-        f"`editr2 bench shapes --model checkpoints/editr2-shapes-tiny --lora {out.as_posix()} --reasoning {mode}`.\n\n"
+        f"`editr2 bench shapes --model {base_dir.as_posix()} --lora {out.as_posix()} --reasoning {mode}`.\n\n"
         f"Extraction: {report['weight_energy_kept']:.3f} of the fine-tune's change (squared norm) kept, "
         f"{report['other_energy_dropped']:.4f} in parameters outside linear layers dropped; velocity error "
         f"{report['velocity_error']:.3f} of the fine-tune's effect on a probe batch (`lora_report.json`).\n")
