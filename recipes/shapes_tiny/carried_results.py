@@ -38,6 +38,8 @@ COMPARISONS = (
                            "more steps on every instruction so far plus up to 2 earlier images "
                            "(configs/editor_carried_history.yaml with --carried_schedule '[]', "
                            "checkpoints/editr2-shapes-tiny-history-lora, --reasoning history)"),
+    ("none_full", "none", "the shipped `none` LoRA (rank 64) vs the full fine-tune it was extracted from: what the "
+                          "adapter loses"),
     ("none_carried", "shipped", "the shipped model vs a `none` baseline fine-tuned with the carried pool "
                                 "(configs/editor_carried_none.yaml as is): the recipe that hurt the intent editor "
                                 "hurts this one too"),
