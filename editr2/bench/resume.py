@@ -181,6 +181,16 @@ def model_fingerprint(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def weights_fingerprint(files) -> str:
+    """sha256 of weight files read whole (each one's name and bytes, in the order given; missing files are skipped):
+    a fingerprint of adapters, whose cards and reports beside them do not change the images."""
+    digest = hashlib.sha256()
+    for file in map(Path, files):
+        if file.is_file():
+            digest.update(file.name.encode() + b"\0" + file.read_bytes())
+    return digest.hexdigest()
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Append-only results
 # ---------------------------------------------------------------------------------------------------------------------

@@ -201,14 +201,10 @@ def _model_config(args: argparse.Namespace, options: dict, reasoning: str) -> di
 def lora_fingerprint(path) -> str:
     """sha256 of a LoRA's weights: the `.safetensors` file, or every one in the folder (its model card and reports
     do not change the images, so editing them does not make a run another configuration)."""
-    import hashlib
+    from editr2.bench.resume import weights_fingerprint
 
     path = Path(path)
-    files = [path] if path.is_file() else sorted(path.glob("*.safetensors"))
-    digest = hashlib.sha256()
-    for file in files:
-        digest.update(file.name.encode() + b"\0" + file.read_bytes())
-    return digest.hexdigest()
+    return weights_fingerprint([path] if path.is_file() else sorted(path.glob("*.safetensors")))
 
 
 VAE_DRIFT_SESSIONS = 8  # a model's VAE-only drift is measured on this many of the run's first sessions

@@ -156,13 +156,9 @@ def adapters_fingerprint(adapters: Path | None) -> str | None:
     again even at the same step."""
     if adapters is None:
         return None
-    import hashlib
+    from editr2.bench.resume import weights_fingerprint
 
-    digest = hashlib.sha256()
-    for file in [adapters / ADAPTER_FILE, *sorted((adapters / "reasoning_lora").glob("*.safetensors"))]:
-        if file.is_file():
-            digest.update(file.name.encode() + b"\0" + file.read_bytes())
-    return digest.hexdigest()
+    return weights_fingerprint([adapters / ADAPTER_FILE, *sorted((adapters / "reasoning_lora").glob("*.safetensors"))])
 
 
 def session_rows(results_path: Path, family: str, count: int, first: int) -> list[dict]:
