@@ -164,3 +164,29 @@ def test_reasoner_errors_reads_a_run_and_its_checkpoints(tmp_path, capsys):
     assert "exact match cm" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="config.json"):
         reasoner_errors.main(["--run", str(tmp_path)])
+
+
+@pytest.mark.slow
+def test_a_run_starts_from_another_runs_checkpoint_at_another_image_size(tmp_path):
+    """`init_from`: the weights and tokenizer of another run's checkpoint, checked against the architecture; the image
+    size may differ (reasoner_v3.yaml reads reasoner_v2's weights at 64 x 64)."""
+    from safetensors.torch import load_file
+
+    cfg = train_reasoner.ReasonerConfig(**MICRO, max_steps=2)
+    assert train_reasoner.train(cfg, tmp_path / "base", show_progress=False, stop_after=1) is None
+    checkpoint = tmp_path / "base" / "checkpoints" / "step_0000001"
+    follow = dataclasses.replace(cfg, init_from=str(checkpoint), condition_size=64, max_steps=1)
+    pipe = train_reasoner.build(follow, tmp_path / "next")
+    state = load_file(str(checkpoint / "model.safetensors"))
+    params = pipe.text_encoder.state_dict()
+    assert all(torch.equal(params[k], v) for k, v in state.items())
+    assert (tmp_path / "next" / "tokenizer" / "tokenizer.json").read_text() == \
+        (tmp_path / "base" / "tokenizer" / "tokenizer.json").read_text()
+    assert train_reasoner.train(follow, tmp_path / "next", show_progress=False, stop_after=1) is None
+
+    with pytest.raises(ValueError, match="architecture differs"):
+        train_reasoner.build(dataclasses.replace(follow, num_layers=2), tmp_path / "other")
+    with pytest.raises(ValueError, match="checkpoint folder"):
+        train_reasoner.build(dataclasses.replace(follow, init_from=str(tmp_path / "base")), tmp_path / "other2")
+    with pytest.raises(ValueError, match="pass one"):
+        train_reasoner.ReasonerConfig(**MICRO, init_from=str(checkpoint), base_run=str(tmp_path / "base"))

@@ -43,6 +43,10 @@ class ReasonerConfig(common.TrainConfig):
         max_new_tokens: reasoning budget at evaluation.
         base_run: a finished full-SFT run of this script; when set, its text encoder (and tokenizer) is loaded and
             frozen, and only a reasoning LoRA is trained on top (the base stays the conditioning encoder).
+        init_from: a checkpoint folder of another full-SFT run of this script (`RUN/checkpoints/step_X`): a new run
+            starts from its weights and its tokenizer (`RUN/tokenizer`) instead of a fresh init, with its own
+            schedule and data settings (e.g. a larger `condition_size`: the vision tower reads any image size). The
+            architecture fields must match that run's `config.json`.
         final_sessions: held-out sessions per family of the final evaluation (0 = 4 x `eval_sessions`).
         lora_rank, lora_alpha: the LoRA (on the language model's attention and MLP projections; alpha 0 = rank).
         quote_edit: the trace starts by quoting the current edit clause (`common.reasoning_trace`).
@@ -100,6 +104,7 @@ class ReasonerConfig(common.TrainConfig):
     aux_copy_length: int = 12
     template: str = "default"
     base_run: str = ""
+    init_from: str = ""
     lora_rank: int = 0
     lora_alpha: float = 0.0
     final_sessions: int = 0
@@ -110,7 +115,9 @@ class ReasonerConfig(common.TrainConfig):
 
     FROZEN_FIELDS = ("seed", "vocab_size", "tokenizer_sessions", "hidden_size", "num_layers", "num_heads",
                      "num_kv_heads", "intermediate_size", "vision_hidden", "vision_depth", "base_run", "lora_rank",
-                     "phrasing")
+                     "phrasing", "init_from")
+    ARCHITECTURE_FIELDS = ("vocab_size", "tokenizer_sessions", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
+                           "intermediate_size", "vision_hidden", "vision_depth")
 
     def __post_init__(self):
         super().__post_init__()
@@ -123,6 +130,26 @@ class ReasonerConfig(common.TrainConfig):
             raise ValueError(f"length_buckets={self.length_buckets} needs answer_logits: true (or pass 1).")
         if not 0.0 <= self.grammar_fraction <= 1.0:
             raise ValueError(f"grammar_fraction={self.grammar_fraction}: pass a fraction in [0, 1].")
+        if self.init_from and self.base_run:
+            raise ValueError("init_from and base_run are both set: pass one (init_from starts a full SFT from a "
+                             "checkpoint; base_run trains a LoRA on a frozen finished run).")
+
+
+def init_source(cfg: ReasonerConfig) -> Path:
+    """The run folder of `cfg.init_from` (a `RUN/checkpoints/step_X` folder), checked against `cfg`."""
+    checkpoint = Path(cfg.init_from)
+    run = checkpoint.parent.parent
+    if not (checkpoint / "model.safetensors").is_file() or not (run / "config.json").is_file():
+        raise ValueError(f"init_from={cfg.init_from!r}: pass a checkpoint folder of a run of this script "
+                         "(RUN/checkpoints/step_X, with model.safetensors and RUN/config.json).")
+    source = json.loads((run / "config.json").read_text())
+    if source.get("base_run"):
+        raise ValueError(f"init_from={cfg.init_from!r} is a LoRA run: pass a checkpoint of a full-SFT run.")
+    wrong = {f: (source.get(f), getattr(cfg, f)) for f in cfg.ARCHITECTURE_FIELDS if source.get(f) != getattr(cfg, f)}
+    if wrong:
+        raise ValueError(f"init_from={cfg.init_from!r}: the architecture differs from this config "
+                         f"(field: (that run, this config)) {wrong}.")
+    return run
 
 
 TRAIN_PHRASINGS = ("grammar", "seen")
@@ -153,7 +180,10 @@ def load_or_build_tokenizer(cfg: ReasonerConfig, run_dir: Path):
         return Qwen2Tokenizer.from_pretrained(Path(cfg.base_run) / "tokenizer")
     path = run_dir / "tokenizer"
     if not path.is_dir():
-        tokenizer = common.build_tokenizer(cfg.vocab_size, cfg.tokenizer_sessions, cfg.phrasing)
+        if cfg.init_from:
+            tokenizer = Qwen2Tokenizer.from_pretrained(init_source(cfg) / "tokenizer")
+        else:
+            tokenizer = common.build_tokenizer(cfg.vocab_size, cfg.tokenizer_sessions, cfg.phrasing)
         staging = run_dir / ".tokenizer-staging"
         tokenizer.save_pretrained(staging)
         staging.rename(path)
@@ -456,6 +486,9 @@ def build(cfg: ReasonerConfig, run_dir: Path):
         text_encoder = common.build_text_encoder(tokenizer, cfg.hidden_size, cfg.num_layers, cfg.num_heads,
                                                  cfg.num_kv_heads, cfg.intermediate_size, cfg.vision_hidden,
                                                  cfg.vision_depth)
+        if cfg.init_from:  # a resumed run then loads its own checkpoint over these weights
+            init_source(cfg)
+            common.load_weights(text_encoder, cfg.init_from)
     return build_reasoning_pipeline(text_encoder, tokenizer)
 
 

@@ -13,6 +13,7 @@ Gate (docs/training.md): the oracle parser reads >= 99% of reconstructed scenes 
 
 from __future__ import annotations
 
+import collections
 import json
 import random
 from dataclasses import dataclass
@@ -133,46 +134,76 @@ def train_step(vae, optimizer, cfg: VAEConfig, step: int, batch: dict, accelerat
 
 
 @torch.no_grad()
-def evaluate(vae, cfg: VAEConfig, num_images: int | None = None, batch: int = 32) -> dict:
-    """PSNR, background kept (CC's tolerance) and the oracle parser's accuracy on reconstructions of held-out scenes."""
+def misread(truth, parsed) -> str | None:
+    """`None` when `parsed` holds `truth` exactly, else what went wrong, e.g. "small cross -> shape diamond"."""
+    got = parsed.at(truth.cell)
+    if got == truth:
+        return None
+    if got is None:
+        return f"{truth.size} {truth.shape} -> missing"
+    fields = [f"{f} {getattr(got, f)}" for f in ("shape", "color", "size") if getattr(got, f) != getattr(truth, f)]
+    return f"{truth.size} {truth.shape} -> " + ", ".join(fields)
+
+
+@torch.no_grad()
+def roundtrip(vae, scenes, size: int = 64, batch: int = 32) -> dict:
+    """Encode -> decode `scenes` on the VAE's device, round to uint8 and read them back with the oracle parser.
+
+    Returns:
+        `{"rows": [...], "errors": Counter}`: one row per scene (`objects`, `objects_exact`, `cells_exact` of the 9,
+        `scene_exact`, `tone_exact`, `original_exact` (the parser reads the original itself exactly), `psnr`,
+        `background_kept`: the fraction of background pixels within CC's tolerance), and the misread objects by kind
+        (`misread`, plus "spurious object").
+    """
     from editr2.bench.metrics import BACKGROUND_TOLERANCE
     from editr2.bench.shapes.parser import parse_batch
     from editr2.bench.shapes.render import object_mask
 
-    num_images = num_images or cfg.eval_images
-    rng = random.Random(common.derive_seed(cfg.seed, "eval"))
-    scenes = random_scenes(rng, num_images)
     device = next(vae.parameters()).device
     was_training = vae.training
     vae.eval()
-    psnr, kept, recs, origs = [], [], [], []
-    for start in range(0, num_images, batch):
-        chunk = scenes[start:start + batch]
-        x = common.scenes_to_tensor(chunk, cfg.size)
-        rec = common.tensor_to_arrays(reconstruct(vae, x.to(device)))  # (b, H, W, 3), uint8-rounded
-        orig = common.tensor_to_arrays(x)
-        mse = ((rec - orig) ** 2).mean(axis=(1, 2, 3))
-        psnr += list(10 * np.log10(1.0 / np.maximum(mse, 1e-10)))
-        for s, r, o in zip(chunk, rec, orig):
-            bg = ~object_mask(s, cfg.size)
-            kept.append(float((np.abs(r - o).max(-1) <= BACKGROUND_TOLERANCE)[bg].mean()))
-        recs += list(rec)
-        origs += list(orig)
+    recs, origs = [], []
+    for start in range(0, len(scenes), batch):
+        x = common.scenes_to_tensor(scenes[start:start + batch], size)  # (b, 3, H, W) in [-1, 1]
+        recs += list(common.tensor_to_arrays(reconstruct(vae, x.to(device))))  # (H, W, 3) uint8-rounded floats
+        origs += list(common.tensor_to_arrays(x))
     vae.train(was_training)
-    parsed = parse_batch(np.stack(recs))
-    parsed_orig = parse_batch(np.stack(origs))
-    exact = [common.scene_key(p) == common.scene_key(s) for p, s in zip(parsed, scenes)]
-    cells = [p.at(c) == s.at(c) for p, s in zip(parsed, scenes) for c in [(r, k) for r in range(3) for k in range(3)]]
-    objects = [p.at(o.cell) == o for p, s in zip(parsed, scenes) for o in s.objects]
+    parsed, parsed_orig = parse_batch(np.stack(recs)), parse_batch(np.stack(origs))
+    cells = [(r, c) for r in range(3) for c in range(3)]
+    rows, errors = [], collections.Counter()
+    for scene, p, p_orig, rec, orig in zip(scenes, parsed, parsed_orig, recs, origs):
+        wrong = [m for m in (misread(o, p) for o in scene.objects) if m is not None]
+        errors.update(wrong)
+        errors.update(["spurious object"] * sum(1 for c in cells if scene.at(c) is None and p.at(c) is not None))
+        mse = float(((rec - orig) ** 2).mean())
+        bg = ~object_mask(scene, size)
+        rows.append({"objects": len(scene.objects), "objects_exact": len(scene.objects) - len(wrong),
+                     "cells_exact": sum(p.at(c) == scene.at(c) for c in cells),
+                     "scene_exact": common.scene_key(p) == common.scene_key(scene), "tone_exact": p.tone == scene.tone,
+                     "original_exact": common.scene_key(p_orig) == common.scene_key(scene),
+                     "psnr": float(10 * np.log10(1.0 / max(mse, 1e-10))),
+                     "background_kept": float((np.abs(rec - orig).max(-1) <= BACKGROUND_TOLERANCE)[bg].mean())})
+    return {"rows": rows, "errors": errors}
+
+
+def evaluate(vae, cfg: VAEConfig, num_images: int | None = None, batch: int = 32) -> dict:
+    """PSNR, background kept (CC's tolerance) and the oracle parser's accuracy on reconstructions of held-out scenes
+    (`roundtrip`'s rows, averaged)."""
+    num_images = num_images or cfg.eval_images
+    rng = random.Random(common.derive_seed(cfg.seed, "eval"))
+    rows = roundtrip(vae, random_scenes(rng, num_images), cfg.size, batch)["rows"]
+
+    def mean(key):
+        return float(np.mean([float(r[key]) for r in rows]))
+
     return {
-        "psnr": float(np.mean(psnr)),
-        "background_kept": float(np.mean(kept)),
-        "scene_accuracy": float(np.mean(exact)),
-        "cell_accuracy": float(np.mean(cells)),
-        "object_accuracy": float(np.mean(objects)),
-        "tone_accuracy": float(np.mean([p.tone == s.tone for p, s in zip(parsed, scenes)])),
-        "scene_accuracy_originals": float(np.mean([common.scene_key(p) == common.scene_key(s)
-                                                   for p, s in zip(parsed_orig, scenes)])),
+        "psnr": mean("psnr"),
+        "background_kept": mean("background_kept"),
+        "scene_accuracy": mean("scene_exact"),
+        "cell_accuracy": sum(r["cells_exact"] for r in rows) / (9 * len(rows)),
+        "object_accuracy": sum(r["objects_exact"] for r in rows) / max(sum(r["objects"] for r in rows), 1),
+        "tone_accuracy": mean("tone_exact"),
+        "scene_accuracy_originals": mean("original_exact"),
         "images": num_images,
     }
 
