@@ -1,7 +1,8 @@
 """Run the main demo: multi-turn MICE-Shapes sessions, scored per turn (IF / CC / GA).
 
-With the shipped default model (checkpoints/editr2-shapes-tiny) it edits one cm and one cu session with
-EditR2Pipeline and writes each session's folder and filmstrip. Without it (or with --symbolic) it scores the symbolic
+With the shipped default model (checkpoints/editr2-shapes-tiny) it edits one cm and one cu session in the fixed
+grammar and one session typed in everyday words (`--everyday`: phrasing families held out from every training path,
+`editr2.bench.shapes.language`) with EditR2Pipeline, and writes each session's folder and filmstrip. Without it (or with --symbolic) it scores the symbolic
 reference editors (oracle, literal, identity) on both session families, which shows what the metrics measure.
 """
 
@@ -26,6 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=1000, help="first session seed (held-out range by default)")
     parser.add_argument("--reasoning", choices=REASONING_MODES, default="intent",
                         help="how the history reaches the model (default: intent)")
+    parser.add_argument("--everyday", choices=("cm", "cu", "none"), default="cu",
+                        help="family of the session typed in everyday words, held-out phrasing (default cu; none: "
+                             "grammar sessions only)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -65,19 +69,24 @@ def _run_model(args: argparse.Namespace, editor) -> int:
     from editr2.filmstrip import filmstrip
 
     summary = {}
-    for family in ("cm", "cu"):
-        truth = generate_session(family, args.turns, args.seed)
+    runs = [(family, "grammar") for family in ("cm", "cu")]
+    if args.everyday != "none":
+        runs.append((args.everyday, "unseen"))
+    for family, phrasing in runs:
+        truth = generate_session(family, args.turns, args.seed, phrasing=phrasing)
         editor.edit_session(truth.source_image(), list(truth.instruction), truth)
         session = editor.session
         scores = score_session(truth, [session.source_image, *session.images[1:]])
-        print(f"== {family} session (seed {args.seed}) ==")
+        name = family if phrasing == "grammar" else f"{family}_everyday"
+        wording = "" if phrasing == "grammar" else ", everyday words (held-out phrasing)"
+        print(f"== {family} session (seed {args.seed}{wording}) ==")
         for turn, s in zip(session.turns, scores):
             note = f"  [fallback: {turn.fallback_reason}]" if turn.fallback_reason else ""
             print(f"  instruction: {turn.instruction}\n  intent:      {turn.intent}{note}\n"
                   f"  IF={s.IF:.2f} CC={s.CC:.2f} GA={s.GA:.2f}")
-        directory = session.save(args.out / family)
+        directory = session.save(args.out / name)
         filmstrip(session).save(directory / "filmstrip.png")
-        summary[family] = [s.__dict__ for s in scores]
+        summary[name] = [s.__dict__ for s in scores]
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     print(f"\nSession folders (with filmstrip.png) and summary.json under {args.out}/")
     return 0

@@ -29,10 +29,11 @@ def test_demo_with_a_model_uses_its_call_defaults(tmp_path, model_folder, capsys
     out = tmp_path / "demo"
     assert main(["demo", "--model", str(model), "--out", str(out), "--turns", "2"]) == 0
     printed = capsys.readouterr().out
-    assert "== cm session" in printed and "== cu session" in printed and printed.count("IF=") == 4
+    assert "== cm session" in printed and "== cu session" in printed and printed.count("IF=") == 6
+    assert "everyday words (held-out phrasing)" in printed
     summary = json.loads((out / "summary.json").read_text())
-    assert [len(summary[f]) for f in ("cm", "cu")] == [2, 2]
-    for family in ("cm", "cu"):
+    assert [len(summary[f]) for f in ("cm", "cu", "cu_everyday")] == [2, 2, 2]
+    for family in ("cm", "cu", "cu_everyday"):
         assert (out / family / "filmstrip.png").is_file()
         assert json.loads((out / family / "session.json").read_text())["turns"][1]["meta"]["num_inference_steps"] == 2
 
