@@ -62,23 +62,26 @@ def folder_bytes(path: Path) -> int:
 
 
 def call_defaults(reasoner_dir: Path) -> dict:
-    """The `__call__` arguments the exported model was trained for: `common.CALL_KWARGS`, plus the reasoning request
-    template when the reasoner was trained on the short one (`template: short`), so the pipeline asks as in training.
+    """The `__call__` arguments the exported model was trained for: `common.CALL_KWARGS`, with what the reasoner
+    was trained and evaluated with: its view of the image (`condition_area = condition_size ** 2`), its reasoning
+    budget (`max_new_tokens`, never below the default) and the short request template when it was trained on it
+    (`template: short`), so the pipeline asks as in training.
 
     `reasoner_dir` is a stage-2 run folder, or an exported pipeline folder (e.g. the shipped checkpoint, when only
-    the editor was retrained): then its own `editr2_call_defaults.json` template is kept."""
+    the editor was retrained): then its own `editr2_call_defaults.json` reasoning settings are kept."""
     from recipes.shapes_tiny.train_reasoner import ReasonerConfig, request_template
 
     kwargs = dict(common.CALL_KWARGS)
     exported = reasoner_dir / CALL_DEFAULTS_FILE
     if exported.is_file():
-        template = json.loads(exported.read_text()).get("template")
-        if template is not None:
-            kwargs["template"] = template
+        saved = json.loads(exported.read_text())
+        kwargs.update({k: saved[k] for k in ("template", "condition_area", "max_new_tokens") if k in saved})
         return kwargs
-    config = reasoner_dir / "config.json"
-    template = json.loads(config.read_text()).get("template", "default") if config.is_file() else "default"
-    request = request_template(ReasonerConfig(template=template))
+    config_file = reasoner_dir / "config.json"
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    kwargs["condition_area"] = int(config.get("condition_size", 32)) ** 2
+    kwargs["max_new_tokens"] = max(kwargs["max_new_tokens"], int(config.get("max_new_tokens", 0)))
+    request = request_template(ReasonerConfig(template=config.get("template", "default")))
     if request is not None:
         kwargs["template"] = request
     return kwargs

@@ -1,0 +1,27 @@
+"""recipes/shapes_tiny/export.call_defaults: an exported model is called as its reasoner was trained."""
+
+import json
+
+from recipes.shapes_tiny import common
+from recipes.shapes_tiny.export import call_defaults
+
+
+def test_call_defaults_follow_the_reasoners_training(tmp_path):
+    run = tmp_path / "reasoner_run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"condition_size": 64, "max_new_tokens": 112, "template": "short"}))
+    kwargs = call_defaults(run)
+    assert kwargs["condition_area"] == 64 * 64 and kwargs["max_new_tokens"] == 112
+    assert kwargs["template"].startswith("History:")
+    assert {k: v for k, v in kwargs.items() if k not in ("condition_area", "max_new_tokens", "template")} == \
+        {k: v for k, v in common.CALL_KWARGS.items() if k not in ("condition_area", "max_new_tokens")}
+
+    (run / "config.json").write_text(json.dumps({"condition_size": 32, "max_new_tokens": 64}))
+    assert call_defaults(run) == common.CALL_KWARGS  # a shorter budget never lowers the default; default template
+
+    exported = tmp_path / "model"
+    exported.mkdir()
+    (exported / "editr2_call_defaults.json").write_text(json.dumps({**common.CALL_KWARGS, "condition_area": 4096,
+                                                                   "max_new_tokens": 112, "template": "T {instruction}"}))
+    assert call_defaults(exported) == {**common.CALL_KWARGS, "condition_area": 4096, "max_new_tokens": 112,
+                                       "template": "T {instruction}"}
