@@ -143,6 +143,31 @@ def test_results_grid_resumes_and_regenerates(model_dir, tmp_path, count_runs):
     assert "Compounding errors." in again.read_text() and count_runs["n"] == 17
 
 
+def test_everyday_wording_cells_sit_beside_the_grammar(model_dir, tmp_path, count_runs):
+    """`--phrasings grammar unseen`: the model's modes also run on the same sessions typed in held-out everyday
+    phrasing; their tables and the side-by-side section are written, the grammar's tables and targets unchanged."""
+    json_path, md_path = tmp_path / "raw.json", tmp_path / "results.md"
+    argv = ["--model", str(model_dir), "--out", str(md_path), "--json", str(json_path), "--sessions", "1",
+            "--turns", "2", "--long-sessions", "0", "--modes", "intent", "--families", "cm", "--threads", "1",
+            "--no-progress", "--phrasings", "grammar", "unseen"]
+    assert results.main(argv) == 0 and count_runs["n"] == 4
+    data = json.loads(json_path.read_text())
+    assert set(data["cells"]) == {"cm/2/literal", "cm/2/oracle", "cm/2/editr2-intent", "cm/2/editr2-intent/unseen"}
+    assert data["cells"]["cm/2/editr2-intent/unseen"]["config"]["phrasing"] == "unseen"
+    assert "phrasing" not in data["cells"]["cm/2/editr2-intent"]["config"]
+    text = md_path.read_text()
+    assert "| editor | cm 1x2 | cm 1x2 unseen |" in text  # wall time per cell
+    everyday = text.split("## Everyday wording\n")[1]
+    table = everyday.split("### cm, 1 sessions x 2 turns\n\n")[1].split("\n\n")[0]
+    rows = [line.split(" | ")[0] for line in table.splitlines()]
+    assert rows[2:] == ["| editr2-intent, grammar", "| editr2-intent, unseen"]
+    grammar = text.split("## cm, 1 sessions x 2 turns (seeds 0..0)\n")[1].split("\n\n")[0]
+    assert "unseen" not in grammar and grammar.count("\n| ") == 4  # header + literal, oracle, editr2-intent
+    assert results.main(argv) == 0 and count_runs["n"] == 4  # everything stored: nothing runs again
+    with pytest.raises(ValueError, match="phrasings"):
+        results.plan_cells(["cm"], ["intent"], 1, 2, 0, 3, phrasings=("all",))
+
+
 def cells_of(values: dict, turns: int = 3) -> dict:
     """Hand-made cells: `values[(family, editor)] = {metric: value at turn 3}` (at the last turn of shorter sessions;
     other turns and metrics 0)."""

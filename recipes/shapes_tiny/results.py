@@ -5,7 +5,9 @@
 Runs the results grid on held-out session seeds (training uses seeds >= 10,000,000): per family (cm, cu),
 `--sessions` x `--turns` and `--long-sessions` x `--long-turns` sessions, each scored by `run_bench` for the symbolic
 `literal` and `oracle` editors and for the model in every `--modes` reasoning mode (`load_bench_editor`, the folder's
-call defaults). Every finished cell (family, turns, editor) is saved at once to `--json`; running the same command
+call defaults). `--phrasings seen unseen` adds the same sessions typed in everyday words (the training phrasing
+families, and the families held out from every training path: `editr2.bench.shapes.language`) for the model's modes,
+reported in their own tables and side by side with the grammar in "Everyday wording". Every finished cell (family, turns, editor) is saved at once to `--json`; running the same command
 again skips the cells it holds, so an interrupted run continues. Then it writes the markdown (`--out`): a header
 (model, call defaults, command, dates, wall time per cell), one table per (family, turns), the turn-3 targets checked
 against the numbers, and a per-turn plot next to it (`<out stem>_per_turn.png`). `--from-json` rewrites both from the
@@ -26,6 +28,7 @@ from pathlib import Path
 SYMBOLIC = ("literal", "oracle")
 MODES = ("none", "history", "intent")
 FAMILIES = ("cm", "cu")
+PHRASINGS = ("grammar", "seen", "unseen")
 TABLE_METRICS = ("IF", "CC", "GA")
 TARGET_TURN = 3
 TOLERANCE = 1e-9  # a value this close under its threshold counts as met (0.70 - 0.55 is 0.1499999...)
@@ -42,26 +45,40 @@ EDITOR_ORDER = (*SYMBOLIC, *(f"editr2-{mode}" for mode in MODES))
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def cell_key(family: str, turns: int, editor: str) -> str:
-    """The JSON key of one cell, e.g. "cm/3/editr2-intent"."""
-    return f"{family}/{turns}/{editor}"
+def cell_key(family: str, turns: int, editor: str, phrasing: str = "grammar") -> str:
+    """The JSON key of one cell, e.g. "cm/3/editr2-intent" (the grammar) or "cm/3/editr2-intent/unseen"."""
+    return f"{family}/{turns}/{editor}" + ("" if phrasing == "grammar" else f"/{phrasing}")
 
 
-def plan_cells(families, modes, sessions: int, turns: int, long_sessions: int, long_turns: int) -> list[dict]:
-    """Every cell to run, in order: per (sessions, turns) grid, per family, the symbolic editors then the modes."""
+def cell_phrasing(cell: dict) -> str:
+    """The wording of a stored cell's sessions (cells of the fixed grammar do not record it)."""
+    return cell["config"].get("phrasing", "grammar")
+
+
+def plan_cells(families, modes, sessions: int, turns: int, long_sessions: int, long_turns: int,
+               phrasings=("grammar",)) -> list[dict]:
+    """Every cell to run, in order: per (sessions, turns) grid, per family, the symbolic editors then the modes in
+    the grammar, then the modes in each everyday phrasing (the symbolic editors read only the grammar)."""
     grids = [(sessions, turns)] + ([(long_sessions, long_turns)] if long_sessions > 0 else [])
     if len(grids) == 2 and turns == long_turns:
         raise ValueError(f"--turns and --long-turns are both {turns}: pass different lengths (or --long-sessions 0).")
     for n, t in grids:
         if n < 1 or t < 1:
             raise ValueError(f"{n} sessions x {t} turns: pass at least 1 session of at least 1 turn.")
+    unknown = [p for p in phrasings if p not in PHRASINGS]
+    if unknown:
+        raise ValueError(f"phrasings {unknown}: pass some of {PHRASINGS}.")
     cells = []
     for n, t in grids:
         for family in families:
-            for name in SYMBOLIC:
-                cells.append({"family": family, "sessions": n, "turns": t, "editor": name, "mode": None})
-            for mode in modes:
-                cells.append({"family": family, "sessions": n, "turns": t, "editor": f"editr2-{mode}", "mode": mode})
+            if "grammar" in phrasings:
+                for name in SYMBOLIC:
+                    cells.append({"family": family, "sessions": n, "turns": t, "editor": name, "mode": None,
+                                  "phrasing": "grammar"})
+            for phrasing in (p for p in PHRASINGS if p in phrasings):
+                for mode in modes:
+                    cells.append({"family": family, "sessions": n, "turns": t, "editor": f"editr2-{mode}",
+                                  "mode": mode, "phrasing": phrasing})
     return cells
 
 
@@ -82,7 +99,8 @@ def is_done(stored: dict | None, cell: dict, seed: int, sample_seed: int) -> boo
     config = stored.get("config", {})
     wanted = {"family": cell["family"], "sessions": cell["sessions"], "turns": cell["turns"], "seed": seed}
     same_sampling = cell["mode"] is None or stored.get("sample_seed") == sample_seed
-    return same_sampling and all(config.get(k) == v for k, v in wanted.items())
+    same_words = config.get("phrasing", "grammar") == cell.get("phrasing", "grammar")
+    return same_sampling and same_words and all(config.get(k) == v for k, v in wanted.items())
 
 
 def load_json(path: Path) -> dict:
@@ -108,7 +126,7 @@ def run_cell(cell: dict, editor, seed: int, progress: bool) -> dict:
 
     tick = time.perf_counter()
     result = runner.run_bench(editor, cell["family"], cell["sessions"], cell["turns"], seed, progress=progress,
-                              editor_name=cell["editor"])
+                              editor_name=cell["editor"], phrasing=cell.get("phrasing", "grammar"))
     result["seconds"] = round(time.perf_counter() - tick, 2)
     result["date"] = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     records = getattr(editor, "records", None)
@@ -134,10 +152,11 @@ def run_grid(args, data: dict, json_path: Path) -> dict:
     data.update(model=str(model), model_sha256=fingerprint, call_kwargs=read_call_defaults(model) or {"reference_area": None},
                 sample_seed=args.sample_seed, seed=args.seed,
                 command="python -m recipes.shapes_tiny.results " + shlex.join(args.argv))
-    cells = plan_cells(args.families, args.modes, args.sessions, args.turns, args.long_sessions, args.long_turns)
+    cells = plan_cells(args.families, args.modes, args.sessions, args.turns, args.long_sessions, args.long_turns,
+                       args.phrasings)
     pipe = None  # loaded at the first model cell that still has to run
     for cell in cells:
-        key = cell_key(cell["family"], cell["turns"], cell["editor"])
+        key = cell_key(cell["family"], cell["turns"], cell["editor"], cell["phrasing"])
         if is_done(data["cells"].get(key), cell, args.seed, args.sample_seed):
             print(f"{key}: done, skipped")
             continue
@@ -226,15 +245,39 @@ def editor_rank(name: str) -> tuple:
     return (EDITOR_ORDER.index(name) if name in EDITOR_ORDER else len(EDITOR_ORDER), name)
 
 
-def grids(cells: dict) -> dict[tuple[str, int], dict[str, dict]]:
-    """The cells grouped per (family, turns), families in FAMILIES order, editors in EDITOR_ORDER."""
-    groups: dict[tuple[str, int], dict[str, dict]] = {}
+def grids(cells: dict, phrasing: str | None = "grammar") -> dict[tuple[str, int], dict[str, dict]]:
+    """The cells of one `phrasing` (None: every phrasing, keyed `(family, turns, phrasing)`) grouped per
+    (family, turns), families in FAMILIES order, editors in EDITOR_ORDER."""
+    groups: dict[tuple, dict[str, dict]] = {}
     for cell in cells.values():
-        config = cell["config"]
-        groups.setdefault((config["family"], config["turns"]), {})[config["editor"]] = cell
+        config, words = cell["config"], cell_phrasing(cell)
+        if phrasing is None:
+            groups.setdefault((config["family"], config["turns"], words), {})[config["editor"]] = cell
+        elif words == phrasing:
+            groups.setdefault((config["family"], config["turns"]), {})[config["editor"]] = cell
     family_rank = {f: i for i, f in enumerate(FAMILIES)}
-    ordered = sorted(groups, key=lambda g: (g[1], family_rank.get(g[0], len(FAMILIES)), g[0]))
+    ordered = sorted(groups, key=lambda g: (g[1], family_rank.get(g[0], len(FAMILIES)), g[0],
+                                            *((PHRASINGS.index(g[2]),) if len(g) == 3 else ())))
     return {g: dict(sorted(groups[g].items(), key=lambda item: editor_rank(item[0]))) for g in ordered}
+
+
+def everyday_section(cells: dict) -> list[str]:
+    """Per (family, turns) that has everyday-phrasing cells: each model mode in every phrasing, side by side."""
+    groups = grids(cells, None)
+    lines = []
+    for family, turns in dict.fromkeys((f, t) for f, t, p in groups if p != "grammar"):
+        rows = {f"{name}, {p}": cell for (f, t, p), editors in groups.items() if (f, t) == (family, turns)
+                for name, cell in editors.items() if name not in SYMBOLIC}
+        rows = dict(sorted(rows.items(), key=lambda item: (editor_rank(item[0].split(", ")[0]),
+                                                          PHRASINGS.index(item[0].split(", ")[1]))))
+        config = next(iter(rows.values()))["config"]
+        lines += [f"### {family}, {config['sessions']} sessions x {turns} turns", "", results_table(rows, turns), ""]
+    if lines:
+        lines = ["## Everyday wording", "",
+                 "The same sessions (scenes, operations, rules) typed in the fixed grammar, in the phrasing families "
+                 "the reasoner was trained on (`seen`) and in families held out from every training path (`unseen`, "
+                 "`editr2.bench.shapes.language`).", "", *lines]
+    return lines
 
 
 def results_table(editors: dict[str, dict], turns: int) -> str:
@@ -249,9 +292,11 @@ def results_table(editors: dict[str, dict], turns: int) -> str:
 
 
 def wall_time_table(groups: dict) -> str:
+    """Seconds per cell; `groups` keyed `(family, turns)` or `(family, turns, phrasing)`."""
     columns = list(groups)
     editors = sorted({name for cells in groups.values() for name in cells}, key=editor_rank)
-    head = [f"{family} {next(iter(groups[(family, t)].values()))['config']['sessions']}x{t}" for family, t in columns]
+    head = [f"{g[0]} {next(iter(groups[g].values()))['config']['sessions']}x{g[1]}"
+            + (f" {g[2]}" if len(g) == 3 and g[2] != "grammar" else "") for g in columns]
     lines = ["| editor | " + " | ".join(head) + " |", "|---" + "|---:" * len(columns) + "|"]
     for name in editors:
         times = [f"{groups[g][name]['seconds']:.0f}" if name in groups[g] else "–" for g in columns]
@@ -295,7 +340,7 @@ def markdown(data: dict, plot_name: str) -> str:
              "- IF: instruction following, CC: content consistency, GA: global awareness (cumulative), reward = "
              "0.3 IF + 0.3 CC + 0.4 GA (docs/metrics.md). `literal` applies each instruction's words alone; `oracle` "
              "paints the ground truth; `editr2-MODE` is the model with reasoning MODE.", "",
-             "Wall time per cell (seconds):", "", wall_time_table(groups), ""]
+             "Wall time per cell (seconds):", "", wall_time_table(grids(cells, None)), ""]
     for (family, turns), editors in groups.items():
         config = next(iter(editors.values()))["config"]
         seeds = f"seeds {config['seed']}..{config['seed'] + config['sessions'] - 1}"
@@ -306,6 +351,7 @@ def markdown(data: dict, plot_name: str) -> str:
         if rates:
             lines += ["Turns whose reasoning answer was not used (fallback to the instruction): "
                       + ", ".join(rates) + ".", ""]
+    lines += everyday_section(cells)
     lines += [f"![Per-turn IF / CC / GA / reward per editor and family]({plot_name})", "",
               "## Targets", "", targets_section(check_targets(cells)), ""]
     if data.get("notes"):
@@ -381,6 +427,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--sample-seed", type=int, default=0, help="turn k of a session is sampled with this + k")
     parser.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES))
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--phrasings", nargs="+", choices=PHRASINGS, default=["grammar"],
+                        help="the sessions' wording: the fixed grammar, and everyday phrasing in the training (seen) "
+                             "or held-out (unseen) families, for the model's modes (default: grammar)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--notes", default=None, metavar="MD",
                         help="a markdown file appended after the targets (e.g. what limits the model); kept in --json")
