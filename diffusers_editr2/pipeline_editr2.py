@@ -56,6 +56,7 @@ from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer, Qwe
 
 from editr2.intent import REASONING_MODES, Intent, build_messages, parse_answer
 from editr2.session import Session, Turn
+from editr2.unedited import keep_unedited as keep_unedited_latents
 
 from .call_defaults import read_call_defaults, write_call_defaults
 from .pipeline_output import EditR2PipelineOutput
@@ -470,6 +471,7 @@ class EditR2Pipeline(DiffusionPipeline, QwenImageLoraLoaderMixin):
         template=None,
         reference_area=VAE_IMAGE_SIZE,
         condition_area=CONDITION_IMAGE_SIZE,
+        keep_unedited=None,
     ):
         """Raise a `ValueError` that says what to pass instead for every invalid argument of [`__call__`].
 
@@ -570,10 +572,28 @@ class EditR2Pipeline(DiffusionPipeline, QwenImageLoraLoaderMixin):
             )
         if template is not None:
             _check_template(template)
+        if keep_unedited is not None and (not _is_number(keep_unedited) or not math.isfinite(keep_unedited)
+                                          or keep_unedited < 0):
+            raise ValueError(
+                f"`keep_unedited` must be a finite change >= 0 (e.g. 0.3, in normalised latent units) or None (off), "
+                f"got {keep_unedited!r}."
+            )
         self._check_areas(image, session, height, width, reference_area, condition_area)
         if max_sequence_length is not None:
             text = history_prompt(session.instructions if session else [], prompt) if reasoning == "history" else prompt
             self.check_prompt_length(text, max_sequence_length)
+
+    def _check_reference_at_working_size(self, session: Session, reference_area) -> None:
+        """`keep_unedited` copies from the current image's reference latent: it must have the output's size."""
+        if session.state_origin() != 0 or reference_area is None:
+            return  # a carried latent (always at the working size), or a source encoded at the working size
+        size = tuple(calculate_dimensions(reference_area, session.size[0] / session.size[1]))
+        if size != tuple(session.size):
+            raise ValueError(
+                f"`keep_unedited` copies from the current image's latent, but this turn encodes the source at "
+                f"{size[0]}x{size[1]} (reference_area={reference_area}) while the output is {session.size[0]}x"
+                f"{session.size[1]}; pass reference_area=None (the source at the working size) or omit keep_unedited."
+            )
 
     @staticmethod
     def _check_sigmas(sigmas) -> None:
@@ -1226,6 +1246,7 @@ class EditR2Pipeline(DiffusionPipeline, QwenImageLoraLoaderMixin):
         max_history_images: int = 2,
         reference_area: int | None = VAE_IMAGE_SIZE,
         condition_area: int = CONDITION_IMAGE_SIZE,
+        keep_unedited: float | None = None,
     ) -> EditR2PipelineOutput | tuple:
         r"""Run one editing turn: start a session from `image`, or continue `session`.
 
@@ -1275,6 +1296,13 @@ class EditR2Pipeline(DiffusionPipeline, QwenImageLoraLoaderMixin):
             reference_area (`int` or None, defaults to 1024*1024): pixels of the source's VAE reference (upstream's
                 value); None encodes it at the working size. Later turns always use the carried latent.
             condition_area (`int`, defaults to 384*384): pixels of the images shown to the text encoder.
+            keep_unedited (`float`, *optional*): copy the current image's latent back wherever the sampled latent
+                differs from it by at most this RMS change per latent pixel (normalised latent units; the changed
+                region grows by one latent pixel first), so what the edit did not touch stays exactly as it was
+                however many turns follow (`editr2.unedited.keep_unedited`). Needs the current image's reference at
+                the working size (continued turns always; a new session with `reference_area=None` or an image of
+                `reference_area` pixels). The turn's `meta["edited_fraction"]` records the share of latent pixels
+                kept as sampled. None (default) leaves the sample as it is, as upstream.
 
         Examples:
 
@@ -1305,6 +1333,7 @@ class EditR2Pipeline(DiffusionPipeline, QwenImageLoraLoaderMixin):
             template=template,
             reference_area=reference_area,
             condition_area=condition_area,
+            keep_unedited=keep_unedited,
         )
         if true_cfg_scale > 1 and negative_prompt is None:
             logger.warning(
@@ -1327,6 +1356,8 @@ class EditR2Pipeline(DiffusionPipeline, QwenImageLoraLoaderMixin):
         # 2. Define the session: a new one from `image` (at the working size), or the one to continue
         if session is None:
             session = self.start_session(image, height, width, reference_area)
+        if keep_unedited is not None:
+            self._check_reference_at_working_size(session, reference_area)
 
         # 3. Reconstruct the operative intent (or take the instruction / the history as it is)
         if reasoning == "intent":
@@ -1416,6 +1447,13 @@ class EditR2Pipeline(DiffusionPipeline, QwenImageLoraLoaderMixin):
                 if i == len(timesteps) - 1 or ((i + 1) > num_warmup_steps and (i + 1) % self.scheduler.order == 0):
                     progress_bar.update()
         self._current_timestep = None
+        meta = {"reasoning": reasoning, "num_inference_steps": num_inference_steps, "conditioning": text}
+        if keep_unedited is not None:  # the current image is the first reference, at the working size (checked)
+            multiple_of = self.vae_scale_factor * 2
+            current = conditioning.image_latents[:, : latents.shape[1]]  # (1, N, C)
+            latents, edited = keep_unedited_latents(latents, current, 2 * (height // multiple_of),
+                                                    2 * (width // multiple_of), keep_unedited)
+            meta["edited_fraction"] = float(edited.float().mean())
         timings["denoise"] = _sync(device) - start - timings["reasoning"] - timings["encode"]
         check_finite_latents(latents, conditioning.session.num_turns + 1)
 
@@ -1428,7 +1466,6 @@ class EditR2Pipeline(DiffusionPipeline, QwenImageLoraLoaderMixin):
         timings["decode"] = _sync(device) - start - sum(timings.values())
         timings["total"] = _sync(device) - start
         seed = generator.initial_seed() if isinstance(generator, torch.Generator) else None
-        meta = {"reasoning": reasoning, "num_inference_steps": num_inference_steps, "conditioning": text}
         new_session = self.finish_turn(conditioning, latents, prompt, intent, decoded, seed, timings, meta)
 
         # Offload all models
