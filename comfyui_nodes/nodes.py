@@ -7,6 +7,7 @@ it returns a new one, so two Edit Turn nodes fed from the same wire branch the s
 from __future__ import annotations
 
 import logging
+import math
 import os
 import pathlib
 from dataclasses import replace
@@ -310,6 +311,10 @@ class EditR2EditTurn(io.ComfyNode):
                              "give the same edit."),
                 io.String.Input("negative_prompt", multiline=True, default="", optional=True,
                                 tooltip="Used when cfg > 1 (guidance is on then, even with this left empty)."),
+                io.Float.Input("keep_unedited", default=0.0, min=0.0, max=10.0, step=0.05, round=0.01, optional=True,
+                               tooltip="Copy the current image back wherever this turn changed it by at most this "
+                               "much (RMS change per latent pixel, e.g. 0.2), so what the edit did not touch stays "
+                               "exactly as it was over any number of turns. 0 = off."),
             ],
             outputs=[
                 EditR2SessionType.Output(display_name="session",
@@ -330,7 +335,8 @@ class EditR2EditTurn(io.ComfyNode):
 
     @classmethod
     def execute(cls, session: Session, model: EditR2Model, instruction: str, reasoning: str = "intent",
-                steps: int = 20, cfg: float = 4.0, seed: int = 0, negative_prompt: str = "") -> io.NodeOutput:
+                steps: int = 20, cfg: float = 4.0, seed: int = 0, negative_prompt: str = "",
+                keep_unedited: float = 0.0) -> io.NodeOutput:
         if not isinstance(session, Session):
             raise ValueError("Edit Turn: connect 'session' to a Start Session, Edit Turn or Load Session output")
         _check_instruction(instruction)
@@ -338,6 +344,8 @@ class EditR2EditTurn(io.ComfyNode):
             raise ValueError(f"Edit Turn: reasoning must be one of {list(REASONING_MODES)}, got {reasoning!r}")
         if not isinstance(model, EditR2Model):
             raise ValueError("Edit Turn: connect 'model' to a Load Edit-R2 Model output")
+        if not (math.isfinite(keep_unedited) and keep_unedited >= 0):
+            raise ValueError(f"Edit Turn: keep_unedited must be a finite change >= 0 (0 = off), got {keep_unedited}")
         if reasoning == "intent" and not model.can_reason:
             raise ValueError(
                 "Edit Turn: this model's text-encoder file has no language-model head (lm_head.weight; ComfyUI's "
@@ -362,6 +370,7 @@ class EditR2EditTurn(io.ComfyNode):
             callback_on_step_end=_step_callback(steps),
             output_type="pil",
             reference_area=None,  # the source's reference latent at the session's size, not upstream's 1 MP
+            keep_unedited=keep_unedited or None,
             **model.call_kwargs(),  # what the model folder was trained with (VLM image size, request template)
         )
         intent = output.intents[0]

@@ -63,6 +63,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="pixels the VLM sees (default: the model's, else 147456)")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="reasoning budget (default: the model's, else 256)")
     parser.add_argument("--temperature", type=float, default=0.0, help="reasoning temperature (default: 0 = greedy)")
+    parser.add_argument("--keep-unedited", type=float, default=None, metavar="CHANGE",
+                        help="copy the current image's latent back wherever a turn changed it by at most CHANGE (RMS "
+                             "per latent pixel, e.g. 0.2): untouched regions stay exactly as they were (default: the "
+                             "model's, else off)")
     parser.add_argument("--lora", default=None, help="a transformer LoRA (diffusers format) to load")
     parser.add_argument("--reasoning-lora", default=None, help="a reasoning LoRA (peft format) for the text encoder")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -215,6 +219,12 @@ def _check_settings(args: argparse.Namespace, kwargs: dict) -> None:
         raise UsageError(f"--true-cfg-scale must be a finite number, got {kwargs['true_cfg_scale']}")
     if not (math.isfinite(args.temperature) and args.temperature >= 0):
         raise UsageError(f"--temperature must be a finite number >= 0, got {args.temperature}")
+    keep = kwargs.get("keep_unedited")
+    if keep is not None and not (math.isfinite(keep) and keep >= 0):
+        raise UsageError(f"--keep-unedited must be a finite change >= 0 (e.g. 0.2), got {keep}")
+    if keep is not None and kwargs.get("reference_area") is not None:
+        raise UsageError("--keep-unedited copies from the current image's latent at the working size: pass "
+                         "--reference-area 0 with it (the source is then encoded at the working size)")
 
 
 def call_kwargs(args: argparse.Namespace) -> dict:
@@ -223,7 +233,7 @@ def call_kwargs(args: argparse.Namespace) -> dict:
 
     given = {"num_inference_steps": args.steps, "height": args.height, "width": args.width,
              "true_cfg_scale": args.true_cfg_scale, "condition_area": args.condition_area,
-             "max_new_tokens": args.max_new_tokens}
+             "max_new_tokens": args.max_new_tokens, "keep_unedited": getattr(args, "keep_unedited", None)}
     kwargs = {**UPSTREAM_DEFAULTS, **read_call_defaults(args.model),
               **{k: v for k, v in given.items() if v is not None}}
     if args.reference_area is not None:  # 0 means the working size

@@ -76,7 +76,8 @@ def test_edit_turn_schema(comfy):
 
     assert required["reasoning"][1]["options"] == list(REASONING_MODES)
     assert required["seed"][1]["control_after_generate"] is True
-    assert list(inputs["optional"]) == ["negative_prompt"]
+    assert list(inputs["optional"]) == ["negative_prompt", "keep_unedited"]
+    assert inputs["optional"]["keep_unedited"][1]["default"] == 0.0  # off
     assert node.RETURN_TYPES() == ["EDITR2_SESSION", "IMAGE", "STRING"]
 
 
@@ -349,6 +350,15 @@ def test_edit_turn_applies_the_model_folders_call_defaults(comfy, tiny_dir, monk
     (kwargs,) = calls
     assert kwargs["condition_area"] == 1024 and kwargs["template"] == template and kwargs["max_new_tokens"] == 3
     assert kwargs["num_inference_steps"] == 2  # the node's own input wins over the folder's steps
+    assert kwargs["keep_unedited"] is None  # the input's default, 0, is off
+
+    calls.clear()
+    first = turn(comfy, start(comfy), model, "make it red", steps=2, reasoning="none")
+    out = comfy.nodes.EditR2EditTurn.execute(first[0], model, "make it blue", "none", 2, 1.0, 0, "", 1e6)
+    assert calls[-1]["keep_unedited"] == 1e6
+    assert torch.equal(out[0].turns[-1].latents, first[0].turns[-1].latents)  # nothing changed by more than that
+    with pytest.raises(ValueError, match="keep_unedited must be a finite change"):
+        comfy.nodes.EditR2EditTurn.execute(first[0], model, "make it blue", "none", 2, 1.0, 0, "", -1.0)
 
 
 def test_edit_turn_restores_an_earlier_state_exactly(comfy, tiny_model, monkeypatch):

@@ -88,7 +88,9 @@ def test_settings_come_from_the_command_line_then_the_model_folder_then_upstream
     assert kwargs["num_inference_steps"] == 4 and kwargs["condition_area"] == 1024 and kwargs["template"] == template
     assert kwargs["reference_area"] is None and kwargs["height"] == 64 and kwargs["max_new_tokens"] == 256
     kwargs = call_kwargs(parser.parse_args([*base, "--model", str(tmp_path), "--reference-area", "4096"]))
-    assert kwargs["reference_area"] == 4096
+    assert kwargs["reference_area"] == 4096 and "keep_unedited" not in kwargs
+    assert call_kwargs(parser.parse_args([*base, "--model", str(tmp_path), "--keep-unedited", "0.2"]))[
+        "keep_unedited"] == 0.2
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -125,6 +127,8 @@ def edit_argv(model, image, out, *extra, instructions=("make the sign yellow",))
         ("model_hub_id_offline", "offline"),
         ("model_not_a_pipeline", "no model_index.json"),
         ("bad_steps", "--steps must be at least 1"),
+        ("bad_keep_unedited", "--keep-unedited must be a finite change >= 0"),
+        ("keep_unedited_without_working_size_source", "pass --reference-area 0 with it"),
         ("bad_defaults_file", "--model .*: "),
     ],
 )
@@ -166,6 +170,10 @@ def test_bad_command_line_fails_before_the_model_loads(case, message, tiny_dir, 
         model = tmp_path
     elif case == "bad_steps":
         extra = ["--steps", "0"]
+    elif case == "bad_keep_unedited":
+        extra = ["--keep-unedited", "nan", "--reference-area", "0"]
+    elif case == "keep_unedited_without_working_size_source":
+        extra = ["--keep-unedited", "0.2"]
     elif case == "bad_defaults_file":
         model = tmp_path / "model"
         shutil.copytree(tiny_dir, model)
