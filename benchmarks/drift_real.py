@@ -12,6 +12,8 @@ same weights, seeds, working size and steps:
   and VAE-encoded again, upstream's default multi-turn loop);
 - `editr2`: `EditR2Pipeline` with `reasoning="none"` (the same prompt text as upstream), each turn continuing the
   session from the previous turn's carried latent;
+- `editr2-keep`: as `editr2`, with `keep_unedited=--keep-unedited` (`editr2.unedited`): wherever a turn changed the
+  carried latent by at most that much, the previous latent is kept exactly;
 - `vae-carried` / `vae-reencoded`: the source through the VAE alone, once, or once per turn
   (`diffusers_editr2.drift.vae_round_trip`): the floor of any editor on this VAE, and what re-encoding alone costs.
 
@@ -48,7 +50,7 @@ EDITS: tuple[tuple[str, tuple[float, float, float, float]], ...] = (
     ("Make the white cloud grey", (0.3, 0.0, 0.7, 0.25)),
     ("Remove the orange leaf", (0.0, 0.7, 0.3, 1.0)),
 )
-VARIANTS = ("upstream", "editr2", "vae-carried", "vae-reencoded")
+VARIANTS = ("upstream", "editr2", "editr2-keep", "vae-carried", "vae-reencoded")
 MEASURES = ("bg_mean", "bg_worst", "color_shift", "shift_px", "zoom")
 GRID = 8
 SEARCH_SIZE = 256  # translation and zoom are searched on copies box-downsampled to at most this many pixels
@@ -203,13 +205,15 @@ def run(args) -> dict:
                          **common).images[0]
         images["upstream"].append(image)
     seconds["upstream"] = time.time() - start
-    start, session = time.time(), None
-    for k, (prompt, _) in enumerate(edits):
-        out = editr2(image=source if session is None else None, session=session, prompt=prompt, reasoning="none",
-                     reference_area=None, generator=torch.Generator().manual_seed(args.seed + k), **common)
-        session = out.session
-        images["editr2"].append(out.images[0])
-    seconds["editr2"] = time.time() - start
+    for variant, keep in (("editr2", None), ("editr2-keep", args.keep_unedited)):
+        start, session = time.time(), None
+        for k, (prompt, _) in enumerate(edits):
+            out = editr2(image=source if session is None else None, session=session, prompt=prompt,
+                         reasoning="none", reference_area=None, keep_unedited=keep,
+                         generator=torch.Generator().manual_seed(args.seed + k), **common)
+            session = out.session
+            images[variant].append(out.images[0])
+        seconds[variant] = time.time() - start
     carried = vae_round_trip(editr2, source)
     image = source
     for _ in edits:
@@ -226,7 +230,7 @@ def run(args) -> dict:
         folder = Path(args.save_images)
         folder.mkdir(parents=True, exist_ok=True)
         source.save(folder / "source.png")
-        for v in ("upstream", "editr2"):
+        for v in ("upstream", "editr2", "editr2-keep"):
             for k, im in enumerate(images[v], start=1):
                 im.save(folder / f"{v}_t{k:02d}.png")
     config = {k: v for k, v in vars(args).items() if k not in ("json", "save_images")}
@@ -256,7 +260,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--turns", type=int, default=len(EDITS), help=f"edits to make, 1-{len(EDITS)}")
     parser.add_argument("--steps", type=int, default=None, help="denoising steps per turn (default 40; 2 with --tiny)")
     parser.add_argument("--cfg", type=float, default=None, help="true_cfg_scale (default 4.0; 1.0 with --tiny)")
-    parser.add_argument("--seed", type=int, default=0, help="turn k is sampled with seed + k (both variants)")
+    parser.add_argument("--seed", type=int, default=0, help="turn k is sampled with seed + k (every variant)")
+    parser.add_argument("--keep-unedited", type=float, default=0.2,
+                        help="the editr2-keep variant's keep_unedited (RMS change per latent pixel; default 0.2)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--json", default=None, help="write every number here")
