@@ -40,6 +40,10 @@ COMPARISONS = (
                            "checkpoints/editr2-shapes-tiny-history-lora, --reasoning history)"),
     ("none_full", "none", "the shipped `none` LoRA (rank 64) vs the full fine-tune it was extracted from: what the "
                           "adapter loses"),
+    ("default", "keep", "the default model called with `keep_unedited=0.2` (`--pipeline-kwargs "
+                        "'{\"keep_unedited\": 0.2}'`: the current latent is copied back wherever a turn changed it "
+                        "by at most 0.2 RMS per latent pixel, outside the changed region grown by one latent pixel) "
+                        "vs the same model without it; the drift measures per turn are in each folder's results.json"),
     ("none_carried", "shipped", "the shipped model vs a `none` baseline fine-tuned with the carried pool "
                                 "(configs/editor_carried_none.yaml as is): the recipe that hurt the intent editor "
                                 "hurts this one too"),
@@ -62,6 +66,9 @@ SETTINGS = {
     "mode_cu16": ("each arm in its own mode, cu, 30 x 16 turns", "--family cu --sessions 30 --turns 16"),
 }
 METRICS = ("IF", "CC", "GA")
+# comparisons (arm B) whose page also shows the drift measures per turn (editr2.bench.drift), with the VAE's own floor
+DRIFT_ARMS = ("keep",)
+DRIFT_KEYS = ("bg_mean", "bg_worst", "color_shift", "position_shift")
 
 
 def arm_table(results: dict) -> str:
@@ -70,6 +77,24 @@ def arm_table(results: dict) -> str:
     for row in results["per_turn"]:
         cells = [f"{row[m]:.3f} [{row[m + '_ci'][0]:.2f}, {row[m + '_ci'][1]:.2f}]" for m in METRICS]
         lines.append(f"| {row['turn']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def drift_table(arms: dict[str, dict]) -> str:
+    """Per turn, each arm's drift measures (`results.json` "drift"), then the VAE round trip of the carried source."""
+    turns = [row["turn"] for row in next(iter(arms.values()))["drift"]["per_turn"]]
+    vae = {row["turn"]: row for results in arms.values() for row in (results["drift"].get("vae") or {}).get(
+        "per_turn", [])}  # measured for model editors only
+    header = ["turn"] + [f"{arm} {key}" for arm in arms for key in DRIFT_KEYS] + ["VAE round trip bg_mean"] * bool(vae)
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    for k, turn in enumerate(turns):
+        cells = []
+        for results in arms.values():
+            row = results["drift"]["per_turn"][k]
+            cells += ["–" if row.get(key) is None else f"{row[key]:.4f}" for key in DRIFT_KEYS]
+        if vae:
+            cells.append(f"{vae[turn]['carried_bg_mean']:.4f}")
+        lines.append(f"| {turn} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -93,6 +118,11 @@ def section(runs: Path, arm_a: str, arm_b: str, what: str, setting: str) -> str 
         parts += [f"**{arm}** ({describe(results)}):", "", arm_table(results), ""]
     table = compare_markdown(compare_runs(a, b)).split("\n", 1)[1].lstrip()  # without its own title
     parts += ["**Paired difference** (B = " + arm_b + ", A = " + arm_a + "):", "", table, ""]
+    if arm_b in DRIFT_ARMS:
+        arms = {arm: json.loads((folder / "results.json").read_text()) for arm, folder in ((arm_a, a), (arm_b, b))}
+        parts += ["**Drift per turn** (`editr2.bench.drift`: background error, worst cell, colour and position shift "
+                  "of untouched objects; the last column: the source through the VAE once, the floor):", "",
+                  drift_table(arms), ""]
     return "\n".join(parts)
 
 
