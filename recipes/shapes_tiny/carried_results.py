@@ -1,6 +1,7 @@
 """docs/results_carried.md from committed bench runs: the editor trained on its own carried state vs the shipped one.
 
-    python -m recipes.shapes_tiny.carried_results --runs docs/carried --out docs/results_carried.md
+    python -m recipes.shapes_tiny.carried_results --runs docs/carried --out docs/results_carried.md \
+        --notes docs/results_carried_notes.md
 
 `--runs` holds `editr2 bench shapes` output folders (their `results.json`, `session_results.jsonl`,
 `bench_config.json`, and `command.txt`: the command that made it; `SETTINGS` below lists the flags), named
@@ -129,7 +130,7 @@ def section(runs: Path, arm_a: str, arm_b: str, what: str, setting: str) -> str 
 def page(runs: Path, notes: str = "") -> str:
     lines = ["# Editor fine-tunes: its own carried state, trained baselines", "",
              "Written by `python -m recipes.shapes_tiny.carried_results --runs docs/carried --out "
-             "docs/results_carried.md` from the committed bench folders in `docs/carried/` (each holds the command "
+             "docs/results_carried.md --notes docs/results_carried_notes.md` from the committed bench folders in `docs/carried/` (each holds the command "
              "that made it in `command.txt`). Held-out session seeds (training uses seeds >= 10,000,000); intervals "
              "are 95% bootstrap over sessions; differences are paired (the same sessions in both arms).", ""]
     if notes:
