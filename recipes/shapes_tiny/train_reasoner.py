@@ -403,7 +403,7 @@ def _mean(values) -> float | None:
 
 
 def evaluate_phrasing(pipe, cfg: ReasonerConfig, phrasing: str, num_sessions: int, num_turns: int, seed: int,
-                      record: list | None = None) -> dict:
+                      record: list | None = None, families: tuple[str, ...] = ("cm", "cu")) -> dict:
     """`evaluate` on sessions in one phrasing: per family the exact match (overall, per turn and per operation),
     fallbacks, objects resolved, rule kept (turns whose gold intent keeps the rule), and on everyday phrasing the
     exact match of the turns that name their target by a reference ("it", "the one you just added", "the earliest
@@ -412,7 +412,7 @@ def evaluate_phrasing(pipe, cfg: ReasonerConfig, phrasing: str, num_sessions: in
     from editr2.bench.shapes import generate_session
 
     out = {}
-    for family in ("cm", "cu"):
+    for family in families:
         exact, fallback, resolved, rule_kept, referenced = [], [], [], [], []
         per_turn = [[] for _ in range(num_turns)]
         per_op: dict[str, list] = {}
@@ -432,22 +432,26 @@ def evaluate_phrasing(pipe, cfg: ReasonerConfig, phrasing: str, num_sessions: in
                 score = score_turn(intent.text, session.formatted_instruction[t], rule, t + 1)
                 resolved.append(score.resolved)
                 gold_score = score_turn(gold, session.formatted_instruction[t], rule, t + 1)
-                if score.rule_kept is not None and gold_score.rule_kept:
+                keeps_rule = score.rule_kept is not None and gold_score.rule_kept
+                if keeps_rule:
                     rule_kept.append(score.rule_kept)
-                if phrasing != "grammar" and session.references[t] in REFERENCE_KINDS:
+                reference = session.references[t] if phrasing != "grammar" else None
+                if reference in REFERENCE_KINDS:
                     referenced.append(ok)
                 if record is not None:
                     record.append({"phrasing": phrasing, "family": family, "seed": seed + k, "turn": t + 1,
                                    "instruction": session.instruction[t], "gold": gold,
                                    "intent": intent.text, "reasoning": intent.reasoning, "exact": ok,
-                                   "fallback": intent.fallback_reason})
+                                   "fallback": intent.fallback_reason, "operation": session.task_type[t],
+                                   "words": session.phrasing_families[t] if session.phrasing_families else phrasing,
+                                   "reference": reference, "rule_kept": bool(score.rule_kept) if keeps_rule else None})
         out[family] = {"exact_match": float(np.mean(exact)), "fallback": float(np.mean(fallback)),
                        "resolved": float(np.mean(resolved)), "rule_kept": _mean(rule_kept),
                        "exact_per_turn": [float(np.mean(x)) for x in per_turn]}
         if phrasing != "grammar":
             out[family]["reference_exact"] = _mean(referenced)
             out[family]["exact_per_op"] = {op: float(np.mean(v)) for op, v in sorted(per_op.items())}
-    out["exact_match"] = float(np.mean([out[f]["exact_match"] for f in ("cm", "cu")]))
+    out["exact_match"] = float(np.mean([out[f]["exact_match"] for f in families]))
     return out
 
 

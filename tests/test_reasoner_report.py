@@ -1,0 +1,53 @@
+"""recipes/shapes_tiny/reasoner_report.py: intent exact match per turn / operation / phrasing family, resumable."""
+
+import json
+
+import pytest
+
+from recipes.shapes_tiny import reasoner_report, train_reasoner
+
+MICRO = dict(tokenizer_sessions=40, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64,
+             vision_hidden=16, batch_size=4, eval_every=100, eval_sessions=1, eval_turns=2, max_new_tokens=4,
+             save_every=1, threads=1, template="short", phrasing="seen", grammar_fraction=0.25)
+
+
+@pytest.mark.slow
+def test_report_of_a_run_and_of_a_pipeline_folder(tmp_path, model_folder, capsys):
+    cfg = train_reasoner.ReasonerConfig(**MICRO, max_steps=1)
+    train_reasoner.train(cfg, tmp_path / "run", show_progress=False, final_sessions=1)
+    out = tmp_path / "run.json"
+    argv = ["--reasoner", str(tmp_path / "run"), "--sessions", "2", "--turns", "2", "--seed", "5", "--json", str(out),
+            "--phrasings", "grammar", "unseen"]
+    assert reasoner_report.main(argv) == 0
+    data = json.loads(out.read_text())
+    assert sorted(data["records"]) == ["grammar/cm", "grammar/cu", "unseen/cm", "unseen/cu"]
+    for key, records in data["records"].items():
+        assert len(records) == 4 and {r["seed"] for r in records} == {5, 6}
+        assert all({"operation", "words", "reference", "rule_kept", "exact"} <= set(r) for r in records)
+        if key.startswith("unseen"):
+            assert {r["words"] for r in records} <= {"wish", "shorthand"}
+    text = capsys.readouterr().out
+    assert "## Exact match per turn" in text and "| grammar | cm |" in text and "## Per phrasing family" in text
+    assert "| exact, turns 1-3 (each) |" in text  # the held-out targets, checked
+
+    # resumed: nothing is evaluated again; another evaluation into the same file is refused
+    assert reasoner_report.main(argv) == 0 and json.loads(out.read_text()) == {**data, "command": data["command"]}
+    with pytest.raises(SystemExit, match="another evaluation"):
+        reasoner_report.main([*argv[:3], "3", *argv[4:]])  # --sessions 3
+
+    folder = model_folder({"condition_area": 32 * 32, "max_new_tokens": 4})
+    md = tmp_path / "r.md"
+    assert reasoner_report.main(["--reasoner", str(folder), "--sessions", "1", "--turns", "1", "--phrasings", "seen",
+                                 "--json", str(tmp_path / "f.json")]) == 0
+    assert reasoner_report.main(["--from-json", str(out), str(tmp_path / "f.json"), "--out", str(md)]) == 0
+    table = md.read_text().split("## Per operation")[0]
+    assert str(folder) in table and str(tmp_path / "run") in table
+
+
+def test_rates_are_ratios_over_sessions_with_intervals():
+    records = [{"seed": s, "turn": t, "exact": (s + t) % 2 == 0} for s in range(10) for t in (1, 2)]
+    value, (low, high), n = reasoner_report.rate(records)
+    assert value == 0.5 and n == 20 and low <= 0.5 <= high
+    assert reasoner_report.rate(records, lambda r: r["turn"] == 1)[0] == 0.5
+    assert reasoner_report.rate(records, lambda r: False) is None
+    assert reasoner_report.fmt(None) == "–"
