@@ -394,6 +394,26 @@ def test_model_fingerprint_sees_retrained_weights(tmp_path):
     second = model_fingerprint(model)
     (model / "editr2_call_defaults.json").write_text('{"num_inference_steps": 8}')
     assert model_fingerprint(model) != second
+    third, legacy = model_fingerprint(model), model_fingerprint(model, documentation=True)
+    (model / "README.md").write_text("# A model card, edited")  # documentation: no output depends on it
+    (model / "sample.png").write_bytes(b"picture")
+    assert model_fingerprint(model) == third
+    assert model_fingerprint(model, documentation=True) != legacy
+
+
+def test_a_run_recorded_with_an_accepted_value_resumes_and_is_rewritten(tmp_path):
+    from editr2.bench.resume import ConfigMismatchError, open_run
+
+    out = tmp_path / "run"
+    open_run(out, {"editor": "x", "model_fingerprint": "old"})
+    (out / "results.jsonl").write_text("")
+    with pytest.raises(ConfigMismatchError, match="model_fingerprint"):
+        open_run(out, {"editor": "x", "model_fingerprint": "new"})
+    with pytest.raises(ConfigMismatchError, match="editor"):  # only the accepted key may differ
+        open_run(out, {"editor": "y", "model_fingerprint": "new"}, accept={"model_fingerprint": ["old"]})
+    open_run(out, {"editor": "x", "model_fingerprint": "new"}, accept={"model_fingerprint": ["old"]})
+    assert json.loads((out / "bench_config.json").read_text())["model_fingerprint"] == "new"
+    assert (out / "results.jsonl").exists()
 
 
 def test_rejudge_missing_after_a_judge_outage(tmp_path):

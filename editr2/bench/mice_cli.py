@@ -562,7 +562,8 @@ def run(args: argparse.Namespace) -> int:
     call_kwargs = model_call_kwargs(args.pipeline_kwargs, args.steps) if args.model else {}
     config = run_config(args, judge_config, call_kwargs)
     try:  # before loading the editor or the judges: a wrong --out costs nothing
-        open_run(args.out, config, outputs=OUTPUTS, force=args.force, force_hint="--force")
+        legacy = {"model_fingerprint": [model_fingerprint(args.model, documentation=True)]} if args.model else None
+        open_run(args.out, config, outputs=OUTPUTS, force=args.force, force_hint="--force", accept=legacy)
     except (ConfigMismatchError, ValueError) as err:
         raise SystemExit(f"--out: {err}") from None
     editor = None

@@ -30,6 +30,8 @@ CONFIG_FILE = "bench_config.json"
 # model_fingerprint: files up to this size are hashed whole; larger ones by size and three sampled blocks.
 _WHOLE_FILE_LIMIT = 4 * 2**20
 _SAMPLE_BYTES = 2**20
+# documentation in a model folder (its model card and the card's pictures): no output depends on it
+DOCUMENTATION_SUFFIXES = (".md", ".png", ".jpg", ".jpeg", ".gif", ".webp")
 
 
 class ConfigMismatchError(ValueError):
@@ -78,7 +80,7 @@ def config_differences(recorded: dict, current: dict) -> list[str]:
 
 
 def open_run(out_dir: str | os.PathLike, config: dict, *, outputs: Sequence[str] = ("results.jsonl",),
-             force: bool = False, force_hint: str = "force=True") -> Path:
+             force: bool = False, force_hint: str = "force=True", accept: dict | None = None) -> Path:
     """Make `out_dir` ready for a run with `config`, and record `config` there.
 
     - A new or empty folder: `config` is written to ``bench_config.json``.
@@ -93,6 +95,8 @@ def open_run(out_dir: str | os.PathLike, config: dict, *, outputs: Sequence[str]
             and what `force` deletes.
         force: start over in this folder.
         force_hint: how the caller's user asks for `force`, for the error message (a CLI passes ``"--force"``).
+        accept: `{key: [values]}`: recorded values of a top-level key that mean the same as `config`'s (e.g. a
+            fingerprint computed the way older runs recorded it); such a record is rewritten with `config`.
 
     Returns:
         `out_dir` as a `Path`.
@@ -112,6 +116,11 @@ def open_run(out_dir: str | os.PathLike, config: dict, *, outputs: Sequence[str]
             raise ConfigMismatchError(f"{record} is not readable JSON ({err}); start over with {force_hint} or pass "
                                       "another output folder") from None
         differences = config_differences(recorded, config) if isinstance(recorded, dict) else ["<not an object>"]
+        if differences and accept and isinstance(recorded, dict):
+            same = {k: config[k] for k, values in accept.items() if k in config and recorded.get(k) in list(values)}
+            if same and not config_differences({**recorded, **same}, config):
+                write_text_atomic(record, json.dumps(config, indent=2, sort_keys=True) + "\n")
+                return out_dir
         if differences:
             raise ConfigMismatchError(
                 f"{out_dir} holds results made with another configuration:\n  " + "\n  ".join(differences)
@@ -154,20 +163,26 @@ def write_text_atomic(path: Path, text: str) -> None:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def model_fingerprint(path: str | os.PathLike) -> str:
+def model_fingerprint(path: str | os.PathLike, *, documentation: bool = False) -> str:
     """A cheap fingerprint (sha256 hex) of a model folder, to tell whether two runs used the same model.
 
-    Every file under `path` (hidden files and folders excluded) contributes its relative path and size; files up to
-    4 MiB (configs, tokenizers, call defaults) are hashed whole, larger ones (weights) by three 1 MiB blocks at the
-    start, middle and end. Reading a few MiB per weights file, it tells apart a re-trained model with the same
-    architecture (every weight changes), not a change confined to bytes it does not read.
+    Every file under `path` (hidden files and folders, and documentation: `DOCUMENTATION_SUFFIXES`, e.g. the model
+    card, excluded) contributes its relative path and size; files up to 4 MiB (configs, tokenizers, call defaults)
+    are hashed whole, larger ones (weights) by three 1 MiB blocks at the start, middle and end. Reading a few MiB per
+    weights file, it tells apart a re-trained model with the same architecture (every weight changes), not a change
+    confined to bytes it does not read. Editing a model card leaves it unchanged.
+
+    Args:
+        documentation (`bool`, defaults to False): hash the documentation too, as runs recorded before it was left
+            out did (`open_run(accept=...)` takes such a record for the same model).
     """
     root = Path(path)
     if not root.is_dir():
         raise ValueError(f"model path {root} is not a folder: pass the folder a pipeline was saved to")
     digest = hashlib.sha256()
     files = sorted(p for p in root.rglob("*") if p.is_file()
-                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
+                   and not any(part.startswith(".") for part in p.relative_to(root).parts)
+                   and (documentation or p.suffix.lower() not in DOCUMENTATION_SUFFIXES))
     for file in files:
         size = file.stat().st_size
         digest.update(f"{file.relative_to(root).as_posix()}\0{size}\0".encode())

@@ -111,7 +111,8 @@ def run(args: argparse.Namespace) -> int:
     if args.phrasing is not None:  # runs recorded before --phrasing existed resume unchanged
         config["phrasing"] = args.phrasing
     try:  # before loading a model: a wrong --out costs nothing
-        out = open_run(args.out, config, outputs=OUTPUTS, force=args.force, force_hint="--force")
+        out = open_run(args.out, config, outputs=OUTPUTS, force=args.force, force_hint="--force",
+                       accept=legacy_fingerprint(args))
     except (ConfigMismatchError, ValueError) as err:
         raise SystemExit(f"--out: {err}") from None
     if args.model is None:
@@ -178,6 +179,15 @@ def _model_options(args: argparse.Namespace) -> dict:
     from editr2.cli import model_loader  # the diffusers integration's loader; checked before anything is written
 
     return {"call_kwargs": call_kwargs, "threads": threads, "loader": model_loader()}
+
+
+def legacy_fingerprint(args: argparse.Namespace) -> dict | None:
+    """The model fingerprint as runs recorded it before model cards were left out of it (accepted on resume)."""
+    from editr2.bench.resume import model_fingerprint
+
+    if getattr(args, "model", None) is None:
+        return None
+    return {"model_fingerprint": [model_fingerprint(args.model, documentation=True)]}
 
 
 def _model_config(args: argparse.Namespace, options: dict, reasoning: str) -> dict:
