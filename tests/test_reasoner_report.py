@@ -44,6 +44,14 @@ def test_report_of_a_run_and_of_a_pipeline_folder(tmp_path, model_folder, capsys
     assert str(folder) in table and str(tmp_path / "run") in table
 
 
+def test_the_vocabulary_gap_names_words_no_training_family_uses():
+    gap = reasoner_report.vocabulary_gap(train_sessions=40, test_sessions=10, turns=3)
+    assert set(gap["share"]) == {"wish", "shorthand"} and all(0 <= v <= 1 for v in gap["share"].values())
+    assert gap["top"] and all(n > 0 for _, n in gap["top"])
+    text = "\n".join(reasoner_report.vocabulary_section(gap))
+    assert "## Words the training families never use" in text and f"`{gap['top'][0][0]}`" in text
+
+
 def test_rates_are_ratios_over_sessions_with_intervals():
     records = [{"seed": s, "turn": t, "exact": (s + t) % 2 == 0} for s in range(10) for t in (1, 2)]
     value, (low, high), n = reasoner_report.rate(records)
