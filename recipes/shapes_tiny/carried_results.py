@@ -65,6 +65,10 @@ SETTINGS = {
     "gold_cu16": ("the editor alone, cu, 50 x 16 turns", "--prompts gold --family cu --sessions 50 --turns 16"),
     "mode_cm16": ("each arm in its own mode, cm, 30 x 16 turns", "--family cm --sessions 30 --turns 16"),
     "mode_cu16": ("each arm in its own mode, cu, 30 x 16 turns", "--family cu --sessions 30 --turns 16"),
+    "unseen_cm3": ("the full model in held-out everyday wording, cm, 200 x 3 turns",
+                   "--reasoning intent --family cm --sessions 200 --turns 3 --phrasing unseen"),
+    "unseen_cu3": ("the full model in held-out everyday wording, cu, 200 x 3 turns",
+                   "--reasoning intent --family cu --sessions 200 --turns 3 --phrasing unseen"),
 }
 METRICS = ("IF", "CC", "GA")
 # comparisons (arm B) whose page also shows the drift measures per turn (editr2.bench.drift), with the VAE's own floor
