@@ -104,10 +104,10 @@ def run(args, data: dict, json_path: Path | None) -> dict:
             with torch.no_grad():
                 tr.evaluate_phrasing(pipe, cfg, phrasing, args.sessions, args.turns, args.seed, record=records,
                                      families=(family,))
-            data["records"][key] = records
+            data["records"][key] = [{k: v for k, v in r.items() if k != "reasoning"} for r in records]  # intents only
             if json_path is not None:
                 json_path.parent.mkdir(parents=True, exist_ok=True)
-                json_path.write_text(json.dumps(data, indent=1) + "\n")
+                json_path.write_text(json.dumps(data, separators=(",", ":")) + "\n")
             print(f"{key}: exact {np.mean([r['exact'] for r in records]):.3f} ({len(records)} turns)", flush=True)
     return data
 
