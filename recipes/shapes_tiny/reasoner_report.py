@@ -232,18 +232,37 @@ def vocabulary_gap(train_sessions: int = 1500, test_sessions: int = 300, turns: 
                 total[words_family] += 1
                 turns_with_new[words_family] += bool(new)
                 new_words.update(new)
-    return {"known_words": len(known), "share": {f: turns_with_new[f] / total[f] for f in sorted(total)},
-            "turns": dict(total), "top": new_words.most_common(25)}
+    return {"known_words": len(known), "known": sorted(known),
+            "share": {f: turns_with_new[f] / total[f] for f in sorted(total)}, "turns": dict(total),
+            "top": new_words.most_common(25)}
 
 
-def vocabulary_section(gap: dict) -> list[str]:
+def has_new_word(text: str, known) -> bool:
+    import re
+
+    return any(w not in known for w in re.findall(r"[a-z]+|[^\sa-z]", text.lower()))
+
+
+def vocabulary_section(gap: dict, reports: list[dict] = ()) -> list[str]:
     shares = ", ".join(f"{family} {share:.0%} of {gap['turns'][family]} turns" for family, share in gap["share"].items())
     top = ", ".join(f"`{w}` ({n})" for w, n in gap["top"])
-    return ["## Words the training families never use", "",
-            f"The training families' instructions use {gap['known_words']} distinct words and symbols. Held-out turns "
-            f"with at least one word outside them: {shares}. Most frequent such words: {top}. A reasoner trained from "
-            "scratch on the training families has never seen them; several carry the operation (`gone`, `out`, "
-            "`->`, `+`, `rollback`, `ctrl z`).", ""]
+    lines = ["## Words the training families never use", "",
+             f"The training families' instructions use {gap['known_words']} distinct words and symbols. Held-out turns "
+             f"with at least one word outside them: {shares}. Most frequent such words: {top}. A reasoner trained from "
+             "scratch on the training families has never seen them; several carry the operation (`gone`, `out`, "
+             "`->`, `+`, `rollback`, `ctrl z`).", ""]
+    known = set(gap["known"])
+    rows = []
+    for data in reports:
+        for key, records in data["records"].items():
+            if key.startswith("unseen/"):
+                cells = [fmt(rate(records, lambda r, new=new: has_new_word(r["instruction"], known) == new))
+                         for new in (False, True)]
+                rows.append(f"| {name_of(data)} | {key.split('/')[1]} | " + " | ".join(cells) + " |")
+    if rows:
+        lines += ["Exact match on the held-out turns without and with such a word:", "",
+                  "| reasoner | family | only known words | a new word |", "|---|---|---|---|", *rows, ""]
+    return lines
 
 
 def markdown(reports: list[dict], gap: dict | None = None) -> str:
@@ -261,7 +280,7 @@ def markdown(reports: list[dict], gap: dict | None = None) -> str:
     lines += ["", "## Exact match per turn", "", main_table(reports), "",
               "## Per operation", "", breakdown_table(reports, "operation", "operation"), "",
               "## Per phrasing family", "", breakdown_table(reports, "words", "words"), "",
-              *(vocabulary_section(gap) if gap else []),
+              *(vocabulary_section(gap, reports) if gap else []),
               "## Everyday-wording targets (held-out families, both session families)", ""]
     for data in reports:
         targets = check_targets(data)
