@@ -59,3 +59,24 @@ def test_rates_are_ratios_over_sessions_with_intervals():
     assert reasoner_report.rate(records, lambda r: r["turn"] == 1)[0] == 0.5
     assert reasoner_report.rate(records, lambda r: False) is None
     assert reasoner_report.fmt(None) == "–"
+
+
+@pytest.mark.slow
+def test_a_model_benched_with_another_reasoners_intents(tmp_path, model_folder):
+    from recipes.shapes_tiny import reasoner_swap
+
+    cfg = train_reasoner.ReasonerConfig(**MICRO, max_steps=1)
+    train_reasoner.train(cfg, tmp_path / "run", show_progress=False, final_sessions=1)
+    folder = model_folder({"height": 64, "width": 64, "reference_area": None, "condition_area": 32 * 32,
+                           "num_inference_steps": 2, "true_cfg_scale": 1.0})
+    out = tmp_path / "bench"
+    argv = ["--reasoner", str(tmp_path / "run"), "--model", str(folder), "--family", "cu", "--sessions", "2",
+            "--turns", "2", "--out", str(out)]
+    assert reasoner_swap.main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["reasoner"] == str(tmp_path / "run") and len(results["per_turn"]) == 2
+    assert len((out / "session_results.jsonl").read_text().splitlines()) == 2
+    records = [json.loads(line) for line in (out / "intents.jsonl").read_text().splitlines()]
+    assert [len(r["intent"]) for r in records] == [2, 2]
+    with pytest.raises(SystemExit, match="text_encoder"):
+        reasoner_swap.main([*argv[:1], str(tmp_path), *argv[2:]])
