@@ -41,6 +41,10 @@ COMPARISONS = (
                            "checkpoints/editr2-shapes-tiny-history-lora, --reasoning history)"),
     ("none_full", "none", "the shipped `none` LoRA (rank 64) vs the full fine-tune it was extracted from: what the "
                           "adapter loses"),
+    ("default", "v3reasoner", "reasoner v3 (recipes/shapes_tiny/README.md, \"Reasoner v3\": trained on everyday "
+                              "phrasing, the image at 64 x 64) writes each turn's intent and the default model's "
+                              "editor, with its own encoder, draws it (`python -m recipes.shapes_tiny.reasoner_swap`) "
+                              "vs the default model with its own reasoner"),
     ("default", "keep", "the default model called with `keep_unedited=0.2` (`--pipeline-kwargs "
                         "'{\"keep_unedited\": 0.2}'`: the current latent is copied back wherever a turn changed it "
                         "by at most 0.2 RMS per latent pixel, outside the changed region grown by one latent pixel) "
