@@ -206,17 +206,20 @@ def check_targets(data: dict) -> list[tuple[str, float | None, float, str]]:
     return out
 
 
+def words(text: str) -> list[str]:
+    """The lower-cased words and symbols of an instruction."""
+    import re
+
+    return re.findall(r"[a-z]+|[^\sa-z]", text.lower())
+
+
 def vocabulary_gap(train_sessions: int = 1500, test_sessions: int = 300, turns: int = 6) -> dict:
     """Per held-out phrasing family: the share of turns with a word that no training-family instruction uses, and
     the most frequent such words (training: `train_sessions` sessions per session family from the training seeds;
     held out: `test_sessions` from seed 0). A reasoner trained from scratch has never seen those words."""
     import collections
-    import re
 
     from editr2.bench.shapes import generate_session
-
-    def words(text: str) -> list[str]:
-        return re.findall(r"[a-z]+|[^\sa-z]", text.lower())
 
     known = set()
     for family in FAMILIES:
@@ -238,9 +241,7 @@ def vocabulary_gap(train_sessions: int = 1500, test_sessions: int = 300, turns: 
 
 
 def has_new_word(text: str, known) -> bool:
-    import re
-
-    return any(w not in known for w in re.findall(r"[a-z]+|[^\sa-z]", text.lower()))
+    return any(w not in known for w in words(text))
 
 
 def vocabulary_section(gap: dict, reports: list[dict] = ()) -> list[str]:
