@@ -38,7 +38,8 @@ MODEL_FOLDER = "editr2"  # folder_paths key and the folder name under ComfyUI's 
 DEFAULT_MODEL = "editr2-shapes-tiny"
 # Call defaults of a model folder that Edit Turn applies (it has inputs for steps and CFG; the session's size follows
 # the image, and the reference latent is always the session's own).
-NODE_CALL_DEFAULTS = ("condition_area", "template", "max_new_tokens", "max_history_images", "max_sequence_length")
+NODE_CALL_DEFAULTS = ("condition_area", "reasoning_condition_area", "template", "max_new_tokens", "max_history_images",
+                      "max_sequence_length")
 SHIPPED_CHECKPOINTS = pathlib.Path(__file__).resolve().parent.parent / "checkpoints"
 EXAMPLE_INPUT = pathlib.Path(__file__).resolve().parent.parent / "example_workflows" / "editr2_shapes_scene.png"
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -299,7 +300,7 @@ def _adapter_name(name: str) -> str:
 
 def with_lora(model: EditR2Model, name: str, strength: float = 1.0, reasoning_strength: float = 1.0) -> EditR2Model:
     """A model wire with the LoRA folder `name` added: its transformer LoRA at `strength` and its reasoning LoRA
-    (text encoder, active only while the intent is written) at `reasoning_strength`. The adapters are loaded into the
+    (on the reasoner, active only while the intent is written) at `reasoning_strength`. The adapters are loaded into the
     shared pipeline once; which of them are active is decided per wire ([`activate_loras`])."""
     path = resolve_lora(name)
     pipeline, adapter = model.pipeline, _adapter_name(name)
@@ -307,7 +308,7 @@ def with_lora(model: EditR2Model, name: str, strength: float = 1.0, reasoning_st
     has_reasoning = (path / REASONING_LORA_DIR / "adapter_config.json").is_file()
     if has_transformer and adapter not in (getattr(pipeline.transformer, "peft_config", None) or {}):
         pipeline.load_lora_weights(str(path), weight_name=TRANSFORMER_LORA_FILE, adapter_name=adapter)
-    if has_reasoning and adapter not in (getattr(pipeline.text_encoder, "peft_config", None) or {}):
+    if has_reasoning and adapter not in (getattr(pipeline.reasoner, "peft_config", None) or {}):
         pipeline.load_reasoning_lora(str(path / REASONING_LORA_DIR), adapter_name=adapter)
     entry = (adapter, float(strength) if has_transformer else None,
              float(reasoning_strength) if has_reasoning else None)
@@ -327,18 +328,18 @@ def activate_loras(pipeline: Any, loras: tuple) -> None:
         else:
             pipeline.disable_lora()
     reasoning = [(adapter, s) for adapter, _, s in loras if s is not None]
-    text_encoder = pipeline.text_encoder
-    if getattr(text_encoder, "_hf_peft_config_loaded", False):
+    reasoner = pipeline.reasoner
+    if getattr(reasoner, "_hf_peft_config_loaded", False):
         from peft.tuners.lora import LoraLayer
 
         if reasoning:
-            text_encoder.enable_adapters()
-            text_encoder.set_adapter([a for a, _ in reasoning])
-            for module in text_encoder.modules():
+            reasoner.enable_adapters()
+            reasoner.set_adapter([a for a, _ in reasoning])
+            for module in reasoner.modules():
                 if isinstance(module, LoraLayer):
                     for adapter, s in reasoning:
                         module.set_scale(adapter, s)
         else:
-            text_encoder.disable_adapters()
+            reasoner.disable_adapters()
     pipeline.reasoning_prefix_cache.clear()  # the reasoning keys/values depend on the active adapters and strengths
     pipeline._editr2_active_loras = loras

@@ -61,6 +61,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--condition-area", type=int, default=None,
                         help="pixels the VLM sees (default: the model's, else 147456)")
+    parser.add_argument("--reasoning-condition-area", type=int, default=None,
+                        help="pixels the reasoner sees when it writes the intent (default: the model's, else "
+                             "--condition-area)")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="reasoning budget (default: the model's, else 256)")
     parser.add_argument("--temperature", type=float, default=0.0, help="reasoning temperature (default: 0 = greedy)")
     parser.add_argument("--keep-unedited", type=float, default=None, metavar="CHANGE",
@@ -208,6 +211,7 @@ def check_out(out: str, overwrite: bool = False) -> None:
 def _check_settings(args: argparse.Namespace, kwargs: dict) -> None:
     positive = {"--steps": kwargs.get("num_inference_steps"), "--height": kwargs.get("height"),
                 "--width": kwargs.get("width"), "--condition-area": kwargs.get("condition_area"),
+                "--reasoning-condition-area": kwargs.get("reasoning_condition_area"),
                 "--max-new-tokens": kwargs.get("max_new_tokens")}
     for flag, value in positive.items():
         if value is not None and value < 1:
@@ -233,7 +237,8 @@ def call_kwargs(args: argparse.Namespace) -> dict:
 
     given = {"num_inference_steps": args.steps, "height": args.height, "width": args.width,
              "true_cfg_scale": args.true_cfg_scale, "condition_area": args.condition_area,
-             "max_new_tokens": args.max_new_tokens, "keep_unedited": getattr(args, "keep_unedited", None)}
+             "max_new_tokens": args.max_new_tokens, "keep_unedited": getattr(args, "keep_unedited", None),
+             "reasoning_condition_area": getattr(args, "reasoning_condition_area", None)}
     kwargs = {**UPSTREAM_DEFAULTS, **read_call_defaults(args.model),
               **{k: v for k, v in given.items() if v is not None}}
     if args.reference_area is not None:  # 0 means the working size

@@ -279,20 +279,30 @@ class EditR2Pipeline(DiffusionPipeline, QwenImageLoraLoaderMixin):
 
     The components are those of diffusers' [`QwenImageEditPlusPipeline`], registered the same way, so
     `EditR2Pipeline.from_pretrained` loads a `Qwen/Qwen-Image-Edit-2509` or `Qwen/Qwen-Image-Edit-2511` folder
-    unchanged (2511's transformer config sets `zero_cond_t`, which diffusers' transformer applies). Transformer LoRAs load
-    through diffusers' loader (`load_lora_weights`); a *reasoning* LoRA on the text encoder through peft
-    ([`load_reasoning_lora`]) is active while the VLM writes the intent and disabled while it encodes the prompt.
+    unchanged (2511's transformer config sets `zero_cond_t`, which diffusers' transformer applies), and
+    `QwenImageEditPlusPipeline.from_pipe(pipe)` is upstream's pipeline on the same objects; plus an optional separate
+    reasoner (`reasoning_model`, `reasoning_processor`). Transformer LoRAs load through diffusers' loader
+    (`load_lora_weights`); a *reasoning* LoRA on the [`reasoner`] through peft ([`load_reasoning_lora`]) is active while
+    it writes the intent and disabled while the text encoder encodes the prompt.
 
     Args:
         scheduler ([`FlowMatchEulerDiscreteScheduler`]): the flow-matching scheduler (Qwen-Image's config).
         vae ([`AutoencoderKLQwenImage`]): encodes reference images and decodes edited latents.
-        text_encoder ([`~transformers.Qwen2_5_VLForConditionalGeneration`]): writes intents and encodes prompts.
+        text_encoder ([`~transformers.Qwen2_5_VLForConditionalGeneration`]): encodes prompts, and writes the intents
+            unless a separate `reasoning_model` is given.
         tokenizer ([`~transformers.Qwen2Tokenizer`]): the text encoder's tokenizer.
         processor ([`~transformers.Qwen2VLProcessor`]): tokenizes text with images for the text encoder.
         transformer ([`QwenImageTransformer2DModel`]): the MMDiT that predicts the velocity.
+        reasoning_model ([`~transformers.Qwen2_5_VLForConditionalGeneration`], *optional*): a separate VLM that writes
+            the intents (with `reasoning_processor`); the text encoder then only encodes prompts. Without one (as in
+            a Qwen-Image-Edit folder), the text encoder writes the intents. A separate reasoner can be retrained
+            (its own tokenizer, its own view of the image: `reasoning_condition_area`) without moving the
+            conditioning the transformer was trained on.
+        reasoning_processor ([`~transformers.Qwen2VLProcessor`], *optional*): the reasoning model's processor.
     """
 
-    model_cpu_offload_seq = "text_encoder->transformer->vae"
+    model_cpu_offload_seq = "reasoning_model->text_encoder->transformer->vae"
+    _optional_components = ["reasoning_model", "reasoning_processor"]
     _callback_tensor_inputs = ["latents", "prompt_embeds"]
 
     # diffusers' own functions (not copies): identical prompt encoding, VAE encoding and latent packing are what make
@@ -311,8 +321,15 @@ class EditR2Pipeline(DiffusionPipeline, QwenImageLoraLoaderMixin):
         tokenizer: Qwen2Tokenizer,
         processor: Qwen2VLProcessor,
         transformer: QwenImageTransformer2DModel,
+        reasoning_model: Qwen2_5_VLForConditionalGeneration | None = None,
+        reasoning_processor: Qwen2VLProcessor | None = None,
     ):
         super().__init__()
+        if (reasoning_model is None) != (reasoning_processor is None):
+            raise ValueError(
+                "Pass both `reasoning_model` and `reasoning_processor` (a separate reasoner and its processor), or "
+                "neither (the text encoder writes the intents)."
+            )
         self.register_modules(
             vae=vae,
             text_encoder=text_encoder,
@@ -320,6 +337,8 @@ class EditR2Pipeline(DiffusionPipeline, QwenImageLoraLoaderMixin):
             processor=processor,
             transformer=transformer,
             scheduler=scheduler,
+            reasoning_model=reasoning_model,
+            reasoning_processor=reasoning_processor,
         )
         self.vae_scale_factor = 2 ** len(self.vae.temperal_downsample) if getattr(self, "vae", None) else 8
         self.latent_channels = self.vae.config.z_dim if getattr(self, "vae", None) else 16
@@ -364,27 +383,30 @@ class EditR2Pipeline(DiffusionPipeline, QwenImageLoraLoaderMixin):
             kwargs.pop("torch_dtype", None)
             kwargs["dtype"] = torch.float32  # one dtype for every component (see the docstring)
 
-        if "processor" not in kwargs and not is_torchvision_available():
+        names = [name for name in ("processor", "reasoning_processor") if name not in kwargs]
+        if names and not is_torchvision_available():
             config = cls.load_config(pretrained_model_name_or_path, **_hub_kwargs(kwargs))
-            library, class_name = config.get("processor", [None, None])
-            if library == "transformers" and class_name in ("Qwen2VLProcessor", "Qwen2_5_VLProcessor"):
-                kwargs["processor"] = Qwen2VLImageOnlyProcessor.from_pretrained(
-                    pretrained_model_name_or_path, subfolder="processor", **_hub_kwargs(kwargs)
-                )
+            for name in names:
+                library, class_name = config.get(name) or [None, None]
+                if library == "transformers" and class_name in ("Qwen2VLProcessor", "Qwen2_5_VLProcessor"):
+                    kwargs[name] = Qwen2VLImageOnlyProcessor.from_pretrained(
+                        pretrained_model_name_or_path, subfolder=name, **_hub_kwargs(kwargs)
+                    )
         pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         pipe.call_defaults = read_call_defaults(pretrained_model_name_or_path)
         return pipe
 
     def save_pretrained(self, save_directory, **kwargs):
         """Like [`~DiffusionPipeline.save_pretrained`]; refuses while a reasoning LoRA is loaded (transformers would
-        save the text encoder as adapter weights only). Save it with [`save_reasoning_lora`] and remove it first.
+        save the reasoner as adapter weights only). Save it with [`save_reasoning_lora`] and remove it first.
         A non-empty `pipe.call_defaults` is written as the folder's `editr2_call_defaults.json`."""
-        if getattr(self.text_encoder, "_hf_peft_config_loaded", False):
-            raise ValueError(
-                "The text encoder has a reasoning LoRA loaded; `save_pretrained` would save only its adapter weights. "
-                "Save the LoRA with `pipe.save_reasoning_lora(dir)`, remove it with "
-                "`pipe.text_encoder.delete_adapter(name)`, then save the pipeline."
-            )
+        for name in ("text_encoder", "reasoning_model"):
+            if getattr(getattr(self, name, None), "_hf_peft_config_loaded", False):
+                raise ValueError(
+                    f"The {name} has a reasoning LoRA loaded; `save_pretrained` would save only its adapter weights. "
+                    f"Save the LoRA with `pipe.save_reasoning_lora(dir)`, remove it with "
+                    f"`pipe.{name}.delete_adapter(name)`, then save the pipeline."
+                )
         super().save_pretrained(save_directory, **kwargs)
         write_call_defaults(save_directory, self.call_defaults)
 
@@ -401,20 +423,31 @@ class EditR2Pipeline(DiffusionPipeline, QwenImageLoraLoaderMixin):
             transformer_lora_adapter_metadata=self.transformer.peft_config[adapter_name].to_dict(),
         )
 
-    def load_reasoning_lora(self, pretrained_model_name_or_path: str, adapter_name: str = "reasoning", **kwargs):
-        """Load a peft LoRA (`adapter_config.json` + `adapter_model.safetensors`) onto the text encoder.
+    @property
+    def reasoner(self) -> Qwen2_5_VLForConditionalGeneration:
+        """The VLM that writes the intents: `reasoning_model` when the pipeline has one, else the text encoder."""
+        return self.reasoning_model if getattr(self, "reasoning_model", None) is not None else self.text_encoder
 
-        It is active while the text encoder writes intents ([`reason`]) and disabled while it encodes prompts
-        ([`encode_prompt`]), so the conditioning the transformer was trained on does not move.
+    @property
+    def reasoner_processor(self) -> Qwen2VLProcessor:
+        """The [`reasoner`]'s processor: `reasoning_processor` with a separate reasoning model, else `processor`."""
+        return self.reasoning_processor if getattr(self, "reasoning_model", None) is not None else self.processor
+
+    def load_reasoning_lora(self, pretrained_model_name_or_path: str, adapter_name: str = "reasoning", **kwargs):
+        """Load a peft LoRA (`adapter_config.json` + `adapter_model.safetensors`) onto the [`reasoner`].
+
+        It is active while the reasoner writes intents ([`reason`]). On a text encoder that also encodes the prompts
+        it is disabled while it does so ([`encode_prompt`]), so the conditioning the transformer was trained on does
+        not move.
         """
-        self.text_encoder.load_adapter(pretrained_model_name_or_path, adapter_name=adapter_name, **kwargs)
+        self.reasoner.load_adapter(pretrained_model_name_or_path, adapter_name=adapter_name, **kwargs)
         self.reasoning_prefix_cache.clear()
 
     def save_reasoning_lora(self, save_directory: str, adapter_name: str = "reasoning") -> None:
-        """Save the text encoder's LoRA `adapter_name` in peft's format (safetensors), for [`load_reasoning_lora`]."""
-        model = self.text_encoder
+        """Save the [`reasoner`]'s LoRA `adapter_name` in peft's format (safetensors), for [`load_reasoning_lora`]."""
+        model = self.reasoner
         if adapter_name not in getattr(model, "peft_config", {}):
-            raise ValueError(f"The text encoder has no adapter named {adapter_name!r}; load or add one first.")
+            raise ValueError(f"The reasoner has no adapter named {adapter_name!r}; load or add one first.")
         state_dict = model.get_adapter_state_dict(adapter_name=adapter_name)
         state_dict = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
         write_peft_adapter(save_directory, state_dict, model.peft_config[adapter_name])
@@ -472,6 +505,7 @@ class EditR2Pipeline(DiffusionPipeline, QwenImageLoraLoaderMixin):
         reference_area=VAE_IMAGE_SIZE,
         condition_area=CONDITION_IMAGE_SIZE,
         keep_unedited=None,
+        reasoning_condition_area=None,
     ):
         """Raise a `ValueError` that says what to pass instead for every invalid argument of [`__call__`].
 
@@ -578,7 +612,7 @@ class EditR2Pipeline(DiffusionPipeline, QwenImageLoraLoaderMixin):
                 f"`keep_unedited` must be a finite change >= 0 (e.g. 0.3, in normalised latent units) or None (off), "
                 f"got {keep_unedited!r}."
             )
-        self._check_areas(image, session, height, width, reference_area, condition_area)
+        self._check_areas(image, session, height, width, reference_area, condition_area, reasoning_condition_area)
         if max_sequence_length is not None:
             text = history_prompt(session.instructions if session else [], prompt) if reasoning == "history" else prompt
             self.check_prompt_length(text, max_sequence_length)
@@ -618,11 +652,15 @@ class EditR2Pipeline(DiffusionPipeline, QwenImageLoraLoaderMixin):
         multiple_of = self.vae_scale_factor * 2
         return width // multiple_of * multiple_of, height // multiple_of * multiple_of
 
-    def _check_areas(self, image, session, height, width, reference_area, condition_area) -> None:
+    def _check_areas(self, image, session, height, width, reference_area, condition_area,
+                     reasoning_condition_area=None) -> None:
         """The aspect ratio, the working size, and the areas the references are resized to, must all give images."""
-        for name, value in (("reference_area", reference_area), ("condition_area", condition_area)):
+        areas = (("reference_area", reference_area), ("condition_area", condition_area),
+                 ("reasoning_condition_area", reasoning_condition_area))
+        for name, value in areas:
             if (value is not None or name == "condition_area") and (not _is_number(value) or not value > 0):
-                hint = "1024 * 1024, or None (the working size)" if name == "reference_area" else "384 * 384"
+                hint = {"reference_area": "1024 * 1024, or None (the working size)",
+                        "reasoning_condition_area": "384 * 384, or None (condition_area)"}.get(name, "384 * 384")
                 raise ValueError(f"`{name}` must be a positive number of pixels, e.g. {hint}; got {value!r}.")
         if session is not None:
             size = session.size
@@ -642,7 +680,7 @@ class EditR2Pipeline(DiffusionPipeline, QwenImageLoraLoaderMixin):
                 )
         else:
             return  # not an image: `check_image` says what to pass
-        for name, area in (("reference_area", reference_area), ("condition_area", condition_area)):
+        for name, area in areas:
             if area is None:
                 continue
             area_width, area_height = calculate_dimensions(area, size[0] / size[1])
@@ -722,7 +760,7 @@ class EditR2Pipeline(DiffusionPipeline, QwenImageLoraLoaderMixin):
     # ------------------------------------------------------------------------------------------------------------------
 
     def condition_image(self, image: PIL.Image.Image, condition_area: int = CONDITION_IMAGE_SIZE) -> PIL.Image.Image:
-        """`image` resized to `condition_area` pixels (aspect kept): what the text encoder sees (upstream: 384^2)."""
+        """`image` resized to `condition_area` pixels (aspect kept): what the VLM sees (upstream: 384^2)."""
         width, height = calculate_dimensions(condition_area, image.width / image.height)
         return self.image_processor.resize(image, height, width)
 
@@ -734,7 +772,7 @@ class EditR2Pipeline(DiffusionPipeline, QwenImageLoraLoaderMixin):
         condition_area: int = CONDITION_IMAGE_SIZE,
         device: torch.device | None = None,
     ):
-        """The text encoder's inputs for writing the intent of `prompt` in `session`.
+        """The [`reasoner`]'s inputs for writing the intent of `prompt` in `session`.
 
         The request is `editr2.intent.build_messages` (earlier instructions, persistent rules, this instruction) with
         the current image appended to the user message, rendered with the processor's chat template.
@@ -748,9 +786,10 @@ class EditR2Pipeline(DiffusionPipeline, QwenImageLoraLoaderMixin):
             "role": messages[-1]["role"],
             "content": [{"type": "text", "text": messages[-1]["content"]}, {"type": "image"}],
         }
-        text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        processor = self.reasoner_processor
+        text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         image = self.condition_image(session.current_image, condition_area)
-        inputs = self.processor(text=[text], images=[image], padding=True, return_tensors="pt")
+        inputs = processor(text=[text], images=[image], padding=True, return_tensors="pt")
         return inputs.to(device or self._execution_device)
 
     def generate_reasoning(
@@ -764,7 +803,7 @@ class EditR2Pipeline(DiffusionPipeline, QwenImageLoraLoaderMixin):
         generator: torch.Generator | None = None,
         use_prefix_cache: bool = True,
     ):
-        """Let the text encoder write the reasoning answer for `prompt` (reasoning LoRA, if any, active).
+        """Let the [`reasoner`] write the reasoning answer for `prompt` (reasoning LoRA, if any, active).
 
         Args:
             temperature (`float`, defaults to 0): 0 decodes greedily; above 0 samples, seeded from `generator`.
@@ -782,18 +821,17 @@ class EditR2Pipeline(DiffusionPipeline, QwenImageLoraLoaderMixin):
         seed = None
         if temperature > 0:  # transformers samples from the global RNG: seed it from `generator`, then restore it
             seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=getattr(generator, "device", "cpu")))
-        devices = [self.text_encoder.device] if self.text_encoder.device.type == "cuda" else []
+        reasoner = self.reasoner
+        devices = [reasoner.device] if reasoner.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices, enabled=seed is not None):
             if seed is not None:
                 torch.manual_seed(seed)
-            past = self.reasoning_prefix_cache.lookup(self.text_encoder, inputs) if use_prefix_cache else None
-            output = self.text_encoder.generate(
-                **inputs, past_key_values=past, return_dict_in_generate=True, **generate_kwargs
-            )
+            past = self.reasoning_prefix_cache.lookup(reasoner, inputs) if use_prefix_cache else None
+            output = reasoner.generate(**inputs, past_key_values=past, return_dict_in_generate=True, **generate_kwargs)
         if use_prefix_cache:
-            self.reasoning_prefix_cache.store(self.text_encoder, inputs, output.past_key_values)
+            self.reasoning_prefix_cache.store(reasoner, inputs, output.past_key_values)
         new_ids = output.sequences[:, inputs["input_ids"].shape[1] :]
-        answer = self.processor.batch_decode(new_ids, skip_special_tokens=True)[0]
+        answer = self.reasoner_processor.batch_decode(new_ids, skip_special_tokens=True)[0]
         return answer, inputs, new_ids
 
     def reason(
@@ -808,7 +846,7 @@ class EditR2Pipeline(DiffusionPipeline, QwenImageLoraLoaderMixin):
     ) -> Intent:
         r"""Reconstruct the operative intent of `prompt` in `session` (IC-CoT; like FLUX.2's `upsample_prompt`).
 
-        The text encoder writes `<think>reasoning</think>intent`; [`editr2.intent.parse_answer`] extracts the intent,
+        The [`reasoner`] writes `<think>reasoning</think>intent`; [`editr2.intent.parse_answer`] extracts the intent,
         or falls back to `prompt` and records why (`Intent.fallback_reason`, e.g. `"no_think_end_tag"`). An intent
         that names an earlier session state (`editr2.intent.parse_restore`) sets `Intent.restore`.
 
@@ -818,7 +856,7 @@ class EditR2Pipeline(DiffusionPipeline, QwenImageLoraLoaderMixin):
             max_new_tokens (`int`, defaults to 256): the reasoning budget.
             temperature (`float`, defaults to 0): 0 = greedy.
             template (`str`, *optional*): the user-message template for `editr2.intent.build_messages`.
-            condition_area (`int`, defaults to 384*384): pixels of the image shown to the text encoder.
+            condition_area (`int`, defaults to 384*384): pixels of the image shown to the reasoner.
             generator (`torch.Generator`, *optional*): seeds sampling when `temperature > 0`.
 
         Returns:
@@ -1247,6 +1285,7 @@ class EditR2Pipeline(DiffusionPipeline, QwenImageLoraLoaderMixin):
         reference_area: int | None = VAE_IMAGE_SIZE,
         condition_area: int = CONDITION_IMAGE_SIZE,
         keep_unedited: float | None = None,
+        reasoning_condition_area: int | None = None,
     ) -> EditR2PipelineOutput | tuple:
         r"""Run one editing turn: start a session from `image`, or continue `session`.
 
@@ -1303,6 +1342,9 @@ class EditR2Pipeline(DiffusionPipeline, QwenImageLoraLoaderMixin):
                 the working size (continued turns always; a new session with `reference_area=None` or an image of
                 `reference_area` pixels). The turn's `meta["edited_fraction"]` records the share of latent pixels
                 kept as sampled. None (default) leaves the sample as it is, as upstream.
+            reasoning_condition_area (`int`, *optional*): pixels of the current image shown to the [`reasoner`] when
+                it writes the intent; None (default) uses `condition_area`. A separate `reasoning_model` may have been
+                trained at another size than the text encoder (its folder's call defaults say which).
 
         Examples:
 
@@ -1334,6 +1376,7 @@ class EditR2Pipeline(DiffusionPipeline, QwenImageLoraLoaderMixin):
             reference_area=reference_area,
             condition_area=condition_area,
             keep_unedited=keep_unedited,
+            reasoning_condition_area=reasoning_condition_area,
         )
         if true_cfg_scale > 1 and negative_prompt is None:
             logger.warning(
@@ -1361,8 +1404,9 @@ class EditR2Pipeline(DiffusionPipeline, QwenImageLoraLoaderMixin):
 
         # 3. Reconstruct the operative intent (or take the instruction / the history as it is)
         if reasoning == "intent":
+            reasoning_area = condition_area if reasoning_condition_area is None else reasoning_condition_area
             intent = self.reason(
-                session, prompt, max_new_tokens, temperature, template, condition_area, generator=generator
+                session, prompt, max_new_tokens, temperature, template, reasoning_area, generator=generator
             )
             text = intent.text
         else:

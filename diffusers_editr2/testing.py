@@ -45,6 +45,7 @@ QWEN_SPECIAL_TOKENS = (
 # Reasoning tags: added tokens that are *not* special, so `decode(..., skip_special_tokens=True)` keeps them.
 THINK_TOKENS = ("<think>", "</think>")
 TINY_VOCAB_SIZE = 1024
+TINY_REASONER_VOCAB_SIZE = 400  # a separate tiny reasoner's own tokenizer (the corpus saturates at ~550)
 
 # A Qwen2-VL style chat template: string or list content, `{"type": "image"}` items become a vision placeholder.
 CHAT_TEMPLATE = r"""{%- for message in messages %}
@@ -348,11 +349,24 @@ def tiny_components(
     }
 
 
+def tiny_reasoning_components(seed: int = 1, tokenizer_cache_dir: str | os.PathLike | None = None,
+                              vocab_size: int = TINY_REASONER_VOCAB_SIZE) -> dict:
+    """A separate tiny reasoner: `reasoning_model` (random, seeded; the global RNG is untouched) and its
+    `reasoning_processor`, with its own tokenizer (`vocab_size` tokens, unlike the text encoder's), for
+    `EditR2Pipeline(**tiny_components(), **tiny_reasoning_components())`."""
+    tokenizer = tiny_tokenizer(tokenizer_cache_dir, vocab_size)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = _tiny_text_encoder(tokenizer)
+    return {"reasoning_model": model, "reasoning_processor": tiny_processor(tokenizer)}
+
+
 def tiny_pipeline(
     seed: int = 0,
     pipeline_class=None,
     tokenizer_cache_dir: str | os.PathLike | None = None,
     variant: str = "2509",
+    reasoning_model: bool = False,
 ):
     """An [`EditR2Pipeline`] (or `pipeline_class`) of tiny random components; runs a 4-turn session in seconds on CPU.
 
@@ -362,12 +376,17 @@ def tiny_pipeline(
             `QwenImageEditPlusPipeline` for parity checks.
         tokenizer_cache_dir (`str`, *optional*): see [`tiny_tokenizer`].
         variant (`str`, defaults to `"2509"`): `"2509"` or `"2511"`, see [`tiny_components`].
+        reasoning_model (`bool`, defaults to False): add a separate reasoner ([`tiny_reasoning_components`], seeded
+            with `seed + 1`) that writes the intents.
     """
     if pipeline_class is None:
         from .pipeline_editr2 import EditR2Pipeline
 
         pipeline_class = EditR2Pipeline
-    pipe = pipeline_class(**tiny_components(seed, tokenizer_cache_dir, variant))
+    components = tiny_components(seed, tokenizer_cache_dir, variant)
+    if reasoning_model:
+        components.update(tiny_reasoning_components(seed + 1, tokenizer_cache_dir))
+    pipe = pipeline_class(**components)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

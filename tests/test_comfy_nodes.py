@@ -333,7 +333,8 @@ def test_edit_turn_applies_the_model_folders_call_defaults(comfy, tiny_dir, monk
     folder = pathlib.Path(comfy.model.folder_paths.models_dir) / "editr2" / name
     shutil.copytree(tiny_dir, folder)
     template = 'History:\n{history}\nRules:\n{rules}\nInstruction: "{instruction}"'
-    defaults = {"condition_area": 32 * 32, "template": template, "max_new_tokens": 3, "num_inference_steps": 50}
+    defaults = {"condition_area": 32 * 32, "template": template, "max_new_tokens": 3, "num_inference_steps": 50,
+                "reasoning_condition_area": 48 * 48}
     (folder / "editr2_call_defaults.json").write_text(json.dumps(defaults))
     model = comfy.nodes.EditR2LoadModel.execute(name, "float32", "cpu")[0]
     assert model.call_defaults == defaults
@@ -349,6 +350,7 @@ def test_edit_turn_applies_the_model_folders_call_defaults(comfy, tiny_dir, monk
     turn(comfy, start(comfy), model, "make it red", steps=2, reasoning="intent")
     (kwargs,) = calls
     assert kwargs["condition_area"] == 1024 and kwargs["template"] == template and kwargs["max_new_tokens"] == 3
+    assert kwargs["reasoning_condition_area"] == 48 * 48  # a separate reasoner's view of the image
     assert kwargs["num_inference_steps"] == 2  # the node's own input wins over the folder's steps
     assert kwargs["keep_unedited"] is None  # the input's default, 0, is off
 

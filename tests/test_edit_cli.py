@@ -91,6 +91,9 @@ def test_settings_come_from_the_command_line_then_the_model_folder_then_upstream
     assert kwargs["reference_area"] == 4096 and "keep_unedited" not in kwargs
     assert call_kwargs(parser.parse_args([*base, "--model", str(tmp_path), "--keep-unedited", "0.2"]))[
         "keep_unedited"] == 0.2
+    assert "reasoning_condition_area" not in kwargs  # None: the pipeline uses condition_area
+    assert call_kwargs(parser.parse_args([*base, "--model", str(tmp_path), "--reasoning-condition-area", "4096"]))[
+        "reasoning_condition_area"] == 4096
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -25,3 +25,19 @@ def test_call_defaults_follow_the_reasoners_training(tmp_path):
                                                                    "max_new_tokens": 112, "template": "T {instruction}"}))
     assert call_defaults(exported) == {**common.CALL_KWARGS, "condition_area": 4096, "max_new_tokens": 112,
                                        "template": "T {instruction}"}
+
+
+def test_a_separate_reasoner_sets_how_the_intent_is_asked(tmp_path):
+    """With a separate reasoning model, the request (template, budget) and its image size are the reasoner's; the
+    text encoder's `condition_area` (the editor's conditioning) stays as the `--reasoner` stage had it."""
+    encoder = tmp_path / "model"
+    encoder.mkdir()
+    (encoder / "editr2_call_defaults.json").write_text(json.dumps({**common.CALL_KWARGS, "template": "T {instruction}"}))
+    reasoner = tmp_path / "reasoner_v3"
+    reasoner.mkdir()
+    (reasoner / "config.json").write_text(json.dumps({"condition_size": 64, "max_new_tokens": 112}))
+    kwargs = call_defaults(encoder, reasoner)
+    assert kwargs == {**common.CALL_KWARGS, "max_new_tokens": 112, "reasoning_condition_area": 64 * 64}
+    assert "template" not in kwargs  # the reasoner was trained on the default request, not the encoder's template
+    (reasoner / "config.json").write_text(json.dumps({"condition_size": 64, "template": "short"}))
+    assert call_defaults(encoder, reasoner)["template"].startswith("History:")

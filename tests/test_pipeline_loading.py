@@ -95,7 +95,7 @@ def test_peer_parity_on_the_2511_layout(qwen_edit_2511_dir, monkeypatch, cfg):
     from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as upstream
 
     ours = EditR2Pipeline.from_pretrained(qwen_edit_2511_dir)
-    reference = QwenImageEditPlusPipeline(**ours.components)  # the same component objects
+    reference = QwenImageEditPlusPipeline.from_pipe(ours)  # the same component objects
     assert ours.transformer.config.zero_cond_t is True
     for p in (reference, ours):
         p.set_progress_bar_config(disable=True)

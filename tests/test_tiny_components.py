@@ -25,11 +25,14 @@ def test_components_registered_like_qwen_image_edit_plus():
     pipe = tiny_pipeline(seed=0)
     upstream = inspect.signature(QwenImageEditPlusPipeline.__init__).parameters
     ours = inspect.signature(EditR2Pipeline.__init__).parameters
-    assert list(ours) == list(upstream)
-    assert set(pipe.components) == {"scheduler", "vae", "text_encoder", "tokenizer", "processor", "transformer"}
-    for name, component in pipe.components.items():
-        assert isinstance(component, upstream[name].annotation), name  # the classes upstream annotates
-    assert EditR2Pipeline.model_cpu_offload_seq == QwenImageEditPlusPipeline.model_cpu_offload_seq
+    # upstream's components in upstream's order, then the optional separate reasoner (None unless given)
+    assert list(ours) == [*upstream, "reasoning_model", "reasoning_processor"]
+    assert EditR2Pipeline._optional_components == ["reasoning_model", "reasoning_processor"]
+    assert pipe.reasoning_model is None and pipe.reasoning_processor is None
+    for name in upstream:
+        if name != "self":
+            assert isinstance(pipe.components[name], upstream[name].annotation), name  # the classes upstream annotates
+    assert EditR2Pipeline.model_cpu_offload_seq == "reasoning_model->" + QwenImageEditPlusPipeline.model_cpu_offload_seq
     assert EditR2Pipeline._callback_tensor_inputs == QwenImageEditPlusPipeline._callback_tensor_inputs
     assert dict(pipe.scheduler.config).items() >= qwen_image_scheduler_config().items()
     for name in ("vae", "text_encoder", "transformer"):

@@ -87,6 +87,9 @@ class EditR2Config(TrainingArguments):
             `reference_area`; upstream Qwen-Image-Edit uses 1024 x 1024). `None` encodes it at the working size.
         condition_area (`int`, *optional*, defaults to `147456`):
             Pixels of the images shown to the text encoder (the pipeline's `condition_area`; upstream: 384 x 384).
+        reasoning_condition_area (`int` or `None`, *optional*, defaults to `None`):
+            Pixels of the image shown to the reasoner when it writes the intent (the pipeline's
+            `reasoning_condition_area`, e.g. a separate reasoning model's training size). `None`: `condition_area`.
 
         > Parameters that control the reasoning (IC-CoT)
 
@@ -233,6 +236,9 @@ class EditR2Config(TrainingArguments):
         default=1024 * 1024, metadata={"help": "Pixels of the source's VAE reference (None: the working size)."}
     )
     condition_area: int = field(default=384 * 384, metadata={"help": "Pixels of the images shown to the VLM."})
+    reasoning_condition_area: int | None = field(
+        default=None, metadata={"help": "Pixels of the image the reasoner sees (None: condition_area)."}
+    )
 
     # --- Reasoning ---
     reasoning: str = field(

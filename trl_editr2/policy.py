@@ -38,7 +38,8 @@ def _has_adapters(model: nn.Module) -> bool:
 
 
 def add_lora_adapters(pipeline, args: EditR2Config) -> None:
-    """Freeze the pipeline and add fresh LoRA adapters: one on the transformer, one ("reasoning") on the text encoder.
+    """Freeze the pipeline and add fresh LoRA adapters: one on the transformer, one ("reasoning") on the VLM that
+    writes the intents (`pipeline.reasoner`: its separate reasoning model when it has one, else the text encoder).
 
     The adapters start as the identity (peft's Gaussian init zeroes `lora_B`), so the policy starts equal to the
     adapter-off reference. Their random `lora_A` is drawn after seeding with `args.seed` inside `torch.random.fork_rng`
@@ -49,20 +50,20 @@ def add_lora_adapters(pipeline, args: EditR2Config) -> None:
         ValueError: when the pipeline already carries adapters (the KL reference is "adapters off", so an earlier
             adapter must be part of the base weights: `pipe.fuse_lora(); pipe.unload_lora_weights()` first).
     """
-    for name in ("transformer", "text_encoder", "vae"):
-        getattr(pipeline, name).requires_grad_(False)
-    for name in ("transformer", "text_encoder"):
-        if _has_adapters(getattr(pipeline, name)):
+    for module in (pipeline.transformer, pipeline.text_encoder, pipeline.vae, pipeline.reasoner):
+        module.requires_grad_(False)
+    for name, module in (("transformer", pipeline.transformer), ("reasoner", pipeline.reasoner)):
+        if _has_adapters(module):
             raise ValueError(
                 f"The pipeline's {name} already has LoRA adapters. The trainer adds its own and uses 'adapters off' as "
                 "the KL reference, so fuse earlier adapters into the base weights first: pipe.fuse_lora(); "
-                "pipe.unload_lora_weights() (transformer) or text_encoder.merge_and_unload() (reasoning LoRA)."
+                "pipe.unload_lora_weights() (transformer) or pipe.reasoner.merge_and_unload() (reasoning LoRA)."
             )
     devices = [pipeline.transformer.device] if pipeline.transformer.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(args.seed)
         _add_adapters(pipeline, args)
-    for module in (pipeline.transformer, pipeline.text_encoder):
+    for module in (pipeline.transformer, pipeline.reasoner):
         for param in module.parameters():
             if param.requires_grad:
                 param.data = param.data.float()
@@ -76,7 +77,7 @@ def _add_adapters(pipeline, args: EditR2Config) -> None:
         if "," in targets and not any(c in targets for c in "*\\|()"):
             targets = [t.strip() for t in targets.split(",") if t.strip()]
         config = _lora_config(args, args.text_lora_r, args.text_lora_alpha, targets)
-        pipeline.text_encoder.add_adapter(config, adapter_name=REASONING_ADAPTER)
+        pipeline.reasoner.add_adapter(config, adapter_name=REASONING_ADAPTER)
 
 
 def _lora_config(args: EditR2Config, r: int, lora_alpha: int, target_modules):
@@ -106,8 +107,8 @@ def prepare_reasoning_sampling(pipeline) -> list[int]:
     Returns:
         The suppressed token ids.
     """
-    suppressed = vision_token_ids(pipeline.text_encoder)
-    config = pipeline.text_encoder.generation_config
+    suppressed = vision_token_ids(pipeline.reasoner)
+    config = pipeline.reasoner.generation_config
     config.suppress_tokens = suppressed
     config.repetition_penalty = 1.0
     return suppressed
@@ -194,7 +195,8 @@ class EditR2Policy(nn.Module):
     def __init__(self, pipeline, args: EditR2Config):
         super().__init__()
         self.transformer = pipeline.transformer
-        self.text_encoder = pipeline.text_encoder
+        # the VLM that writes the intents (`pipeline.reasoner`); named `text_encoder` in the policy's state dict
+        self.text_encoder = pipeline.reasoner
         self.pipeline = pipeline
         self.args = args
         self.config = None  # read by some Trainer code paths; this module has no transformers config

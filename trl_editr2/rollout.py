@@ -271,7 +271,7 @@ def generate_answers_batched(pipe, requests: Sequence[tuple[Sequence[Any], str, 
         pipe: the `EditR2Pipeline`.
         requests: per session, `(sessions, instruction, generators)`: its G rollouts' current sessions, the turn's
             instruction and one generator per rollout.
-        args: the [`EditR2Config`] (`reasoning_template`, `condition_area`, `max_reasoning_tokens`,
+        args: the [`EditR2Config`] (`reasoning_template`, `(reasoning_)condition_area`, `max_reasoning_tokens`,
             `reasoning_temperature`).
 
     Returns:
@@ -284,28 +284,29 @@ def generate_answers_batched(pipe, requests: Sequence[tuple[Sequence[Any], str, 
     for sessions, _, generators in requests:
         if len(generators) != len(sessions):
             raise ValueError(f"pass one generator per rollout; got {len(generators)} for {len(sessions)} rollouts.")
-    text_encoder = pipe.text_encoder
+    reasoner, tokenizer = pipe.reasoner, pipe.reasoner_processor.tokenizer
     device = pipe._execution_device
-    pad = pipe.tokenizer.pad_token_id if pipe.tokenizer.pad_token_id is not None else 0
-    inputs = [[pipe.prepare_reasoning_inputs(s, instruction, args.reasoning_template, args.condition_area)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    area = args.condition_area if args.reasoning_condition_area is None else args.reasoning_condition_area
+    inputs = [[pipe.prepare_reasoning_inputs(s, instruction, args.reasoning_template, area)
                for s in sessions] for sessions, instruction, _ in requests]
     flat = [x for group in inputs for x in group]
     prompt, _, _ = batch_text(flat, [x["input_ids"][:, :1] for x in flat], pad)
     prompt = {k: v.to(device) for k, v in prompt.items()}
     sampler = RowSampler([g for _, _, generators in requests for g in generators], args.reasoning_temperature)
-    sequences = text_encoder.generate(
+    sequences = reasoner.generate(
         **prompt, max_new_tokens=args.max_reasoning_tokens, do_sample=False, temperature=None, top_k=None,
         top_p=None, logits_processor=[sampler],
     )
     new = sequences[:, prompt["input_ids"].shape[1] :]  # (sum G, L)
-    eos = text_encoder.generation_config.eos_token_id
+    eos = reasoner.generation_config.eos_token_id
     results, start = [], 0
     for group in inputs:
         rows = slice(start, start + len(group))
         start += len(group)
         completion_ids, mask = _trim_completions(new[rows], eos, pad)
         own, _, _ = batch_text(group, [x["input_ids"][:, :1] for x in group], pad)
-        answers = pipe.tokenizer.batch_decode([row[m] for row, m in zip(completion_ids, mask)],
+        answers = tokenizer.batch_decode([row[m] for row, m in zip(completion_ids, mask)],
                                               skip_special_tokens=True)
         results.append((answers, {k: v.to(device) for k, v in own.items()}, completion_ids, mask))
     return results

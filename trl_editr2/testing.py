@@ -47,15 +47,17 @@ def tiny_dataset(num_sessions: int = 4, num_turns: int = 2, family: str = "cm", 
 
 
 def tiny_trainer(output_dir: str | os.PathLike, reward_funcs=("shapes_oracle",), dataset=None, model_seed: int = 0,
-                 **overrides):
-    """An [`EditR2Trainer`] on the tiny random pipeline and tiny MICE-Shapes sessions."""
+                 reasoning_model: bool = False, **overrides):
+    """An [`EditR2Trainer`] on the tiny random pipeline (with a separate reasoner when `reasoning_model`) and tiny
+    MICE-Shapes sessions."""
     from diffusers_editr2.testing import tiny_pipeline
 
     from .trainer import EditR2Trainer
 
     args = tiny_config(output_dir, **overrides)
     dataset = dataset if dataset is not None else tiny_dataset(num_turns=args.num_turns)
-    return EditR2Trainer(tiny_pipeline(model_seed), list(reward_funcs), args=args, train_dataset=dataset)
+    pipe = tiny_pipeline(model_seed, reasoning_model=reasoning_model)
+    return EditR2Trainer(pipe, list(reward_funcs), args=args, train_dataset=dataset)
 
 
 def pixel_hash_reward(prompts, images, **kwargs) -> list[float]:

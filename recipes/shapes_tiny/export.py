@@ -7,6 +7,15 @@ The folder is what `EditR2Pipeline.from_pretrained` loads: `model_index.json`, `
 `tokenizer/`, `processor/`, `transformer/` (fp16 safetensors), plus `editr2_call_defaults.json` (the `__call__`
 arguments the model was trained for) and a model card `README.md` with the measured metrics of every stage and, with
 `--bench-sessions`, a MICE-Shapes bench of the exported folder itself (reloaded in fp32) per reasoning mode.
+
+`--reasoning-model RUN` adds a separately trained reasoner (a `train_reasoner` run, e.g. one retrained on more
+phrasings at another image size) as the pipeline's `reasoning_model/` + `reasoning_processor/`: it writes the
+intents, while `--reasoner`'s text encoder keeps encoding the prompts the editor was trained on. Any stage may be an
+exported folder, so a shipped model gains a new reasoner without retraining anything else:
+
+    python -m recipes.shapes_tiny.export --vae checkpoints/editr2-shapes-tiny \
+        --reasoner checkpoints/editr2-shapes-tiny --editor checkpoints/editr2-shapes-tiny \
+        --reasoning-model runs/reasoner_v3 --out checkpoints/editr2-shapes-tiny
 """
 
 from __future__ import annotations
@@ -26,8 +35,8 @@ from recipes.shapes_tiny import common
 MAX_BYTES = 40 * 1024 * 1024
 
 
-def assemble(vae_dir: Path, reasoner_dir: Path, editor_dir: Path):
-    """The fp32 `EditR2Pipeline` of the three stages' outputs."""
+def assemble(vae_dir: Path, reasoner_dir: Path, editor_dir: Path, reasoning_dir: Path | None = None):
+    """The fp32 `EditR2Pipeline` of the three stages' outputs (and of a separate reasoner, `reasoning_dir`)."""
     from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
     from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
 
@@ -35,13 +44,20 @@ def assemble(vae_dir: Path, reasoner_dir: Path, editor_dir: Path):
     from diffusers_editr2.processing import Qwen2VLImageOnlyProcessor
     from diffusers_editr2.testing import qwen_image_scheduler_config
 
+    reasoning = {}
+    if reasoning_dir is not None:
+        reasoning = {"reasoning_model": Qwen2_5_VLForConditionalGeneration.from_pretrained(
+                         reasoning_dir / "text_encoder", dtype=torch.float32),
+                     "reasoning_processor": Qwen2VLImageOnlyProcessor.from_pretrained(reasoning_dir / "processor")}
     pipe = EditR2Pipeline(
         scheduler=FlowMatchEulerDiscreteScheduler.from_config(qwen_image_scheduler_config()),
         vae=AutoencoderKLQwenImage.from_pretrained(vae_dir / "vae"),
-        text_encoder=Qwen2_5_VLForConditionalGeneration.from_pretrained(reasoner_dir / "text_encoder"),
+        text_encoder=Qwen2_5_VLForConditionalGeneration.from_pretrained(reasoner_dir / "text_encoder",
+                                                                        dtype=torch.float32),
         tokenizer=Qwen2Tokenizer.from_pretrained(reasoner_dir / "tokenizer"),
         processor=Qwen2VLImageOnlyProcessor.from_pretrained(reasoner_dir / "processor"),
         transformer=QwenImageTransformer2DModel.from_pretrained(editor_dir / "transformer"),
+        **reasoning,
     )
     check_prompt_template(pipe)
     return pipe
@@ -61,26 +77,41 @@ def folder_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def call_defaults(reasoner_dir: Path) -> dict:
+def call_defaults(reasoner_dir: Path, reasoning_dir: Path | None = None) -> dict:
     """The `__call__` arguments the exported model was trained for: `common.CALL_KWARGS`, with what the reasoner
     was trained and evaluated with: its view of the image (`condition_area = condition_size ** 2`), its reasoning
     budget (`max_new_tokens`, never below the default) and the short request template when it was trained on it
     (`template: short`), so the pipeline asks as in training.
 
     `reasoner_dir` is a stage-2 run folder, or an exported pipeline folder (e.g. the shipped checkpoint, when only
-    the editor was retrained): then its own `editr2_call_defaults.json` reasoning settings are kept."""
+    the editor was retrained): then its own `editr2_call_defaults.json` reasoning settings are kept.
+
+    With a separate reasoner (`reasoning_dir`, a stage-2 run) the request settings are that reasoner's, and its view
+    of the image is `reasoning_condition_area`; `condition_area` stays the text encoder's (the editor's conditioning).
+    """
+    kwargs = dict(common.CALL_KWARGS)
+    kwargs.update(reasoner_defaults(reasoner_dir))
+    if reasoning_dir is not None:
+        asked = reasoner_defaults(reasoning_dir)
+        kwargs.pop("template", None)
+        kwargs.update({k: v for k, v in asked.items() if k != "condition_area"})
+        kwargs["reasoning_condition_area"] = asked["condition_area"]
+    return kwargs
+
+
+def reasoner_defaults(reasoner_dir: Path) -> dict:
+    """How a reasoner asks: `condition_area`, `max_new_tokens` (never below the default) and, when it was trained on
+    one, the request `template`; from a stage-2 run's `config.json`, or an exported folder's call defaults."""
     from recipes.shapes_tiny.train_reasoner import ReasonerConfig, request_template
 
-    kwargs = dict(common.CALL_KWARGS)
     exported = reasoner_dir / CALL_DEFAULTS_FILE
     if exported.is_file():
         saved = json.loads(exported.read_text())
-        kwargs.update({k: saved[k] for k in ("template", "condition_area", "max_new_tokens") if k in saved})
-        return kwargs
+        return {k: saved[k] for k in ("template", "condition_area", "max_new_tokens") if k in saved}
     config_file = reasoner_dir / "config.json"
     config = json.loads(config_file.read_text()) if config_file.is_file() else {}
-    kwargs["condition_area"] = int(config.get("condition_size", 32)) ** 2
-    kwargs["max_new_tokens"] = max(kwargs["max_new_tokens"], int(config.get("max_new_tokens", 0)))
+    kwargs = {"condition_area": int(config.get("condition_size", 32)) ** 2,
+              "max_new_tokens": max(common.CALL_KWARGS["max_new_tokens"], int(config.get("max_new_tokens", 0)))}
     request = request_template(ReasonerConfig(template=config.get("template", "default")))
     if request is not None:
         kwargs["template"] = request
@@ -151,6 +182,9 @@ def main(argv=None) -> int:
     parser.add_argument("--vae", default="runs/vae", help="stage-1 run folder")
     parser.add_argument("--reasoner", default="runs/reasoner", help="stage-2 run folder")
     parser.add_argument("--editor", default="runs/editor", help="stage-3 run folder")
+    parser.add_argument("--reasoning-model", default=None,
+                        help="a separate reasoner (stage-2 run folder) that writes the intents; --reasoner's text "
+                             "encoder then only encodes prompts")
     parser.add_argument("--out", default="checkpoints/editr2-shapes-tiny", help="the folder to write")
     parser.add_argument("--bench-sessions", type=int, default=0, help="bench sessions per family (0: no bench)")
     parser.add_argument("--bench-turns", type=int, default=3)
@@ -162,9 +196,14 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     runs = {name: Path(getattr(args, name)) for name in ("vae", "reasoner", "editor")}
+    reasoning = Path(args.reasoning_model) if args.reasoning_model else None
+    if reasoning is not None:
+        if not (reasoning / "text_encoder").is_dir():
+            raise SystemExit(f"--reasoning-model {reasoning}: no text_encoder/ there; pass a finished train_reasoner run.")
+        runs["reasoning_model"] = reasoning
     out = Path(args.out)
-    pipe = assemble(runs["vae"], runs["reasoner"], runs["editor"])
-    size = save(pipe, out, call_kwargs=call_defaults(runs["reasoner"]))
+    pipe = assemble(runs["vae"], runs["reasoner"], runs["editor"], reasoning)
+    size = save(pipe, out, call_kwargs=call_defaults(runs["reasoner"], reasoning))
     print(f"wrote {out} ({size / 2**20:.1f} MiB)")
     report = {"size_bytes": size, "stages": {}}
     for name, run in runs.items():

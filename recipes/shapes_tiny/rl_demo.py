@@ -84,6 +84,7 @@ def call_default_mismatches(model: Path, config: dict) -> list[str]:
     calls = (read_call_defaults(model) or {"reference_area": None})
     pairs = [("num_inference_steps", "num_inference_steps"), ("true_cfg_scale", "true_cfg_scale"),
              ("reference_area", "reference_area"), ("condition_area", "condition_area"),
+             ("reasoning_condition_area", "reasoning_condition_area"),
              ("height", "shapes_size"), ("width", "shapes_size")]
     notes = [f"the model's {call}={calls[call]!r} but the config's {key}={config[key]!r}"
              for call, key in pairs if call in calls and key in config and calls[call] != config[key]]
