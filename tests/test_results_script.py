@@ -223,3 +223,31 @@ def test_bad_settings_say_what_to_pass(tmp_path):
         results.main(["--from-json", "--json", str(tmp_path / "none.json"), "--out", str(tmp_path / "r.md")])
     with pytest.raises(ValueError, match="training seeds"):
         results.parse_args(["--seed", "9999990"])
+
+
+def test_sessions_dir_keeps_per_session_scores_that_pair(model_dir, tmp_path, count_runs):
+    """`--sessions-dir`: each model cell is also an `editr2 bench shapes` folder (per-session scores, results.json),
+    which `editr2 bench compare` pairs with another run of the same sessions."""
+    from editr2.bench.compare_cli import compare_runs
+    from editr2.bench.resume import read_results
+
+    sessions = tmp_path / "sessions"
+    argv = ["--model", str(model_dir), "--out", str(tmp_path / "r.md"), "--json", str(tmp_path / "r.json"),
+            "--sessions", "2", "--turns", "2", "--long-sessions", "0", "--modes", "none", "intent", "--families",
+            "cm", "--threads", "1", "--no-progress", "--sessions-dir", str(sessions)]
+    assert results.main(argv) == 0
+    folders = sorted(p.name for p in sessions.iterdir())
+    assert folders == ["cm_2_editr2-intent", "cm_2_editr2-none", "cm_2_literal", "cm_2_oracle"]
+    for name in folders:
+        assert len(read_results(sessions / name / "session_results.jsonl")) == 2
+    data = json.loads((tmp_path / "r.json").read_text())
+    stored = json.loads((sessions / "cm_2_editr2-intent" / "results.json").read_text())
+    assert stored["per_turn"] == data["cells"]["cm/2/editr2-intent"]["per_turn"]
+    paired = compare_runs(sessions / "cm_2_editr2-intent", sessions / "cm_2_editr2-none")
+    assert paired["sessions"]["sessions"] == 2 and len(paired["per_turn"]) == 2
+    # another model's cells cannot resume in these folders
+    other = results.parse_args([*argv, "--json", str(tmp_path / "other.json")])
+    with pytest.raises(Exception, match="model_sha256"):
+        results.run_cell({"family": "cm", "sessions": 2, "turns": 2, "editor": "editr2-none", "mode": "none"},
+                         None, 0, False, sessions / "cm_2_editr2-none", {"model_sha256": "another", "sample_seed": 0})
+    assert other.sessions_dir == str(sessions)

@@ -120,19 +120,40 @@ def save_json(data: dict, path: Path) -> None:
     tmp.replace(path)
 
 
-def run_cell(cell: dict, editor, seed: int, progress: bool) -> dict:
-    """`run_bench` of one cell, with its wall time, date and (for the model) the share of reasoning fallbacks."""
-    from editr2.bench.shapes import runner
+def cell_folder(sessions_dir: Path, key: str) -> Path:
+    """Where a cell keeps its per-session scores: `<sessions_dir>/cm_3_editr2-intent[_unseen]`."""
+    return Path(sessions_dir) / key.replace("/", "_")
 
+
+def run_cell(cell: dict, editor, seed: int, progress: bool, folder: Path | None = None,
+             identity: dict | None = None) -> dict:
+    """`run_bench` of one cell, with its wall time, date and (for the model) the share of reasoning fallbacks.
+
+    With `folder`, every finished session's scores go to its `session_results.jsonl` at once (an interrupted cell
+    resumes there; `identity`, e.g. the model's fingerprint, is recorded in its `bench_config.json` and must match),
+    and the cell's results to its `results.json`: an `editr2 bench shapes` output folder, which `editr2 bench
+    compare` pairs session by session with another run on the same sessions."""
+    from editr2.bench.resume import open_run, write_text_atomic
+    from editr2.bench.shapes import runner
+    from editr2.bench.shapes_cli import SESSION_RESULTS
+
+    results_path = None
+    if folder is not None:
+        config = {"family": cell["family"], "sessions": cell["sessions"], "turns": cell["turns"], "seed": seed,
+                  "editor": cell["editor"], "phrasing": cell.get("phrasing", "grammar"), **(identity or {})}
+        results_path = open_run(folder, config, outputs=(SESSION_RESULTS, "results.json")) / SESSION_RESULTS
     tick = time.perf_counter()
     result = runner.run_bench(editor, cell["family"], cell["sessions"], cell["turns"], seed, progress=progress,
-                              editor_name=cell["editor"], phrasing=cell.get("phrasing", "grammar"))
+                              editor_name=cell["editor"], phrasing=cell.get("phrasing", "grammar"),
+                              results_path=results_path)
     result["seconds"] = round(time.perf_counter() - tick, 2)
     result["date"] = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     records = getattr(editor, "records", None)
     if records:
         fallbacks = [reason for record in records for reason in record["fallback"]]
         result["fallback_rate"] = sum(reason is not None for reason in fallbacks) / max(len(fallbacks), 1)
+    if folder is not None:
+        write_text_atomic(folder / "results.json", json.dumps(result, indent=2) + "\n")
     return result
 
 
@@ -167,7 +188,9 @@ def run_grid(args, data: dict, json_path: Path) -> dict:
             pipe = editor.pipe
         else:
             editor = PipelineEditor(pipe, cell["mode"], args.sample_seed, data["call_kwargs"])
-        result = run_cell(cell, editor, args.seed, progress=not args.no_progress)
+        folder = cell_folder(args.sessions_dir, key) if args.sessions_dir else None
+        identity = {"model_sha256": fingerprint, "sample_seed": args.sample_seed} if cell["mode"] else {}
+        result = run_cell(cell, editor, args.seed, progress=not args.no_progress, folder=folder, identity=identity)
         if cell["mode"] is not None:
             result["sample_seed"] = args.sample_seed
         data["cells"][key] = result
@@ -419,6 +442,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", default="docs/results.md", help="the markdown to write (the PNG goes next to it)")
     parser.add_argument("--json", default="runs/results/results.json", help="raw results; finished cells are skipped")
     parser.add_argument("--from-json", action="store_true", help="only rewrite the markdown and plot from --json")
+    parser.add_argument("--sessions-dir", default=None, metavar="DIR",
+                        help="keep each cell's per-session scores in DIR/<cell>/ (an `editr2 bench shapes` folder: "
+                             "a cell resumes per session, and `editr2 bench compare` pairs it with other runs)")
     parser.add_argument("--sessions", type=int, default=200, help="sessions per family of the short grid")
     parser.add_argument("--turns", type=int, default=3)
     parser.add_argument("--long-sessions", type=int, default=100, help="sessions per family of the long grid (0: none)")
