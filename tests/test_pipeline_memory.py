@@ -44,6 +44,19 @@ def test_model_cpu_offload_covers_the_reasoning_step(reference):
     np.testing.assert_allclose(out.images, reference.images, atol=1e-6, rtol=0)
 
 
+def test_model_cpu_offload_covers_a_separate_reasoner():
+    """`reasoning_model` is first in `model_cpu_offload_seq`: its `generate` runs through its own offload hook."""
+    reference = run_session(tiny_pipeline(seed=0, reasoning_model=True))
+    pipe = tiny_pipeline(seed=0, reasoning_model=True)
+    pipe.enable_model_cpu_offload(device="cpu")
+    assert hasattr(pipe.reasoning_model, "_hf_hook")
+    reasoner_calls, encoder_calls = count_forwards(pipe.reasoning_model), count_forwards(pipe.text_encoder)
+    out = run_session(pipe)
+    assert len(reasoner_calls) > len(PROMPTS) and len(encoder_calls) >= len(PROMPTS)
+    assert out.intents == reference.intents
+    np.testing.assert_allclose(out.images, reference.images, atol=1e-6, rtol=0)
+
+
 @pytest.mark.parametrize("offload_type", ["block_level", "leaf_level"])
 def test_group_offloading_covers_the_reasoning_step(reference, offload_type):
     pipe = tiny_pipeline(seed=0)
