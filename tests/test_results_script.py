@@ -251,3 +251,28 @@ def test_sessions_dir_keeps_per_session_scores_that_pair(model_dir, tmp_path, co
         results.run_cell({"family": "cm", "sessions": 2, "turns": 2, "editor": "editr2-none", "mode": "none"},
                          None, 0, False, sessions / "cm_2_editr2-none", {"model_sha256": "another", "sample_seed": 0})
     assert other.sessions_dir == str(sessions)
+
+
+def test_merge_adds_the_cells_of_parallel_runs(tmp_path):
+    """Parts of a grid run as separate processes (own --json each) merge into one page listing every command."""
+    def run_file(name, values, **extra):
+        cells = {key: {**cell, "seconds": 1.0} for key, cell in cells_of(values).items()}
+        data = {"cells": cells, "model": "m", "model_sha256": "abc", "seed": 0, "sample_seed": 0,
+                "command": f"python -m recipes.shapes_tiny.results --json {name}", **extra}
+        path = tmp_path / name
+        path.write_text(json.dumps(data))
+        return path
+
+    a = run_file("a.json", {("cm", "oracle"): {"IF": 1.0}, ("cm", "editr2-intent"): {"IF": 0.6}})
+    b = run_file("b.json", {("cu", "editr2-intent"): {"IF": 0.5}})
+    merged, md = tmp_path / "merged.json", tmp_path / "r.md"
+    assert results.main(["--json", str(merged), "--out", str(md), "--merge", str(a), str(b)]) == 0
+    data = json.loads(merged.read_text())
+    assert set(data["cells"]) == {"cm/3/oracle", "cm/3/editr2-intent", "cu/3/editr2-intent"}
+    assert data["commands"] == [f"python -m recipes.shapes_tiny.results --json {n}" for n in ("a.json", "b.json")]
+    assert "--json a.json`; `python -m recipes.shapes_tiny.results --json b.json`" in md.read_text()
+    with pytest.raises(ValueError, match="are in"):  # the same cell twice
+        results.main(["--json", str(merged), "--out", str(md), "--merge", str(b)])
+    other = run_file("c.json", {("cm", "literal"): {"IF": 1.0}}, model_sha256="def")
+    with pytest.raises(ValueError, match="model_sha256"):
+        results.main(["--json", str(merged), "--out", str(md), "--merge", str(other)])

@@ -11,7 +11,9 @@ reported in their own tables and side by side with the grammar in "Everyday word
 again skips the cells it holds, so an interrupted run continues. Then it writes the markdown (`--out`): a header
 (model, call defaults, command, dates, wall time per cell), one table per (family, turns), the turn-3 targets checked
 against the numbers, and a per-turn plot next to it (`<out stem>_per_turn.png`). `--from-json` rewrites both from the
-JSON alone, without the model.
+JSON alone, without the model. `--merge J1 J2 ...` first adds the cells of other runs of the same model and seeds
+(e.g. parts of the grid run as parallel processes, each with its own `--json`) to `--json`, and the page lists every
+command.
 """
 
 from __future__ import annotations
@@ -173,6 +175,8 @@ def run_grid(args, data: dict, json_path: Path) -> dict:
     data.update(model=str(model), model_sha256=fingerprint, call_kwargs=read_call_defaults(model) or {"reference_area": None},
                 sample_seed=args.sample_seed, seed=args.seed,
                 command="python -m recipes.shapes_tiny.results " + shlex.join(args.argv))
+    if "commands" in data and data["command"] not in data["commands"]:  # a merged file run further
+        data["commands"].append(data["command"])
     cells = plan_cells(args.families, args.modes, args.sessions, args.turns, args.long_sessions, args.long_turns,
                        args.phrasings)
     pipe = None  # loaded at the first model cell that still has to run
@@ -357,7 +361,7 @@ def markdown(data: dict, plot_name: str) -> str:
              "(turn k of a session: seed + k); every turn continues from the previous turn's carried latent.",
              "- Sessions: held-out seeds (training uses seeds >= 10,000,000), the same sessions for every editor "
              "of a table.",
-             f"- Command: `{data.get('command', '?')}`",
+             "- Command: " + "; ".join(f"`{c}`" for c in data.get("commands") or [data.get("command", "?")]),
              f"- Run: {dates[0] if dates else '?'} to {dates[-1] if dates else '?'}; raw results in the `--json` file "
              "(this page is rewritten from it with `--from-json`).",
              "- IF: instruction following, CC: content consistency, GA: global awareness (cumulative), reward = "
@@ -442,6 +446,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", default="docs/results.md", help="the markdown to write (the PNG goes next to it)")
     parser.add_argument("--json", default="runs/results/results.json", help="raw results; finished cells are skipped")
     parser.add_argument("--from-json", action="store_true", help="only rewrite the markdown and plot from --json")
+    parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                        help="add the cells of these results files (same model and seeds) to --json, then write the "
+                             "page from it (as --from-json)")
     parser.add_argument("--sessions-dir", default=None, metavar="DIR",
                         help="keep each cell's per-session scores in DIR/<cell>/ (an `editr2 bench shapes` folder: "
                              "a cell resumes per session, and `editr2 bench compare` pairs it with other runs)")
@@ -467,10 +474,36 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def merge_json(data: dict, paths, json_path: Path) -> dict:
+    """`data` with the cells of the results files `paths` added: runs of the same model (fingerprint), session seed
+    and sampling seed, holding other cells (a cell in two files is refused). Their commands are kept, in order."""
+    runs = [(Path(p), load_json(Path(p))) for p in paths]
+    if not data.get("cells"):
+        (_, data), runs = runs[0], runs[1:]
+        data = {**data, "cells": dict(data["cells"]), "commands": [data.get("command", "?")]}
+    commands = list(data.get("commands") or [data.get("command", "?")])
+    for path, other in runs:
+        for key in ("model_sha256", "seed", "sample_seed"):
+            if other.get(key) != data.get(key):
+                raise ValueError(f"--merge {path}: its {key} is {other.get(key)!r}, {json_path}'s is "
+                                 f"{data.get(key)!r}; merge only runs of the same model and seeds.")
+        twice = sorted(set(other["cells"]) & set(data["cells"]))
+        if twice:
+            raise ValueError(f"--merge {path}: cells {twice} are in {json_path} too; merge runs of different cells.")
+        data["cells"].update(other["cells"])
+        commands.append(other.get("command", "?"))
+    data["commands"] = commands
+    return data
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     json_path, out = Path(args.json), Path(args.out)
     data = load_json(json_path)
+    if args.merge:
+        data = merge_json(data, args.merge, json_path)
+        save_json(data, json_path)
+        args.from_json = True
     if args.from_json:
         if not json_path.is_file():
             raise ValueError(f"--from-json: {json_path} does not exist; pass the --json of an earlier run.")
