@@ -271,8 +271,12 @@ def test_merge_adds_the_cells_of_parallel_runs(tmp_path):
     assert set(data["cells"]) == {"cm/3/oracle", "cm/3/editr2-intent", "cu/3/editr2-intent"}
     assert data["commands"] == [f"python -m recipes.shapes_tiny.results --json {n}" for n in ("a.json", "b.json")]
     assert "--json a.json`; `python -m recipes.shapes_tiny.results --json b.json`" in md.read_text()
-    with pytest.raises(ValueError, match="are in"):  # the same cell twice
-        results.main(["--json", str(merged), "--out", str(md), "--merge", str(b)])
+    with pytest.raises(ValueError, match="other scores"):  # the same cell twice, with other scores
+        changed = run_file("b2.json", {("cu", "editr2-intent"): {"IF": 0.1}})
+        results.main(["--json", str(merged), "--out", str(md), "--merge", str(changed)])
+    same = run_file("d.json", {("cm", "oracle"): {"IF": 1.0}, ("cu", "editr2-none"): {"IF": 0.2}})
+    assert results.main(["--json", str(merged), "--out", str(md), "--merge", str(same)]) == 0  # oracle kept once
+    assert len(json.loads(merged.read_text())["cells"]) == 4
     other = run_file("c.json", {("cm", "literal"): {"IF": 1.0}}, model_sha256="def")
     with pytest.raises(ValueError, match="model_sha256"):
         results.main(["--json", str(merged), "--out", str(md), "--merge", str(other)])

@@ -476,7 +476,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def merge_json(data: dict, paths, json_path: Path) -> dict:
     """`data` with the cells of the results files `paths` added: runs of the same model (fingerprint), session seed
-    and sampling seed, holding other cells (a cell in two files is refused). Their commands are kept, in order."""
+    and sampling seed, holding other cells (a cell in two files with other scores is refused; with the same scores,
+    e.g. a symbolic editor both runs scored, it is kept once). Their commands are kept, in order."""
     runs = [(Path(p), load_json(Path(p))) for p in paths]
     if not data.get("cells"):
         (_, data), runs = runs[0], runs[1:]
@@ -487,9 +488,12 @@ def merge_json(data: dict, paths, json_path: Path) -> dict:
             if other.get(key) != data.get(key):
                 raise ValueError(f"--merge {path}: its {key} is {other.get(key)!r}, {json_path}'s is "
                                  f"{data.get(key)!r}; merge only runs of the same model and seeds.")
-        twice = sorted(set(other["cells"]) & set(data["cells"]))
-        if twice:
-            raise ValueError(f"--merge {path}: cells {twice} are in {json_path} too; merge runs of different cells.")
+        twice = sorted(key for key in set(other["cells"]) & set(data["cells"])
+                       if other["cells"][key]["per_turn"] != data["cells"][key]["per_turn"])
+        if twice:  # the same cell twice with the same scores (e.g. the symbolic editors of two runs) is kept once
+            raise ValueError(f"--merge {path}: cells {twice} are in {json_path} too, with other scores; merge runs of "
+                             "different cells.")
+        other = {**other, "cells": {k: v for k, v in other["cells"].items() if k not in data["cells"]}}
         data["cells"].update(other["cells"])
         commands.append(other.get("command", "?"))
     data["commands"] = commands
