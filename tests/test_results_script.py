@@ -243,6 +243,7 @@ def test_sessions_dir_keeps_per_session_scores_that_pair(model_dir, tmp_path, co
     data = json.loads((tmp_path / "r.json").read_text())
     stored = json.loads((sessions / "cm_2_editr2-intent" / "results.json").read_text())
     assert stored["per_turn"] == data["cells"]["cm/2/editr2-intent"]["per_turn"]
+    assert stored["config"]["reasoning"] == "intent" and stored["config"]["call_kwargs"] == data["call_kwargs"]
     paired = compare_runs(sessions / "cm_2_editr2-intent", sessions / "cm_2_editr2-none")
     assert paired["sessions"]["sessions"] == 2 and len(paired["per_turn"]) == 2
     # another model's cells cannot resume in these folders

@@ -45,6 +45,10 @@ COMPARISONS = (
                               "phrasing, the image at 64 x 64) writes each turn's intent and the default model's "
                               "editor, with its own encoder, draws it (`python -m recipes.shapes_tiny.reasoner_swap`) "
                               "vs the default model with its own reasoner"),
+    ("default", "v3default", "the default as shipped now (reasoner v3 as its separate reasoning model, "
+                             "`reasoning_model/`, shown the image at 64 x 64; text encoder, editor and VAE unchanged; "
+                             "recipes/shapes_tiny/README.md) vs the default before it (its text encoder wrote the "
+                             "intents); each folder's command.txt says how it was made"),
     ("default", "keep", "the default model called with `keep_unedited=0.2` (`--pipeline-kwargs "
                         "'{\"keep_unedited\": 0.2}'`: the current latent is copied back wherever a turn changed it "
                         "by at most 0.2 RMS per latent pixel, outside the changed region grown by one latent pixel) "

@@ -128,13 +128,14 @@ def cell_folder(sessions_dir: Path, key: str) -> Path:
 
 
 def run_cell(cell: dict, editor, seed: int, progress: bool, folder: Path | None = None,
-             identity: dict | None = None) -> dict:
+             identity: dict | None = None, describe: dict | None = None) -> dict:
     """`run_bench` of one cell, with its wall time, date and (for the model) the share of reasoning fallbacks.
 
     With `folder`, every finished session's scores go to its `session_results.jsonl` at once (an interrupted cell
     resumes there; `identity`, e.g. the model's fingerprint, is recorded in its `bench_config.json` and must match),
-    and the cell's results to its `results.json`: an `editr2 bench shapes` output folder, which `editr2 bench
-    compare` pairs session by session with another run on the same sessions."""
+    and the cell's results to its `results.json` (its config with `describe` added, e.g. the model and its call
+    arguments): an `editr2 bench shapes` output folder, which `editr2 bench compare` pairs session by session with
+    another run on the same sessions."""
     from editr2.bench.resume import open_run, write_text_atomic
     from editr2.bench.shapes import runner
     from editr2.bench.shapes_cli import SESSION_RESULTS
@@ -154,8 +155,9 @@ def run_cell(cell: dict, editor, seed: int, progress: bool, folder: Path | None 
     if records:
         fallbacks = [reason for record in records for reason in record["fallback"]]
         result["fallback_rate"] = sum(reason is not None for reason in fallbacks) / max(len(fallbacks), 1)
-    if folder is not None:
-        write_text_atomic(folder / "results.json", json.dumps(result, indent=2) + "\n")
+    if folder is not None:  # as `editr2 bench shapes` records a model run: which model, mode and call arguments
+        config = {**result["config"], **(describe or {})}
+        write_text_atomic(folder / "results.json", json.dumps({**result, "config": config}, indent=2) + "\n")
     return result
 
 
@@ -172,7 +174,8 @@ def run_grid(args, data: dict, json_path: Path) -> dict:
     if data.get("model_sha256") not in (None, fingerprint):
         raise ValueError(f"{json_path} holds the results of another model ({data.get('model')}, sha256 "
                          f"{data['model_sha256'][:12]}): pass another --json, or delete it to start over.")
-    data.update(model=str(model), model_sha256=fingerprint, call_kwargs=read_call_defaults(model) or {"reference_area": None},
+    data.update(model=str(model), model_sha256=fingerprint,
+                call_kwargs=read_call_defaults(model) or {"reference_area": None},
                 sample_seed=args.sample_seed, seed=args.seed,
                 command="python -m recipes.shapes_tiny.results " + shlex.join(args.argv))
     if "commands" in data and data["command"] not in data["commands"]:  # a merged file run further
@@ -194,7 +197,10 @@ def run_grid(args, data: dict, json_path: Path) -> dict:
             editor = PipelineEditor(pipe, cell["mode"], args.sample_seed, data["call_kwargs"])
         folder = cell_folder(args.sessions_dir, key) if args.sessions_dir else None
         identity = {"model_sha256": fingerprint, "sample_seed": args.sample_seed} if cell["mode"] else {}
-        result = run_cell(cell, editor, args.seed, progress=not args.no_progress, folder=folder, identity=identity)
+        describe = {"model": str(model), "reasoning": cell["mode"], "sample_seed": args.sample_seed,
+                    "call_kwargs": data["call_kwargs"]} if cell["mode"] else {}
+        result = run_cell(cell, editor, args.seed, progress=not args.no_progress, folder=folder, identity=identity,
+                          describe=describe)
         if cell["mode"] is not None:
             result["sample_seed"] = args.sample_seed
         data["cells"][key] = result
