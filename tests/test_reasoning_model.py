@@ -76,8 +76,9 @@ def test_the_text_encoder_encodes_the_intent(pipes):
     assert np.array_equal(out.images, same.images)
 
 
-def test_reasoning_condition_area_sets_what_the_reasoner_sees(pipes, monkeypatch):
-    with_reasoner, _, _ = pipes
+@pytest.fixture
+def reasoning_areas(monkeypatch):
+    """The `condition_area` of every reasoning request (`prepare_reasoning_inputs` calls), in order."""
     seen = []
     original = EditR2Pipeline.prepare_reasoning_inputs
 
@@ -86,6 +87,12 @@ def test_reasoning_condition_area_sets_what_the_reasoner_sees(pipes, monkeypatch
         return original(self, session, prompt, template, condition_area, device)
 
     monkeypatch.setattr(EditR2Pipeline, "prepare_reasoning_inputs", spy)
+    return seen
+
+
+def test_reasoning_condition_area_sets_what_the_reasoner_sees(pipes, reasoning_areas):
+    with_reasoner, _, _ = pipes
+    seen = reasoning_areas
     with_reasoner(image=tiny_image(2), prompt=PROMPT, generator=gen(0), **KWARGS)
     with_reasoner(image=tiny_image(2), prompt=PROMPT, generator=gen(0), reasoning_condition_area=48 * 48, **KWARGS)
     assert seen == [KWARGS["condition_area"], 48 * 48]  # None: condition_area
@@ -167,19 +174,11 @@ def test_the_trainer_adds_the_reasoning_lora_to_the_reasoner(rl_trainer):
     assert not any(p.requires_grad for p in pipe.text_encoder.parameters())
 
 
-def test_rollouts_ask_the_reasoner_at_its_area_and_stay_on_policy(rl_trainer, monkeypatch):
+def test_rollouts_ask_the_reasoner_at_its_area_and_stay_on_policy(rl_trainer, reasoning_areas):
     from trl_editr2.policy import LossWeights
     from trl_editr2.rollout import rollout_sessions
     from trl_editr2.testing import tiny_dataset
 
-    seen = []
-    original = EditR2Pipeline.prepare_reasoning_inputs
-
-    def spy(self, session, prompt, template=None, condition_area=None, device=None):
-        seen.append(condition_area)
-        return original(self, session, prompt, template, condition_area, device)
-
-    monkeypatch.setattr(EditR2Pipeline, "prepare_reasoning_inputs", spy)
     policy = rl_trainer.policy
     with torch.no_grad():  # the reasoning adapter away from the identity, so the ratio check is not trivial
         generator = torch.Generator().manual_seed(1)
@@ -188,7 +187,7 @@ def test_rollouts_ask_the_reasoner_at_its_area_and_stay_on_policy(rl_trainer, mo
                 param.copy_(0.05 * torch.randn(param.shape, generator=generator))
     policy.eval()
     (session,) = rollout_sessions(policy, [tiny_dataset()[0]], rl_trainer.args, [7])
-    assert seen and set(seen) == {48 * 48}
+    assert reasoning_areas and set(reasoning_areas) == {48 * 48}
     policy.train()
     try:
         ones = torch.ones(2, dtype=torch.bool)
