@@ -43,8 +43,9 @@ def test_recipe_commands_train_export_and_bench(tmp_path):
          "--eval_steps", "2", "--max_turns", "2", "--max_minutes", "0", "--vae_path", vae / "vae",
          "--reasoner_path", reasoner, *MICRO)
     assert json.loads((editor / "metrics.json").read_text())["step"] == 2
-    _run("export", "--vae", vae, "--reasoner", reasoner, "--editor", editor, "--out", model, "--bench-sessions", "2",
-         "--bench-turns", "2", "--threads", "1", "--no-progress")
+    # as the shipped folder is built: the reasoner run is also added as the separate reasoning model
+    _run("export", "--vae", vae, "--reasoner", reasoner, "--editor", editor, "--reasoning-model", reasoner, "--out",
+         model, "--bench-sessions", "2", "--bench-turns", "2", "--threads", "1", "--no-progress")
     report = json.loads((editor / "export_report.json").read_text())
     assert {"cm/intent", "cu/intent", "cm/oracle"} <= set(report["bench"])
     assert len(report["bench"]["cm/intent"]["per_turn"]) == 2
@@ -56,3 +57,4 @@ def test_recipe_commands_train_export_and_bench(tmp_path):
         assert layout(model) == layout(SHIPPED)
     call_defaults = json.loads((model / "editr2_call_defaults.json").read_text())
     assert call_defaults["template"].startswith("History:")  # the short-request reasoner's template
+    assert call_defaults["reasoning_condition_area"] == call_defaults["condition_area"]  # the same run's image size

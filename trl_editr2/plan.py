@@ -212,7 +212,7 @@ def add_planned_adapters(models: dict[str, nn.Module], args) -> None:
     """The trainer's adapters on meta models (call inside `init_empty_weights` so that nothing is allocated)."""
     from .policy import add_lora_adapters
 
-    add_lora_adapters(SimpleNamespace(**models), args)
+    add_lora_adapters(SimpleNamespace(**models, reasoner=models["text_encoder"]), args)
 
 
 @dataclass
