@@ -49,6 +49,10 @@ COMPARISONS = (
                              "`reasoning_model/`, shown the image at 64 x 64; text encoder, editor and VAE unchanged; "
                              "recipes/shapes_tiny/README.md) vs the default before it (its text encoder wrote the "
                              "intents); each folder's command.txt says how it was made"),
+    ("none", "v3default", "the default as shipped now (reasoner v3's intents) vs the trained `none` baseline "
+                          "(checkpoints/editr2-shapes-tiny-none-lora, --reasoning none; it never runs the reasoner)"),
+    ("history", "v3default", "the default as shipped now (reasoner v3's intents) vs the trained `history` baseline "
+                             "(checkpoints/editr2-shapes-tiny-history-lora, --reasoning history)"),
     ("default", "keep", "the default model called with `keep_unedited=0.2` (`--pipeline-kwargs "
                         "'{\"keep_unedited\": 0.2}'`: the current latent is copied back wherever a turn changed it "
                         "by at most 0.2 RMS per latent pixel, outside the changed region grown by one latent pixel) "
@@ -73,6 +77,8 @@ SETTINGS = {
     "gold_cu16": ("the editor alone, cu, 50 x 16 turns", "--prompts gold --family cu --sessions 50 --turns 16"),
     "mode_cm16": ("each arm in its own mode, cm, 30 x 16 turns", "--family cm --sessions 30 --turns 16"),
     "mode_cu16": ("each arm in its own mode, cu, 30 x 16 turns", "--family cu --sessions 30 --turns 16"),
+    "long_cm16": ("each arm in its own mode, cm, 100 x 16 turns", "--family cm --sessions 100 --turns 16"),
+    "long_cu16": ("each arm in its own mode, cu, 100 x 16 turns", "--family cu --sessions 100 --turns 16"),
     "seen_cm3": ("the full model in the training families' everyday wording, cm, 200 x 3 turns",
                  "--reasoning intent --family cm --sessions 200 --turns 3 --phrasing seen"),
     "seen_cu3": ("the full model in the training families' everyday wording, cu, 200 x 3 turns",
