@@ -80,3 +80,14 @@ def test_a_model_benched_with_another_reasoners_intents(tmp_path, model_folder):
     assert [len(r["intent"]) for r in records] == [2, 2]
     with pytest.raises(SystemExit, match="text_encoder"):
         reasoner_swap.main([*argv[:1], str(tmp_path), *argv[2:]])
+
+
+def test_a_pipeline_folder_is_asked_through_its_separate_reasoner(tmp_path):
+    """An exported folder with a separate reasoning model is measured through it, at its own image size."""
+    from diffusers_editr2.testing import tiny_pipeline
+
+    pipe = tiny_pipeline(seed=0, reasoning_model=True)
+    pipe.call_defaults = {"condition_area": 32 * 32, "reasoning_condition_area": 48 * 48, "max_new_tokens": 7}
+    pipe.save_pretrained(tmp_path / "model")
+    loaded, cfg = reasoner_report.load_reasoner(tmp_path / "model")
+    assert loaded.reasoner is loaded.reasoning_model and cfg.condition_size == 48 and cfg.max_new_tokens == 7

@@ -45,7 +45,7 @@ def load_reasoner(path: Path, checkpoint: str | None = None):
     from recipes.shapes_tiny import common
     from recipes.shapes_tiny import train_reasoner as tr
 
-    if (path / "model_index.json").is_file():  # an exported model: its text encoder, asked as its call defaults say
+    if (path / "model_index.json").is_file():  # an exported model: its reasoner, asked as its call defaults say
         import torch
 
         from diffusers_editr2 import EditR2Pipeline
@@ -56,7 +56,8 @@ def load_reasoner(path: Path, checkpoint: str | None = None):
         pipe = EditR2Pipeline.from_pretrained(path, dtype=torch.float32)
         calls = read_call_defaults(path) or {}
         template = "short" if calls.get("template") == tr.SHORT_TEMPLATE else "default"
-        side = int(round((calls.get("condition_area") or 32 * 32) ** 0.5))
+        area = calls.get("reasoning_condition_area") or calls.get("condition_area") or 32 * 32
+        side = int(round(area ** 0.5))
         cfg = tr.ReasonerConfig(template=template, condition_size=side,
                                 max_new_tokens=int(calls.get("max_new_tokens") or 96))
         return pipe, cfg
@@ -99,7 +100,7 @@ def run(args, data: dict, json_path: Path | None) -> dict:
                 continue
             if pipe is None:
                 pipe, cfg = load_reasoner(Path(args.reasoner), args.checkpoint)
-                pipe.text_encoder.eval()
+                pipe.reasoner.eval()
             records: list[dict] = []
             with torch.no_grad():
                 tr.evaluate_phrasing(pipe, cfg, phrasing, args.sessions, args.turns, args.seed, record=records,
