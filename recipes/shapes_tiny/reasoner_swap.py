@@ -5,8 +5,10 @@ model's editor (with its own conditioning encoder) draws it.
         --family cu --sessions 200 --turns 3 --out docs/carried/v3reasoner_mode_cu3 [--phrasing unseen]
 
 The frozen reasoner of a shapes model is also its editor's conditioning encoder, so a retrained reasoner (its own
-tokenizer, its own image size) cannot replace it in the folder without retraining the editor. Its intents keep the
-grammar's format, though, which the editor was trained on: here the `--reasoner` (a `train_reasoner` run folder, asked
+tokenizer, its own image size) cannot replace it as the text encoder without retraining the editor; it can sit beside
+it as the pipeline's separate `reasoning_model` (`export --reasoning-model`). This script benches a reasoner run that
+way without exporting a folder: its intents keep the grammar's format, which the editor was trained on, and the
+`--reasoner` (a `train_reasoner` run folder, asked
 as it was trained: its template, image size and budget) writes the intent from the session so far (the user's
 instructions and the images the editor drew), and the `--model` pipeline draws it with `reasoning="none"` (the intent
 as the prompt, its encoder and call defaults), or restores an earlier state exactly when the intent names one.
