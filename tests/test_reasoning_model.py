@@ -18,6 +18,9 @@ from diffusers_editr2.testing import (
 )
 from editr2.session import Session
 
+# loaded (memory-mapped) vs in-memory reasoners compared: rerun under other CPU kernels by `make test-numerics`
+pytestmark = pytest.mark.numerics
+
 KWARGS = dict(TINY_CALL_KWARGS, output_type="np", max_new_tokens=6)
 PROMPT = "make the square red"
 
