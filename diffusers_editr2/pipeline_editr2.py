@@ -759,6 +759,12 @@ class EditR2Pipeline(DiffusionPipeline, QwenImageLoraLoaderMixin):
     # Reasoning (IC-CoT)
     # ------------------------------------------------------------------------------------------------------------------
 
+    @staticmethod
+    def reasoning_area(condition_area: int, reasoning_condition_area: int | None = None) -> int:
+        """Pixels of the image the [`reasoner`] sees: `reasoning_condition_area`, or `condition_area` when it is None
+        (the text encoder's view, which is also the reasoner's when the text encoder writes the intents)."""
+        return condition_area if reasoning_condition_area is None else reasoning_condition_area
+
     def condition_image(self, image: PIL.Image.Image, condition_area: int = CONDITION_IMAGE_SIZE) -> PIL.Image.Image:
         """`image` resized to `condition_area` pixels (aspect kept): what the VLM sees (upstream: 384^2)."""
         width, height = calculate_dimensions(condition_area, image.width / image.height)
@@ -1404,10 +1410,8 @@ class EditR2Pipeline(DiffusionPipeline, QwenImageLoraLoaderMixin):
 
         # 3. Reconstruct the operative intent (or take the instruction / the history as it is)
         if reasoning == "intent":
-            reasoning_area = condition_area if reasoning_condition_area is None else reasoning_condition_area
-            intent = self.reason(
-                session, prompt, max_new_tokens, temperature, template, reasoning_area, generator=generator
-            )
+            area = self.reasoning_area(condition_area, reasoning_condition_area)
+            intent = self.reason(session, prompt, max_new_tokens, temperature, template, area, generator=generator)
             text = intent.text
         else:
             text = history_prompt(session.instructions, prompt) if reasoning == "history" else prompt

@@ -287,7 +287,7 @@ def generate_answers_batched(pipe, requests: Sequence[tuple[Sequence[Any], str, 
     reasoner, tokenizer = pipe.reasoner, pipe.reasoner_processor.tokenizer
     device = pipe._execution_device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    area = args.condition_area if args.reasoning_condition_area is None else args.reasoning_condition_area
+    area = pipe.reasoning_area(args.condition_area, args.reasoning_condition_area)
     inputs = [[pipe.prepare_reasoning_inputs(s, instruction, args.reasoning_template, area)
                for s in sessions] for sessions, instruction, _ in requests]
     flat = [x for group in inputs for x in group]

@@ -199,7 +199,8 @@ def main(argv=None) -> int:
     reasoning = Path(args.reasoning_model) if args.reasoning_model else None
     if reasoning is not None:
         if not (reasoning / "text_encoder").is_dir():
-            raise SystemExit(f"--reasoning-model {reasoning}: no text_encoder/ there; pass a finished train_reasoner run.")
+            raise SystemExit(f"--reasoning-model {reasoning}: no text_encoder/ there; pass a finished train_reasoner "
+                             "run.")
         runs["reasoning_model"] = reasoning
     out = Path(args.out)
     pipe = assemble(runs["vae"], runs["reasoner"], runs["editor"], reasoning)

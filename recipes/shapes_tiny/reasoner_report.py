@@ -56,7 +56,7 @@ def load_reasoner(path: Path, checkpoint: str | None = None):
         pipe = EditR2Pipeline.from_pretrained(path, dtype=torch.float32)
         calls = read_call_defaults(path) or {}
         template = "short" if calls.get("template") == tr.SHORT_TEMPLATE else "default"
-        area = calls.get("reasoning_condition_area") or calls.get("condition_area") or 32 * 32
+        area = pipe.reasoning_area(calls.get("condition_area") or 32 * 32, calls.get("reasoning_condition_area"))
         side = int(round(area ** 0.5))
         cfg = tr.ReasonerConfig(template=template, condition_size=side,
                                 max_new_tokens=int(calls.get("max_new_tokens") or 96))

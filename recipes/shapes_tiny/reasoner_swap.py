@@ -8,9 +8,10 @@ The frozen reasoner of a shapes model is also its editor's conditioning encoder,
 tokenizer, its own image size) cannot replace it as the text encoder without retraining the editor; it can sit beside
 it as the pipeline's separate `reasoning_model` (`export --reasoning-model`). This script benches a reasoner run that
 way without exporting a folder: its intents keep the grammar's format, which the editor was trained on, and the
-`--reasoner` (a `train_reasoner` run folder, asked as it was trained: its template, image size and budget) writes the intent from the session so far (the user's
-instructions and the images the editor drew), and the `--model` pipeline draws it with `reasoning="none"` (the intent
-as the prompt, its encoder and call defaults), or restores an earlier state exactly when the intent names one.
+`--reasoner` (a `train_reasoner` run folder, asked as it was trained: its template, image size and budget) writes the
+intent from the session so far (the user's instructions and the images the editor drew), and the `--model` pipeline
+draws it with `reasoning="none"` (the intent as the prompt, its encoder and call defaults), or restores an earlier
+state exactly when the intent names one.
 Turn k is sampled with seed k, as `editr2 bench shapes` does, so runs pair with the model's own benches on the same
 sessions (`editr2 bench compare`). Output: `session_results.jsonl` (resumable), `results.json` and `intents.jsonl`.
 """
@@ -88,7 +89,7 @@ def main(argv=None) -> int:
     pipe.set_progress_bar_config(disable=True)
     calls = {k: v for k, v in (read_call_defaults(args.model) or {}).items() if k not in ("template", "max_new_tokens")}
     reasoner, cfg = load_reasoner(Path(args.reasoner))
-    reasoner.text_encoder.eval()
+    reasoner.reasoner.eval()
     editor = SwappedReasonerEditor(pipe, calls, reasoner, cfg)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

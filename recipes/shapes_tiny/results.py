@@ -7,13 +7,13 @@ Runs the results grid on held-out session seeds (training uses seeds >= 10,000,0
 `literal` and `oracle` editors and for the model in every `--modes` reasoning mode (`load_bench_editor`, the folder's
 call defaults). `--phrasings seen unseen` adds the same sessions typed in everyday words (the training phrasing
 families, and the families held out from every training path: `editr2.bench.shapes.language`) for the model's modes,
-reported in their own tables and side by side with the grammar in "Everyday wording". Every finished cell (family, turns, editor) is saved at once to `--json`; running the same command
-again skips the cells it holds, so an interrupted run continues. Then it writes the markdown (`--out`): a header
-(model, call defaults, command, dates, wall time per cell), one table per (family, turns), the turn-3 targets checked
-against the numbers, and a per-turn plot next to it (`<out stem>_per_turn.png`). `--from-json` rewrites both from the
-JSON alone, without the model. `--merge J1 J2 ...` first adds the cells of other runs of the same model and seeds
-(e.g. parts of the grid run as parallel processes, each with its own `--json`) to `--json`, and the page lists every
-command.
+reported in their own tables and side by side with the grammar in "Everyday wording". Every finished cell (family,
+turns, editor) is saved at once to `--json`; running the same command again skips the cells it holds, so an
+interrupted run continues. Then it writes the markdown (`--out`): a header (model, call defaults, command, dates,
+wall time per cell), one table per (family, turns), the turn-3 targets checked against the numbers, and a per-turn
+plot next to it (`<out stem>_per_turn.png`). `--from-json` rewrites both from the JSON alone, without the model.
+`--merge J1 J2 ...` first adds the cells of other runs of the same model and seeds (e.g. parts of the grid run as
+parallel processes, each with its own `--json`) to `--json`, and the page lists every command.
 """
 
 from __future__ import annotations
@@ -499,8 +499,7 @@ def merge_json(data: dict, paths, json_path: Path) -> dict:
         if twice:  # the same cell twice with the same scores (e.g. the symbolic editors of two runs) is kept once
             raise ValueError(f"--merge {path}: cells {twice} are in {json_path} too, with other scores; merge runs of "
                              "different cells.")
-        other = {**other, "cells": {k: v for k, v in other["cells"].items() if k not in data["cells"]}}
-        data["cells"].update(other["cells"])
+        data["cells"].update({k: v for k, v in other["cells"].items() if k not in data["cells"]})
         commands.append(other.get("command", "?"))
     data["commands"] = commands
     return data
