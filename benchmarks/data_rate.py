@@ -9,9 +9,9 @@ the GPU config's settings: `batch_text_encoding`, 64 px images, 32 px condition 
 - **batch path**: everything `make_batch` needs before the VAE and text encoder run: drawing the turns (session
   generation), rendering reference and target, the VAE's input pixels and the text encoder's inputs (processor).
   `pil` is `example_batch` with `render: pil`, in this process (`workers 0`) or in `--workers` forked data workers
-  (`common.step_batches`, as training runs them); `torch` is `render: torch`: the turns drawn and the text encoder's
-  inputs built (from a CPU torch render of the references) in this process or in the workers, then
-  `render_examples` renders the VAE's pixels on the device.
+  (`common.step_batches`, as training runs them); `torch` is `render: torch`: the turns drawn and the texts tokenized
+  in this process or in the workers, then `render_examples` renders the VAE's pixels and makes the text encoder's
+  condition view and image patches on the device (`editr2.tensor_processor`).
 - **render only**: reference + target pixels of already drawn turns: `render` + `VaeImageProcessor.preprocess` per
   scene (PIL) vs `torch_render.render_batch` on the CPU and on CUDA (synchronised).
 

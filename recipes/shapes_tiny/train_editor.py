@@ -23,6 +23,7 @@ import contextlib
 import json
 import math
 import random
+import weakref
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -108,10 +109,11 @@ class EditorConfig(common.TrainConfig):
             with): `editr2.bench.shapes.render` per scene in `example_batch` (so in the data workers). `"torch"`:
             the workers (or the training process) only draw the turns and turn them into index tensors; the
             reference and target images are rendered as one batch on the training device in `make_batch`
-            (`editr2.bench.shapes.torch_render`, the same pixels as `"pil"`). With `batch_text_encoding` the text
-            encoder's inputs are still built by the processor in the workers, which need the references' pixels:
-            those are rendered there with the torch renderer on the CPU (only the targets on the device); without
-            it, the per-example prompt encoding gets PIL images of the device render.
+            (`editr2.bench.shapes.torch_render`, the same pixels as `"pil"`). With `batch_text_encoding` the workers
+            tokenize the texts too, and the text encoder's condition view and image patches are made from the
+            device render by `editr2.tensor_processor.TensorPromptProcessor` (PIL's Lanczos resize, exactly, and
+            the processor's patches); without it, the per-example prompt encoding gets PIL images of the device
+            render.
     """
 
     vae_path: str = "runs/vae/vae"
@@ -604,44 +606,60 @@ def example_batch(pipe, cfg: EditorConfig, step: int) -> dict:
     return batch
 
 
+def prompt_processor(pipe, cfg: EditorConfig):
+    """The pipeline's processor as a `TensorPromptProcessor` for one-reference prompts at the condition view (cached
+    per processor)."""
+    from editr2.tensor_processor import TensorPromptProcessor
+
+    key = (cfg.condition_size, pipe.prompt_template_encode)
+    cache = _PROMPT_PROCESSORS.setdefault(pipe.processor, {})
+    if key not in cache:
+        side = cfg.condition_size
+        cache[key] = TensorPromptProcessor(pipe.processor, pipe.prompt_template_encode, image_prompt(1), (side, side))
+    return cache[key]
+
+
+_PROMPT_PROCESSORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def scene_batch(pipe, cfg: EditorConfig, turns) -> dict:
     """`render="torch"`: a batch's drawn turns as CPU tensors (`torch_render.scene_indices` of the references and
-    of the targets), which `make_batch` renders on the training device, and the texts. With `batch_text_encoding`
-    the processor needs the reference images here (so it runs in the data workers, not in the training process):
-    the references are rendered with the torch renderer on the CPU, passed on as uint8 `reference_uint8`
-    `(B, 3, H, W)` (not rendered again on the device) with the text encoder's inputs."""
-    from PIL import Image
-
-    from editr2.bench.shapes.torch_render import render_indices, scene_indices
+    of the targets), which `make_batch` renders on the training device, and the texts (with `batch_text_encoding`:
+    their token ids and mask, `(B, L)`)."""
+    from editr2.bench.shapes.torch_render import scene_indices
 
     batch = {"reference_scenes": scene_indices([ref for ref, _, _ in turns]),
-             "target_scenes": scene_indices([tgt for _, tgt, _ in turns]), "texts": [text for _, _, text in turns]}
+             "target_scenes": scene_indices([tgt for _, tgt, _ in turns])}
+    texts = [text for _, _, text in turns]
     if cfg.batch_text_encoding:
-        pixels = torch.round(render_indices(batch.pop("reference_scenes"), cfg.image_size) * 255.0).to(torch.uint8)
-        references = [Image.fromarray(a, "RGB") for a in pixels.permute(0, 2, 3, 1).numpy()]
-        batch["text_inputs"] = text_inputs(pipe, batch.pop("texts"), references, cfg.condition_size**2)
-        batch["reference_uint8"] = pixels
+        batch["input_ids"], batch["attention_mask"] = prompt_processor(pipe, cfg).input_ids(texts)
+    else:
+        batch["texts"] = texts
     return batch
 
 
 def render_examples(pipe, cfg: EditorConfig, ex: dict) -> dict:
-    """`render="torch"`: `scene_batch` output -> what `example_batch` gives with `render="pil"`, the VAE's pixels
-    rendered in one batch on the VAE's device (without `batch_text_encoding`, the PIL references for the per-example
-    prompt encoding are made from that render)."""
+    """`render="torch"`: `scene_batch` output -> what `example_batch` gives with `render="pil"`, everything per pixel
+    in one batch on the VAE's device: the references and targets rendered, the VAE's pixels, and (with
+    `batch_text_encoding`) the text encoder's inputs (condition view and patches by `prompt_processor`); without it,
+    the PIL references for the per-example prompt encoding are made from the render."""
     from PIL import Image
 
     from editr2.bench.shapes.torch_render import render_indices, to_uint8
 
     device, size = pipe.vae.device, cfg.image_size
-    if "reference_uint8" in ex:
-        reference = ex["reference_uint8"].to(device).float() / 255.0  # the values render_indices gives
-    else:
-        reference = render_indices(ex["reference_scenes"], size, device)  # (B, 3, H, W) in [0, 1]
+    reference = render_indices(ex["reference_scenes"], size, device)  # (B, 3, H, W) in [0, 1], on the uint8 levels
     target = render_indices(ex["target_scenes"], size, device)
     batch = {"reference_pixels": (reference * 2.0 - 1.0).unsqueeze(2),  # as VaeImageProcessor.preprocess
              "target_pixels": (target * 2.0 - 1.0).unsqueeze(2)}
-    if "text_inputs" in ex:
-        batch["text_inputs"] = ex["text_inputs"]
+    if "input_ids" in ex:
+        processor = prompt_processor(pipe, cfg)
+        reference_uint8 = torch.round(reference * 255.0).to(torch.uint8)
+        ids, mask = ex["input_ids"].to(device), ex["attention_mask"].to(device)
+        batch["text_inputs"] = {"input_ids": ids, "attention_mask": mask,
+                                "mm_token_type_ids": (ids == processor.image_token_id).to(torch.int64),
+                                "pixel_values": processor.pixel_values(reference_uint8),
+                                "image_grid_thw": processor.image_grid_thw(len(ids), device)}
     else:
         batch["references"] = [Image.fromarray(a, "RGB") for a in to_uint8(reference)]
         batch["texts"] = ex["texts"]
