@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from recipes.shapes_tiny import common
 from recipes.shapes_tiny.export import call_defaults
 
@@ -41,3 +43,18 @@ def test_a_separate_reasoner_sets_how_the_intent_is_asked(tmp_path):
     assert "template" not in kwargs  # the reasoner was trained on the default request, not the encoder's template
     (reasoner / "config.json").write_text(json.dumps({"condition_size": 64, "template": "short"}))
     assert call_defaults(encoder, reasoner)["template"].startswith("History:")
+
+
+def test_call_kwargs_override_is_checked_before_assembly(tmp_path):
+    """`export --call-kwargs`: call arguments a folder can carry are set; per-call ones and unknown names and non-JSON
+    stop the export before any stage is loaded (the stage folders here do not exist)."""
+    from recipes.shapes_tiny.export import main, override_call_kwargs
+
+    assert override_call_kwargs(None) == {}
+    assert override_call_kwargs('{"num_inference_steps": 8, "keep_unedited": 0.2}') == {"num_inference_steps": 8,
+                                                                                         "keep_unedited": 0.2}
+    for bad, match in (('{"reasoning": "none"}', "not call defaults"), ('{"num_steps": 8}', "num_steps"),
+                       ("[8]", "JSON object"), ("{8", "not JSON")):
+        with pytest.raises(SystemExit, match=match):
+            main(["--vae", str(tmp_path / "none"), "--call-kwargs", bad, "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()

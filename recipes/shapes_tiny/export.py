@@ -99,6 +99,32 @@ def call_defaults(reasoner_dir: Path, reasoning_dir: Path | None = None) -> dict
     return kwargs
 
 
+def override_call_kwargs(text: str | None) -> dict:
+    """`--call-kwargs` parsed and checked: a JSON object of `EditR2Pipeline.__call__` arguments (not the per-call
+    ones: prompt, images, session, reasoning, generator, latents, output_type, return_dict, callbacks)."""
+    import inspect
+
+    from diffusers_editr2 import EditR2Pipeline
+
+    if not text:
+        return {}
+    try:
+        kwargs = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise SystemExit(f"--call-kwargs is not JSON: {err}") from None
+    if not isinstance(kwargs, dict):
+        raise SystemExit(f"--call-kwargs must be a JSON object, got {type(kwargs).__name__}.")
+    per_call = {"prompt", "image", "session", "reasoning", "generator", "latents", "output_type", "return_dict",
+                "callback_on_step_end", "callback_on_step_end_tensor_inputs", "attention_kwargs", "negative_prompt",
+                "prompt_embeds", "prompt_embeds_mask", "negative_prompt_embeds", "negative_prompt_embeds_mask"}
+    allowed = set(inspect.signature(EditR2Pipeline.__call__).parameters) - {"self"} - per_call
+    unknown = sorted(set(kwargs) - allowed)
+    if unknown:
+        raise SystemExit(f"--call-kwargs: {unknown} are not call defaults a model folder can carry; pass some of "
+                         f"{sorted(allowed)}.")
+    return kwargs
+
+
 def reasoner_defaults(reasoner_dir: Path) -> dict:
     """How a reasoner asks: `condition_area`, `max_new_tokens` (never below the default) and, when it was trained on
     one, the request `template`; from a stage-2 run's `config.json`, or an exported folder's call defaults."""
@@ -185,6 +211,9 @@ def main(argv=None) -> int:
     parser.add_argument("--reasoning-model", default=None,
                         help="a separate reasoner (stage-2 run folder) that writes the intents; --reasoner's text "
                              "encoder then only encodes prompts")
+    parser.add_argument("--call-kwargs", default=None, metavar="JSON",
+                        help="call defaults to set or override in editr2_call_defaults.json, e.g. "
+                             "'{\"num_inference_steps\": 8}' (each must be an EditR2Pipeline.__call__ argument)")
     parser.add_argument("--out", default="checkpoints/editr2-shapes-tiny", help="the folder to write")
     parser.add_argument("--bench-sessions", type=int, default=0, help="bench sessions per family (0: no bench)")
     parser.add_argument("--bench-turns", type=int, default=3)
@@ -202,9 +231,11 @@ def main(argv=None) -> int:
             raise SystemExit(f"--reasoning-model {reasoning}: no text_encoder/ there; pass a finished train_reasoner "
                              "run.")
         runs["reasoning_model"] = reasoning
+    kwargs = call_defaults(runs["reasoner"], reasoning)
+    kwargs.update(override_call_kwargs(args.call_kwargs))  # checked before the (slow) assembly
     out = Path(args.out)
     pipe = assemble(runs["vae"], runs["reasoner"], runs["editor"], reasoning)
-    size = save(pipe, out, call_kwargs=call_defaults(runs["reasoner"], reasoning))
+    size = save(pipe, out, call_kwargs=kwargs)
     print(f"wrote {out} ({size / 2**20:.1f} MiB)")
     report = {"size_bytes": size, "stages": {}}
     for name, run in runs.items():
