@@ -57,6 +57,11 @@ COMPARISONS = (
                         "'{\"keep_unedited\": 0.2}'`: the current latent is copied back wherever a turn changed it "
                         "by at most 0.2 RMS per latent pixel, outside the changed region grown by one latent pixel) "
                         "vs the same model without it; the drift measures per turn are in each folder's results.json"),
+    ("v3default", "steps8", "the same model (the default with reasoner v3) called with 8 denoising steps per turn "
+                            "instead of its 16 (`--steps 8`)"),
+    ("v3default", "steps4", "the same model called with 4 denoising steps per turn instead of 16 (`--steps 4`)"),
+    ("steps4", "steps2", "the same model called with 2 denoising steps per turn instead of 4: where fewer steps "
+                         "stop paying"),
     ("none_carried", "shipped", "the shipped model vs a `none` baseline fine-tuned with the carried pool "
                                 "(configs/editor_carried_none.yaml as is): the recipe that hurt the intent editor "
                                 "hurts this one too"),
