@@ -765,6 +765,26 @@ class EditR2Pipeline(DiffusionPipeline, QwenImageLoraLoaderMixin):
         (the text encoder's view, which is also the reasoner's when the text encoder writes the intents)."""
         return condition_area if reasoning_condition_area is None else reasoning_condition_area
 
+    def keep_unedited(self, latents: torch.Tensor, image_latents: torch.Tensor, height: int, width: int,
+                      threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """`__call__`'s `keep_unedited`: copy the current image's latent back wherever the sampled `latents` changed it
+        by at most `threshold` (`editr2.unedited.keep_unedited`, one latent pixel of growth around the edit).
+
+        Args:
+            latents (`torch.Tensor`): `(B, N, C)` sampled packed latents at `height x width` pixels.
+            image_latents (`torch.Tensor`): `(1 or B, N_ref, C)` the turn's reference latents; the current image comes
+                first and must be at the output's size (`reference_area=None`).
+            threshold (`float`): RMS change per latent pixel (normalised latent units); 0.2 is the shipped default's.
+
+        Returns:
+            `(latents, edited)`: the latents with the current image kept outside the edit, and the edited region
+            `(B, h, w)` bool.
+        """
+        multiple_of = self.vae_scale_factor * 2
+        current = image_latents[:, : latents.shape[1]]  # (1 or B, N, C)
+        return keep_unedited_latents(latents, current, 2 * (height // multiple_of), 2 * (width // multiple_of),
+                                     threshold)
+
     def condition_image(self, image: PIL.Image.Image, condition_area: int = CONDITION_IMAGE_SIZE) -> PIL.Image.Image:
         """`image` resized to `condition_area` pixels (aspect kept): what the VLM sees (upstream: 384^2)."""
         width, height = calculate_dimensions(condition_area, image.width / image.height)
@@ -1497,10 +1517,7 @@ class EditR2Pipeline(DiffusionPipeline, QwenImageLoraLoaderMixin):
         self._current_timestep = None
         meta = {"reasoning": reasoning, "num_inference_steps": num_inference_steps, "conditioning": text}
         if keep_unedited is not None:  # the current image is the first reference, at the working size (checked)
-            multiple_of = self.vae_scale_factor * 2
-            current = conditioning.image_latents[:, : latents.shape[1]]  # (1, N, C)
-            latents, edited = keep_unedited_latents(latents, current, 2 * (height // multiple_of),
-                                                    2 * (width // multiple_of), keep_unedited)
+            latents, edited = self.keep_unedited(latents, conditioning.image_latents, height, width, keep_unedited)
             meta["edited_fraction"] = float(edited.float().mean())
         timings["denoise"] = _sync(device) - start - timings["reasoning"] - timings["encode"]
         check_finite_latents(latents, conditioning.session.num_turns + 1)

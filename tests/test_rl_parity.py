@@ -129,6 +129,27 @@ def test_sde_with_zero_noise_reproduces_the_pipeline_ode(tmp_path):
         torch.testing.assert_close(turn.final_latents, expected.expand_as(turn.final_latents), atol=1e-5, rtol=0)
 
 
+def test_keep_unedited_in_the_rollout_is_the_pipelines(tmp_path):
+    """`keep_unedited` in the RL config: the rewarded, carried latent is what `__call__(keep_unedited=...)` gives (the
+    ODE rollout again, so both sample the same latent before the copy); the sampled log-probs are not touched."""
+    trainer = tiny_trainer(tmp_path, noise_level=0.0, reasoning="none", train_reasoning=False, num_turns=1,
+                           reference_area=None)
+    record = tiny_dataset(num_turns=1)[0]
+    pipe, size = trainer.pipeline, TINY_IMAGE_SIZE
+    channels = pipe.transformer.config.in_channels // 4
+    for threshold in (0.5, 1e6):  # a mix of kept and sampled latent pixels; everything kept
+        trainer.args.keep_unedited = threshold
+        turn = rollout_session(trainer.policy, record, trainer.args, seed=7).turns[0]
+        noise = pipe.prepare_latents(1, channels, size, size, torch.float32, "cpu", seeded_generator(7, 0, "noise"))
+        expected = pipe(image=record["source_image"], prompt=record["instruction"][0], reasoning="none", latents=noise,
+                        num_inference_steps=trainer.args.num_inference_steps, height=size, width=size,
+                        reference_area=None, condition_area=size * size, output_type="latent",
+                        keep_unedited=threshold).images  # (1, N, C)
+        torch.testing.assert_close(turn.final_latents, expected.expand_as(turn.final_latents), atol=1e-5, rtol=0)
+    source = turn.conditioning.image_latents[:1, : turn.final_latents.shape[1]]
+    torch.testing.assert_close(turn.final_latents, source.expand_as(turn.final_latents))  # nothing changed enough
+
+
 def test_adapter_off_reference_equals_the_base_model(trainer, turn):
     from diffusers_editr2.testing import tiny_pipeline
 

@@ -166,7 +166,12 @@ def test_shipped_config_has_the_recipes_settings():
     assert config.per_device_train_batch_size >= 8 and config.num_generations == 6 and config.num_turns == 3
     assert config.global_std and config.batch_sessions and config.group_key == "session"
     assert (config.clip_range_image, config.clip_range_text, config.beta, config.noise_level) == (1e-5, 1e-5, 0.01, 1.3)
-    assert (config.sde_window_size, list(config.sde_window_range)) == (2, [0, 7])
+    # the model's own sampler (its call default steps), trained on a window of 2 of the high-noise first steps
+    defaults = json.loads((REPO / "checkpoints" / "editr2-shapes-tiny" / "editr2_call_defaults.json").read_text())
+    assert config.num_inference_steps == defaults["num_inference_steps"]
+    assert config.keep_unedited == defaults.get("keep_unedited") and config.reference_area is None
+    assert config.sde_window_size == 2 and config.sde_window_range[0] == 0
+    assert config.sde_window_size < config.sde_window_range[1] < config.num_inference_steps
     assert config.train_reasoning and config.lora_r > 0 and config.text_lora_r > 0
     assert config.save_steps <= 10 and script_args.shapes_num_sessions >= config.max_steps * 8
 

@@ -275,10 +275,12 @@ def test_shipped_checkpoint_is_small_and_loads(shipped):
     assert export.folder_bytes(CHECKPOINT) <= export.MAX_BYTES
     assert (CHECKPOINT / "README.md").exists()
     short = train_reasoner.request_template(train_reasoner.ReasonerConfig(template="short"))
-    # the separate reasoner (reasoner_v3: 64 x 64 images, 112-token answers) writes the intents; the text encoder
-    # encodes them at 32 x 32 as the editor was trained
+    # the separate reasoner (reasoner_v4: 64 x 64 images, 112-token answers) writes the intents; the text encoder
+    # encodes them at 32 x 32 as the editor was trained; 4 denoising steps and keep_unedited 0.2 (measured best:
+    # docs/results_carried.md)
     assert json.loads((CHECKPOINT / export.CALL_DEFAULTS_FILE).read_text()) == {
-        **common.CALL_KWARGS, "template": short, "max_new_tokens": 112, "reasoning_condition_area": 64 * 64}
+        **common.CALL_KWARGS, "template": short, "max_new_tokens": 112, "reasoning_condition_area": 64 * 64,
+        "num_inference_steps": 4, "keep_unedited": 0.2}
     assert shipped.reasoner is shipped.reasoning_model and shipped.reasoning_model is not shipped.text_encoder
     export.check_prompt_template(shipped)
     assert shipped.vae_scale_factor == 4 and shipped.transformer.config.in_channels == 4 * shipped.latent_channels

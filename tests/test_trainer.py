@@ -55,6 +55,9 @@ def test_config_defaults_are_the_papers(tmp_path):
         ({"resolution": 500}, "multiple of 16"),
         ({"reasoning_temperature": 0.0}, "reasoning_temperature must be > 0"),
         ({"reasoning_template": "History: {history}"}, "reasoning_template must contain {instruction}"),
+        ({"keep_unedited": -1.0, "reference_area": None}, "keep_unedited must be a finite change"),
+        ({"keep_unedited": float("nan"), "reference_area": None}, "keep_unedited must be a finite change"),
+        ({"keep_unedited": 0.2}, "reference_area=None"),
     ],
 )
 def test_config_rejects_bad_values_with_a_clear_error(tmp_path, overrides, message):

@@ -8,6 +8,7 @@ not BAGEL's) say so.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
@@ -90,6 +91,11 @@ class EditR2Config(TrainingArguments):
         reasoning_condition_area (`int` or `None`, *optional*, defaults to `None`):
             Pixels of the image shown to the reasoner when it writes the intent (the pipeline's
             `reasoning_condition_area`, e.g. a separate reasoning model's training size). `None`: `condition_area`.
+        keep_unedited (`float` or `None`, *optional*, defaults to `None`):
+            The pipeline's `keep_unedited`: after sampling, each rollout's latent takes the current image's back
+            wherever it changed by at most this much (RMS per latent pixel), so the rewarded image and the next turn's
+            source are what inference with the same setting gives. The SDE log-probs are those of the sampled steps,
+            unchanged. Needs `reference_area=None`. `None`: off.
 
         > Parameters that control the reasoning (IC-CoT)
 
@@ -239,6 +245,10 @@ class EditR2Config(TrainingArguments):
     reasoning_condition_area: int | None = field(
         default=None, metadata={"help": "Pixels of the image the reasoner sees (None: condition_area)."}
     )
+    keep_unedited: float | None = field(
+        default=None,
+        metadata={"help": "Keep the current image's latent where a rollout changed it by at most this (None: off)."},
+    )
 
     # --- Reasoning ---
     reasoning: str = field(
@@ -342,6 +352,11 @@ class EditR2Config(TrainingArguments):
              f"num_inference_steps={self.num_inference_steps}: lower sde_window_range's hi to at most "
              f"{self.num_inference_steps - self.sde_window_size + 1}.")
         need(self.noise_level >= 0, f"noise_level must be >= 0, got {self.noise_level}.")
+        need(self.keep_unedited is None or (math.isfinite(self.keep_unedited) and self.keep_unedited >= 0),
+             f"keep_unedited must be a finite change >= 0 or None (off), got {self.keep_unedited}.")
+        need(self.keep_unedited is None or self.reference_area is None,
+             "keep_unedited copies the current image's latent back, which needs it at the output's size: pass "
+             "reference_area=None (the source encoded at the working size).")
         need(self.true_cfg_scale >= 1.0, f"true_cfg_scale must be >= 1 (1 disables CFG), got {self.true_cfg_scale}.")
         need(self.resolution is None or (self.resolution > 0 and self.resolution % 16 == 0),
              f"resolution must be a positive multiple of 16 (VAE x patch size) or None, got {self.resolution}.")

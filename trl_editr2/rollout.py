@@ -375,6 +375,7 @@ class _TurnPlan:
     window: tuple[int, ...]
     sde_generator: torch.Generator
     timings: dict[str, float]
+    keep_unedited: float | None = None
     out: Any = None
 
 
@@ -436,7 +437,8 @@ def _plan_turn(policy, sessions: list, instruction: str, turn: int, args, seed_k
         generator=seeded_generator(*seed_keys, turn, "window"),
     )
     return _TurnPlan(sessions, instruction, turn, intents, text, reasoned, conditionings, conditioning, latents,
-                     timesteps, sigmas, window, seeded_generator(*seed_keys, turn, "sde"), timings)
+                     timesteps, sigmas, window, seeded_generator(*seed_keys, turn, "sde"), timings,
+                     getattr(args, "keep_unedited", None))
 
 
 def _batch_key(plan: _TurnPlan) -> tuple:
@@ -545,6 +547,9 @@ def _finish_turn(policy, plan: _TurnPlan) -> tuple[TurnRollout, list]:
     out, conditioning, conditionings, intents = plan.out, plan.conditioning, plan.conditionings, plan.intents
     sigmas, timesteps, instruction = plan.sigmas, plan.timesteps, plan.instruction
     # (a rollout whose intent names an earlier state continues from that state exactly, not from its sample)
+    if plan.keep_unedited is not None:  # as inference with the same setting; the log-probs stay the sampled ones
+        out.latents, _ = pipe.keep_unedited(out.latents, conditioning.image_latents, conditioning.height,
+                                            conditioning.width, plan.keep_unedited)  # (G, N, C)
     decoded = pipe.decode_latents(out.latents, conditioning.height, conditioning.width)  # (G, 3, H, W)
     restored = [intent.restore is not None for intent in intents]
     new_sessions = [
