@@ -187,3 +187,21 @@ def test_gpu_script_runs_every_arm_and_seed_then_the_page():
     assert {(line.split("--arm ")[1].split()[0], line.split("--seed ")[1].split()[0]) for line in runs} == {
         (arm, seed) for arm in rl_runs.ARMS for seed in "012"}
     assert "recipes.shapes_tiny.rl_page" in out[-1]
+
+
+def test_cpu_script_runs_every_arm_and_seed_in_lanes_then_the_page():
+    import subprocess
+
+    script = REPO / "recipes" / "shapes_tiny" / "rl_cpu.sh"
+    out = subprocess.run(["bash", str(script)], env={"DRY_RUN": "1", "PATH": "/usr/bin:/bin"}, capture_output=True,
+                         text=True, check=True).stdout.splitlines()
+    runs = [line for line in out if "recipes.shapes_tiny.rl_runs" in line]
+    assert len(runs) == 9 and all("--device cpu" in line and "--threads 1" in line for line in runs)
+    assert {(line.split("--arm ")[1].split()[0], line.split("--seed ")[1].split()[0]) for line in runs} == {
+        (arm, seed) for arm in rl_runs.ARMS for seed in "012"}
+    assert "recipes.shapes_tiny.rl_page" in out[-1]  # after both lanes
+    one = subprocess.run(["bash", str(script)], env={"DRY_RUN": "1", "PATH": "/usr/bin:/bin", "JOBS": "1"},
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    order = [(line.split("--arm ")[1].split()[0], line.split("--seed ")[1].split()[0]) for line in one
+             if "recipes.shapes_tiny.rl_runs" in line]
+    assert order[:2] == [("rl", "0"), ("rl_nofilter", "0")] and order[-3:] == [("sft", s) for s in "012"]
