@@ -176,32 +176,29 @@ def test_shipped_config_has_the_recipes_settings():
     assert config.save_steps <= 10 and script_args.shapes_num_sessions >= config.max_steps * 8
 
 
-def test_gpu_script_runs_every_arm_and_seed_then_the_page():
+def _dry_run(script: str, **env) -> tuple[list[str], list[tuple[str, str]], list[str]]:
+    """`DRY_RUN=1 bash recipes/shapes_tiny/SCRIPT`: its printed commands, the (arm, seed) of each rl_runs command in
+    order, and those commands."""
     import subprocess
 
-    script = REPO / "recipes" / "shapes_tiny" / "rl_gpu.sh"
-    out = subprocess.run(["bash", str(script)], env={"DRY_RUN": "1", "PATH": "/usr/bin:/bin"}, capture_output=True,
-                         text=True, check=True).stdout.splitlines()
+    out = subprocess.run(["bash", str(REPO / "recipes" / "shapes_tiny" / script)],
+                         env={"DRY_RUN": "1", "PATH": "/usr/bin:/bin", **env}, capture_output=True, text=True,
+                         check=True).stdout.splitlines()
     runs = [line for line in out if "recipes.shapes_tiny.rl_runs" in line]
+    return out, [(line.split("--arm ")[1].split()[0], line.split("--seed ")[1].split()[0]) for line in runs], runs
+
+
+def test_gpu_script_runs_every_arm_and_seed_then_the_page():
+    out, order, runs = _dry_run("rl_gpu.sh")
     assert len(runs) == 9 and all("--device cuda" in line and "--turns 3,6" in line for line in runs)
-    assert {(line.split("--arm ")[1].split()[0], line.split("--seed ")[1].split()[0]) for line in runs} == {
-        (arm, seed) for arm in rl_runs.ARMS for seed in "012"}
+    assert set(order) == {(arm, seed) for arm in rl_runs.ARMS for seed in "012"}
     assert "recipes.shapes_tiny.rl_page" in out[-1]
 
 
 def test_cpu_script_runs_every_arm_and_seed_in_lanes_then_the_page():
-    import subprocess
-
-    script = REPO / "recipes" / "shapes_tiny" / "rl_cpu.sh"
-    out = subprocess.run(["bash", str(script)], env={"DRY_RUN": "1", "PATH": "/usr/bin:/bin"}, capture_output=True,
-                         text=True, check=True).stdout.splitlines()
-    runs = [line for line in out if "recipes.shapes_tiny.rl_runs" in line]
+    out, order, runs = _dry_run("rl_cpu.sh")
     assert len(runs) == 9 and all("--device cpu" in line and "--threads 1" in line for line in runs)
-    assert {(line.split("--arm ")[1].split()[0], line.split("--seed ")[1].split()[0]) for line in runs} == {
-        (arm, seed) for arm in rl_runs.ARMS for seed in "012"}
+    assert set(order) == {(arm, seed) for arm in rl_runs.ARMS for seed in "012"}
     assert "recipes.shapes_tiny.rl_page" in out[-1]  # after both lanes
-    one = subprocess.run(["bash", str(script)], env={"DRY_RUN": "1", "PATH": "/usr/bin:/bin", "JOBS": "1"},
-                         capture_output=True, text=True, check=True).stdout.splitlines()
-    order = [(line.split("--arm ")[1].split()[0], line.split("--seed ")[1].split()[0]) for line in one
-             if "recipes.shapes_tiny.rl_runs" in line]
+    _, order, _ = _dry_run("rl_cpu.sh", JOBS="1")
     assert order[:2] == [("rl", "0"), ("rl_nofilter", "0")] and order[-3:] == [("sft", s) for s in "012"]

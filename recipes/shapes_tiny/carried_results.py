@@ -62,6 +62,16 @@ COMPARISONS = (
     ("v3default", "steps4", "the same model called with 4 denoising steps per turn instead of 16 (`--steps 4`)"),
     ("steps4", "steps2", "the same model called with 2 denoising steps per turn instead of 4: where fewer steps "
                          "stop paying"),
+    ("v3default", "v4default", "the default as shipped now (reasoner v4, trained on sessions of up to 16 turns, as its "
+                               "reasoning model; 4 denoising steps and keep_unedited 0.2 in its call defaults; text "
+                               "encoder, editor and VAE unchanged) vs the default before it (reasoner v3, 16 steps)"),
+    ("steps4", "v4default", "the default as shipped now vs the default before it called with the same 4 denoising "
+                            "steps: what reasoner v4 and keep_unedited add"),
+    ("none4", "v4default", "the default as shipped now (reasoner v4's intents) vs the trained `none` baseline "
+                           "(checkpoints/editr2-shapes-tiny-none-lora, --reasoning none) over the same folder, so with "
+                           "the same call defaults (4 steps, keep_unedited 0.2)"),
+    ("history4", "v4default", "the default as shipped now vs the trained `history` baseline "
+                              "(checkpoints/editr2-shapes-tiny-history-lora, --reasoning history) over the same folder"),
     ("none_carried", "shipped", "the shipped model vs a `none` baseline fine-tuned with the carried pool "
                                 "(configs/editor_carried_none.yaml as is): the recipe that hurt the intent editor "
                                 "hurts this one too"),
