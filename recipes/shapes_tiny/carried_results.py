@@ -67,6 +67,9 @@ COMPARISONS = (
                                "encoder, editor and VAE unchanged) vs the default before it (reasoner v3, 16 steps)"),
     ("steps4", "v4default", "the default as shipped now vs the default before it called with the same 4 denoising "
                             "steps: what reasoner v4 and keep_unedited add"),
+    ("v4nokeep", "v4default", "keep_unedited 0.2 in the call defaults vs the same model and steps without it (the "
+                              "current latent copied back where a turn changed it by at most 0.2 RMS per latent "
+                              "pixel, outside the changed region grown by one latent pixel)"),
     ("none4", "v4default", "the default as shipped now (reasoner v4's intents) vs the trained `none` baseline "
                            "(checkpoints/editr2-shapes-tiny-none-lora, --reasoning none) over the same folder, so with "
                            "the same call defaults (4 steps, keep_unedited 0.2)"),
