@@ -67,6 +67,8 @@ COMPARISONS = (
                                "encoder, editor and VAE unchanged) vs the default before it (reasoner v3, 16 steps)"),
     ("steps4", "v4default", "the default as shipped now vs the default before it called with the same 4 denoising "
                             "steps: what reasoner v4 and keep_unedited add"),
+    ("steps4", "v4nokeep", "reasoner v4 vs reasoner v3 writing the intents, both at 4 denoising steps and without "
+                           "keep_unedited (the same text encoder, editor and VAE): what the reasoner alone adds"),
     ("v4nokeep", "v4default", "keep_unedited 0.2 in the call defaults vs the same model and steps without it (the "
                               "current latent copied back where a turn changed it by at most 0.2 RMS per latent "
                               "pixel, outside the changed region grown by one latent pixel)"),
