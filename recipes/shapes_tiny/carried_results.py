@@ -72,6 +72,9 @@ COMPARISONS = (
     ("v4nokeep", "v4default", "keep_unedited 0.2 in the call defaults vs the same model and steps without it (the "
                               "current latent copied back where a turn changed it by at most 0.2 RMS per latent "
                               "pixel, outside the changed region grown by one latent pixel)"),
+    ("default", "v4editor", "the editor alone from gold intents with the call defaults shipped now (4 denoising steps, "
+                            "keep_unedited 0.2) vs the same editor with the previous ones (16 steps, no keep_unedited); "
+                            "the editor, VAE and text encoder are the same files"),
     ("none4", "v4default", "the default as shipped now (reasoner v4's intents) vs the trained `none` baseline "
                            "(checkpoints/editr2-shapes-tiny-none-lora, --reasoning none) over the same folder, so with "
                            "the same call defaults (4 steps, keep_unedited 0.2)"),
