@@ -45,13 +45,13 @@ COMPARISONS = (
                               "phrasing, the image at 64 x 64) writes each turn's intent and the default model's "
                               "editor, with its own encoder, draws it (`python -m recipes.shapes_tiny.reasoner_swap`) "
                               "vs the default model with its own reasoner"),
-    ("default", "v3default", "the default as shipped now (reasoner v3 as its separate reasoning model, "
+    ("default", "v3default", "the default with reasoner v3 (shipped at 2865141) as its separate reasoning model ("
                              "`reasoning_model/`, shown the image at 64 x 64; text encoder, editor and VAE unchanged; "
                              "recipes/shapes_tiny/README.md) vs the default before it (its text encoder wrote the "
                              "intents); each folder's command.txt says how it was made"),
-    ("none", "v3default", "the default as shipped now (reasoner v3's intents) vs the trained `none` baseline "
+    ("none", "v3default", "the default with reasoner v3 (its intents; at 2865141) vs the trained `none` baseline "
                           "(checkpoints/editr2-shapes-tiny-none-lora, --reasoning none; it never runs the reasoner)"),
-    ("history", "v3default", "the default as shipped now (reasoner v3's intents) vs the trained `history` baseline "
+    ("history", "v3default", "the default with reasoner v3 (its intents; at 2865141) vs the trained `history` baseline "
                              "(checkpoints/editr2-shapes-tiny-history-lora, --reasoning history)"),
     ("default", "keep", "the default model called with `keep_unedited=0.2` (`--pipeline-kwargs "
                         "'{\"keep_unedited\": 0.2}'`: the current latent is copied back wherever a turn changed it "
