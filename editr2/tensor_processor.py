@@ -167,6 +167,9 @@ class TensorPromptProcessor:
 
     def pixel_values(self, images: torch.Tensor) -> torch.Tensor:
         """`(B, 3, H, W)` uint8 -> the processor's `pixel_values` `(B * gh * gw, 3 * T * p * p)` float32."""
+        if images.ndim != 4 or images.shape[1] != self.mean.shape[1]:
+            raise ValueError(f"pixel_values takes (B, {self.mean.shape[1]}, H, W) RGB images, got "
+                             f"{tuple(images.shape)}.")
         view = pil_resize(images, self.height, self.width, self.resample).float()
         view = (view * self.rescale - self.mean.to(view.device)) / self.std.to(view.device)
         return patchify(view, self.patch_size, self.merge_size, self.temporal_patch_size)

@@ -115,6 +115,8 @@ def test_prompt_processor_refuses_what_it_cannot_reproduce(shipped):
     tp = TensorPromptProcessor(processor, template, IMAGE_PROMPT, (32, 32))
     with pytest.raises(ValueError, match="2 texts need"):
         tp(["a", "b"], torch.zeros(3, 3, 64, 64, dtype=torch.uint8))
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\) RGB images"):
+        tp(["a"], torch.zeros(1, 4, 64, 64, dtype=torch.uint8))  # RGBA: convert first
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
