@@ -190,3 +190,23 @@ def test_a_run_starts_from_another_runs_checkpoint_at_another_image_size(tmp_pat
         train_reasoner.build(dataclasses.replace(follow, init_from=str(tmp_path / "base")), tmp_path / "other2")
     with pytest.raises(ValueError, match="pass one"):
         train_reasoner.ReasonerConfig(**MICRO, init_from=str(checkpoint), base_run=str(tmp_path / "base"))
+
+
+@pytest.mark.slow
+def test_cu_fraction_sets_the_family_mix_and_half_keeps_the_earlier_draw():
+    import random
+
+    with pytest.raises(ValueError, match="cu_fraction"):
+        train_reasoner.ReasonerConfig(cu_fraction=1.2)
+    half = train_reasoner.ReasonerConfig(phrasing="seen", grammar_fraction=0.2, max_turns=4)
+    draws = [train_reasoner.draw_example(random.Random(7), half)[0] for _ in range(3)]
+    rng = random.Random(7)  # 0.5 draws the family with rng.choice, as the shipped runs did
+    assert draws[0].family == rng.choice(("cm", "cu"))
+    cu = train_reasoner.ReasonerConfig(phrasing="seen", grammar_fraction=0.2, max_turns=4, cu_fraction=0.75)
+    rng = random.Random(0)
+    families = [train_reasoner.draw_example(rng, cu)[0].family for _ in range(200)]
+    assert 0.65 < families.count("cu") / 200 < 0.85
+    v5 = common.parse_args(train_reasoner.ReasonerConfig, "reasoner_short.yaml",
+                           ["--config", str(CONFIGS / "reasoner_v5.yaml"), "--run_dir", "unused"])[0]
+    assert (v5.cu_fraction, v5.max_turns, v5.condition_size) == (0.75, 16, 64)
+    assert v5.init_from.startswith("runs/reasoner_v4/")

@@ -68,6 +68,8 @@ class ReasonerConfig(common.TrainConfig):
             every evaluation reports the grammar, "seen" and "unseen" (held-out) phrasing side by side.
         grammar_fraction: with `phrasing: seen`, the fraction of examples still drawn in the fixed grammar (so its
             wording, which the bench and the editor's data use, is not forgotten).
+        cu_fraction: the fraction of training sessions drawn from the cu family (back-references and undos: where
+            reasoner v4 fails most); the rest are cm. 0.5 draws the family as the earlier runs did (bit for bit).
         answer_logits: compute the language-model head and the loss only at the positions whose next token is
             trained (the answer), instead of the model's own `loss` over every position (the same loss up to float
             rounding; on the CPU the head over the 2048-token vocabulary at the ~180 prompt and padding positions
@@ -110,6 +112,7 @@ class ReasonerConfig(common.TrainConfig):
     final_sessions: int = 0
     phrasing: str = "grammar"
     grammar_fraction: float = 0.0
+    cu_fraction: float = 0.5
     answer_logits: bool = False
     length_buckets: int = 1
 
@@ -130,6 +133,8 @@ class ReasonerConfig(common.TrainConfig):
             raise ValueError(f"length_buckets={self.length_buckets} needs answer_logits: true (or pass 1).")
         if not 0.0 <= self.grammar_fraction <= 1.0:
             raise ValueError(f"grammar_fraction={self.grammar_fraction}: pass a fraction in [0, 1].")
+        if not 0.0 <= self.cu_fraction <= 1.0:
+            raise ValueError(f"cu_fraction={self.cu_fraction}: pass a fraction in [0, 1].")
         if self.init_from and self.base_run:
             raise ValueError("init_from and base_run are both set: pass one (init_from starts a full SFT from a "
                              "checkpoint; base_run trains a LoRA on a frozen finished run).")
@@ -222,7 +227,10 @@ def draw_example(rng: random.Random, cfg: ReasonerConfig, max_history: int | Non
 
     if cfg.phrasing not in TRAIN_PHRASINGS:  # a config edited after construction
         raise ValueError(f"phrasing={cfg.phrasing!r}: pass one of {TRAIN_PHRASINGS}.")
-    family = rng.choice(("cm", "cu"))
+    if cfg.cu_fraction == 0.5:  # the earlier runs' draw, kept so they reproduce
+        family = rng.choice(("cm", "cu"))
+    else:
+        family = "cu" if rng.random() < cfg.cu_fraction else "cm"
     num_turns = rng.randint(1, cfg.max_turns)
     seed = common.TRAIN_SEED_OFFSET + rng.randrange(10**9)
     phrasing = cfg.phrasing
