@@ -32,9 +32,9 @@ import torch
 PRECISION_BITS = 32 - 8 - 2  # PIL's fixed point for 8-bit resampling (libImaging/Resample.c)
 
 _FILTERS = {  # PIL resample id -> (support, filter)
-    1: (3.0, lambda x: _lanczos(x)),  # LANCZOS
+    1: (3.0, lambda x: _lanczos(x)),  # LANCZOS (defined below)
     2: (1.0, lambda x: max(0.0, 1.0 - abs(x))),  # BILINEAR
-    3: (2.0, lambda x: _bicubic(x)),  # BICUBIC
+    3: (2.0, lambda x: _bicubic(x)),  # BICUBIC (defined below)
 }
 
 
@@ -180,22 +180,24 @@ class TensorPromptProcessor:
         head = self.before + [self.image_token_id] * self.num_image_tokens + self.after
         rows = [head + ids + self.suffix for ids in texts_ids]
         lengths = np.array([len(r) for r in rows])
-        ids = np.full((len(rows), lengths.max()), self.pad_id, dtype=np.int64)
-        ids[np.arange(lengths.max()) < lengths[:, None]] = np.concatenate(rows)  # row-major: each row's tokens in order
-        mask = (np.arange(lengths.max()) < lengths[:, None]).astype(np.int64)
-        ids, mask = torch.from_numpy(ids), torch.from_numpy(mask)
-        return ids.to(device), mask.to(device)
+        valid = np.arange(lengths.max()) < lengths[:, None]  # (B, L)
+        ids = np.full(valid.shape, self.pad_id, dtype=np.int64)
+        ids[valid] = np.concatenate(rows)  # row-major: each row's tokens in order
+        return torch.from_numpy(ids).to(device), torch.from_numpy(valid.astype(np.int64)).to(device)
 
     def __call__(self, texts: Sequence[str], images: torch.Tensor) -> dict:
         """The processor's batch for `texts` and one image each: `input_ids`, `attention_mask`, `mm_token_type_ids`
         (1 on image tokens), `pixel_values`, `image_grid_thw`, on the images' device."""
         if images.ndim != 4 or images.shape[0] != len(texts):
             raise ValueError(f"{len(texts)} texts need (B={len(texts)}, 3, H, W) images, got {tuple(images.shape)}.")
-        ids, mask = self.input_ids(texts, images.device)
-        return {"input_ids": ids, "attention_mask": mask,
-                "mm_token_type_ids": (ids == self.image_token_id).to(torch.int64),
+        return self.batch(*self.input_ids(texts, images.device), images)
+
+    def batch(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, images: torch.Tensor) -> dict:
+        """`__call__` from already tokenized prompts (`input_ids`, e.g. made in data workers) and their images."""
+        return {"input_ids": input_ids, "attention_mask": attention_mask,
+                "mm_token_type_ids": (input_ids == self.image_token_id).to(torch.int64),
                 "pixel_values": self.pixel_values(images),
-                "image_grid_thw": self.image_grid_thw(len(texts), images.device)}
+                "image_grid_thw": self.image_grid_thw(len(input_ids), images.device)}
 
     def image_grid_thw(self, batch_size: int, device=None) -> torch.Tensor:
         """`(B, 3)` int64: one frame of `(H / p) x (W / p)` patches per image."""

@@ -546,10 +546,10 @@ def _finish_turn(policy, plan: _TurnPlan) -> tuple[TurnRollout, list]:
     start = _now(device)
     out, conditioning, conditionings, intents = plan.out, plan.conditioning, plan.conditionings, plan.intents
     sigmas, timesteps, instruction = plan.sigmas, plan.timesteps, plan.instruction
-    # (a rollout whose intent names an earlier state continues from that state exactly, not from its sample)
     if plan.keep_unedited is not None:  # as inference with the same setting; the log-probs stay the sampled ones
         out.latents, _ = pipe.keep_unedited(out.latents, conditioning.image_latents, conditioning.height,
                                             conditioning.width, plan.keep_unedited)  # (G, N, C)
+    # (a rollout whose intent names an earlier state continues from that state exactly, not from its sample)
     decoded = pipe.decode_latents(out.latents, conditioning.height, conditioning.width)  # (G, 3, H, W)
     restored = [intent.restore is not None for intent in intents]
     new_sessions = [

@@ -115,8 +115,7 @@ def override_call_kwargs(text: str | None) -> dict:
     if not isinstance(kwargs, dict):
         raise SystemExit(f"--call-kwargs must be a JSON object, got {type(kwargs).__name__}.")
     per_call = {"prompt", "image", "session", "reasoning", "generator", "latents", "output_type", "return_dict",
-                "callback_on_step_end", "callback_on_step_end_tensor_inputs", "attention_kwargs", "negative_prompt",
-                "prompt_embeds", "prompt_embeds_mask", "negative_prompt_embeds", "negative_prompt_embeds_mask"}
+                "callback_on_step_end", "callback_on_step_end_tensor_inputs", "attention_kwargs", "negative_prompt"}
     allowed = set(inspect.signature(EditR2Pipeline.__call__).parameters) - {"self"} - per_call
     unknown = sorted(set(kwargs) - allowed)
     if unknown:

@@ -614,8 +614,8 @@ def prompt_processor(pipe, cfg: EditorConfig):
     key = (cfg.condition_size, pipe.prompt_template_encode)
     cache = _PROMPT_PROCESSORS.setdefault(pipe.processor, {})
     if key not in cache:
-        side = cfg.condition_size
-        cache[key] = TensorPromptProcessor(pipe.processor, pipe.prompt_template_encode, image_prompt(1), (side, side))
+        cache[key] = TensorPromptProcessor(pipe.processor, pipe.prompt_template_encode, image_prompt(1),
+                                           (cfg.condition_size, cfg.condition_size))
     return cache[key]
 
 
@@ -653,13 +653,8 @@ def render_examples(pipe, cfg: EditorConfig, ex: dict) -> dict:
     batch = {"reference_pixels": (reference * 2.0 - 1.0).unsqueeze(2),  # as VaeImageProcessor.preprocess
              "target_pixels": (target * 2.0 - 1.0).unsqueeze(2)}
     if "input_ids" in ex:
-        processor = prompt_processor(pipe, cfg)
-        reference_uint8 = torch.round(reference * 255.0).to(torch.uint8)
-        ids, mask = ex["input_ids"].to(device), ex["attention_mask"].to(device)
-        batch["text_inputs"] = {"input_ids": ids, "attention_mask": mask,
-                                "mm_token_type_ids": (ids == processor.image_token_id).to(torch.int64),
-                                "pixel_values": processor.pixel_values(reference_uint8),
-                                "image_grid_thw": processor.image_grid_thw(len(ids), device)}
+        batch["text_inputs"] = prompt_processor(pipe, cfg).batch(
+            ex["input_ids"].to(device), ex["attention_mask"].to(device), torch.round(reference * 255.0).to(torch.uint8))
     else:
         batch["references"] = [Image.fromarray(a, "RGB") for a in to_uint8(reference)]
         batch["texts"] = ex["texts"]
