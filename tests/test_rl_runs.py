@@ -188,17 +188,20 @@ def _dry_run(script: str, **env) -> tuple[list[str], list[tuple[str, str]], list
     return out, [(line.split("--arm ")[1].split()[0], line.split("--seed ")[1].split()[0]) for line in runs], runs
 
 
-def test_gpu_script_runs_every_arm_and_seed_then_the_page():
-    out, order, runs = _dry_run("rl_gpu.sh")
-    assert len(runs) == 9 and all("--device cuda" in line and "--turns 3,6" in line for line in runs)
-    assert set(order) == {(arm, seed) for arm in rl_runs.ARMS for seed in "012"}
-    assert "recipes.shapes_tiny.rl_page" in out[-1]
-
-
-def test_cpu_script_runs_every_arm_and_seed_in_lanes_then_the_page():
-    out, order, runs = _dry_run("rl_cpu.sh")
+def test_study_script_runs_every_arm_and_seed_in_lanes_then_the_page():
+    out, order, runs = _dry_run("rl_study.sh")
     assert len(runs) == 9 and all("--device cpu" in line and "--threads 1" in line for line in runs)
     assert set(order) == {(arm, seed) for arm in rl_runs.ARMS for seed in "012"}
-    assert "recipes.shapes_tiny.rl_page" in out[-1]  # after both lanes
-    _, order, _ = _dry_run("rl_cpu.sh", JOBS="1")
+    assert "recipes.shapes_tiny.rl_page" in out[-1]  # after every lane
+    _, order, _ = _dry_run("rl_study.sh", JOBS="1")
     assert order[:2] == [("rl", "0"), ("rl_nofilter", "0")] and order[-3:] == [("sft", s) for s in "012"]
+    _, _, runs = _dry_run("rl_study.sh", DEVICE="cuda")
+    assert len(runs) == 9 and all("--device cuda" in line and "--threads 4" in line for line in runs)
+
+
+def test_study_script_refuses_an_unknown_device():
+    import subprocess
+
+    proc = subprocess.run(["bash", str(REPO / "recipes" / "shapes_tiny" / "rl_study.sh")],
+                          env={"DRY_RUN": "1", "DEVICE": "tpu", "PATH": "/usr/bin:/bin"}, capture_output=True, text=True)
+    assert proc.returncode == 2 and "DEVICE=tpu" in proc.stderr

@@ -7,7 +7,7 @@ committable results.
     python -m recipes.shapes_tiny.rl_page                              # docs/results_rl.md from the committed results
 
 Arms: `sft` (the shipped SFT model, no training), `rl` (Edit-R2 RL, `trajectory_filter: if_zero`) and `rl_nofilter`
-(the same without trajectory filtering), each with seeds 0, 1, 2 (`recipes/shapes_tiny/rl_gpu.sh` runs all nine).
+(the same without trajectory filtering), each with seeds 0, 1, 2 (`recipes/shapes_tiny/rl_study.sh` runs all nine).
 
 1. Train (RL arms): `trl_editr2/scripts/editr2.py --config CONFIG` (`configs/rl/study.yaml`: 8 sessions per step,
    G = 6, 3 turns, the paper's clip / KL / noise / SDE window, global-std advantages, LoRA on the editor and the
