@@ -3,6 +3,7 @@ of at most 8 turns are exactly those generated before 16 turns were allowed (rec
 
 import hashlib
 import json
+from pathlib import Path
 
 import pytest
 
@@ -97,7 +98,9 @@ def test_long_sessions_section_is_written_between_markers(tmp_path):
     assert text.startswith(script.BEGIN) and text.rstrip().endswith(script.END)
     assert "| editr2-intent | 1.00 | 1.00 | 1.00 |" in text  # the oracle stands in for a mode here: IF = CC = GA = 1
     assert "VAE only, re-encoded each turn" in text and "Not run yet" in text
-    assert "turn 12 IF 1.00 (>= 0.7: met)" in text
+    assert "turn 12 IF 1.00 (>= 0.7: met)" in text and "](r.json)" in text
+    data["json"] = "runs/long_sessions/results.json"  # a page elsewhere links the raw results relative to itself
+    assert "](../runs/long_sessions/results.json)" in script.section(data, None, Path("docs"))
     page = tmp_path / "results.md"
     page.write_text("# Results\n\nintro\n")
     script.write_section(page, text)

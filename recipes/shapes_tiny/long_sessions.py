@@ -1,21 +1,24 @@
 """Long sessions (up to 16 turns) of a saved model on MICE-Shapes: IF / CC / GA and the drift measures per turn.
 
-    python -m recipes.shapes_tiny.long_sessions --turns 16 --sessions 4 --json docs/results_16turns.json
+    python -m recipes.shapes_tiny.long_sessions --turns 16 --sessions 4                  # runs/long_sessions/
+    python -m recipes.shapes_tiny.long_sessions --sessions 100 --section-into docs/results.md docs/results_notes.md
 
 Per family (cm, cu) and reasoning mode, `--sessions` held-out sessions (seeds `--seed`..; training uses seeds
 >= 10,000,000) of `--turns` turns are scored by `run_bench` with the model's call defaults; the drift measures
 (`editr2.bench.drift`) come with them, and the VAE-only drift of carrying the latent vs re-encoding each turn
 (`diffusers_editr2.drift.vae_drift`) is measured once per family on the same sessions. Each finished session is kept
 in `--work` (JSON lines, resumable); every finished cell goes to `--json` at once. Then the markdown section is
-written between the `<!-- long-sessions -->` markers of each `--section-into` file (docs/results.md and
-docs/results_notes.md, so `recipes.shapes_tiny.results --notes docs/results_notes.md` keeps it), and the drift curves
-to `--plot`. `--from-json` rewrites the section and the plot from `--json` alone, without the model.
+written between the `<!-- long-sessions -->` markers of each `--section-into` file (none by default; pass
+docs/results.md and docs/results_notes.md, so `recipes.shapes_tiny.results --notes docs/results_notes.md` keeps it,
+with a `--json` and `--plot` under docs/ to commit), linking the raw results and the plot relative to each file, and
+the drift curves to `--plot`. `--from-json` rewrites the section and the plot from `--json` alone, without the model.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 import time
@@ -171,7 +174,7 @@ def targets(data: dict, family: str) -> list[str]:
     return [out[-1] + "."]
 
 
-def section(data: dict, plot_name: str | None) -> str:
+def section(data: dict, plot_name: str | None, page_dir: Path | None = None) -> str:
     turns, n = data["turns"], data["sessions"]
     walls = [c["wall_s"] for c in data["cells"].values()]
     cpus = [c["cpu_s"] for c in data["cells"].values() if "cpu_s" in c]
@@ -188,7 +191,8 @@ def section(data: dict, plot_name: str | None) -> str:
         cost = (f"{full_turns * turn_s / 3600:.0f} hours of wall time at this contended rate; "
                 f"{full_turns * 0.2 / 3600:.1f}-{full_turns * 0.4 / 3600:.1f} CPU-hours at the tiny model's "
                 "uncontended 0.2-0.4 s per turn of docs/metrics.md")
-    json_name = Path(data.get("json", "results_16turns.json")).name
+    json_path = data.get("json", "results.json")  # linked relative to the page (by name without a page)
+    json_name = os.path.relpath(json_path, page_dir) if page_dir is not None else Path(json_path).name
     lines = [BEGIN, f"## {turns}-turn sessions: scores and drift per turn", "",
              f"`{data['command']}` ({n} held-out sessions per family, seeds {data['seed']}..{data['seed'] + n - 1}; "
              f"model `{data['model']}` with its call defaults, every turn from the carried latent; run {dates[0]} to "
@@ -269,11 +273,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES))
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    parser.add_argument("--json", default="docs/results_16turns.json", help="raw results; finished cells are skipped")
+    parser.add_argument("--json", default="runs/long_sessions/results.json", help="raw results; finished cells are skipped")
     parser.add_argument("--work", default="runs/long_sessions", help="per-session results (resumable)")
-    parser.add_argument("--section-into", nargs="*", default=["docs/results.md", "docs/results_notes.md"],
-                        help="markdown files whose long-sessions section to (re)write")
-    parser.add_argument("--plot", default="docs/results_16turns.png", help="the curves (PNG)")
+    parser.add_argument("--section-into", nargs="*", default=[],
+                        help="markdown files whose long-sessions section to (re)write (e.g. docs/results.md "
+                             "docs/results_notes.md)")
+    parser.add_argument("--plot", default="runs/long_sessions/drift.png", help="the curves (PNG)")
     parser.add_argument("--from-json", action="store_true", help="only rewrite the section and plot from --json")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
@@ -298,10 +303,10 @@ def main(argv=None) -> int:
     plot_path = Path(args.plot) if args.plot else None
     if plot_path is not None:
         plot(data, plot_path)
-    text = section(data, plot_path.name if plot_path is not None else None)
-    for target in args.section_into:
-        write_section(Path(target), text)
-    print(text)
+    for target in map(Path, args.section_into):
+        plot_link = os.path.relpath(plot_path, target.parent) if plot_path is not None else None
+        write_section(target, section(data, plot_link, target.parent))
+    print(section(data, plot_path.name if plot_path is not None else None))
     return 0
 
 
