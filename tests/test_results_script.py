@@ -106,16 +106,17 @@ def test_results_grid_resumes_and_regenerates(model_dir, tmp_path, count_runs):
 
     # Every target is listed with the status its numbers give; intent - history is not measured (mode not run).
     targets = results.check_targets(data["cells"])
-    assert len(targets) == 10
+    assert len(targets) == 14
     for t in targets:
-        assert t["turns"] == 3  # turn 3 exists only in the 3-turn sessions here
-        if "history" in t["name"]:
+        assert t["turns"] == (3 if t["turn"] == 3 else None)  # turn 3 exists only in the 3-turn sessions here
+        if "history" in t["name"] or t["turn"] == 6:
             assert t["value"] is None and t["status"] == "not measured"
         else:
             assert t["status"] == ("met" if t["value"] >= t["threshold"] - 1e-9 else "missed")
         value = "–" if t["value"] is None else f"{t['value']:.3f}"
         status = t["status"] if t["status"] == "not measured" else f"**{t['status']}**"
-        assert f"| {t['name']} | 3 turns | {value} | >= {t['threshold']:.2f} |" in text
+        turns = "3 turns" if t["turns"] else "–"
+        assert f"| {t['name']} | {turns} | {value} | >= {t['threshold']:.2f} |" in text
         assert [line for line in text.splitlines() if line.startswith(f"| {t['name']} |")][0].endswith(f"| {status} |")
 
     # A rerun skips every finished cell (and never loads the model); a cell run with other settings is run again.
@@ -168,13 +169,13 @@ def test_everyday_wording_cells_sit_beside_the_grammar(model_dir, tmp_path, coun
         results.plan_cells(["cm"], ["intent"], 1, 2, 0, 3, phrasings=("all",))
 
 
-def cells_of(values: dict, turns: int = 3) -> dict:
-    """Hand-made cells: `values[(family, editor)] = {metric: value at turn 3}` (at the last turn of shorter sessions;
+def cells_of(values: dict, turns: int = 3, turn: int = 3) -> dict:
+    """Hand-made cells: `values[(family, editor)] = {metric: value at turn}` (at the last turn of shorter sessions;
     other turns and metrics 0)."""
     cells = {}
     for (family, editor), metrics in values.items():
         per_turn = [{"turn": t, "IF": 0.0, "CC": 0.0, "GA": 0.0, "reward": 0.0} for t in range(1, turns + 1)]
-        per_turn[min(turns, 3) - 1].update(metrics)
+        per_turn[min(turns, turn) - 1].update(metrics)
         cells[f"{family}/{turns}/{editor}"] = {
             "per_turn": per_turn, "mean": dict.fromkeys(("IF", "CC", "GA", "reward"), 0.0),
             "config": {"editor": editor, "family": family, "sessions": 1, "turns": turns, "seed": 0, "size": 64}}
@@ -183,20 +184,25 @@ def cells_of(values: dict, turns: int = 3) -> dict:
 
 def test_targets_on_hand_made_results():
     cells = cells_of({
-        ("cm", "editr2-intent"): {"IF": 0.85, "CC": 0.899, "GA": 0.70},
+        ("cm", "editr2-intent"): {"IF": 0.85, "CC": 0.919, "GA": 0.70},
         ("cm", "editr2-none"): {"GA": 0.55},  # 0.70 - 0.55 = 0.1499999... in floats: exactly 0.15 counts as met
         ("cm", "editr2-history"): {"GA": 0.56},
         ("cm", "oracle"): {"IF": 1.0, "CC": 0.95, "GA": 1.0},
         ("cu", "editr2-intent"): {"IF": 0.95, "CC": 0.95, "GA": 0.80},
         ("cu", "editr2-none"): {"IF": 0.80},
     })
-    cells.update(cells_of({("cu", "editr2-history"): {"IF": 0.10}}, turns=6))  # longer: not the one read
+    cells.update(cells_of({("cu", "editr2-history"): {"IF": 0.10}}, turns=6))  # longer: not the one read at turn 3
+    cells.update(cells_of({("cu", "editr2-intent"): {"IF": 0.75, "GA": 0.3}}, turns=6, turn=6))  # read at turn 6
     cells.update(cells_of({("cu", "editr2-history"): {"IF": 0.90}}, turns=2))  # no turn 3
     got = {t["name"]: (t["value"], t["status"]) for t in results.check_targets(cells)}
     assert got == {
         "cm IF of intent, turn 3": (0.85, "met"),
-        "cm CC of intent, turn 3": (0.899, "missed"),
-        "cm GA of intent, turn 3": (0.70, "missed"),
+        "cm CC of intent, turn 3": (0.919, "missed"),
+        "cm GA of intent, turn 3": (0.70, "met"),
+        "cm IF of intent, turn 6": (None, "not measured"),
+        "cm GA of intent, turn 6": (None, "not measured"),
+        "cu IF of intent, turn 6": (0.75, "met"),
+        "cu GA of intent, turn 6": (0.3, "missed"),
         "cu IF of intent, turn 3": (0.95, "met"),
         "cu CC of intent, turn 3": (0.95, "met"),
         "cu GA of intent, turn 3": (0.80, "met"),
@@ -211,9 +217,10 @@ def test_targets_on_hand_made_results():
     assert all(t["status"] == "not measured" for t in results.check_targets(cells_of({}, turns=3)))
 
     md = results.targets_section(results.check_targets(cells))
-    assert "| cm CC of intent, turn 3 | 3 turns | 0.899 | >= 0.90 | 0.950 | **missed** |" in md
+    assert "| cm CC of intent, turn 3 | 3 turns | 0.919 | >= 0.92 | 0.950 | **missed** |" in md
+    assert "| cu IF of intent, turn 6 | 6 turns | 0.750 | >= 0.75 | – | **met** |" in md
     assert "| cu IF of intent - history, turn 3 | 3 turns | – | >= 0.15 | – | not measured |" in md
-    assert "**6 of 10 targets met** (9 measured)." in md
+    assert "**8 of 14 targets met** (11 measured)." in md
 
 
 def test_bad_settings_say_what_to_pass(tmp_path):
