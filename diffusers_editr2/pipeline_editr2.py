@@ -440,7 +440,16 @@ class EditR2Pipeline(DiffusionPipeline, QwenImageLoraLoaderMixin):
         it is disabled while it does so ([`encode_prompt`]), so the conditioning the transformer was trained on does
         not move.
         """
-        self.reasoner.load_adapter(pretrained_model_name_or_path, adapter_name=adapter_name, **kwargs)
+        model = self.reasoner
+        missing = object()
+        conversions = model.__dict__.get("_weight_conversions", missing)
+        model.load_adapter(pretrained_model_name_or_path, adapter_name=adapter_name, **kwargs)
+        # transformers keeps the adapter's key renaming as the model's own, which `save_pretrained` would reverse
+        # into `base_model.model.*` keys once the adapter is fused: keep the base model's
+        if conversions is missing:
+            model.__dict__.pop("_weight_conversions", None)
+        else:
+            model._weight_conversions = conversions
         self.reasoning_prefix_cache.clear()
 
     def save_reasoning_lora(self, save_directory: str, adapter_name: str = "reasoning") -> None:
@@ -451,6 +460,45 @@ class EditR2Pipeline(DiffusionPipeline, QwenImageLoraLoaderMixin):
         state_dict = model.get_adapter_state_dict(adapter_name=adapter_name)
         state_dict = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
         write_peft_adapter(save_directory, state_dict, model.peft_config[adapter_name])
+
+    def fuse_reasoning_lora(self, adapter_name: str = "reasoning") -> None:
+        """Merge the [`reasoner`]'s LoRA `adapter_name` into its weights and remove the adapter layers, as
+        `fuse_lora()` then `unload_lora_weights()` do for the transformer: the reasoner then writes the same intents
+        without the adapter's extra matmuls, and [`save_pretrained`] saves it as plain weights.
+
+        Only a separate `reasoning_model` can be fused: a text encoder that also encodes the prompts would move the
+        conditioning the transformer was trained on (its LoRA is disabled while it encodes). Give such a pipeline a
+        separate reasoner first (`register_modules(reasoning_model=copy.deepcopy(pipe.text_encoder),
+        reasoning_processor=pipe.processor)`), then load the LoRA onto it.
+
+        Raises:
+            ValueError: without a separate reasoning model, without the adapter, with other adapters loaded beside it
+                (removing the adapter layers would drop them), or when the merged weights are not finite.
+        """
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        model = getattr(self, "reasoning_model", None)
+        if model is None:
+            raise ValueError("The reasoner is the text encoder, which also encodes the prompts: fusing its LoRA would "
+                             "change the transformer's conditioning. Add a separate reasoning_model and fuse there.")
+        adapters = set(getattr(model, "peft_config", {}))
+        if adapter_name not in adapters:
+            raise ValueError(f"The reasoning_model has no adapter named {adapter_name!r}; load one with "
+                             "`load_reasoning_lora` first.")
+        if adapters != {adapter_name}:
+            raise ValueError(f"The reasoning_model has other adapters ({sorted(adapters - {adapter_name})}); delete "
+                             "them (`pipe.reasoning_model.delete_adapter(name)`) before fusing.")
+        for name, module in list(model.named_modules()):
+            if isinstance(module, BaseTunerLayer):
+                module.merge(safe_merge=True, adapter_names=[adapter_name])  # safe_merge refuses non-finite weights
+                parent, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent), child, module.get_base_layer())
+        del model.peft_config
+        model._hf_peft_config_loaded = False
+        if any(pattern.startswith("base_model.model.") for conversion in getattr(model, "_weight_conversions", None)
+               or () for pattern in getattr(conversion, "source_patterns", ())):
+            del model._weight_conversions  # an adapter's key renaming (loaded outside `load_reasoning_lora`)
+        self.reasoning_prefix_cache.clear()
 
     # ------------------------------------------------------------------------------------------------------------------
     # Per-call state (as in diffusers' pipelines)

@@ -211,3 +211,59 @@ def test_a_trained_reasoning_lora_loads_onto_the_reasoner(rl_trainer, tmp_path):
     pipe = rl_trainer.policy.pipeline
     assert torch.equal(fresh.generate_reasoning(session, PROMPT, **ask)[2],
                        pipe.generate_reasoning(session, PROMPT, **ask)[2])
+
+
+def test_a_fused_reasoning_lora_writes_the_same_intents_and_saves_as_plain_weights(tmp_path):
+    pipe = tiny_pipeline(seed=0, reasoning_model=True)
+    session = Session(source_image=tiny_image(2))
+    ask = dict(max_new_tokens=10, condition_area=32 * 32)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        config = LoraConfig(r=8, lora_alpha=64, init_lora_weights=False, target_modules=["q_proj", "v_proj"])
+        pipe.reasoning_model.add_adapter(config, adapter_name="reasoning")
+    lora_ids = pipe.generate_reasoning(session, PROMPT, **ask)[2]
+    tokens = torch.tensor([[1, 5, 9, 14, 3]])
+    with torch.no_grad():
+        lora_logits = pipe.reasoning_model(input_ids=tokens).logits
+    pipe.fuse_reasoning_lora()
+    assert not getattr(pipe.reasoning_model, "_hf_peft_config_loaded", False)
+    assert not any("lora" in name for name, _ in pipe.reasoning_model.named_parameters())
+    with torch.no_grad():  # merged weights: the same function, summed in another order
+        torch.testing.assert_close(pipe.reasoning_model(input_ids=tokens).logits, lora_logits, rtol=1e-4, atol=1e-5)
+    assert torch.equal(pipe.generate_reasoning(session, PROMPT, **ask)[2], lora_ids)
+    pipe.save_pretrained(tmp_path / "fused")  # plain weights now: no refusal
+    loaded = EditR2Pipeline.from_pretrained(tmp_path / "fused")
+    assert torch.equal(loaded.generate_reasoning(session, PROMPT, **ask)[2], lora_ids)
+
+
+def test_fusing_a_reasoning_lora_is_refused_where_it_would_lose_something():
+    shared = tiny_pipeline(seed=0)
+    with pytest.raises(ValueError, match="also encodes the prompts"):
+        shared.fuse_reasoning_lora()
+    pipe = tiny_pipeline(seed=0, reasoning_model=True)
+    with pytest.raises(ValueError, match="no adapter named 'reasoning'"):
+        pipe.fuse_reasoning_lora()
+    for name in ("reasoning", "other"):
+        pipe.reasoning_model.add_adapter(LoraConfig(r=2, target_modules=["q_proj"]), adapter_name=name)
+    with pytest.raises(ValueError, match="other adapters"):
+        pipe.fuse_reasoning_lora()
+    assert set(pipe.reasoning_model.peft_config) == {"reasoning", "other"}  # nothing changed
+
+
+def test_a_reasoning_lora_loaded_by_transformers_itself_fuses_and_saves(tmp_path):
+    """`reasoning_model.load_adapter` (not `load_reasoning_lora`) leaves the adapter's key renaming on the model; fusing
+    drops it, so the saved reasoner has the base model's keys."""
+    pipe = tiny_pipeline(seed=0, reasoning_model=True)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        pipe.reasoning_model.add_adapter(LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                                    target_modules=["q_proj"]), adapter_name="reasoning")
+    pipe.save_reasoning_lora(tmp_path / "lora")
+    fresh = tiny_pipeline(seed=0, reasoning_model=True)
+    fresh.reasoning_model.load_adapter(str(tmp_path / "lora"), adapter_name="reasoning")
+    session, ask = Session(source_image=tiny_image(2)), dict(max_new_tokens=10, condition_area=32 * 32)
+    ids = fresh.generate_reasoning(session, PROMPT, **ask)[2]
+    fresh.fuse_reasoning_lora()
+    fresh.save_pretrained(tmp_path / "fused")
+    assert torch.equal(EditR2Pipeline.from_pretrained(tmp_path / "fused").generate_reasoning(session, PROMPT, **ask)[2],
+                       ids)

@@ -16,6 +16,14 @@ exported folder, so a shipped model gains a new reasoner without retraining anyt
     python -m recipes.shapes_tiny.export --vae checkpoints/editr2-shapes-tiny \
         --reasoner checkpoints/editr2-shapes-tiny --editor checkpoints/editr2-shapes-tiny \
         --reasoning-model runs/reasoner_v3 --out checkpoints/editr2-shapes-tiny
+
+`--model FOLDER --adapters RUN` starts from an exported folder instead of the stages and fuses an `EditR2Trainer`
+output's adapters into it (the transformer LoRA with `fuse_lora`, the reasoning LoRA with `fuse_reasoning_lora`), so an
+RL-trained model ships as plain weights; the report gives how much of the adapters' change the half-precision folder
+keeps (`fuse_adapters`):
+
+    python -m recipes.shapes_tiny.export --model checkpoints/editr2-shapes-tiny --adapters runs/rl/rl/seed0 \
+        --out checkpoints/editr2-shapes-tiny
 """
 
 from __future__ import annotations
@@ -61,6 +69,37 @@ def assemble(vae_dir: Path, reasoner_dir: Path, editor_dir: Path, reasoning_dir:
     )
     check_prompt_template(pipe)
     return pipe
+
+
+def fuse_adapters(pipe, adapters: Path, dtype: torch.dtype = torch.float16) -> dict:
+    """Fuse the adapters of an `EditR2Trainer` output (`adapters`: its output_dir or a checkpoint-N) into `pipe`'s
+    weights, and measure what saving in `dtype` keeps of the change.
+
+    Returns:
+        `{component: {"loaded", "params_changed", "delta_norm", "rounding_norm", "kept"}}` per fused component
+        ("transformer", "reasoning_model"): `delta_norm` = ||W_fused - W_base|| over the changed weights (fp32),
+        `rounding_norm` = ||dtype(W_fused) - W_fused||, and `kept` = 1 - rounding / delta (how much of the change
+        survives storage when the base weights are already exact in `dtype`, as in a half-precision folder).
+    """
+    from recipes.shapes_tiny.rl_demo import load_adapters
+
+    parts = {"transformer": pipe.transformer, "reasoning_model": pipe.reasoner}
+    before = {name: {k: v.detach().clone() for k, v in module.state_dict().items()} for name, module in parts.items()}
+    loaded = load_adapters(pipe, adapters)
+    if "transformer" in loaded:
+        pipe.fuse_lora(safe_fusing=True)  # safe_fusing refuses non-finite weights
+        pipe.unload_lora_weights()
+    if "reasoning" in loaded:
+        pipe.fuse_reasoning_lora()
+    report = {}
+    for name, module in parts.items():
+        after = module.state_dict()
+        changed = [k for k, v in after.items() if k in before[name] and not torch.equal(v, before[name][k])]
+        delta = sum(float((after[k].float() - before[name][k].float()).pow(2).sum()) for k in changed) ** 0.5
+        rounding = sum(float((after[k].to(dtype).float() - after[k].float()).pow(2).sum()) for k in changed) ** 0.5
+        report[name] = {"loaded": bool(changed), "params_changed": len(changed), "delta_norm": delta,
+                        "rounding_norm": rounding, "kept": 1.0 - rounding / delta if delta > 0 else None}
+    return report
 
 
 def check_prompt_template(pipe) -> None:
@@ -204,6 +243,10 @@ def bench_table(results: dict) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None,
+                        help="start from this exported folder instead of the stage runs (--vae/--reasoner/--editor)")
+    parser.add_argument("--adapters", default=None,
+                        help="an EditR2Trainer output (or checkpoint-N) whose LoRAs are fused into the weights")
     parser.add_argument("--vae", default="runs/vae", help="stage-1 run folder")
     parser.add_argument("--reasoner", default="runs/reasoner", help="stage-2 run folder")
     parser.add_argument("--editor", default="runs/editor", help="stage-3 run folder")
@@ -223,6 +266,10 @@ def main(argv=None) -> int:
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.model is not None:
+        return export_model(args)
+    if args.adapters is not None:
+        raise SystemExit("--adapters goes with --model FOLDER (an exported folder to fuse them into).")
     runs = {name: Path(getattr(args, name)) for name in ("vae", "reasoner", "editor")}
     reasoning = Path(args.reasoning_model) if args.reasoning_model else None
     if reasoning is not None:
@@ -247,6 +294,38 @@ def main(argv=None) -> int:
     where = runs["editor"] / args.report
     if (runs["editor"] / "model_index.json").is_file():  # a model folder (e.g. the shipped one): leave it unchanged
         where = out.parent / f"{out.name}.{args.report}"
+    common.write_json(where, report)
+    print(f"wrote {where}")
+    return 0
+
+
+def export_model(args) -> int:
+    """`--model FOLDER [--adapters RUN]`: the folder re-exported, with the adapters fused and its call defaults kept
+    (updated by `--call-kwargs`); the report (next to `--out`) gives the fusing's measures and the bench."""
+    model, out = Path(args.model), Path(args.out)
+    if not (model / "model_index.json").is_file():
+        raise SystemExit(f"--model {model}: not an exported pipeline folder (no model_index.json).")
+    if args.reasoning_model is not None:
+        raise SystemExit("--reasoning-model goes with the stage runs, not with --model.")
+    from diffusers_editr2.call_defaults import read_call_defaults
+
+    kwargs = {**(read_call_defaults(model) or {}), **override_call_kwargs(args.call_kwargs)}
+    adapters = Path(args.adapters) if args.adapters else None
+    if adapters is not None and not adapters.is_dir():
+        raise SystemExit(f"--adapters {adapters}: no such folder; pass an EditR2Trainer output_dir or checkpoint-N.")
+    pipe = load(model)
+    report: dict = {"model": str(model), "adapters": str(adapters) if adapters else None}
+    if adapters is not None:
+        report["fused"] = fuse_adapters(pipe, adapters)
+        for name, measure in report["fused"].items():
+            if measure["loaded"]:
+                print(f"fused {name}: {measure['params_changed']} tensors, change kept in fp16 {measure['kept']:.4f}")
+    report["size_bytes"] = save(pipe, out, call_kwargs=kwargs)
+    print(f"wrote {out} ({report['size_bytes'] / 2**20:.1f} MiB)")
+    if args.bench_sessions:
+        report["bench"] = bench(load(out), args.bench_sessions, args.bench_turns, progress=not args.no_progress)
+        print(bench_table(report["bench"]))
+    where = out.parent / f"{out.name}.{args.report}"
     common.write_json(where, report)
     print(f"wrote {where}")
     return 0
