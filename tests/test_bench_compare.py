@@ -154,3 +154,23 @@ def test_compare_refuses_other_sessions_and_unfinished_runs(tmp_path):
     (broken / "results.json").write_text("[]")
     with pytest.raises(SystemExit, match="not an `editr2 bench shapes` results.json"):
         main(["bench", "compare", str(broken), str(good)])
+
+
+def test_seed_session_bootstrap_ci_holds_the_seed_spread():
+    from editr2.bench.stats import seed_session_bootstrap_ci
+
+    rng = np.random.default_rng(2)
+    sessions = rng.uniform(size=200)
+    a = np.stack([sessions + rng.normal(scale=0.01, size=200) for _ in range(3)])  # (3 seeds, 200 sessions)
+    same = np.stack([sessions + 0.1 + rng.normal(scale=0.01, size=200) for _ in range(3)])  # every seed +0.1
+    low, high = seed_session_bootstrap_ci(a, same)
+    assert 0.09 < low <= high < 0.11 and seed_session_bootstrap_ci(a, same) == (low, high)
+    # seeds that disagree (+0.0, +0.1, +0.2): the session-paired interval of the pooled means stays narrow, this one
+    # widens to the seeds' spread
+    spread = np.stack([sessions + shift for shift in (0.0, 0.1, 0.2)])
+    low, high = seed_session_bootstrap_ci(a, spread)
+    pooled_low, pooled_high = paired_bootstrap_ci(a.mean(0), spread.mean(0))
+    assert low < pooled_low and pooled_high < high and high - low > 0.1
+    assert seed_session_bootstrap_ci(a[:1], same[:2]) is not None  # seed counts may differ
+    with pytest.raises(ValueError, match="same sessions"):
+        seed_session_bootstrap_ci(np.zeros((2, 4)), np.zeros((2, 5)))

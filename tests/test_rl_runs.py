@@ -73,7 +73,8 @@ def test_page_is_regenerated_from_the_committed_files_alone(study, tmp_path):
     page = out.read_text()
     for text in ("## 2-turn sessions", "## 3-turn sessions", "RL (Edit-R2, if_zero filter) - SFT (shipped default)",
                  "RL (Edit-R2, if_zero filter) - RL, no filtering", "GA t3", "reward turns 2-3", "IF = 0",
-                 "| RL (Edit-R2, if_zero filter) | 0, 1 |"):
+                 "| RL (Edit-R2, if_zero filter) | 0, 1 |", "## Targets", "| 2 / 1 |", "Contamination",
+                 "| RL (Edit-R2, if_zero filter), seed 1 |"):
         assert text in page, text
     assert out.with_suffix(".png").stat().st_size > 1000
     # a copy of the results folder alone (the runs folder gone) gives the same page
@@ -205,3 +206,50 @@ def test_study_script_refuses_an_unknown_device():
     proc = subprocess.run(["bash", str(REPO / "recipes" / "shapes_tiny" / "rl_study.sh")],
                           env={"DRY_RUN": "1", "DEVICE": "tpu", "PATH": "/usr/bin:/bin"}, capture_output=True, text=True)
     assert proc.returncode == 2 and "DEVICE=tpu" in proc.stderr
+
+
+def _results(shifts: dict[str, list[float]], sessions: int = 60, turns: int = 3) -> dict:
+    """Hand-made results: arm -> one entry per seed whose every session scores the SFT baseline plus the seed's shift
+    on turns 2 and later (IF 0 on every fifth session's last turn)."""
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0.3, 0.7, size=(sessions, turns, 4))
+    base[::5, -1, 0] = 0.0
+    results = {}
+    for arm, seed_shifts in shifts.items():
+        results[arm] = {}
+        for seed, shift in enumerate(seed_shifts):
+            scores = base.copy()
+            scores[:, 1:, 2:] += shift
+            rows = [{"id": f"{'cm' if i % 2 else 'cu'}_{i}", "scores": scores[i].tolist()} for i in range(sessions)]
+            families = {f: {"sessions": [r for r in rows if r["id"].startswith(f)]} for f in ("cm", "cu")}
+            results[arm][seed] = {"run": {}, "state": None, "bench": {turns: {"metrics": list(rl_runs.METRICS),
+                                                                            "families": families}}}
+    return results
+
+
+def test_targets_need_the_threshold_and_an_interval_above_zero():
+    rows = {(r["a"], r["b"], r["column"], r["turns"]): r
+            for r in rl_page.check_targets(_results({"sft": [0.0] * 3, "rl": [0.09, 0.10, 0.11],
+                                                     "rl_nofilter": [0.05] * 3}))}
+    gain = rows[("rl", "sft", "reward turns 2-3", 3)]
+    assert gain["paired"]["diff"] == pytest.approx(0.10) and gain["status"] == "met"
+    assert gain["seed_counts"] == (3, 3) and gain["seeds"][0] < gain["paired"]["low"]  # the seeds' spread widens it
+    assert rows[("rl", "sft", "GA t3", 3)]["status"] == "met"
+    assert rows[("rl", "rl_nofilter", "reward turns 2-3", 3)]["status"] == "reported"
+    assert rows[("rl", "sft", "reward turns 2-6", 6)]["status"] == "not measured"  # no 6-turn bench here
+    small = rl_page.check_targets(_results({"sft": [0.0], "rl": [0.05]}))[0]
+    assert small["status"] == "missed" and small["paired"]["low"] > 0  # interval above 0 but under the threshold
+    table = "\n".join(rl_page.targets_table(rl_page.check_targets(_results({"sft": [0.0], "rl": [0.2]}))))
+    assert "**met** (under 3 seeds: provisional)" in table
+
+
+def test_per_seed_family_and_contamination_tables():
+    results = _results({"sft": [0.0, 0.0], "rl": [0.02, 0.2]})
+    seeds = "\n".join(rl_page.per_seed_table(results, 3))
+    assert "| RL (Edit-R2, if_zero filter), seed 0 | +0.020 [+0.020, +0.020]" in seeds
+    assert "| RL (Edit-R2, if_zero filter), seed 1 | +0.200 [+0.200, +0.200]" in seeds
+    diffs = "\n".join(rl_page.differences_table(results, 3))
+    assert ", cm only | 30 |" in diffs and ", cu only | 30 |" in diffs
+    contamination = "\n".join(rl_page.contamination_table(results, 3))
+    # every fifth session fails its last turn only: 12 of 60 at turn 3, each after a followed turn 2
+    assert "| SFT (shipped default) | 0.00 / 0.00 / 0.20 | n/a | 0.100 (of 240) |" in contamination

@@ -3,8 +3,10 @@
 - `bootstrap_ci`: the interval of one statistic of one run (e.g. a turn's mean IF in `editr2 bench shapes`).
 - `paired_bootstrap_ci`: the interval of a difference between two arms scored on the same sessions (`editr2 bench
   compare`): each resample draws the same session indices for both arms, so what the sessions share cancels.
+- `seed_session_bootstrap_ci`: the same for arms trained with several seeds each, resampling the seeds of each arm
+  too, so the interval holds the seed-to-seed spread as well as the sessions'.
 
-Both resample whole sessions (rows), with a fixed seed: the same data give the same interval.
+All resample whole sessions (rows), with a fixed seed: the same data give the same interval.
 """
 
 from __future__ import annotations
@@ -81,6 +83,36 @@ def paired_bootstrap_ci(a, b, statistic: Callable[[np.ndarray], float] = np.mean
     values = np.array([float(statistic(b[idx])) - float(statistic(a[idx]))
                        for idx in _draws(len(a), num_resamples, seed)])
     return _percentile_interval(values, level)
+
+
+def seed_session_bootstrap_ci(a, b, num_resamples: int = 1000, level: float = 0.95,
+                              seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of mean(b) - mean(a) for two arms with several training seeds each, scored on the
+    same sessions: each resample draws seeds with replacement in each arm and one set of session indices for both
+    (a two-level bootstrap), so the interval covers a new seed's spread, not only the sessions'.
+
+    Args:
+        a, b (array-like): `(seeds, N)` each: row s holds seed s's score on every session, column i of both arms
+            being the same session; the seed counts may differ.
+        num_resamples (`int`, defaults to 1000), level (`float`, defaults to 0.95), seed (`int`, defaults to 0): as
+            in `bootstrap_ci`.
+
+    Returns:
+        `(low, high)` of the difference B - A, each arm's value being its mean over its seeds and the sessions.
+    """
+    a, b = np.atleast_2d(_rows(a, "a")), np.atleast_2d(_rows(b, "b"))
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or a.shape[1] == 0:
+        raise ValueError(f"`a` has shape {a.shape} and `b` {b.shape}: pass (seeds, sessions) arrays over the same "
+                         "sessions.")
+    _check(level, num_resamples)
+    rng = np.random.default_rng(seed)
+    sessions = rng.integers(0, a.shape[1], size=(num_resamples, a.shape[1]))  # (R, N), shared by both arms
+    diffs = np.empty(num_resamples)
+    for r in range(num_resamples):
+        seeds_a = rng.integers(0, len(a), size=len(a))
+        seeds_b = rng.integers(0, len(b), size=len(b))
+        diffs[r] = b[seeds_b][:, sessions[r]].mean() - a[seeds_a][:, sessions[r]].mean()
+    return _percentile_interval(diffs, level)
 
 
 def _rows(data, name: str) -> np.ndarray:

@@ -13,7 +13,13 @@ counts present) and writes:
   bootstrap 95% interval that resamples sessions (pairing by session, pooling seeds; `paired_bootstrap`). Sessions
   are the same held-out ones in every arm and seed (`rl_runs --bench-seed`), so a session's difficulty cancels out;
   the interval does not resample seeds, whose spread the per-seed columns show;
+- the targets (RL - SFT >= +0.08 reward over turns 2-3 with its interval above 0, GA at turn 3 >= +0.10) and the
+  filter's effect, each with the session-paired interval and a seed-and-session interval
+  (`editr2.bench.stats.seed_session_bootstrap_ci`, which resamples each arm's seeds too);
+- each trained seed against SFT on its own, and each family on its own;
 - the 6-turn sessions in their own tables;
+- contamination on the held-out sessions: how often IF = 0 per turn, and how often a turn fails after a failed turn
+  vs after a followed one;
 - training: steps, seconds per step, reward at the start and end, and filtering statistics from the logs (how often
   IF = 0, what the if_zero filter removed or, without filtering, would have removed);
 - the plot: training reward vs step, mean over seeds with a band from the lowest to the highest seed, per arm; and
@@ -34,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from editr2.bench.stats import paired_bootstrap_ci
+from editr2.bench.stats import paired_bootstrap_ci, seed_session_bootstrap_ci
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_RESULTS = REPO / "docs" / "rl_runs"
@@ -46,6 +52,13 @@ COMPARISONS = (("rl", "sft"), ("rl", "rl_nofilter"))
 METRICS = ("IF", "CC", "GA", "reward")
 RESAMPLES = 2000
 BOOTSTRAP_SEED = 0
+MIN_SEEDS = 3  # per arm, for a difference to count as shown
+TOLERANCE = 1e-9
+# (a, b, turns, column, threshold): the difference a - b on `turns`-turn sessions must reach `threshold` with its
+# session-paired interval above 0; None: reported only
+TARGETS = (("rl", "sft", 3, "reward turns 2-3", 0.08), ("rl", "sft", 3, "GA t3", 0.10),
+           ("rl", "rl_nofilter", 3, "reward turns 2-3", None), ("rl", "rl_nofilter", 6, "reward turns 2-6", None),
+           ("rl", "sft", 6, "reward turns 2-6", None))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -155,6 +168,35 @@ def values(sessions: dict[str, list[np.ndarray]], fn) -> dict[str, list[float]]:
     return {key: [fn(s) for s in seeds] for key, seeds in sessions.items()}
 
 
+def column(name: str):
+    """The per-session statistic of a column name: "reward tK", "reward turns 2-K", "GA tK" (any metric)."""
+    if name.startswith("reward turns 2-"):
+        last = int(name.rsplit("-", 1)[1])
+        return lambda s: float(s[1:last, 3].mean())
+    metric, turn = name.split(" t")
+    return lambda s, i=METRICS.index(metric), t=int(turn) - 1: float(s[t, i])
+
+
+def seed_matrix(runs: dict[int, dict], turns: int, fn, keys: list[str]) -> np.ndarray:
+    """`(seeds, len(keys))`: `fn` of each seed's scores on each session of `keys` (seeds that benched all of them)."""
+    rows = []
+    for entry in runs.values():
+        if turns in entry["bench"]:
+            scores = session_scores(entry["bench"][turns])
+            if all(k in scores for k in keys):
+                rows.append([fn(scores[k]) for k in keys])
+    return np.asarray(rows, dtype=np.float64)
+
+
+def seed_interval(a_runs: dict[int, dict], b_runs: dict[int, dict], turns: int, fn) -> tuple[float, float] | None:
+    """The seed-and-session bootstrap interval of a - b (`seed_session_bootstrap_ci`); None without common sessions."""
+    keys = sorted(set(arm_sessions(a_runs, turns)) & set(arm_sessions(b_runs, turns)))
+    a, b = seed_matrix(a_runs, turns, fn, keys), seed_matrix(b_runs, turns, fn, keys)
+    if not keys or not len(a) or not len(b):
+        return None
+    return seed_session_bootstrap_ci(b, a, num_resamples=RESAMPLES, seed=BOOTSTRAP_SEED)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Formatting
 # ---------------------------------------------------------------------------------------------------------------------
@@ -192,8 +234,13 @@ def per_turn_table(results: dict, turns: int) -> list[str]:
     return lines
 
 
+def family_of(key: str) -> str:
+    return key.split("/", 1)[0]
+
+
 def differences_table(results: dict, turns: int) -> list[str]:
-    """Paired differences with bootstrap intervals: per turn reward, turn-2-3 reward, GA at turn 3 (when present)."""
+    """Paired differences with bootstrap intervals: per turn reward, turn-2-3 reward, GA at turn 3 (when present);
+    both families pooled, then each family alone."""
     columns = [(f"reward t{t + 1}", (lambda s, t=t: float(s[t, 3]))) for t in range(turns)]
     columns.append(("reward turns 2-3", late_reward))
     if turns > 3:
@@ -207,8 +254,92 @@ def differences_table(results: dict, turns: int) -> list[str]:
             lines.append(f"| {label(a)} - {label(b)} | n/a (arm missing) |" + " n/a |" * len(columns))
             continue
         sa, sb = arm_sessions(results[a], turns), arm_sessions(results[b], turns)
-        cells = [paired_bootstrap(values(sa, fn), values(sb, fn)) for _, fn in columns]
-        lines.append(f"| {label(a)} - {label(b)} | {cells[0]['n']} | " + " | ".join(fmt_diff(c) for c in cells) + " |")
+        families = sorted({family_of(k) for k in sa})
+        for family in [None, *families] if len(families) > 1 else [None]:
+            fa = {k: v for k, v in sa.items() if family is None or family_of(k) == family}
+            cells = [paired_bootstrap(values(fa, fn), values(sb, fn)) for _, fn in columns]
+            name = f"{label(a)} - {label(b)}" + (f", {family} only" if family else "")
+            lines.append(f"| {name} | {cells[0]['n']} | " + " | ".join(fmt_diff(c) for c in cells) + " |")
+    return lines
+
+
+def check_targets(results: dict) -> list[dict]:
+    """`TARGETS` against the results: per row the difference, its session-paired interval, its seed-and-session
+    interval, the seeds of each arm and a status ("met", "missed", "reported", or "not measured")."""
+    rows = []
+    for a, b, turns, name, threshold in TARGETS:
+        row = {"a": a, "b": b, "turns": turns, "column": name, "threshold": threshold, "status": "not measured",
+               "paired": {"n": 0}, "seeds": None, "seed_counts": (0, 0)}
+        if a in results and b in results and per_seed_means(results[a], turns) and per_seed_means(results[b], turns):
+            fn = column(name)
+            row["paired"] = paired_bootstrap(values(arm_sessions(results[a], turns), fn),
+                                             values(arm_sessions(results[b], turns), fn))
+            row["seeds"] = seed_interval(results[a], results[b], turns, fn)
+            row["seed_counts"] = (len(per_seed_means(results[a], turns)), len(per_seed_means(results[b], turns)))
+            if row["paired"]["n"] == 0:
+                row["status"] = "not measured"
+            elif threshold is None:
+                row["status"] = "reported"
+            else:
+                met = row["paired"]["diff"] >= threshold - TOLERANCE and row["paired"]["low"] > 0
+                row["status"] = "met" if met else "missed"
+        rows.append(row)
+    return rows
+
+
+def targets_table(rows: list[dict]) -> list[str]:
+    lines = ["| difference | sessions | seeds | value [95%, sessions paired] | [95%, seeds and sessions] | target | "
+             "status |", "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        seeds = "{} / {}".format(*row["seed_counts"])
+        interval = "n/a" if row["seeds"] is None else "[{:+.3f}, {:+.3f}]".format(*row["seeds"])
+        target = "reported" if row["threshold"] is None else f">= {row['threshold']:+.2f}, interval above 0"
+        status = {"met": "**met**", "missed": "**missed**"}.get(row["status"], row["status"])
+        if row["status"] in ("met", "missed") and min(row["seed_counts"]) < MIN_SEEDS:
+            status += f" (under {MIN_SEEDS} seeds: provisional)"
+        sessions = f"{row['turns']} turns x {row['paired']['n']}" if row["paired"]["n"] else "–"
+        lines.append(f"| {label(row['a'])} - {label(row['b'])}: {row['column']} | {sessions} | {seeds} | "
+                     f"{fmt_diff(row['paired'])} | {interval} | {target} | {status} |")
+    return lines
+
+
+def per_seed_table(results: dict, turns: int) -> list[str]:
+    """Each trained seed against SFT (its seeds pooled) on its own: reward over turns 2-3 and GA at turn 3."""
+    if "sft" not in results or turns < 3:
+        return []
+    names = ["reward turns 2-3", "GA t3"]
+    sft = arm_sessions(results["sft"], turns)
+    lines = ["| run | " + " | ".join(f"{n} - SFT" for n in names) + " |", "|---|" + "---|" * len(names)]
+    for arm, runs in results.items():
+        if arm == "sft":
+            continue
+        for seed, entry in runs.items():
+            mine = arm_sessions({seed: entry}, turns)
+            if not mine:
+                continue
+            cells = [fmt_diff(paired_bootstrap(values(mine, column(n)), values(sft, column(n)))) for n in names]
+            lines.append(f"| {label(arm)}, seed {seed} | " + " | ".join(cells) + " |")
+    return lines if len(lines) > 2 else []
+
+
+def contamination_table(results: dict, turns: int) -> list[str]:
+    """Per arm, over the held-out sessions and seeds: the share of IF = 0 per turn, and the chance that a turn fails
+    (IF = 0) after a failed turn vs after a followed one (turns 2 and later)."""
+    header = " / ".join(f"t{t}" for t in range(1, turns + 1))
+    lines = [f"| arm | IF = 0, {header} | IF = 0 after IF = 0 | IF = 0 after IF > 0 |", "|---|---|---|---|"]
+    for arm, runs in results.items():
+        sessions = [s for seeds in arm_sessions(runs, turns).values() for s in seeds]
+        if not sessions:
+            continue
+        failed = np.stack([s[:, 0] == 0 for s in sessions])  # (sessions x seeds, turns)
+        after_fail = failed[:, 1:][failed[:, :-1]]
+        after_pass = failed[:, 1:][~failed[:, :-1]]
+
+        def rate(x: np.ndarray) -> str:
+            return f"{x.mean():.3f} (of {x.size})" if x.size else "n/a"
+
+        lines.append(f"| {label(arm)} | " + " / ".join(f"{v:.2f}" for v in failed.mean(axis=0)) +
+                     f" | {rate(after_fail)} | {rate(after_pass)} |")
     return lines
 
 
@@ -357,24 +488,36 @@ def protocol(results: dict, results_dir: Path) -> list[str]:
     return lines
 
 
-def write_page(results_dir: Path, out: Path) -> None:
-    """Write `out` (markdown) and its plot (`out` with `.png`) from the results in `results_dir`."""
+def write_page(results_dir: Path, out: Path, notes: Path | None = None) -> None:
+    """Write `out` (markdown) and its plot (`out` with `.png`) from the results in `results_dir`, with the markdown
+    of `notes` (the reading of the numbers) appended."""
     results = load_results(results_dir)
     plot = out.with_suffix(".png")
     turn_counts = sorted({t for runs in results.values() for e in runs.values() for t in e["bench"]})
     lines = ["# RL: SFT vs Edit-R2 RL vs RL without trajectory filtering (MICE-Shapes)", "",
-             *protocol(results, results_dir), ""]
+             *protocol(results, results_dir), "",
+             "## Targets", "",
+             f"Paired by session (seeds pooled per session) and, beside it, resampling each arm's seeds as well; a "
+             f"target counts as shown with {MIN_SEEDS} or more seeds per arm.", "",
+             *targets_table(check_targets(results)), ""]
     for turns in turn_counts:
         lines += [f"## {turns}-turn sessions", "", "Per turn (mean over seeds; both families pooled):", "",
                   *per_turn_table(results, turns), "",
                   "Paired differences (mean over sessions [95% bootstrap interval]):", "",
                   *differences_table(results, turns), ""]
+        seeds = per_seed_table(results, turns)
+        if seeds:
+            lines += ["Each trained seed against SFT (paired by session):", "", *seeds, ""]
+        lines += ["Contamination (IF = 0 on the held-out sessions, all seeds; a session's own difficulty adds to the "
+                  "chance of failing again):", "", *contamination_table(results, turns), ""]
     lines += ["## Training and filtering (from each run's trainer_state.json)", "",
               "Means over steps, then over seeds. IF = 0: samples whose IF score was 0; filtered: samples the "
               "trajectory filter removed from the loss; if_zero would mask: what the if_zero filter removes (with "
               "no filtering: would have removed).", "",
               *training_table(results), "",
               f"![training reward vs step and held-out reward per turn]({plot.name})", ""]
+    if notes is not None:
+        lines += [notes.read_text().strip(), ""]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines))
     write_plot(plot, results)
@@ -384,9 +527,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", default=str(DEFAULT_RESULTS), help="the committed results folder")
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="the page (the plot: same stem, .png)")
+    parser.add_argument("--notes", default=None, metavar="MD", help="markdown appended to the page (the reading)")
     args = parser.parse_args(argv)
     out = Path(args.out)
-    write_page(Path(args.results), out)
+    notes = Path(args.notes) if args.notes else None
+    if notes is not None and not notes.is_file():
+        raise SystemExit(f"--notes {notes}: no such file.")
+    write_page(Path(args.results), out, notes)
     print(f"wrote {out} and {out.with_suffix('.png')}")
     return 0
 
