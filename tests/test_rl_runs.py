@@ -114,7 +114,9 @@ def test_train_command_sets_seed_filter_and_resumes(tmp_path, model_folder):
     joined = " ".join(cmd)
     assert "--seed 2" in joined and "--trajectory_filter none" in joined and "--max_steps 5" in joined
     assert "--per_device_train_batch_size 8" in joined and "--use_cpu false" in joined
-    assert "--resume_from_checkpoint" not in cmd
+    assert "--resume_from_checkpoint" not in cmd and "--noise_level" not in cmd
+    ablation = rl_runs.train_command("rl_noise13", 0, config, model, tmp_path / "other", args)
+    assert ablation[ablation.index("--noise_level") + 1] == "1.3" and "--trajectory_filter if_zero" in " ".join(ablation)
     (out / "checkpoint-3").mkdir(parents=True)
     (out / "checkpoint-10").mkdir()
     cmd = rl_runs.train_command("rl_nofilter", 2, config, model, out, args)
@@ -166,7 +168,8 @@ def test_shipped_config_has_the_recipes_settings():
     assert script_args.model_name_or_path == "checkpoints/editr2-shapes-tiny"
     assert config.per_device_train_batch_size >= 8 and config.num_generations == 6 and config.num_turns == 3
     assert config.global_std and config.batch_sessions and config.group_key == "session"
-    assert (config.clip_range_image, config.clip_range_text, config.beta, config.noise_level) == (1e-5, 1e-5, 0.01, 1.3)
+    assert (config.clip_range_image, config.clip_range_text, config.beta) == (1e-5, 1e-5, 0.01)
+    assert config.noise_level == 0.5  # measured for the model's 4 steps (rollout_noise); 1.3 is the rl_noise13 arm
     # the model's own sampler (its call default steps), trained on a window of 2 of the high-noise first steps
     defaults = json.loads((REPO / "checkpoints" / "editr2-shapes-tiny" / "editr2_call_defaults.json").read_text())
     assert config.num_inference_steps == defaults["num_inference_steps"]

@@ -45,10 +45,12 @@ from editr2.bench.stats import paired_bootstrap_ci, seed_session_bootstrap_ci
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_RESULTS = REPO / "docs" / "rl_runs"
 DEFAULT_OUT = REPO / "docs" / "results_rl.md"
-ARM_ORDER = ("sft", "rl", "rl_nofilter")
-LABELS = {"sft": "SFT (shipped default)", "rl": "RL (Edit-R2, if_zero filter)", "rl_nofilter": "RL, no filtering"}
-COLORS = {"sft": "tab:gray", "rl": "tab:blue", "rl_nofilter": "tab:orange"}
-COMPARISONS = (("rl", "sft"), ("rl", "rl_nofilter"))
+ARM_ORDER = ("sft", "rl", "rl_nofilter", "rl_noise13")
+LABELS = {"sft": "SFT (shipped default)", "rl": "RL (Edit-R2, if_zero filter)", "rl_nofilter": "RL, no filtering",
+          "rl_noise13": "RL at SDE noise 1.3"}
+COLORS = {"sft": "tab:gray", "rl": "tab:blue", "rl_nofilter": "tab:orange", "rl_noise13": "tab:red"}
+COMPARISONS = (("rl", "sft"), ("rl", "rl_nofilter"), ("rl_noise13", "sft"))
+OPTIONAL_ARMS = ("rl_noise13",)  # ablations: their rows appear only when their results do
 METRICS = ("IF", "CC", "GA", "reward")
 RESAMPLES = 2000
 BOOTSTRAP_SEED = 0
@@ -250,6 +252,8 @@ def differences_table(results: dict, turns: int) -> list[str]:
     lines = ["| difference | sessions | " + " | ".join(name for name, _ in columns) + " |",
              "|---|---|" + "---|" * len(columns)]
     for a, b in COMPARISONS:
+        if a in OPTIONAL_ARMS and a not in results:
+            continue
         if a not in results or b not in results:
             lines.append(f"| {label(a)} - {label(b)} | n/a (arm missing) |" + " n/a |" * len(columns))
             continue

@@ -7,7 +7,8 @@ committable results.
     python -m recipes.shapes_tiny.rl_page                              # docs/results_rl.md from the committed results
 
 Arms: `sft` (the shipped SFT model, no training), `rl` (Edit-R2 RL, `trajectory_filter: if_zero`) and `rl_nofilter`
-(the same without trajectory filtering), each with seeds 0, 1, 2 (`recipes/shapes_tiny/rl_study.sh` runs all nine).
+(the same without trajectory filtering), each with seeds 0, 1, 2 (`recipes/shapes_tiny/rl_study.sh` runs all nine);
+`rl_noise13` is `rl` at the paper's SDE noise level 1.3 (`ARM_SETTINGS`), an ablation of the config's level.
 
 1. Train (RL arms): `trl_editr2/scripts/editr2.py --config CONFIG` (`configs/rl/study.yaml`: 8 sessions per step,
    G = 6, 3 turns, the paper's clip / KL / noise / SDE window, global-std advantages, LoRA on the editor and the
@@ -52,7 +53,9 @@ DEFAULT_RESULTS = REPO / "docs" / "rl_runs"
 DEFAULT_RUN_DIR = REPO / "runs" / "rl"
 
 # arm -> trajectory_filter of its training run; "sft" is the untrained model itself
-ARMS = {"sft": None, "rl": "if_zero", "rl_nofilter": "none"}
+ARMS = {"sft": None, "rl": "if_zero", "rl_nofilter": "none", "rl_noise13": "if_zero"}
+# arm -> training settings over the config's: rl_noise13 is RL at the paper's noise level (1.3, set for 15 steps)
+ARM_SETTINGS = {"rl_noise13": {"noise_level": 1.3}}
 FAMILIES = ("cm", "cu")
 METRICS = ("IF", "CC", "GA", "reward")
 # the per-step log keys kept in the committed trainer_state.json (exact names, or prefixes ending in "/")
@@ -83,6 +86,8 @@ def train_command(arm: str, seed: int, config: Path, model: Path, output_dir: Pa
     cmd = [sys.executable, "-m", "trl_editr2.scripts.editr2", "--config", str(config),
            "--model_name_or_path", str(model), "--output_dir", str(output_dir), "--seed", str(seed),
            "--trajectory_filter", ARMS[arm]]
+    for key, value in ARM_SETTINGS.get(arm, {}).items():
+        cmd += [f"--{key}", str(value)]
     template = (read_call_defaults(model) or {"reference_area": None}).get("template")
     if template is not None and read_config(config).get("reasoning_template") is None:
         cmd += ["--reasoning_template", template]  # rollouts ask the reasoner as the model's inference does
@@ -332,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{args.arm} seed {args.seed}] bench {turns} turns: {time.perf_counter() - start:.0f} s -> "
               f"{out / f'bench_t{turns}.json'}", flush=True)
     info = {"arm": args.arm, "seed": args.seed, "step": step, "max_steps": max_steps if args.arm != "sft" else 0,
-            "trajectory_filter": ARMS[args.arm], "model": str(args.model or config.get("model_name_or_path")),
+            "trajectory_filter": ARMS[args.arm], "settings": ARM_SETTINGS.get(args.arm, {}), "model": str(args.model or config.get("model_name_or_path")),
             "config": {**config, **({"max_steps": max_steps} if args.arm != "sft" else {}),
                        **({"per_device_train_batch_size": args.sessions_per_step} if args.sessions_per_step else {})},
             "command": "python -m recipes.shapes_tiny.rl_runs " + " ".join(argv if argv is not None else sys.argv[1:]),
