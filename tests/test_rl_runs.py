@@ -256,3 +256,13 @@ def test_per_seed_family_and_contamination_tables():
     contamination = "\n".join(rl_page.contamination_table(results, 3))
     # every fifth session fails its last turn only: 12 of 60 at turn 3, each after a followed turn 2
     assert "| SFT (shipped default) | 0.00 / 0.00 / 0.20 | n/a | 0.100 (of 240) |" in contamination
+
+
+def test_page_shows_the_noise_measure_when_the_results_have_one(tmp_path):
+    assert rl_page.noise_section(tmp_path) == []
+    levels = {"0.0": {"reward": [1.0, 0.9], "group_std": [0.0, 0.1], "IF": [1.0, 0.8], "GA": [1.0, 0.7]},
+              "1.3": {"reward": [0.7, 0.4], "group_std": [0.2, 0.2], "IF": [0.6, 0.4], "GA": [0.6, 0.3]}}
+    (tmp_path / "rollout_noise.json").write_text(json.dumps({"sessions": 16, "levels": levels}))
+    text = "\n".join(rl_page.noise_section(tmp_path))
+    assert "| 1.3 | 0.70 / 0.40 | 0.60 / 0.40 | 0.60 / 0.30 | 0.20 / 0.20 |" in text
+    assert "--noise-levels 0.0 1.3 --sessions 16" in text

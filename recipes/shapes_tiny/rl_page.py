@@ -492,6 +492,30 @@ def protocol(results: dict, results_dir: Path) -> list[str]:
     return lines
 
 
+def noise_section(results_dir: Path) -> list[str]:
+    """The rollout reward per SDE noise level (`RESULTS/rollout_noise.json` of `recipes.shapes_tiny.rollout_noise`),
+    when the results folder has one: why the config's noise level."""
+    path = Path(results_dir) / "rollout_noise.json"
+    if not path.is_file():
+        return []
+    data = json.loads(path.read_text())
+    command = data.get("command") or ("python -m recipes.shapes_tiny.rollout_noise --noise-levels "
+                                      + " ".join(data["levels"]) + f" --sessions {data['sessions']} --json {shown(path)}")
+    turns = len(next(iter(data["levels"].values()))["reward"])
+    header = " / ".join(f"t{t}" for t in range(1, turns + 1))
+    lines = ["## The SDE noise level", "",
+             f"The trainer's rollouts of {data['sessions']} training sessions at each noise level, the same sessions, "
+             f"seeds and reasoning draws at every level (`{command}`); level 0 makes the window's steps ODE steps, "
+             "the sampler inference runs. Group std: the mean within-session spread of the reward, what the "
+             "advantages are made of.", "",
+             f"| noise level | reward {header} | IF {header} | GA {header} | group std {header} |",
+             "|---|---|---|---|---|"]
+    for level, row in data["levels"].items():
+        cells = [" / ".join(f"{v:.2f}" for v in row.get(k, [])) or "n/a" for k in ("reward", "IF", "GA", "group_std")]
+        lines.append(f"| {float(level):g} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def write_page(results_dir: Path, out: Path, notes: Path | None = None) -> None:
     """Write `out` (markdown) and its plot (`out` with `.png`) from the results in `results_dir`, with the markdown
     of `notes` (the reading of the numbers) appended."""
@@ -514,6 +538,7 @@ def write_page(results_dir: Path, out: Path, notes: Path | None = None) -> None:
             lines += ["Each trained seed against SFT (paired by session):", "", *seeds, ""]
         lines += ["Contamination (IF = 0 on the held-out sessions, all seeds; a session's own difficulty adds to the "
                   "chance of failing again):", "", *contamination_table(results, turns), ""]
+    lines += noise_section(results_dir)
     lines += ["## Training and filtering (from each run's trainer_state.json)", "",
               "Means over steps, then over seeds. IF = 0: samples whose IF score was 0; filtered: samples the "
               "trajectory filter removed from the loss; if_zero would mask: what the if_zero filter removes (with "

@@ -106,8 +106,9 @@ def main(argv: list[str] | None = None) -> int:
                   flush=True)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"config": str(args.config), "sessions": len(records),
-                                               "levels": results}, indent=1) + "\n")
+        command = "python -m recipes.shapes_tiny.rollout_noise " + " ".join(sys.argv[1:] if argv is None else argv)
+        Path(args.json).write_text(json.dumps({"command": command, "config": str(args.config),
+                                               "sessions": len(records), "levels": results}, indent=1) + "\n")
     return 0
 
 
