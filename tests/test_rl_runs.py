@@ -266,3 +266,14 @@ def test_page_shows_the_noise_measure_when_the_results_have_one(tmp_path):
     text = "\n".join(rl_page.noise_section(tmp_path))
     assert "| 1.3 | 0.70 / 0.40 | 0.60 / 0.40 | 0.60 / 0.30 | 0.20 / 0.20 |" in text
     assert "--noise-levels 0.0 1.3 --sessions 16" in text
+
+
+def test_attribution_splits_the_reasoner_from_the_editor():
+    results = _results({"sft": [0.0]}, sessions=4)
+    assert rl_page.attribution_table(results, 3) == []  # no `exact` rows: no table
+    rows = [r for fam in results["sft"][0]["bench"][3]["families"].values() for r in fam["sessions"]]
+    for i, row in enumerate(rows):
+        row["exact"] = [1, 1, i % 2]  # the intent is right on turns 1-2, and on half of the turn-3 ones
+        row["scores"] = [[1.0, 1, 1, 1], [0.0, 1, 1, 1], [float(i % 2), 1, 1, 1]]
+    (line,) = rl_page.attribution_table(results, 3)[2:]
+    assert line == "| SFT (shipped default) | 1.00 / 1.00 / 0.50 | 1.00 / 0.00 / 1.00 |"

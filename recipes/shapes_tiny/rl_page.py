@@ -326,6 +326,29 @@ def per_seed_table(results: dict, turns: int) -> list[str]:
     return lines if len(lines) > 2 else []
 
 
+def attribution_table(results: dict, turns: int) -> list[str]:
+    """Per arm, pooled over seeds and sessions: how often the intent written is the gold one (the reasoner), and IF
+    on the turns whose intent is exact (the editor on its own), per turn; empty when the bench files hold no
+    `exact` rows (`rl_runs.session_rows`)."""
+    header = " / ".join(f"t{t}" for t in range(1, turns + 1))
+    lines = [f"| arm | intent exact, {header} | IF when the intent is exact, {header} |", "|---|---|---|"]
+    for arm, runs in results.items():
+        exact, scores = [], []
+        for entry in runs.values():
+            bench = entry["bench"].get(turns)
+            rows = [r for res in (bench or {"families": {}})["families"].values() for r in res["sessions"]]
+            if rows and all("exact" in r for r in rows):
+                exact += [r["exact"] for r in rows]
+                scores += [[t[0] for t in r["scores"]] for r in rows]
+        if not exact:
+            continue
+        hit, follow = np.asarray(exact, dtype=bool), np.asarray(scores, dtype=np.float64)  # (sessions x seeds, turns)
+        given = [f"{follow[hit[:, t], t].mean():.2f}" if hit[:, t].any() else "n/a" for t in range(turns)]
+        lines.append(f"| {label(arm)} | " + " / ".join(f"{v:.2f}" for v in hit.mean(axis=0)) + " | " +
+                     " / ".join(given) + " |")
+    return lines if len(lines) > 2 else []
+
+
 def contamination_table(results: dict, turns: int) -> list[str]:
     """Per arm, over the held-out sessions and seeds: the share of IF = 0 per turn, and the chance that a turn fails
     (IF = 0) after a failed turn vs after a followed one (turns 2 and later)."""
@@ -536,6 +559,10 @@ def write_page(results_dir: Path, out: Path, notes: Path | None = None) -> None:
         seeds = per_seed_table(results, turns)
         if seeds:
             lines += ["Each trained seed against SFT (paired by session):", "", *seeds, ""]
+        attribution = attribution_table(results, turns)
+        if attribution:
+            lines += ["The reasoner and the editor apart (all seeds): how often the intent written is the gold one, "
+                      "and the editor's IF on the turns whose intent is exact:", "", *attribution, ""]
         lines += ["Contamination (IF = 0 on the held-out sessions, all seeds; a session's own difficulty adds to the "
                   "chance of failing again):", "", *contamination_table(results, turns), ""]
     lines += noise_section(results_dir)

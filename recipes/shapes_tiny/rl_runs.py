@@ -168,7 +168,8 @@ def adapters_fingerprint(adapters: Path | None) -> str | None:
 
 def session_rows(results_path: Path, family: str, count: int, first: int) -> list[dict]:
     """The compact per-session rows of the asked sessions from a bench results file (`editr2.bench.resume`):
-    `{"id", "seed", "scores": [[IF, CC, GA, reward] per turn]}`."""
+    `{"id", "seed", "scores": [[IF, CC, GA, reward] per turn]}`, plus `"exact": [1 if the intent written equals the
+    gold intent else 0, per turn]` when the editor recorded both (intent mode)."""
     from editr2.bench.resume import latest_by_id, read_results
     from editr2.bench.shapes.runner import session_id
 
@@ -176,8 +177,13 @@ def session_rows(results_path: Path, family: str, count: int, first: int) -> lis
     rows = []
     for seed in range(first, first + count):
         record = by_id[session_id(family, seed)]
-        rows.append({"id": record["session_id"], "seed": record["seed"],
-                     "scores": [[round(float(t[m]), 4) for m in METRICS] for t in record["turns"]]})
+        row = {"id": record["session_id"], "seed": record["seed"],
+               "scores": [[round(float(t[m]), 4) for m in METRICS] for t in record["turns"]]}
+        written = (record.get("editor_record") or {}).get("intent")
+        gold = (record.get("editor_record") or {}).get("gold_intent")
+        if written and gold and len(written) == len(gold) == len(record["turns"]):
+            row["exact"] = [int(w == g) for w, g in zip(written, gold)]
+        rows.append(row)
     return rows
 
 
