@@ -1,7 +1,7 @@
 """The RL demonstration: the shipped SFT default vs Edit-R2 RL vs RL without trajectory filtering, on held-out
 MICE-Shapes seeds, in one resumable command.
 
-    python -m recipes.shapes_tiny.rl_demo                    # train both arms, bench all three, write docs/results_rl.md
+    python -m recipes.shapes_tiny.rl_demo                    # train both arms, bench all three, write the report
     python -m recipes.shapes_tiny.rl_demo --jobs 2           # the two arms side by side (a machine with 2 free cores)
     python -m recipes.shapes_tiny.rl_demo --skip-train       # bench what is there (newest checkpoints) and write the report
 
@@ -438,7 +438,8 @@ def verdict(value: bool | None) -> str:
 
 def write_report(path: Path, benches: dict[str, dict], logs: dict[str, list[dict]], targets: dict, context: dict
                  ) -> None:
-    """`docs/results_rl.md`: protocol, per-turn table (pooled and per family), targets, training summary, plot."""
+    """The demo's report (`--out-md`): protocol, per-turn table (pooled and per family), targets, training
+    summary, plot."""
     per_turn = {arm: pool_families(b["families"]) for arm, b in benches.items()}
     plot = path.with_suffix(".png")
     args = context["args"]
@@ -524,7 +525,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated arms to train ({', '.join(ARMS)})")
     parser.add_argument("--jobs", type=int, default=1, help="arms trained at the same time")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process (1 is fastest here)")
-    parser.add_argument("--out-md", default=str(REPO / "docs" / "results_rl.md"), help="report (plot: same stem .png)")
+    parser.add_argument("--out-md", default=str(REPO / "runs" / "rl_demo" / "results_rl.md"),
+                        help="report (plot: same stem .png); docs/results_rl.md is the study's page (rl_page)")
     parser.add_argument("--skip-train", action="store_true", help="bench the arms' newest adapters, train nothing")
     parser.add_argument("--no-progress", action="store_true", help="hide the bench progress bars")
     return parser
