@@ -24,7 +24,7 @@ Arms: `sft` (the shipped SFT model, no training), `rl` (Edit-R2 RL, `trajectory_
      what the page pairs by session);
    - `trainer_state.json`: the Trainer's state with its per-step log (reward, per-turn reward, filter statistics,
      KL, timings; the other keys left out to keep it small);
-   - `run.json`: arm, seed, steps, the training config, the command, training seconds.
+   - `run.json`: arm, seed, steps, the training config, the command, training seconds (the logged steps' sum).
 """
 
 from __future__ import annotations
@@ -344,15 +344,18 @@ def main(argv: list[str] | None = None) -> int:
               f"{out / f'bench_t{turns}.json'}", flush=True)
     info = {"arm": args.arm, "seed": args.seed, "step": step, "max_steps": max_steps if args.arm != "sft" else 0,
             "trajectory_filter": ARMS[args.arm], "settings": ARM_SETTINGS.get(args.arm, {}), "model": str(args.model or config.get("model_name_or_path")),
-            "config": {**config, **({"max_steps": max_steps} if args.arm != "sft" else {}),
+            "config": {**config, **ARM_SETTINGS.get(args.arm, {}),
+                       **({"max_steps": max_steps} if args.arm != "sft" else {}),
                        **({"per_device_train_batch_size": args.sessions_per_step} if args.sessions_per_step else {})},
             "command": "python -m recipes.shapes_tiny.rl_runs " + " ".join(argv if argv is not None else sys.argv[1:]),
             "device": args.device, "threads": args.threads}
-    previous = json.loads((out / "run.json").read_text()) if (out / "run.json").is_file() else {}
-    info["train_seconds"] = previous.get("train_seconds", 0.0) + seconds if args.arm != "sft" else 0.0
+    state = trimmed_state(run) if args.arm != "sft" else {"log_history": []}
+    # the steps' own seconds, summed over every session of work that trained the run (resumes included)
+    info["train_seconds"] = round(sum(e.get("timing/step", 0.0) for e in state["log_history"]), 1)
+    info["train_seconds_this_call"] = round(seconds, 1)
     write_json(out / "run.json", info)
     if args.arm != "sft":
-        write_json(out / "trainer_state.json", trimmed_state(run))
+        write_json(out / "trainer_state.json", state)
     print(f"wrote {out}")
     return 0
 

@@ -68,4 +68,4 @@ for ((k = 0; k < JOBS; k++)); do lane "$k" & pids+=($!); done
 failed=0
 for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
 if [ "$failed" != 0 ]; then echo "a run failed (its error is above); rerun the same command to continue" >&2; exit 1; fi
-run "$PY" -m recipes.shapes_tiny.rl_page --results "$RESULTS" --out docs/results_rl.md
+run "$PY" -m recipes.shapes_tiny.rl_page --results "$RESULTS" --out docs/results_rl.md --notes docs/results_rl_notes.md
