@@ -79,18 +79,24 @@ def run_folder(root: str | os.PathLike, arm: str, seed: int) -> Path:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def train_command(arm: str, seed: int, config: Path, model: Path, output_dir: Path, args) -> list[str]:
-    """The training script's command line for (arm, seed), continuing from the newest checkpoint if there is one."""
+def template_flags(model: Path, config: Path) -> list[str]:
+    """`--reasoning_template T` with the model folder's request template when the config sets none, so the rollouts
+    ask the reasoner as the model's inference does."""
     from diffusers_editr2.call_defaults import read_call_defaults
 
+    template = (read_call_defaults(model) or {"reference_area": None}).get("template")
+    return ["--reasoning_template", template] if template is not None and \
+        read_config(config).get("reasoning_template") is None else []
+
+
+def train_command(arm: str, seed: int, config: Path, model: Path, output_dir: Path, args) -> list[str]:
+    """The training script's command line for (arm, seed), continuing from the newest checkpoint if there is one."""
     cmd = [sys.executable, "-m", "trl_editr2.scripts.editr2", "--config", str(config),
            "--model_name_or_path", str(model), "--output_dir", str(output_dir), "--seed", str(seed),
            "--trajectory_filter", ARMS[arm]]
     for key, value in ARM_SETTINGS.get(arm, {}).items():
         cmd += [f"--{key}", str(value)]
-    template = (read_call_defaults(model) or {"reference_area": None}).get("template")
-    if template is not None and read_config(config).get("reasoning_template") is None:
-        cmd += ["--reasoning_template", template]  # rollouts ask the reasoner as the model's inference does
+    cmd += template_flags(model, config)
     if args.max_steps is not None:
         cmd += ["--max_steps", str(args.max_steps)]
     if args.sessions_per_step is not None:

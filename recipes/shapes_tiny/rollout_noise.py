@@ -48,14 +48,11 @@ def build_trainer(config: Path, output_dir: str, overrides: list[str]):
 
 
 def model_template_flags(config: Path) -> list[str]:
-    """`--reasoning_template T` with the model folder's request template when the config sets none, so the rollouts
-    ask the reasoner as the model's inference does (as `rl_runs` trains)."""
-    from diffusers_editr2.call_defaults import read_call_defaults
+    """The template flags `rl_runs` trains with (`rl_runs.template_flags`), for the config's model folder."""
     from recipes.shapes_tiny.rl_demo import read_config, resolve_model
+    from recipes.shapes_tiny.rl_runs import template_flags
 
-    settings = read_config(config)
-    template = (read_call_defaults(resolve_model(None, settings)) or {}).get("template")
-    return ["--reasoning_template", template] if template and settings.get("reasoning_template") is None else []
+    return template_flags(resolve_model(None, read_config(config)), config)
 
 
 def per_turn(trainer, rollouts) -> dict[str, list[float]]:
