@@ -26,14 +26,15 @@ TINY_RL_CONFIG = yaml.safe_dump({**yaml.safe_load(DEMO_CONFIG), "shapes_num_sess
 
 @pytest.fixture(scope="module")
 def study(model_folder, tmp_path_factory):
-    """Every arm, seed 0, plus rl seed 1: 1 training step each, 2 held-out sessions, 2- and 3-turn benches."""
+    """Every arm, seed 0, plus rl seed 1 and a shipped bench of seed 1: 1 training step each, 2 held-out sessions,
+    2- and 3-turn benches."""
     root = tmp_path_factory.mktemp("rl-study")
     config = root / "tiny_rl.yaml"
     config.write_text(TINY_RL_CONFIG)
     common = ["--model", str(model_folder(TINY_CALL_DEFAULTS)), "--config", str(config), "--run-dir",
               str(root / "runs"), "--results", str(root / "results"), "--sessions", "2", "--families", "cm",
               "--turns", "2,3", "--max-steps", "1", "--no-progress"]
-    for arm, seed in (("sft", 0), ("rl", 0), ("rl_nofilter", 0), ("rl", 1)):
+    for arm, seed in (("sft", 0), ("rl", 0), ("rl_nofilter", 0), ("rl", 1), ("shipped", 1)):
         assert rl_runs.main(["--arm", arm, "--seed", str(seed), *common]) == 0
     out = root / "docs" / "results_rl.md"
     assert rl_page.main(["--results", str(root / "results"), "--out", str(out)]) == 0
@@ -63,8 +64,17 @@ def test_each_run_writes_small_committable_results(study):
         assert not any(k.startswith("timing/rollout/") for k in entry)  # trimmed to rl_runs.LOG_KEYS
         if arm == "rl_nofilter":
             assert entry["filter/frac_filtered"] == 0
-    # no weights in the results folder
-    assert not [p for p in results.rglob("*") if p.suffix in (".safetensors", ".bin", ".pt")]
+    # the only weights in the results folder: each RL run's adapters, the ones its benches name
+    weights = {p.relative_to(results).parts[:3] for p in results.rglob("*")
+               if p.suffix in (".safetensors", ".bin", ".pt")}
+    assert weights == {(arm, f"seed{seed}", "adapters") for arm, seed in (("rl", 0), ("rl_nofilter", 0), ("rl", 1))}
+    for arm, seed in (("rl", 0), ("rl_nofilter", 0), ("rl", 1)):
+        folder = results / arm / f"seed{seed}"
+        assert {p.name for p in (folder / "adapters").iterdir()} == {rl_runs.ADAPTER_FILE, "reasoning_lora",
+                                                                     "editr2_config.json"}
+        digest = rl_runs.adapters_fingerprint(folder / "adapters")
+        assert json.loads((folder / "bench_t3.json").read_text())["adapters_sha256"] == digest
+        assert digest == rl_runs.adapters_fingerprint(root / "runs" / arm / f"seed{seed}")
 
 
 @pytest.mark.slow
@@ -77,6 +87,11 @@ def test_page_is_regenerated_from_the_committed_files_alone(study, tmp_path):
                  "| RL (Edit-R2, if_zero filter), seed 1 |"):
         assert text in page, text
     assert out.with_suffix(".png").stat().st_size > 1000
+    # the shipped folder is paired with the RL run of its seed only, in its own section (here the SFT folder itself,
+    # so the section measures what that run's adapters change), and in no arm table
+    section = page[page.index("## The shipped default"):]
+    assert section.count("| RL (Edit-R2, if_zero filter), seed 1 |") == 2  # 2 and 3 turns
+    assert "| shipped |" not in page and "shipped: seeds" not in page
     # a copy of the results folder alone (the runs folder gone) gives the same page
     import shutil
 
@@ -104,6 +119,25 @@ def test_rerun_resumes_and_does_not_train_a_finished_run(study, capsys):
     assert "bench/step1_t2_cm again" in capsys.readouterr().out
 
 
+@pytest.mark.slow
+def test_committed_adapters_are_benched_again_without_the_run_folder(study, tmp_path, capsys):
+    root, common, _ = study
+    import shutil
+
+    results = tmp_path / "results"
+    shutil.copytree(root / "results" / "rl" / "seed1", results / "rl" / "seed1")
+    before = {name: (results / "rl" / "seed1" / name).read_text() for name in ("bench_t2.json", "trainer_state.json")}
+    flags = [*common]
+    flags[flags.index("--run-dir") + 1] = str(tmp_path / "empty-runs")
+    flags[flags.index("--results") + 1] = str(results)
+    assert rl_runs.main(["--arm", "rl", "--seed", "1", "--skip-train", *flags]) == 0
+    assert "not trained again" not in capsys.readouterr().out
+    for name, text in before.items():  # the same sessions, scored again from the committed adapters alone
+        assert (results / "rl" / "seed1" / name).read_text() == text, name
+    with pytest.raises(RuntimeError, match="no committed adapters"):
+        rl_runs.main(["--arm", "rl", "--seed", "2", "--skip-train", *flags])
+
+
 def test_train_command_sets_seed_filter_and_resumes(tmp_path, model_folder):
     model = model_folder(TINY_CALL_DEFAULTS)
     config = tmp_path / "c.yaml"
@@ -117,7 +151,8 @@ def test_train_command_sets_seed_filter_and_resumes(tmp_path, model_folder):
     assert "--per_device_train_batch_size 8" in joined and "--use_cpu false" in joined
     assert "--resume_from_checkpoint" not in cmd and "--noise_level" not in cmd
     ablation = rl_runs.train_command("rl_noise13", 0, config, model, tmp_path / "other", args)
-    assert ablation[ablation.index("--noise_level") + 1] == "1.3" and "--trajectory_filter if_zero" in " ".join(ablation)
+    assert ablation[ablation.index("--noise_level") + 1] == "1.3"
+    assert "--trajectory_filter if_zero" in " ".join(ablation)
     (out / "checkpoint-3").mkdir(parents=True)
     (out / "checkpoint-10").mkdir()
     cmd = rl_runs.train_command("rl_nofilter", 2, config, model, out, args)
@@ -208,7 +243,8 @@ def test_study_script_refuses_an_unknown_device():
     import subprocess
 
     proc = subprocess.run(["bash", str(REPO / "recipes" / "shapes_tiny" / "rl_study.sh")],
-                          env={"DRY_RUN": "1", "DEVICE": "tpu", "PATH": "/usr/bin:/bin"}, capture_output=True, text=True)
+                          env={"DRY_RUN": "1", "DEVICE": "tpu", "PATH": "/usr/bin:/bin"}, capture_output=True,
+                          text=True)
     assert proc.returncode == 2 and "DEVICE=tpu" in proc.stderr
 
 

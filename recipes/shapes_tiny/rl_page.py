@@ -51,6 +51,7 @@ LABELS = {"sft": "SFT (shipped default)", "rl": "RL (Edit-R2, if_zero filter)", 
 COLORS = {"sft": "tab:gray", "rl": "tab:blue", "rl_nofilter": "tab:orange", "rl_noise13": "tab:red"}
 COMPARISONS = (("rl", "sft"), ("rl", "rl_nofilter"), ("rl_noise13", "sft"))
 OPTIONAL_ARMS = ("rl_noise13",)  # ablations: their rows appear only when their results do
+SHIPPED = "shipped"  # bench-only: the shipped default folder, paired with the RL run of the same seed only
 METRICS = ("IF", "CC", "GA", "reward")
 RESAMPLES = 2000
 BOOTSTRAP_SEED = 0
@@ -527,7 +528,8 @@ def noise_section(results_dir: Path) -> list[str]:
         return []
     data = json.loads(path.read_text())
     command = data.get("command") or ("python -m recipes.shapes_tiny.rollout_noise --noise-levels "
-                                      + " ".join(data["levels"]) + f" --sessions {data['sessions']} --json {shown(path)}")
+                                      + " ".join(data["levels"])
+                                      + f" --sessions {data['sessions']} --json {shown(path)}")
     turns = len(next(iter(data["levels"].values()))["reward"])
     header = " / ".join(f"t{t}" for t in range(1, turns + 1))
     lines = ["## The SDE noise level", "",
@@ -543,11 +545,41 @@ def noise_section(results_dir: Path) -> list[str]:
     return lines + [""]
 
 
+def shipped_section(shipped: dict[int, dict], results: dict) -> list[str]:
+    """The shipped default folder (`rl_runs --arm shipped --seed S`) against the RL run of seed S with its adapters
+    loaded, paired by session with the same sampling seed: what fusing the adapters into half-precision weights
+    changes. Empty without a shipped bench."""
+    names = ["reward, all turns", "reward turns 2-3", "GA t3", "IF, all turns"]
+    fns = [lambda s: float(s[:, 3].mean()), late_reward, column("GA t3"), lambda s: float(s[:, 0].mean())]
+    rows = []
+    for seed, entry in shipped.items():
+        rl = results.get("rl", {}).get(seed)
+        for turns, bench in sorted(entry["bench"].items()):
+            if rl is None or turns not in rl["bench"]:
+                continue
+            a, b = session_scores(bench), session_scores(rl["bench"][turns])
+            cells = [fmt_diff(paired_bootstrap({k: [fn(v)] for k, v in a.items()}, {k: [fn(v)] for k, v in b.items()}))
+                     if turns >= 3 or name not in ("reward turns 2-3", "GA t3") else "n/a"
+                     for name, fn in zip(names, fns)]
+            rows.append(f"| {label('rl')}, seed {seed} | {turns} | {len(set(a) & set(b))} | " + " | ".join(cells) +
+                        " |")
+    if not rows:
+        return []
+    model = next(iter(shipped.values()))["run"].get("model", "the shipped folder")
+    return ["## The shipped default", "",
+            f"`{model}` benched on the same held-out sessions with the sampling seed of the RL run whose adapters are "
+            "fused into it, paired by session against that run with its adapters loaded: what fusing and half "
+            "precision change (shipped - adapters).", "",
+            "| shipped - | turns | sessions | " + " | ".join(names) + " |", "|---|---|---|" + "---|" * len(names),
+            *rows, ""]
+
+
 def write_page(results_dir: Path, out: Path, notes: Path | None = None,
                command: str = "python -m recipes.shapes_tiny.rl_page") -> None:
     """Write `out` (markdown) and its plot (`out` with `.png`) from the results in `results_dir`, with the markdown
     of `notes` (the reading of the numbers) appended."""
     results = load_results(results_dir)
+    shipped = results.pop(SHIPPED, {})
     plot = out.with_suffix(".png")
     turn_counts = sorted({t for runs in results.values() for e in runs.values() for t in e["bench"]})
     lines = ["# RL: SFT vs Edit-R2 RL vs RL without trajectory filtering (MICE-Shapes)", "",
@@ -570,6 +602,7 @@ def write_page(results_dir: Path, out: Path, notes: Path | None = None,
                       "and the editor's IF on the turns whose intent is exact:", "", *attribution, ""]
         lines += ["Contamination (IF = 0 on the held-out sessions, all seeds; a session's own difficulty adds to the "
                   "chance of failing again):", "", *contamination_table(results, turns), ""]
+    lines += shipped_section(shipped, results)
     lines += noise_section(results_dir)
     lines += ["## Training and filtering (from each run's trainer_state.json)", "",
               "Means over steps, then over seeds. IF = 0: samples whose IF score was 0; filtered: samples the "

@@ -3,12 +3,16 @@ committable results.
 
     python -m recipes.shapes_tiny.rl_runs --arm rl --seed 0            # train (or resume), bench 3 and 6 turns, write
     python -m recipes.shapes_tiny.rl_runs --arm sft --seed 1           # the untrained SFT model: bench only
+    python -m recipes.shapes_tiny.rl_runs --arm shipped --seed 1 --turns 3   # the shipped default folder: bench only
     python -m recipes.shapes_tiny.rl_runs --arm rl_nofilter --seed 2 --device cuda   # on a GPU
     python -m recipes.shapes_tiny.rl_page                              # docs/results_rl.md from the committed results
 
-Arms: `sft` (the shipped SFT model, no training), `rl` (Edit-R2 RL, `trajectory_filter: if_zero`) and `rl_nofilter`
+Arms: `sft` (the SFT model the RL runs start from, no training), `rl` (Edit-R2 RL, `trajectory_filter: if_zero`) and `rl_nofilter`
 (the same without trajectory filtering), each with seeds 0, 1, 2 (`recipes/shapes_tiny/rl_study.sh` runs all nine);
 `rl_noise13` is `rl` at the paper's SDE noise level 1.3 (`ARM_SETTINGS`), an ablation of the config's level.
+`shipped` benches the shipped default folder (`checkpoints/editr2-shapes-tiny`) on the same sessions: with an RL run's
+adapters fused into it and the run's seed, the page pairs it with that run to measure what fusing in half precision
+changes.
 
 1. Train (RL arms): `trl_editr2/scripts/editr2.py --config CONFIG` (`configs/rl/study.yaml`: 8 sessions per step,
    G = 6, 3 turns, the paper's clip / KL / noise / SDE window, global-std advantages, LoRA on the editor and the
@@ -19,7 +23,11 @@ Arms: `sft` (the shipped SFT model, no training), `rl` (Edit-R2 RL, `trajectory_
    once with 3 turns and once with 6 (`--turns 3,6`), intent mode, the model folder's call defaults; the bench's
    sampling seed is the run's seed (so the three SFT "seeds" differ by sampling noise only). Per-session results go
    to `RUN_DIR/ARM/seedN/bench/...jsonl` as they finish: an interrupted bench resumes; more `--sessions` adds sessions.
-3. Write `RESULTS/ARM/seedN/` (`docs/rl_runs/` by default, meant to be committed; no weights):
+3. Write `RESULTS/ARM/seedN/` (`docs/rl_runs/` by default, meant to be committed):
+   - `adapters/` (RL arms): the finished run's adapters, a few MB: `pytorch_lora_weights.safetensors`
+     (`pipe.load_lora_weights`), `reasoning_lora/` (`pipe.load_reasoning_lora`) and `editr2_config.json`; their sha256
+     is in every `bench_t{T}.json`, so the benched weights are the committed ones. `--skip-train` on a clone without
+     the run folder benches these again; `python -m recipes.shapes_tiny.export --adapters` fuses them;
    - `bench_t{T}.json`: per family the per-turn means and every session's per-turn IF / CC / GA / reward (4 decimals;
      what the page pairs by session);
    - `trainer_state.json`: the Trainer's state with its per-step log (reward, per-turn reward, filter statistics,
@@ -32,6 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -39,6 +48,7 @@ from pathlib import Path
 
 from recipes.shapes_tiny.rl_demo import (
     ADAPTER_FILE,
+    REASONING_DIR,
     finished_steps,
     latest_checkpoint,
     load_adapters,
@@ -52,12 +62,16 @@ DEFAULT_CONFIG = REPO / "recipes" / "shapes_tiny" / "configs" / "rl" / "study.ya
 DEFAULT_RESULTS = REPO / "docs" / "rl_runs"
 DEFAULT_RUN_DIR = REPO / "runs" / "rl"
 
-# arm -> trajectory_filter of its training run; "sft" is the untrained model itself
-ARMS = {"sft": None, "rl": "if_zero", "rl_nofilter": "none", "rl_noise13": "if_zero"}
+# arm -> trajectory_filter of its training run; None: a bench-only arm ("sft" is the config's model, the RL runs'
+# base; "shipped" the shipped default folder, e.g. an RL run's adapters fused into it)
+ARMS = {"sft": None, "rl": "if_zero", "rl_nofilter": "none", "rl_noise13": "if_zero", "shipped": None}
+SHIPPED_MODEL = "checkpoints/editr2-shapes-tiny"
 # arm -> training settings over the config's: rl_noise13 is RL at the paper's noise level (1.3, set for 15 steps)
 ARM_SETTINGS = {"rl_noise13": {"noise_level": 1.3}}
 FAMILIES = ("cm", "cu")
 METRICS = ("IF", "CC", "GA", "reward")
+COMMITTED_ADAPTERS = "adapters"  # RESULTS/ARM/seedN/adapters: the finished run's adapters
+ADAPTER_EXTRAS = ("editr2_config.json",)  # copied beside the adapters: how they were trained
 # the per-step log keys kept in the committed trainer_state.json (exact names, or prefixes ending in "/")
 LOG_KEYS = ("step", "epoch", "loss", "reward", "reward_std", "kl", "learning_rate", "grad_norm", "skipped_steps",
             "advantages/std_samples", "frac_reward_zero_std", "rewards/", "filter/", "reasoning/", "clip_ratio/",
@@ -136,14 +150,38 @@ def train(arm: str, seed: int, config_path: Path, model: Path, max_steps: int, r
     return time.perf_counter() - start
 
 
-def final_adapters(run: Path) -> tuple[Path, int]:
-    """The finished run's adapters folder and its step; an error naming what to do when training did not finish."""
+def final_adapters(run: Path, out: Path | None = None) -> tuple[Path, int]:
+    """The finished run's adapters folder and its step. Without a finished run in `run`, the committed copy in
+    `out/adapters` (with the step its `run.json` names) when there is one; else an error naming what to do."""
     step = finished_steps(run)
-    if step < 1 or not (run / ADAPTER_FILE).is_file():
-        newest = latest_checkpoint(run)
-        raise RuntimeError(f"{run} holds no finished training run (newest checkpoint: {newest}); rerun the command "
-                           "without --skip-train to finish it.")
-    return run, step
+    if step >= 1 and (run / ADAPTER_FILE).is_file():
+        return run, step
+    if out is not None and (out / COMMITTED_ADAPTERS / ADAPTER_FILE).is_file() and (out / "run.json").is_file():
+        return out / COMMITTED_ADAPTERS, int(json.loads((out / "run.json").read_text())["step"])
+    newest = latest_checkpoint(run)
+    raise RuntimeError(f"{run} holds no finished training run (newest checkpoint: {newest}) and {out} no committed "
+                       "adapters; rerun the command without --skip-train to finish it.")
+
+
+def commit_adapters(adapters: Path, out: Path) -> Path:
+    """Copy a finished run's adapters (the transformer LoRA, `reasoning_lora/`, the training config; no base weights)
+    to `out/adapters`, replacing an older copy only once the new one is complete. A no-op when `adapters` is that
+    copy already."""
+    dest = out / COMMITTED_ADAPTERS
+    if adapters.resolve() == dest.resolve():
+        return dest
+    staging = out / f".{COMMITTED_ADAPTERS}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    shutil.copy2(adapters / ADAPTER_FILE, staging / ADAPTER_FILE)
+    if (adapters / REASONING_DIR).is_dir():
+        shutil.copytree(adapters / REASONING_DIR, staging / REASONING_DIR)
+    for name in ADAPTER_EXTRAS:
+        if (adapters / name).is_file():
+            shutil.copy2(adapters / name, staging / name)
+    shutil.rmtree(dest, ignore_errors=True)
+    staging.rename(dest)
+    return dest
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -216,8 +254,8 @@ def bench_setting(arm: str, seed: int, step: int, turns: int, model: Path, adapt
         families[family] = {"per_turn": result["per_turn"], "mean": result["mean"],
                             "sessions": session_rows(cache / "results.jsonl", family, args.sessions, args.bench_seed)}
     return {"arm": arm, "seed": seed, "step": step, "turns": turns, "sessions_per_family": args.sessions,
-            "bench_seed": args.bench_seed, "sampling_seed": seed, "size": args.size, "reasoning": "intent",
-            "metrics": list(METRICS), "families": families}
+            "adapters_sha256": adapters_fingerprint(adapters), "bench_seed": args.bench_seed, "sampling_seed": seed,
+            "size": args.size, "reasoning": "intent", "metrics": list(METRICS), "families": families}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -278,7 +316,7 @@ def trimmed_state(run: Path) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arm", required=True, choices=list(ARMS), help="sft (bench only), rl or rl_nofilter")
+    parser.add_argument("--arm", required=True, choices=list(ARMS), help="sft or shipped (bench only), rl, rl_nofilter or rl_noise13")
     parser.add_argument("--seed", type=int, required=True, help="training seed (and the bench's sampling seed)")
     parser.add_argument("--model", default=None, help="SFT pipeline folder (default: the config's model_name_or_path)")
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="training YAML")
@@ -323,7 +361,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     config_path = Path(args.config).resolve()
     config = read_config(config_path)
-    model = resolve_model(args.model, config)
+    trained = ARMS[args.arm] is not None
+    model_name = args.model or (SHIPPED_MODEL if args.arm == "shipped" else config.get("model_name_or_path"))
+    model = resolve_model(model_name, config)
     if args.size is None:
         from diffusers_editr2.call_defaults import read_call_defaults
 
@@ -338,29 +378,34 @@ def main(argv: list[str] | None = None) -> int:
     stop_on_sigterm()
 
     seconds, adapters, step = 0.0, None, 0
-    if args.arm != "sft":
+    if trained:
         if not args.skip_train:
             seconds = train(args.arm, args.seed, config_path, model, max_steps, run, args)
-        adapters, step = final_adapters(run)
+        adapters, step = final_adapters(run, out)
+        commit_adapters(adapters, out)
     for turns in args.turns:
         start = time.perf_counter()
         bench = bench_setting(args.arm, args.seed, step, turns, model, adapters, run, args)
         write_json(out / f"bench_t{turns}.json", bench)
         print(f"[{args.arm} seed {args.seed}] bench {turns} turns: {time.perf_counter() - start:.0f} s -> "
               f"{out / f'bench_t{turns}.json'}", flush=True)
-    info = {"arm": args.arm, "seed": args.seed, "step": step, "max_steps": max_steps if args.arm != "sft" else 0,
-            "trajectory_filter": ARMS[args.arm], "settings": ARM_SETTINGS.get(args.arm, {}), "model": str(args.model or config.get("model_name_or_path")),
+    info = {"arm": args.arm, "seed": args.seed, "step": step, "max_steps": max_steps if trained else 0,
+            "trajectory_filter": ARMS[args.arm], "settings": ARM_SETTINGS.get(args.arm, {}),
+            "model": str(model_name),
             "config": {**config, **ARM_SETTINGS.get(args.arm, {}),
-                       **({"max_steps": max_steps} if args.arm != "sft" else {}),
+                       **({"max_steps": max_steps} if trained else {}),
                        **({"per_device_train_batch_size": args.sessions_per_step} if args.sessions_per_step else {})},
             "command": "python -m recipes.shapes_tiny.rl_runs " + " ".join(argv if argv is not None else sys.argv[1:]),
             "device": args.device, "threads": args.threads}
-    state = trimmed_state(run) if args.arm != "sft" else {"log_history": []}
+    if not trained:
+        state = {"log_history": []}
+    else:  # the run's log, or the committed one when the committed adapters were benched
+        state = trimmed_state(out if adapters == out / COMMITTED_ADAPTERS else run)
     # the steps' own seconds, summed over every session of work that trained the run (resumes included)
     info["train_seconds"] = round(sum(e.get("timing/step", 0.0) for e in state["log_history"]), 1)
     info["train_seconds_this_call"] = round(seconds, 1)
     write_json(out / "run.json", info)
-    if args.arm != "sft":
+    if trained:
         write_json(out / "trainer_state.json", state)
     print(f"wrote {out}")
     return 0
