@@ -287,13 +287,17 @@ def main(argv=None) -> int:
     for name, run in runs.items():
         metrics = run / "metrics.json"
         report["stages"][name] = json.loads(metrics.read_text()) if metrics.exists() else None
-    if args.bench_sessions:
-        results = bench(load(out), args.bench_sessions, args.bench_turns, progress=not args.no_progress)
-        report["bench"] = results
-        print(bench_table(results))
     where = runs["editor"] / args.report
     if (runs["editor"] / "model_index.json").is_file():  # a model folder (e.g. the shipped one): leave it unchanged
         where = out.parent / f"{out.name}.{args.report}"
+    return bench_and_report(args, out, report, where)
+
+
+def bench_and_report(args, out: Path, report: dict, where: Path) -> int:
+    """Bench the written folder when `--bench-sessions` asks (into `report["bench"]`), then write `report` to `where`."""
+    if args.bench_sessions:
+        report["bench"] = bench(load(out), args.bench_sessions, args.bench_turns, progress=not args.no_progress)
+        print(bench_table(report["bench"]))
     common.write_json(where, report)
     print(f"wrote {where}")
     return 0
@@ -322,13 +326,7 @@ def export_model(args) -> int:
                 print(f"fused {name}: {measure['params_changed']} tensors, change kept in fp16 {measure['kept']:.4f}")
     report["size_bytes"] = save(pipe, out, call_kwargs=kwargs)
     print(f"wrote {out} ({report['size_bytes'] / 2**20:.1f} MiB)")
-    if args.bench_sessions:
-        report["bench"] = bench(load(out), args.bench_sessions, args.bench_turns, progress=not args.no_progress)
-        print(bench_table(report["bench"]))
-    where = out.parent / f"{out.name}.{args.report}"
-    common.write_json(where, report)
-    print(f"wrote {where}")
-    return 0
+    return bench_and_report(args, out, report, out.parent / f"{out.name}.{args.report}")
 
 
 if __name__ == "__main__":
