@@ -81,7 +81,7 @@ def test_each_run_writes_small_committable_results(study):
 def test_page_is_regenerated_from_the_committed_files_alone(study, tmp_path):
     root, _, out = study
     page = out.read_text()
-    for text in ("## 2-turn sessions", "## 3-turn sessions", "RL (Edit-R2, if_zero filter) - SFT (shipped default)",
+    for text in ("## 2-turn sessions", "## 3-turn sessions", "RL (Edit-R2, if_zero filter) - SFT (the RL base)",
                  "RL (Edit-R2, if_zero filter) - RL, no filtering", "GA t3", "reward turns 2-3", "IF = 0",
                  "| RL (Edit-R2, if_zero filter) | 0, 1 |", "## Targets", "| 2 / 1 |", "Contamination",
                  "| RL (Edit-R2, if_zero filter), seed 1 |"):
@@ -104,23 +104,36 @@ def test_page_is_regenerated_from_the_committed_files_alone(study, tmp_path):
 
 
 @pytest.mark.slow
-def test_rerun_resumes_and_does_not_train_a_finished_run(study, capsys):
+def test_rerun_does_nothing_when_complete_and_benches_retrained_adapters_again(study, capsys):
     root, common, _ = study
+    rl0 = ["--arm", "rl", "--seed", "0", *common]
     before = (root / "results" / "rl" / "seed0" / "bench_t2.json").read_text()
-    assert rl_runs.main(["--arm", "rl", "--seed", "0", *common]) == 0
-    assert "finished (1 steps): not trained again" in capsys.readouterr().out
-    assert (root / "results" / "rl" / "seed0" / "bench_t2.json").read_text() == before  # sessions read back
-    # trained again to the same step (other weights): its cached bench sessions are stale and run again
+    assert rl_runs.main(rl0) == 0
+    assert "are complete: nothing to do" in capsys.readouterr().out
+    assert rl_runs.main([*rl0, "--check"]) == 0
+    assert rl_runs.main([*rl0, "--check", "--turns", "2,4"]) == 3
+    assert "to do: no bench_t4.json" in capsys.readouterr().out
+    assert (root / "results" / "rl" / "seed0" / "bench_t2.json").read_text() == before
+    # trained again to the same step (other weights): the committed results and the cached sessions are stale
     from safetensors.torch import load_file, save_file
 
     adapter = root / "runs" / "rl" / "seed0" / rl_runs.ADAPTER_FILE
     save_file({k: v + 0.5 for k, v in load_file(adapter).items()}, adapter)
-    assert rl_runs.main(["--arm", "rl", "--seed", "0", "--skip-train", *common]) == 0
-    assert "bench/step1_t2_cm again" in capsys.readouterr().out
+    assert rl_runs.main([*rl0, "--check"]) == 3
+    assert "benched with other adapters" in capsys.readouterr().out
+    assert rl_runs.main(rl0) == 0
+    out = capsys.readouterr().out
+    assert "finished (1 steps): not trained again" in out and "bench/step1_t2_cm again" in out
+    committed = root / "results" / "rl" / "seed0" / "adapters"
+    assert rl_runs.adapters_fingerprint(committed) == rl_runs.adapters_fingerprint(adapter.parent)
+    assert json.loads((committed.parent / "bench_t2.json").read_text())["adapters_sha256"] == \
+        rl_runs.adapters_fingerprint(committed)
 
 
 @pytest.mark.slow
-def test_committed_adapters_are_benched_again_without_the_run_folder(study, tmp_path, capsys):
+def test_committed_results_stand_in_for_a_missing_run_folder(study, tmp_path, capsys):
+    """On a fresh clone (no run folder): complete results make the command a no-op; a missing bench is run again from
+    the committed adapters, with no training."""
     root, common, _ = study
     import shutil
 
@@ -130,8 +143,13 @@ def test_committed_adapters_are_benched_again_without_the_run_folder(study, tmp_
     flags = [*common]
     flags[flags.index("--run-dir") + 1] = str(tmp_path / "empty-runs")
     flags[flags.index("--results") + 1] = str(results)
-    assert rl_runs.main(["--arm", "rl", "--seed", "1", "--skip-train", *flags]) == 0
-    assert "not trained again" not in capsys.readouterr().out
+    assert rl_runs.main(["--arm", "rl", "--seed", "1", *flags]) == 0
+    assert "nothing to do" in capsys.readouterr().out
+    (results / "rl" / "seed1" / "bench_t2.json").unlink()
+    assert rl_runs.main(["--arm", "rl", "--seed", "1", *flags]) == 0
+    out = capsys.readouterr().out
+    assert "training" not in out and "resuming" not in out and not (tmp_path / "empty-runs" / "rl" / "seed1" /
+                                                                     "checkpoint-1").exists()
     for name, text in before.items():  # the same sessions, scored again from the committed adapters alone
         assert (results / "rl" / "seed1" / name).read_text() == text, name
     with pytest.raises(RuntimeError, match="no committed adapters"):
@@ -239,6 +257,24 @@ def test_study_script_runs_every_arm_and_seed_in_lanes_then_the_page():
     assert len(runs) == 9 and all("--device cuda" in line and "--threads 4" in line for line in runs)
 
 
+def test_study_script_leaves_out_the_runs_whose_committed_results_are_complete(tmp_path):
+    import subprocess
+
+    log = tmp_path / "calls.log"
+    stub = tmp_path / "python"  # stands for the venv's python: rl_runs --check says rl 0 and the SFT benches are done
+    stub.write_text(f'#!/bin/bash\necho "$*" >> {log}\ncase "$*" in *--check*) case "$*" in *"--arm rl --seed 0 "*'
+                    '|*"--arm sft "*) exit 0;; esac; exit 3;; esac\n')
+    stub.chmod(0o755)
+    subprocess.run(["bash", str(REPO / "recipes" / "shapes_tiny" / "rl_study.sh")], check=True, capture_output=True,
+                   env={"PY": str(stub), "NICE": "0", "PATH": "/usr/bin:/bin"})
+    calls = log.read_text().splitlines()
+    ran = [(line.split("--arm ")[1].split()[0], line.split("--seed ")[1].split()[0]) for line in calls
+           if "recipes.shapes_tiny.rl_runs" in line and "--check" not in line]
+    assert sorted(ran) == sorted([("rl_nofilter", "0"), ("rl", "1"), ("rl_nofilter", "1"), ("rl", "2"),
+                                  ("rl_nofilter", "2")])
+    assert sum("--check" in line for line in calls) == 9 and "recipes.shapes_tiny.rl_page" in calls[-1]
+
+
 def test_study_script_refuses_an_unknown_device():
     import subprocess
 
@@ -292,7 +328,7 @@ def test_per_seed_family_and_contamination_tables():
     assert ", cm only | 30 |" in diffs and ", cu only | 30 |" in diffs
     contamination = "\n".join(rl_page.contamination_table(results, 3))
     # every fifth session fails its last turn only: 12 of 60 at turn 3, each after a followed turn 2
-    assert "| SFT (shipped default) | 0.00 / 0.00 / 0.20 | n/a | 0.100 (of 240) |" in contamination
+    assert "| SFT (the RL base) | 0.00 / 0.00 / 0.20 | n/a | 0.100 (of 240) |" in contamination
 
 
 def test_page_shows_the_noise_measure_when_the_results_have_one(tmp_path):
@@ -313,4 +349,4 @@ def test_attribution_splits_the_reasoner_from_the_editor():
         row["exact"] = [1, 1, i % 2]  # the intent is right on turns 1-2, and on half of the turn-3 ones
         row["scores"] = [[1.0, 1, 1, 1], [0.0, 1, 1, 1], [float(i % 2), 1, 1, 1]]
     (line,) = rl_page.attribution_table(results, 3)[2:]
-    assert line == "| SFT (shipped default) | 1.00 / 1.00 / 0.50 | 1.00 / 0.00 / 1.00 |"
+    assert line == "| SFT (the RL base) | 1.00 / 1.00 / 0.50 | 1.00 / 0.00 / 1.00 |"

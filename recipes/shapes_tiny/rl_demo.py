@@ -36,7 +36,7 @@ DEFAULT_CONFIG = REPO / "examples" / "configs" / "shapes_default_rl.yaml"
 
 # arm -> trajectory_filter of its training run; "sft" is the untrained model itself
 ARMS = {"rl": "if_zero", "rl_nofilter": "none"}
-LABELS = {"sft": "SFT (shipped default)", "rl": "RL (Edit-R2, if_zero filter)", "rl_nofilter": "RL, no filtering"}
+LABELS = {"sft": "SFT (the RL base)", "rl": "RL (Edit-R2, if_zero filter)", "rl_nofilter": "RL, no filtering"}
 FAMILIES = ("cm", "cu")
 METRICS = ("IF", "CC", "GA", "reward")
 LATE_TURNS = (2, 3)  # the turns the targets are measured on

@@ -46,7 +46,7 @@ REPO = Path(__file__).resolve().parents[2]
 DEFAULT_RESULTS = REPO / "docs" / "rl_runs"
 DEFAULT_OUT = REPO / "docs" / "results_rl.md"
 ARM_ORDER = ("sft", "rl", "rl_nofilter", "rl_noise13")
-LABELS = {"sft": "SFT (shipped default)", "rl": "RL (Edit-R2, if_zero filter)", "rl_nofilter": "RL, no filtering",
+LABELS = {"sft": "SFT (the RL base)", "rl": "RL (Edit-R2, if_zero filter)", "rl_nofilter": "RL, no filtering",
           "rl_noise13": "RL at SDE noise 1.3"}
 COLORS = {"sft": "tab:gray", "rl": "tab:blue", "rl_nofilter": "tab:orange", "rl_noise13": "tab:red"}
 COMPARISONS = (("rl", "sft"), ("rl", "rl_nofilter"), ("rl_noise13", "sft"))

@@ -14,6 +14,10 @@ Arms: `sft` (the SFT model the RL runs start from, no training), `rl` (Edit-R2 R
 adapters fused into it and the run's seed, the page pairs it with that run to measure what fusing in half precision
 changes.
 
+0. Nothing runs when the committed results of (arm, seed) are complete for the command: run.json at the config's
+   steps and settings, a bench file per turn count on the same held-out sessions, benched with the committed adapters
+   (and with the run folder's, when it holds a finished run). `--check` only says so (exit 0) or names what is
+   missing (exit 3). A run whose adapters are committed at the config's steps is not trained again.
 1. Train (RL arms): `trl_editr2/scripts/editr2.py --config CONFIG` (`configs/rl/study.yaml`: 8 sessions per step,
    G = 6, 3 turns, the paper's clip / KL / noise / SDE window, global-std advantages, LoRA on the editor and the
    reasoner), with `--seed N`, the arm's `trajectory_filter`, and `--output_dir RUN_DIR/ARM/seedN`. Rerunning the
@@ -161,6 +165,48 @@ def final_adapters(run: Path, out: Path | None = None) -> tuple[Path, int]:
     newest = latest_checkpoint(run)
     raise RuntimeError(f"{run} holds no finished training run (newest checkpoint: {newest}) and {out} no committed "
                        "adapters; rerun the command without --skip-train to finish it.")
+
+
+def committed_step(out: Path) -> int:
+    """The step of the adapters committed in `out/adapters` (its `run.json`'s), 0 without them."""
+    if not ((out / COMMITTED_ADAPTERS / ADAPTER_FILE).is_file() and (out / "run.json").is_file()):
+        return 0
+    return int(json.loads((out / "run.json").read_text()).get("step", 0))
+
+
+def missing_results(out: Path, args, config: dict, max_steps: int, run: Path) -> str:
+    """What the committed results in `out` lack for this command (empty when they are complete): run.json at the
+    config's steps and settings, a bench file per turn count on the same held-out sessions, benched with the adapters
+    that are committed and, when the run folder holds a finished run, with its adapters."""
+    if not (out / "run.json").is_file():
+        return "no run.json"
+    info = json.loads((out / "run.json").read_text())
+    trained = ARMS[args.arm] is not None
+    if info.get("step") != (max_steps if trained else 0):
+        return f"step {info.get('step')} committed, {max_steps if trained else 0} asked"
+    ignored = ("model_name_or_path", "output_dir")  # the model is checked by the bench's adapters, the folder moves
+    wanted = {**config, **ARM_SETTINGS.get(args.arm, {}), **({"max_steps": max_steps} if trained else {}),
+              **({"per_device_train_batch_size": args.sessions_per_step} if args.sessions_per_step else {})}
+    changed = sorted(k for k in set(wanted) | set(info.get("config", {}))
+                     if k not in ignored and info.get("config", {}).get(k) != wanted.get(k))
+    if changed:
+        return f"config changed since: {', '.join(changed)}"
+    local = adapters_fingerprint(run) if trained and finished_steps(run) >= 1 else None
+    committed = adapters_fingerprint(out / COMMITTED_ADAPTERS) if (out / COMMITTED_ADAPTERS).is_dir() else None
+    if local is not None and committed is None:
+        return "the finished run's adapters are not committed"
+    for turns in args.turns:
+        path = out / f"bench_t{turns}.json"
+        if not path.is_file():
+            return f"no {path.name}"
+        bench = json.loads(path.read_text())
+        if (bench.get("sessions_per_family"), bench.get("bench_seed"), bench.get("size")) != \
+                (args.sessions, args.bench_seed, args.size) or not set(args.families) <= set(bench["families"]):
+            return f"{path.name} holds other held-out sessions"
+        benched = bench.get("adapters_sha256")
+        if benched is not None and any(f not in (None, benched) for f in (local, committed)):
+            return f"{path.name} was benched with other adapters"
+    return ""
 
 
 def commit_adapters(adapters: Path, out: Path) -> Path:
@@ -333,6 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to train and bench")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--skip-train", action="store_true", help="bench the finished run, train nothing")
+    parser.add_argument("--check", action="store_true",
+                        help="only say whether the committed results are complete for these flags (exit 0) or what "
+                             "they lack (exit 3); loads no model")
     parser.add_argument("--no-progress", action="store_true", help="hide the bench progress bars")
     return parser
 
@@ -377,9 +426,17 @@ def main(argv: list[str] | None = None) -> int:
     run.mkdir(parents=True, exist_ok=True)
     stop_on_sigterm()
 
+    missing = missing_results(out, args, config, max_steps, run)
+    if args.check:
+        print(f"[{args.arm} seed {args.seed}] {'to do: ' + missing if missing else 'complete'} ({out})")
+        return 3 if missing else 0
+    if not missing:
+        print(f"[{args.arm} seed {args.seed}] the committed results in {out} are complete: nothing to do")
+        return 0
     seconds, adapters, step = 0.0, None, 0
     if trained:
-        if not args.skip_train:
+        # a run whose adapters are committed at the config's steps is not trained again, its run folder gone or not
+        if not args.skip_train and not (committed_step(out) >= max_steps and finished_steps(run) == 0):
             seconds = train(args.arm, args.seed, config_path, model, max_steps, run, args)
         adapters, step = final_adapters(run, out)
         commit_adapters(adapters, out)

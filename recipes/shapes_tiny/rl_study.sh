@@ -2,8 +2,9 @@
 # The RL study: every (arm, seed) of `python -m recipes.shapes_tiny.rl_runs` (train, resumable, then bench 3- and
 # 6-turn held-out sessions), JOBS runs at a time, then the page (`python -m recipes.shapes_tiny.rl_page`). The RL arms
 # run seed by seed (the two arms of a seed side by side), the SFT benches last. Stop it anywhere (kill the script's
-# process group, or let the machine stop); rerunning the same command continues: finished runs are not trained again,
-# a run resumes from its newest checkpoint (every 5 steps) and benched sessions are read back.
+# process group, or let the machine stop); rerunning the same command continues: runs whose committed results are
+# complete are left out (on a fresh clone too: `rl_runs --check`), finished runs are not trained again, a run resumes
+# from its newest checkpoint (every 5 steps) and benched sessions are read back.
 #
 #   nohup bash recipes/shapes_tiny/rl_study.sh > runs/rl_study.log 2>&1 &    # CPU: two runs, one per core
 #   DEVICE=cuda bash recipes/shapes_tiny/rl_study.sh                         # one CUDA GPU: three runs share it
@@ -52,6 +53,19 @@ done
 for seed in $SEEDS; do
     for arm in $ARMS; do [ "$arm" != sft ] || runs+=("$arm $seed"); done
 done
+
+# leave out the runs whose committed results are complete (`rl_runs --check`; a dry run lists them all)
+todo=()
+for entry in "${runs[@]}"; do
+    read -r arm seed <<< "$entry"
+    # shellcheck disable=SC2086  # EXTRA holds several flags
+    if [ "${DRY_RUN:-0}" != 1 ] && "$PY" -m recipes.shapes_tiny.rl_runs --arm "$arm" --seed "$seed" \
+            --sessions "$SESSIONS" --turns "$TURNS" --results "$RESULTS" --run-dir "$RUN_DIR" --check $EXTRA; then
+        continue
+    fi
+    todo+=("$entry")
+done
+runs=("${todo[@]}")
 
 lane() {  # every JOBS-th run, starting at $1
     local i
