@@ -27,7 +27,7 @@ TINY_RL_CONFIG = yaml.safe_dump({**yaml.safe_load(DEMO_CONFIG), "shapes_num_sess
 @pytest.fixture(scope="module")
 def study(model_folder, tmp_path_factory):
     """Every arm, seed 0, plus rl seed 1 and a shipped bench of seed 1: 1 training step each, 2 held-out sessions,
-    2- and 3-turn benches."""
+    2- and 3-turn benches; sft and rl seed 0 also on gold intents (3 turns)."""
     root = tmp_path_factory.mktemp("rl-study")
     config = root / "tiny_rl.yaml"
     config.write_text(TINY_RL_CONFIG)
@@ -36,6 +36,8 @@ def study(model_folder, tmp_path_factory):
               "--turns", "2,3", "--max-steps", "1", "--no-progress"]
     for arm, seed in (("sft", 0), ("rl", 0), ("rl_nofilter", 0), ("rl", 1), ("shipped", 1)):
         assert rl_runs.main(["--arm", arm, "--seed", str(seed), *common]) == 0
+    for arm in ("sft", "rl"):  # the editor alone on gold intents, 3-turn sessions
+        assert rl_runs.main(["--arm", arm, "--seed", "0", "--prompts", "gold", *common, "--turns", "3"]) == 0
     out = root / "docs" / "results_rl.md"
     assert rl_page.main(["--results", str(root / "results"), "--out", str(out)]) == 0
     return root, common, out
@@ -55,6 +57,13 @@ def test_each_run_writes_small_committable_results(study):
             assert all(len(s["scores"]) == turns and len(s["scores"][0]) == 4 for s in sessions)
         run = json.loads((folder / "run.json").read_text())
         assert run["arm"] == arm and run["seed"] == seed and run["trajectory_filter"] == rl_runs.ARMS[arm]
+        assert "--prompts" not in run["command"]  # the gold bench leaves the main bench's run.json
+        if seed == 0 and arm in ("sft", "rl"):
+            gold = json.loads((folder / "bench_gold_t3.json").read_text())
+            assert (gold["prompts"], gold["reasoning"], gold["turns"]) == ("gold", "none", 3)
+            assert [s["id"] for s in gold["families"]["cm"]["sessions"]] == ["cm_0", "cm_1"]
+        else:
+            assert not list(folder.glob("bench_gold_*"))
         if arm == "sft":
             assert not (folder / "trainer_state.json").exists()
             continue
@@ -92,6 +101,9 @@ def test_page_is_regenerated_from_the_committed_files_alone(study, tmp_path):
     section = page[page.index("## The shipped default"):]
     assert section.count("| RL (Edit-R2, if_zero filter), seed 1 |") == 2  # 2 and 3 turns
     assert "| shipped |" not in page and "shipped: seeds" not in page
+    gold = page[page.index("## The editor alone: gold intents (3-turn sessions)"):]
+    assert "| SFT (the RL base) | 0 |" in gold and "| RL (Edit-R2, if_zero filter) | 0 |" in gold
+    assert "both on gold intents (the editor's gain) | " in gold and "own intents - SFT (the RL base), gold" in gold
     # a copy of the results folder alone (the runs folder gone) gives the same page
     import shutil
 

@@ -70,7 +70,8 @@ TARGETS = (("rl", "sft", 3, "reward turns 2-3", 0.08), ("rl", "sft", 3, "GA t3",
 
 
 def load_results(root: str | Path) -> dict[str, dict[int, dict]]:
-    """`{arm: {seed: {"run": run.json, "state": trainer_state.json or None, "bench": {turns: bench_tT.json}}}}`.
+    """`{arm: {seed: {"run": run.json, "state": trainer_state.json or None, "bench": {turns: bench_tT.json},
+    "gold": {turns: bench_gold_tT.json}}}}` (gold: the editor alone on gold intents, where benched).
 
     Raises:
         ValueError: when `root` holds no `ARM/seedN/bench_tT.json` file.
@@ -84,8 +85,10 @@ def load_results(root: str | Path) -> dict[str, dict[int, dict]]:
         if not seed_match or not turns_match:
             continue
         arm, seed = folder.parent.name, int(seed_match.group(1))
-        entry = runs.setdefault(arm, {}).setdefault(seed, {"run": {}, "state": None, "bench": {}})
+        entry = runs.setdefault(arm, {}).setdefault(seed, {"run": {}, "state": None, "bench": {}, "gold": {}})
         entry["bench"][int(turns_match.group(1))] = json.loads(bench_file.read_text())
+        for gold_file in folder.glob("bench_gold_t*.json"):
+            entry["gold"][int(gold_file.stem.rsplit("_t", 1)[1])] = json.loads(gold_file.read_text())
         if not entry["run"] and (folder / "run.json").is_file():
             entry["run"] = json.loads((folder / "run.json").read_text())
         if entry["state"] is None and (folder / "trainer_state.json").is_file():
@@ -545,6 +548,45 @@ def noise_section(results_dir: Path) -> list[str]:
     return lines + [""]
 
 
+def gold_section(results: dict, turns: int = 3) -> list[str]:
+    """The editor alone: each arm benched with every turn prompted by its gold intent (`rl_runs --prompts gold`)
+    beside its own intents, on the same sessions and seeds (the gold - own difference is what a reasoner that is
+    always right would add), and RL against the SFT editor given gold intents. Empty without such benches."""
+    names = ["reward turns 2-3", "GA t3"]
+    own, gold = {}, {}
+    for arm, runs in results.items():
+        seeds = {s: e for s, e in runs.items() if turns in e.get("gold", {}) and turns in e["bench"]}
+        if seeds:
+            own[arm] = arm_sessions(seeds, turns)
+            gold[arm] = arm_sessions({s: {"bench": e["gold"]} for s, e in seeds.items()}, turns)
+    if not gold:
+        return []
+    lines = [f"## The editor alone: gold intents ({turns}-turn sessions)", "",
+             "Each turn prompted with the session's gold operative intent (reasoning off), the editor still editing "
+             "its own carried state: the reward a reasoner that is always right would reach with that editor. Same "
+             "sessions and sampling seeds as the intent-mode bench, paired by session.", "",
+             "| arm | seeds | " + " | ".join(f"{n}: own intents / gold intents / gold - own" for n in names) + " |",
+             "|---|---|" + "---|" * len(names)]
+    for arm in gold:
+        cells = []
+        for name in names:
+            a, b = values(gold[arm], column(name)), values(own[arm], column(name))
+            mean_b, mean_a = (np.mean([np.mean(v) for v in x.values()]) for x in (b, a))
+            cells.append(f"{mean_b:.3f} / {mean_a:.3f} / {fmt_diff(paired_bootstrap(a, b))}")
+        seeds = ", ".join(str(s) for s, e in results[arm].items() if turns in e.get("gold", {}))
+        lines.append(f"| {label(arm)} | {seeds} | " + " | ".join(cells) + " |")
+    if "sft" in gold and "rl" in own:
+        lines += ["", "| difference | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        pairs = [(f"{label('rl')}, own intents - {label('sft')}, gold intents", own["rl"], gold["sft"])]
+        if "rl" in gold:
+            pairs.insert(0, (f"{label('rl')} - {label('sft')}, both on gold intents (the editor's gain)", gold["rl"],
+                             gold["sft"]))
+        for name, a, b in pairs:
+            cells = [fmt_diff(paired_bootstrap(values(a, column(n)), values(b, column(n)))) for n in names]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def shipped_section(shipped: dict[int, dict], results: dict) -> list[str]:
     """The shipped default folder (`rl_runs --arm shipped --seed S`) against the RL run of seed S with its adapters
     loaded, paired by session with the same sampling seed: what fusing the adapters into half-precision weights
@@ -602,6 +644,7 @@ def write_page(results_dir: Path, out: Path, notes: Path | None = None,
                       "and the editor's IF on the turns whose intent is exact:", "", *attribution, ""]
         lines += ["Contamination (IF = 0 on the held-out sessions, all seeds; a session's own difficulty adds to the "
                   "chance of failing again):", "", *contamination_table(results, turns), ""]
+    lines += gold_section(results)
     lines += shipped_section(shipped, results)
     lines += noise_section(results_dir)
     lines += ["## Training and filtering (from each run's trainer_state.json)", "",

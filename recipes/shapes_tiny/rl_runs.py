@@ -4,11 +4,13 @@ committable results.
     python -m recipes.shapes_tiny.rl_runs --arm rl --seed 0            # train (or resume), bench 3 and 6 turns, write
     python -m recipes.shapes_tiny.rl_runs --arm sft --seed 1           # the untrained SFT model: bench only
     python -m recipes.shapes_tiny.rl_runs --arm shipped --seed 1 --turns 3   # the shipped default folder: bench only
+    python -m recipes.shapes_tiny.rl_runs --arm rl --seed 1 --turns 3 --prompts gold   # the editor alone, gold intents
     python -m recipes.shapes_tiny.rl_runs --arm rl_nofilter --seed 2 --device cuda   # on a GPU
     python -m recipes.shapes_tiny.rl_page                              # docs/results_rl.md from the committed results
 
-Arms: `sft` (the SFT model the RL runs start from, no training), `rl` (Edit-R2 RL, `trajectory_filter: if_zero`) and `rl_nofilter`
-(the same without trajectory filtering), each with seeds 0, 1, 2 (`recipes/shapes_tiny/rl_study.sh` runs all nine);
+Arms: `sft` (the SFT model the RL runs start from, no training), `rl` (Edit-R2 RL, `trajectory_filter: if_zero`) and
+`rl_nofilter` (the same without trajectory filtering), each with seeds 0, 1, 2 (`recipes/shapes_tiny/rl_study.sh`
+runs all nine);
 `rl_noise13` is `rl` at the paper's SDE noise level 1.3 (`ARM_SETTINGS`), an ablation of the config's level.
 `shipped` benches the shipped default folder (`checkpoints/editr2-shapes-tiny`) on the same sessions: with an RL run's
 adapters fused into it and the run's seed, the page pairs it with that run to measure what fusing in half precision
@@ -196,7 +198,7 @@ def missing_results(out: Path, args, config: dict, max_steps: int, run: Path) ->
     if local is not None and committed is None:
         return "the finished run's adapters are not committed"
     for turns in args.turns:
-        path = out / f"bench_t{turns}.json"
+        path = out / bench_name(turns, args.prompts)
         if not path.is_file():
             return f"no {path.name}"
         bench = json.loads(path.read_text())
@@ -235,11 +237,14 @@ def commit_adapters(adapters: Path, out: Path) -> Path:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def load_editor(model: Path, adapters: Path | None, seed: int, device: str | None):
-    """The bench editor of the SFT folder, with `adapters` (an EditR2Trainer output) loaded when given."""
+def load_editor(model: Path, adapters: Path | None, seed: int, device: str | None, prompts: str = "instruction"):
+    """The bench editor of the SFT folder, with `adapters` (an EditR2Trainer output) loaded when given: intent mode,
+    or with `prompts="gold"` the editor alone, prompted with each turn's gold intent (reasoning "none")."""
     from diffusers_editr2.bench import load_bench_editor
 
-    editor = load_bench_editor(model, reasoning="intent", seed=seed, device=device)
+    gold = prompts == "gold"
+    editor = load_bench_editor(model, reasoning="none" if gold else "intent", seed=seed, device=device,
+                               prompts=prompts)
     if adapters is not None:
         loaded = load_adapters(editor.pipe, adapters)
         editor.name = f"{editor.name}+{'+'.join(loaded)}-lora"
@@ -277,9 +282,15 @@ def session_rows(results_path: Path, family: str, count: int, first: int) -> lis
     return rows
 
 
+def bench_name(turns: int, prompts: str = "instruction") -> str:
+    """`bench_t{T}.json`, or `bench_gold_t{T}.json` for the editor alone on gold intents."""
+    return f"bench_gold_t{turns}.json" if prompts == "gold" else f"bench_t{turns}.json"
+
+
 def bench_setting(arm: str, seed: int, step: int, turns: int, model: Path, adapters: Path | None, run: Path,
                   args) -> dict:
     """Bench one turn count on every family: `{"families": {family: {"per_turn", "mean", "sessions"}}, ...}`."""
+    gold = args.prompts == "gold"
     from editr2.bench.resume import ConfigMismatchError, model_fingerprint, open_run
     from editr2.bench.shapes.runner import run_bench
 
@@ -287,21 +298,23 @@ def bench_setting(arm: str, seed: int, step: int, turns: int, model: Path, adapt
     for family in args.families:
         config = {"model": model_fingerprint(model), "adapters": adapters_fingerprint(adapters), "step": step,
                   "family": family, "turns": turns, "bench_seed": args.bench_seed, "sampling_seed": seed,
-                  "size": args.size, "reasoning": "intent"}
-        folder = run / "bench" / f"step{step}_t{turns}_{family}"
+                  "size": args.size, "reasoning": "none" if gold else "intent",
+                  **({"prompts": "gold"} if gold else {})}
+        folder = run / "bench" / f"step{step}_t{turns}_{family}{'_gold' if gold else ''}"
         try:
             cache = open_run(folder, config)
         except ConfigMismatchError as error:  # e.g. the run was trained again: its old sessions are stale
             print(f"[{arm} seed {seed}] benching {folder} again: {error}")
             cache = open_run(folder, config, force=True)
-        editor = load_editor(model, adapters, seed, args.device if args.device == "cuda" else None)
+        editor = load_editor(model, adapters, seed, args.device if args.device == "cuda" else None, args.prompts)
         result = run_bench(editor, family=family, num_sessions=args.sessions, num_turns=turns, seed=args.bench_seed,
                            size=args.size, progress=not args.no_progress, results_path=cache / "results.jsonl")
         families[family] = {"per_turn": result["per_turn"], "mean": result["mean"],
                             "sessions": session_rows(cache / "results.jsonl", family, args.sessions, args.bench_seed)}
     return {"arm": arm, "seed": seed, "step": step, "turns": turns, "sessions_per_family": args.sessions,
             "adapters_sha256": adapters_fingerprint(adapters), "bench_seed": args.bench_seed, "sampling_seed": seed,
-            "size": args.size, "reasoning": "intent", "metrics": list(METRICS), "families": families}
+            "size": args.size, "reasoning": "none" if gold else "intent", "prompts": args.prompts,
+            "metrics": list(METRICS), "families": families}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -362,7 +375,8 @@ def trimmed_state(run: Path) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arm", required=True, choices=list(ARMS), help="sft or shipped (bench only), rl, rl_nofilter or rl_noise13")
+    parser.add_argument("--arm", required=True, choices=list(ARMS),
+                        help="sft or shipped (bench only), rl, rl_nofilter or rl_noise13")
     parser.add_argument("--seed", type=int, required=True, help="training seed (and the bench's sampling seed)")
     parser.add_argument("--model", default=None, help="SFT pipeline folder (default: the config's model_name_or_path)")
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="training YAML")
@@ -379,6 +393,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to train and bench")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--skip-train", action="store_true", help="bench the finished run, train nothing")
+    parser.add_argument("--prompts", default="instruction", choices=["instruction", "gold"],
+                        help="gold: bench the editor alone, every turn prompted with its gold intent (reasoning "
+                             "none), into bench_gold_t{T}.json; run.json is left as the main bench wrote it")
     parser.add_argument("--check", action="store_true",
                         help="only say whether the committed results are complete for these flags (exit 0) or what "
                              "they lack (exit 3); loads no model")
@@ -443,9 +460,12 @@ def main(argv: list[str] | None = None) -> int:
     for turns in args.turns:
         start = time.perf_counter()
         bench = bench_setting(args.arm, args.seed, step, turns, model, adapters, run, args)
-        write_json(out / f"bench_t{turns}.json", bench)
+        write_json(out / bench_name(turns, args.prompts), bench)
         print(f"[{args.arm} seed {args.seed}] bench {turns} turns: {time.perf_counter() - start:.0f} s -> "
-              f"{out / f'bench_t{turns}.json'}", flush=True)
+              f"{out / bench_name(turns, args.prompts)}", flush=True)
+    if args.prompts == "gold":  # an extra bench of the same run: its run.json stays the main bench's
+        print(f"wrote {out}")
+        return 0
     info = {"arm": args.arm, "seed": args.seed, "step": step, "max_steps": max_steps if trained else 0,
             "trajectory_filter": ARMS[args.arm], "settings": ARM_SETTINGS.get(args.arm, {}),
             "model": str(model_name),
