@@ -103,7 +103,7 @@ def test_page_is_regenerated_from_the_committed_files_alone(study, tmp_path):
     assert "| shipped |" not in page and "shipped: seeds" not in page
     gold = page[page.index("## The editor alone: gold intents (3-turn sessions)"):]
     assert "| SFT (the RL base) | 0 |" in gold and "| RL (Edit-R2, if_zero filter) | 0 |" in gold
-    assert "both on gold intents (the editor's gain) | " in gold and "own intents - SFT (the RL base), gold" in gold
+    assert "both on gold intents (the editor's gain) | " in gold and "(all seeds), own intents - SFT (the RL base), gold" in gold
     # a copy of the results folder alone (the runs folder gone) gives the same page
     import shutil
 

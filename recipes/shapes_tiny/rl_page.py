@@ -575,9 +575,10 @@ def gold_section(results: dict, turns: int = 3) -> list[str]:
             cells.append(f"{mean_b:.3f} / {mean_a:.3f} / {fmt_diff(paired_bootstrap(a, b))}")
         seeds = ", ".join(str(s) for s, e in results[arm].items() if turns in e.get("gold", {}))
         lines.append(f"| {label(arm)} | {seeds} | " + " | ".join(cells) + " |")
-    if "sft" in gold and "rl" in own:
+    if "sft" in gold and "rl" in results and arm_sessions(results["rl"], turns):
         lines += ["", "| difference | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-        pairs = [(f"{label('rl')}, own intents - {label('sft')}, gold intents", own["rl"], gold["sft"])]
+        pairs = [(f"{label('rl')} (all seeds), own intents - {label('sft')}, gold intents",
+                  arm_sessions(results["rl"], turns), gold["sft"])]
         if "rl" in gold:
             pairs.insert(0, (f"{label('rl')} - {label('sft')}, both on gold intents (the editor's gain)", gold["rl"],
                              gold["sft"]))
