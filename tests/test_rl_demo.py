@@ -203,7 +203,7 @@ def test_shipped_config_parses_with_the_papers_settings():
     from trl_editr2.scripts.editr2 import make_parser
 
     script_args, config = make_parser().parse_args_and_config(["--config", str(run.DEFAULT_CONFIG)])
-    assert script_args.model_name_or_path == "checkpoints/editr2-shapes-tiny"
+    assert script_args.model_name_or_path == "checkpoints/editr2-shapes-tiny-sft"  # the RL runs start from SFT
     assert script_args.shapes_seed >= 10_000_000 and script_args.shapes_num_sessions >= config.max_steps
     assert (config.num_generations, config.num_turns) == (6, 3)
     assert (config.sde_window_size, config.sde_window_range) == (2, [0, 3])  # high-noise steps of the model's 4

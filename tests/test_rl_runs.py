@@ -231,13 +231,13 @@ def test_shipped_config_has_the_recipes_settings():
     parser = TrlParser((EditR2ScriptArguments, EditR2Config))
     script_args, config = parser.parse_args_and_config(
         ["--config", str(rl_runs.DEFAULT_CONFIG), "--output_dir", "unused"])
-    assert script_args.model_name_or_path == "checkpoints/editr2-shapes-tiny"
+    assert script_args.model_name_or_path == "checkpoints/editr2-shapes-tiny-sft"  # the RL runs start from SFT
     assert config.per_device_train_batch_size >= 8 and config.num_generations == 6 and config.num_turns == 3
     assert config.global_std and config.batch_sessions and config.group_key == "session"
     assert (config.clip_range_image, config.clip_range_text, config.beta) == (1e-5, 1e-5, 0.01)
     assert config.noise_level == 0.5  # measured for the model's 4 steps (rollout_noise); 1.3 is the rl_noise13 arm
     # the model's own sampler (its call default steps), trained on a window of 2 of the high-noise first steps
-    defaults = json.loads((REPO / "checkpoints" / "editr2-shapes-tiny" / "editr2_call_defaults.json").read_text())
+    defaults = json.loads((REPO / "checkpoints" / "editr2-shapes-tiny-sft" / "editr2_call_defaults.json").read_text())
     assert config.num_inference_steps == defaults["num_inference_steps"]
     assert config.keep_unedited == defaults.get("keep_unedited") and config.reference_area is None
     assert config.sde_window_size == 2 and config.sde_window_range[0] == 0

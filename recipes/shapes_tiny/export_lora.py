@@ -1,9 +1,9 @@
-"""Ship a fine-tuned editor as a transformer LoRA over the default model (`editr2.lora.extract_lora`).
+"""Ship a fine-tuned editor as a transformer LoRA over the model it was fine-tuned from (`editr2.lora.extract_lora`).
 
-    python -m recipes.shapes_tiny.export_lora --base checkpoints/editr2-shapes-tiny \
+    python -m recipes.shapes_tiny.export_lora --base checkpoints/editr2-shapes-tiny-sft \
         --editor runs/editor_sft_none --rank 64 --out checkpoints/editr2-shapes-tiny-none-lora
 
-The trained baselines (`configs/editor_carried_{none,history}.yaml`) are full fine-tunes of the default editor; a full
+The trained baselines (`configs/editor_carried_{none,history}.yaml`) are full fine-tunes of the SFT editor; a full
 copy each would double the checkpoint. The adapter is the rank-`rank` truncated SVD of each linear layer's change plus
 its bias change, saved in diffusers' format (`pytorch_lora_weights.safetensors`, loaded with
 `pipe.load_lora_weights(out)`, `editr2 edit --lora`, `editr2 bench shapes --lora`). `lora_report.json` records the
@@ -85,8 +85,8 @@ def main(argv=None) -> int:
     (out / "lora_report.json").write_text(json.dumps(report, indent=2) + "\n")
     mode = report["prompt_mode"]
     (out / "README.md").write_text(
-        f"# editr2-shapes-tiny, `{mode}` editor (LoRA)\n\n"
-        f"The default editor fine-tuned with `prompt_mode: {mode}` (run folder `{run.as_posix()}`, whose `config.json` "
+        f"# {base_dir.name}, `{mode}` editor (LoRA)\n\n"
+        f"The {base_dir.name} editor fine-tuned with `prompt_mode: {mode}` (run folder `{run.as_posix()}`, whose `config.json` "
         f"holds every setting), shipped as a rank-{args.rank} transformer LoRA over `{base_dir.as_posix()}`. "
         f"Run it with `reasoning=\"{mode}\"`:\n\n```python\npipe = EditR2Pipeline.from_pretrained(\"{base_dir.as_posix()}\")\n"
         f"pipe.load_lora_weights(\"{out.as_posix()}\")\nout = pipe(image, prompt, reasoning=\"{mode}\")\n```\n\n"

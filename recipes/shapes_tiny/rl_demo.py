@@ -1,4 +1,4 @@
-"""The RL demonstration: the shipped SFT default vs Edit-R2 RL vs RL without trajectory filtering, on held-out
+"""The RL demonstration: the SFT model vs Edit-R2 RL vs RL without trajectory filtering, on held-out
 MICE-Shapes seeds, in one resumable command.
 
     python -m recipes.shapes_tiny.rl_demo                    # train both arms, bench all three, write the report

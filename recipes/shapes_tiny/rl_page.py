@@ -604,7 +604,9 @@ def shipped_section(shipped: dict[int, dict], results: dict) -> list[str]:
             cells = [fmt_diff(paired_bootstrap({k: [fn(v)] for k, v in a.items()}, {k: [fn(v)] for k, v in b.items()}))
                      if turns >= 3 or name not in ("reward turns 2-3", "GA t3") else "n/a"
                      for name, fn in zip(names, fns)]
-            rows.append(f"| {label('rl')}, seed {seed} | {turns} | {len(set(a) & set(b))} | " + " | ".join(cells) +
+            keys = sorted(set(a) & set(b))
+            differ = sum(not np.array_equal(a[k], b[k]) for k in keys)
+            rows.append(f"| {label('rl')}, seed {seed} | {turns} | {len(keys)} | {differ} | " + " | ".join(cells) +
                         " |")
     if not rows:
         return []
@@ -613,7 +615,8 @@ def shipped_section(shipped: dict[int, dict], results: dict) -> list[str]:
             f"`{model}` benched on the same held-out sessions with the sampling seed of the RL run whose adapters are "
             "fused into it, paired by session against that run with its adapters loaded: what fusing and half "
             "precision change (shipped - adapters).", "",
-            "| shipped - | turns | sessions | " + " | ".join(names) + " |", "|---|---|---|" + "---|" * len(names),
+            "| shipped - | turns | sessions | sessions scored differently | " + " | ".join(names) + " |",
+            "|---|---|---|---|" + "---|" * len(names),
             *rows, ""]
 
 

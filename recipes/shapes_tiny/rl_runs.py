@@ -206,6 +206,8 @@ def missing_results(out: Path, args, config: dict, max_steps: int, run: Path) ->
                 (args.sessions, args.bench_seed, args.size) or not set(args.families) <= set(bench["families"]):
             return f"{path.name} holds other held-out sessions"
         benched = bench.get("adapters_sha256")
+        if benched is None and committed is not None:
+            return f"{path.name} does not name the adapters it benched"
         if benched is not None and any(f not in (None, benched) for f in (local, committed)):
             return f"{path.name} was benched with other adapters"
     return ""
