@@ -496,6 +496,14 @@ def protocol(results: dict, results_dir: Path, command: str = "python -m recipes
                for e in runs.values() if e["run"]]  # the rl arm's config first: the others differ by their settings
     config = trained[0].get("config", {}) if trained else {}
     overrides = {run["arm"]: run["settings"] for run in trained if run.get("settings")}
+    # the base model as each run named it (a folder that was renamed later appears under both names)
+    runs_of = {}
+    for run in trained:
+        runs_of.setdefault(run.get("model", "?"), []).append(f"{run['arm']} seed {run['seed']}")
+    models = " / ".join(f"`{name}` ({', '.join(which)})" if len(runs_of) > 1 else f"`{name}`"
+                        for name, which in sorted(runs_of.items())) or "`?`"
+    if len(runs_of) > 1:
+        models = f"the base model as each run named it, {models},"
     keys = ("per_device_train_batch_size", "num_generations", "num_turns", "num_inference_steps", "sde_window_size",
             "sde_window_range", "noise_level", "clip_range_image", "clip_range_text", "beta", "global_std",
             "group_key", "lora_r", "text_lora_r", "learning_rate", "max_steps")
@@ -508,7 +516,7 @@ def protocol(results: dict, results_dir: Path, command: str = "python -m recipes
         "",
         "- Arms: " + "; ".join(f"{label(arm)}: seeds {', '.join(map(str, runs))}"
                                for arm, runs in results.items()) + ".",
-        f"- Training (RL arms): `{trained[0].get('model', '?') if trained else '?'}` + LoRA on the editor and the "
+        f"- Training (RL arms): {models} + LoRA on the editor and the "
         f"reasoner, {settings}" + "".join(f"; {label(arm)}: " + ", ".join(f"{k} {v}" for k, v in changed.items())
                                           for arm, changed in overrides.items()) + "." if trained else
         "- No trained arm.",
