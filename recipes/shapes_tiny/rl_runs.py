@@ -162,8 +162,9 @@ def final_adapters(run: Path, out: Path | None = None) -> tuple[Path, int]:
     step = finished_steps(run)
     if step >= 1 and (run / ADAPTER_FILE).is_file():
         return run, step
-    if out is not None and (out / COMMITTED_ADAPTERS / ADAPTER_FILE).is_file() and (out / "run.json").is_file():
-        return out / COMMITTED_ADAPTERS, int(json.loads((out / "run.json").read_text())["step"])
+    committed = committed_step(out) if out is not None else 0
+    if committed >= 1:
+        return out / COMMITTED_ADAPTERS, committed
     newest = latest_checkpoint(run)
     raise RuntimeError(f"{run} holds no finished training run (newest checkpoint: {newest}) and {out} no committed "
                        "adapters; rerun the command without --skip-train to finish it.")
@@ -174,6 +175,14 @@ def committed_step(out: Path) -> int:
     if not ((out / COMMITTED_ADAPTERS / ADAPTER_FILE).is_file() and (out / "run.json").is_file()):
         return 0
     return int(json.loads((out / "run.json").read_text()).get("step", 0))
+
+
+def run_config(config: dict, args, max_steps: int) -> dict:
+    """The training config a run records in its run.json: the YAML's, the arm's settings and the command's
+    overrides (steps only for trained arms)."""
+    trained = ARMS[args.arm] is not None
+    return {**config, **ARM_SETTINGS.get(args.arm, {}), **({"max_steps": max_steps} if trained else {}),
+            **({"per_device_train_batch_size": args.sessions_per_step} if args.sessions_per_step else {})}
 
 
 def missing_results(out: Path, args, config: dict, max_steps: int, run: Path) -> str:
@@ -187,8 +196,7 @@ def missing_results(out: Path, args, config: dict, max_steps: int, run: Path) ->
     if info.get("step") != (max_steps if trained else 0):
         return f"step {info.get('step')} committed, {max_steps if trained else 0} asked"
     ignored = ("model_name_or_path", "output_dir")  # the model is checked by the bench's adapters, the folder moves
-    wanted = {**config, **ARM_SETTINGS.get(args.arm, {}), **({"max_steps": max_steps} if trained else {}),
-              **({"per_device_train_batch_size": args.sessions_per_step} if args.sessions_per_step else {})}
+    wanted = run_config(config, args, max_steps)
     changed = sorted(k for k in set(wanted) | set(info.get("config", {}))
                      if k not in ignored and info.get("config", {}).get(k) != wanted.get(k))
     if changed:
@@ -442,9 +450,6 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError(f"max_steps={max_steps}: set max_steps in {config_path} or pass --max-steps N (N >= 1).")
     run = run_folder(args.run_dir, args.arm, args.seed).resolve()
     out = run_folder(args.results, args.arm, args.seed)
-    run.mkdir(parents=True, exist_ok=True)
-    stop_on_sigterm()
-
     missing = missing_results(out, args, config, max_steps, run)
     if args.check:
         print(f"[{args.arm} seed {args.seed}] {'to do: ' + missing if missing else 'complete'} ({out})")
@@ -452,6 +457,8 @@ def main(argv: list[str] | None = None) -> int:
     if not missing:
         print(f"[{args.arm} seed {args.seed}] the committed results in {out} are complete: nothing to do")
         return 0
+    run.mkdir(parents=True, exist_ok=True)
+    stop_on_sigterm()
     seconds, adapters, step = 0.0, None, 0
     if trained:
         # a run whose adapters are committed at the config's steps is not trained again, its run folder gone or not
@@ -471,9 +478,7 @@ def main(argv: list[str] | None = None) -> int:
     info = {"arm": args.arm, "seed": args.seed, "step": step, "max_steps": max_steps if trained else 0,
             "trajectory_filter": ARMS[args.arm], "settings": ARM_SETTINGS.get(args.arm, {}),
             "model": str(model_name),
-            "config": {**config, **ARM_SETTINGS.get(args.arm, {}),
-                       **({"max_steps": max_steps} if trained else {}),
-                       **({"per_device_train_batch_size": args.sessions_per_step} if args.sessions_per_step else {})},
+            "config": run_config(config, args, max_steps),
             "command": "python -m recipes.shapes_tiny.rl_runs " + " ".join(argv if argv is not None else sys.argv[1:]),
             "device": args.device, "threads": args.threads}
     if not trained:
