@@ -46,6 +46,9 @@ def test_fused_folder_behaves_as_the_folder_with_its_adapters(folders):
         fused = report["fused"][name]
         assert fused["loaded"] and fused["params_changed"] > 0 and 0.5 < fused["kept"] <= 1.0
     assert json.loads((out / "editr2_call_defaults.json").read_text()) == {"num_inference_steps": 2}
+    # the exporting process's offline flag is not written into the model's tokenizer configs
+    configs = sorted(out.rglob("tokenizer_config.json"))
+    assert configs and not any(json.loads(path.read_text()).get("local_files_only") for path in configs)
 
     fused = EditR2Pipeline.from_pretrained(out, dtype=torch.float32)
     assert not getattr(fused.reasoning_model, "_hf_peft_config_loaded", False)

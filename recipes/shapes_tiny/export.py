@@ -190,6 +190,7 @@ def save(pipe, out: Path, dtype: torch.dtype = torch.float16, call_kwargs: dict 
     pipe.to(dtype)
     pipe.save_pretrained(staging, safe_serialization=True)
     pipe.to(torch.float32)
+    drop_load_flags(staging)
     kwargs = common.CALL_KWARGS if call_kwargs is None else call_kwargs
     (staging / CALL_DEFAULTS_FILE).write_text(json.dumps(kwargs, indent=2) + "\n")
     if out.exists():
@@ -202,6 +203,16 @@ def save(pipe, out: Path, dtype: torch.dtype = torch.float16, call_kwargs: dict 
     if size > MAX_BYTES:
         raise ValueError(f"{out} is {size / 2**20:.1f} MiB, above the {MAX_BYTES / 2**20:.0f} MiB budget.")
     return size
+
+
+def drop_load_flags(folder: Path) -> None:
+    """Reset `local_files_only` in the saved tokenizer configs: transformers records it from the process that loaded
+    the tokenizers (true when exporting offline), and it describes that process, not the model."""
+    for path in sorted(folder.rglob("tokenizer_config.json")):
+        config = json.loads(path.read_text())
+        if config.get("local_files_only"):
+            config["local_files_only"] = False
+            path.write_text(json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
 
 
 def load(out: Path):
