@@ -450,7 +450,8 @@ def write_plot(path: Path, results: dict, window: int = 10) -> None:
             continue
         steps, rewards = curves
         smoothed = smooth(rewards, window)
-        left.plot(steps, smoothed.mean(axis=0), color=COLORS.get(arm), label=f"{label(arm)} ({len(rewards)} seeds)",
+        seeds = f"{len(rewards)} seed" + ("s" if len(rewards) != 1 else "")
+        left.plot(steps, smoothed.mean(axis=0), color=COLORS.get(arm), label=f"{label(arm)} ({seeds})",
                   marker="." if len(steps) < 30 else None)
         left.fill_between(steps, smoothed.min(axis=0), smoothed.max(axis=0), color=COLORS.get(arm), alpha=0.2)
     left.set(xlabel="step", ylabel="reward")
