@@ -190,7 +190,7 @@ def save(pipe, out: Path, dtype: torch.dtype = torch.float16, call_kwargs: dict 
     pipe.to(dtype)
     pipe.save_pretrained(staging, safe_serialization=True)
     pipe.to(torch.float32)
-    drop_load_flags(staging)
+    reset_load_flags(staging)
     kwargs = common.CALL_KWARGS if call_kwargs is None else call_kwargs
     (staging / CALL_DEFAULTS_FILE).write_text(json.dumps(kwargs, indent=2) + "\n")
     if out.exists():
@@ -205,7 +205,7 @@ def save(pipe, out: Path, dtype: torch.dtype = torch.float16, call_kwargs: dict 
     return size
 
 
-def drop_load_flags(folder: Path) -> None:
+def reset_load_flags(folder: Path) -> None:
     """Reset `local_files_only` in the saved tokenizer configs: transformers records it from the process that loaded
     the tokenizers (true when exporting offline), and it describes that process, not the model."""
     for path in sorted(folder.rglob("tokenizer_config.json")):

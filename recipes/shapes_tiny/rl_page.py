@@ -501,10 +501,11 @@ def protocol(results: dict, results_dir: Path, command: str = "python -m recipes
     runs_of = {}
     for run in trained:
         runs_of.setdefault(run.get("model", "?"), []).append(f"{run['arm']} seed {run['seed']}")
-    models = " / ".join(f"`{name}` ({', '.join(which)})" if len(runs_of) > 1 else f"`{name}`"
-                        for name, which in sorted(runs_of.items())) or "`?`"
     if len(runs_of) > 1:
-        models = f"the base model as each run named it, {models},"
+        models = "the base model as each run named it, " + " / ".join(
+            f"`{name}` ({', '.join(which)})" for name, which in sorted(runs_of.items())) + ","
+    else:
+        models = f"`{next(iter(runs_of), '?')}`"
     keys = ("per_device_train_batch_size", "num_generations", "num_turns", "num_inference_steps", "sde_window_size",
             "sde_window_range", "noise_level", "clip_range_image", "clip_range_text", "beta", "global_std",
             "group_key", "lora_r", "text_lora_r", "learning_rate", "max_steps")
